@@ -1,0 +1,1 @@
+"""Thin click commands around the ``mediround`` library."""
