@@ -1,0 +1,88 @@
+"""On-disk dialogue formats: MediRound JSONL, the released MR-MedSeg JSON, SA-Med2D folders.
+
+``load_dialogues`` detects the format from the content, never the file name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mediround.data.dialogue import Dialogue
+from mediround.data.formats.jsonl import read_jsonl, write_jsonl
+from mediround.data.formats.mrmedseg import read_mrmedseg, write_mrmedseg
+from mediround.data.formats.samed2d import read_samed2d
+from mediround.errors import DataError
+
+FORMATS = ("jsonl", "mrmedseg", "sa-med2d")
+
+
+@dataclass
+class LoadResult:
+    """The valid dialogues of a data source, the problems of the skipped ones, and how many there were."""
+
+    dialogues: list[Dialogue]
+    problems: list[DataError]
+    format: str
+    total: int = 0
+
+
+def detect(path: str | os.PathLike) -> str:
+    """``"jsonl"`` or ``"mrmedseg"`` from the file's content (``"sa-med2d"`` for a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        return "sa-med2d"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+            first_line = head.split(b"\n", 1)[0]
+            while b"\n" not in head and len(first_line) == len(head):
+                chunk = handle.read(1 << 20)
+                if not chunk:
+                    break
+                head += chunk
+                first_line = head.split(b"\n", 1)[0]
+            has_more_lines = bool(head[len(first_line):].strip()) or bool(handle.read(1 << 16).strip())
+    except FileNotFoundError:
+        raise DataError(str(path), None, None, "file not found") from None
+    except OSError as error:
+        raise DataError(str(path), None, None, f"cannot read file: {error.strerror or error}") from None
+    start = head.lstrip()[:1]
+    if not start:
+        raise DataError(str(path), None, None, "empty file: no dialogues")
+    if start == b"[":
+        try:
+            json.loads(first_line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "mrmedseg"
+        return "jsonl" if has_more_lines else "mrmedseg"
+    return "jsonl"
+
+
+def load_dialogues(
+    path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
+    format: str = "auto",
+) -> LoadResult:
+    """Read every valid dialogue of a data file (or SA-Med2D folder); bad ones are skipped and reported.
+
+    Paths resolve relative to ``root`` when given, else to the data file's folder. A path that leaves
+    the root is a problem unless ``allow_outside_root``. Raises ``DataError`` for an unreadable file.
+    """
+    path = Path(path)
+    kind = detect(path) if format == "auto" else format
+    if kind not in FORMATS:
+        raise DataError(str(path), None, None, f"unknown format '{kind}' (known: {', '.join(FORMATS)})")
+    if kind == "sa-med2d":
+        dialogues, problems, total = read_samed2d(path, allow_outside_root)
+    else:
+        base = Path(root) if root is not None else path.parent
+        reader = read_jsonl if kind == "jsonl" else read_mrmedseg
+        dialogues, problems, total = reader(path, base, allow_outside_root)
+    return LoadResult(dialogues, problems, kind, total)
+
+
+__all__ = ["FORMATS", "LoadResult", "detect", "load_dialogues", "write_jsonl", "write_mrmedseg"]

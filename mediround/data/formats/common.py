@@ -1,0 +1,31 @@
+"""Pieces shared by the format readers: problem labels, path checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mediround.data.paths import outside_root_reason
+from mediround.errors import DataError
+
+Problem = tuple[str | None, str]
+"""A (field, reason) pair found inside one dialogue, before the file and item are attached."""
+
+
+def item_label(kind: str, number: int, dialogue_id: str | None) -> str:
+    """``"line 3"`` or ``"item 0: id abc"``: where a problem is, for ``DataError.item``."""
+    label = f"{kind} {number}"
+    return label if dialogue_id is None else f"{label}: id {dialogue_id}"
+
+
+def attach(file: Path, label: str, problems: list[Problem]) -> list[DataError]:
+    return [DataError(str(file), label, field, reason) for field, reason in problems]
+
+
+def check_path(root: Path, relative: str, field: str, allow_outside_root: bool) -> list[Problem]:
+    """A problem when ``relative`` is empty or (unless allowed) leaves ``root``."""
+    if not relative:
+        return [(field, "empty path")]
+    if allow_outside_root:
+        return []
+    reason = outside_root_reason(root, relative)
+    return [] if reason is None else [(field, reason)]
