@@ -1,0 +1,80 @@
+"""PNG plots drawn with pillow: the per-round curve (score x100 against the round number)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from PIL import Image, ImageDraw, ImageFont
+
+from mediround.atomic import atomic_path
+from mediround.metrics import METRIC_LABELS, Scores
+
+CURVE_COLOURS = {"ciou": (31, 119, 180), "dice": (214, 39, 40), "giou": (44, 160, 44)}
+WIDTH, HEIGHT = 800, 500
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 80, 30, 50, 70
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def round_curve(
+    round_scores: Mapping[int, Scores],
+    path: str | os.PathLike,
+    metrics: tuple[str, ...] = ("ciou", "dice"),
+    title: str = "Score per round",
+) -> None:
+    """Draw ``metrics`` (x100) against the round number, with axes, ticks, grid and a legend; write a PNG.
+
+    ``round_scores`` maps 1-based round numbers to their aggregates (``summarize(rows)["round"]``).
+    """
+    if not round_scores:
+        raise ValueError("no rounds to plot")
+    rounds = sorted(round_scores)
+    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    label_font, title_font = _font(14), _font(18)
+    left, right = MARGIN_LEFT, WIDTH - MARGIN_RIGHT
+    top, bottom = MARGIN_TOP, HEIGHT - MARGIN_BOTTOM
+
+    def x_of(round_number: int) -> float:
+        if len(rounds) == 1:
+            return (left + right) / 2
+        return left + 20 + (right - left - 40) * (round_number - rounds[0]) / (rounds[-1] - rounds[0])
+
+    def y_of(points: float) -> float:
+        return bottom - (bottom - top) * points / 100.0
+
+    for tick in range(0, 101, 20):
+        y = y_of(tick)
+        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+        draw.line([(left - 5, y), (left, y)], fill="black")
+        draw.text((left - 9, y), str(tick), fill="black", font=label_font, anchor="rm")
+    for number in rounds:
+        x = x_of(number)
+        draw.line([(x, bottom), (x, bottom + 5)], fill="black")
+        draw.text((x, bottom + 9), str(number), fill="black", font=label_font, anchor="mt")
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=2)
+    draw.text(((left + right) / 2, HEIGHT - 20), "round", fill="black", font=label_font, anchor="mm")
+    draw.text((left, top - 10), "score (x100)", fill="black", font=label_font, anchor="lb")
+    draw.text((WIDTH / 2, 22), title, fill="black", font=title_font, anchor="mm")
+
+    for metric in metrics:
+        colour = CURVE_COLOURS[metric]
+        points = [(x_of(number), y_of(round_scores[number].points(metric))) for number in rounds]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=3)
+        for x, y in points:
+            draw.ellipse([(x - 4, y - 4), (x + 4, y + 4)], fill=colour)
+
+    legend_x, legend_y = right - 130, top + 10
+    draw.rectangle([(legend_x - 10, legend_y - 8), (right - 10, legend_y + 22 * len(metrics))],
+                   fill="white", outline=(150, 150, 150))
+    for index, metric in enumerate(metrics):
+        y = legend_y + 6 + 22 * index
+        draw.line([(legend_x, y), (legend_x + 30, y)], fill=CURVE_COLOURS[metric], width=3)
+        draw.text((legend_x + 40, y), METRIC_LABELS[metric], fill="black", font=label_font, anchor="lm")
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

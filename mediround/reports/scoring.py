@@ -1,0 +1,174 @@
+"""Predictions folder + ground truth -> metric rows (Parquet) -> summary, plot and regression gate.
+
+``evaluate_predictions`` is the one scoring path: ``mediround eval --predictions DIR`` calls it, and
+model-based evaluation calls it after writing its own predictions folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mediround.data.dialogue import Dialogue
+from mediround.data.images import load_mask
+from mediround.errors import DataError
+from mediround.inference.predictions import PREDICTIONS_FILE, read_predictions
+from mediround.metrics import Scores, pair_counts, summarize
+from mediround.reports.gate import Regression, compare
+from mediround.reports.plots import round_curve
+from mediround.reports.rows import write_rows
+
+
+@dataclass
+class ScoreResult:
+    """Rows (one per scored round), problems (skipped dialogues and rounds, bad prediction masks)
+    and the ``(dialogue id, round)`` pairs that had no usable prediction and were scored as empty."""
+
+    rows: list[dict]
+    problems: list[DataError] = field(default_factory=list)
+    missing: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _prediction_mask(
+    record: dict | None, predictions_dir: Path, shape: tuple[int, int], problems: list[DataError]
+) -> np.ndarray | None:
+    """The predicted mask, or None (recorded as a problem unless the record is simply absent)."""
+    if record is None:
+        return None
+    path = predictions_dir / record["mask"]
+    try:
+        mask = load_mask(path)
+    except DataError as error:
+        problems.append(DataError(str(predictions_dir / PREDICTIONS_FILE), f"{record['id']} round {record['round']}",
+                                  "mask", error.reason))
+        return None
+    if mask.shape != shape:
+        problems.append(DataError(str(path), f"{record['id']} round {record['round']}", "mask",
+                                  f"size {mask.shape[1]}x{mask.shape[0]} differs from the ground truth "
+                                  f"{shape[1]}x{shape[0]}"))
+        return None
+    return mask
+
+
+def _score_dialogue(
+    dialogue: Dialogue, records: dict[tuple[str, int], dict], predictions_dir: Path, result: ScoreResult
+) -> None:
+    rows: list[dict] = []
+    missing: list[tuple[str, int]] = []
+    problems: list[DataError] = []
+    for number, round_ in enumerate(dialogue.rounds, start=1):
+        gt_path = dialogue.mask_path(number)
+        if gt_path is None:
+            problems.append(DataError(dialogue.id, f"round {number}", "mask", "no ground-truth mask; round not scored"))
+            continue
+        gt = load_mask(gt_path)
+        record = records.get((dialogue.id, number))
+        pred = _prediction_mask(record, predictions_dir, gt.shape, problems)
+        is_missing = pred is None
+        if is_missing:
+            missing.append((dialogue.id, number))
+            pred = np.zeros_like(gt)
+        mask_counts = pair_counts(pred, gt)
+        record = record or {}
+        rows.append(
+            {
+                "dialogue_id": dialogue.id,
+                "round": number,
+                "ref_round": round_.ref,
+                "scenario": dialogue.scenario,
+                "modality": dialogue.modality,
+                "difficulty": round_.difficulty or dialogue.difficulty,
+                "names_target": round_.names_target,
+                "entity": round_.entity,
+                "intersection": mask_counts.intersection,
+                "union": mask_counts.union,
+                "pred_area": mask_counts.pred_area,
+                "gt_area": mask_counts.gt_area,
+                "iou": mask_counts.iou,
+                "dice": mask_counts.dice,
+                "missing": is_missing,
+                "jcm_score": record.get("jcm_score"),
+                "refined": record.get("refined"),
+            }
+        )
+    result.rows.extend(rows)
+    result.missing.extend(missing)
+    result.problems.extend(problems)
+
+
+def score_predictions(
+    dialogues: Sequence[Dialogue],
+    predictions_dir: str | os.PathLike,
+    advance: Callable[[], None] | None = None,
+) -> ScoreResult:
+    """Score every round of ``dialogues`` against the predictions folder.
+
+    A round without a usable prediction (absent, unreadable, wrong size) is scored as an empty mask,
+    flagged ``missing`` and listed in ``ScoreResult.missing``. A dialogue whose ground truth cannot be
+    read is skipped whole and reported in ``problems``. ``advance`` is called once per dialogue.
+    """
+    directory = Path(predictions_dir)
+    records = read_predictions(directory)
+    result = ScoreResult(rows=[])
+    for dialogue in dialogues:
+        try:
+            _score_dialogue(dialogue, records, directory, result)
+        except DataError as error:
+            result.problems.append(DataError(error.file, dialogue.id, error.field, f"dialogue skipped: {error.reason}"))
+        if advance is not None:
+            advance()
+    return result
+
+
+@dataclass
+class EvalConfig:
+    """What to do after scoring: where to write rows, which baseline to gate against, where to plot."""
+
+    out: Path | None = None
+    baseline: Path | None = None
+    max_drop: float = 0.0
+    plot: Path | None = None
+
+
+@dataclass
+class Evaluation:
+    """Everything an evaluation produced; the CLI renders it."""
+
+    rows: list[dict]
+    summary: dict[str, dict[Any, Scores]]
+    problems: list[DataError]
+    missing: list[tuple[str, int]]
+    regressions: list[Regression] = field(default_factory=list)
+    out: Path | None = None
+    plot: Path | None = None
+
+
+def evaluate_predictions(
+    dialogues: Sequence[Dialogue],
+    predictions_dir: str | os.PathLike,
+    config: EvalConfig,
+    advance: Callable[[], None] | None = None,
+) -> Evaluation:
+    """Score a predictions folder, write the rows, draw the per-round curve and gate against a baseline.
+
+    Raises ``DataError`` when nothing could be scored (no rows) since there is no score to report.
+    """
+    scored = score_predictions(dialogues, predictions_dir, advance=advance)
+    if not scored.rows:
+        raise DataError(str(predictions_dir), None, None, "no round could be scored (no dialogue with ground truth)")
+    evaluation = Evaluation(rows=scored.rows, summary=summarize(scored.rows), problems=scored.problems,
+                            missing=scored.missing)
+    if config.out is not None:
+        write_rows(config.out, scored.rows)
+        evaluation.out = Path(config.out)
+    if config.plot is not None:
+        round_curve(evaluation.summary["round"], config.plot)
+        evaluation.plot = Path(config.plot)
+    if config.baseline is not None:
+        evaluation.regressions = compare(scored.rows, config.baseline, config.max_drop)
+    return evaluation

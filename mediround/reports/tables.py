@@ -1,0 +1,112 @@
+"""Rich tables of scores (x100, one decimal, as in the paper). Each function returns a renderable."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.table import Table
+
+from mediround.metrics import METRIC_LABELS, METRICS, Scores
+from mediround.reports.gate import Regression
+
+NAMES_TARGET_LABELS = {True: "names target", False: "reference only", None: "unknown"}
+GROUP_TITLES = {
+    "scenario": "Per scenario",
+    "modality": "Per modality",
+    "names_target": "Rounds that name their target vs rounds resolved only through the reference",
+}
+
+
+def _points(scores: Scores, metric: str) -> str:
+    return f"{scores.points(metric):.1f}"
+
+
+def _label(grouping: str, value: Any) -> str:
+    if grouping == "names_target":
+        return NAMES_TARGET_LABELS[value]
+    return "unknown" if value is None else str(value)
+
+
+def _sorted_groups(groups: Mapping[Any, Scores]) -> list[tuple[Any, Scores]]:
+    """Known values in order, the unknown (None) group last."""
+    return sorted(groups.items(), key=lambda item: (item[0] is None, str(item[0])))
+
+
+def overall_table(summary: Mapping[str, Mapping[Any, Scores]], title: str = "Overall (x100)") -> Table:
+    """Dice, gIoU and cIoU over all scored rounds, with the number of masks."""
+    overall = summary["overall"][None]
+    table = Table(title=title)
+    table.add_column("masks", justify="right")
+    for metric in METRICS:
+        table.add_column(METRIC_LABELS[metric], justify="right")
+    table.add_row(str(overall.count), *(_points(overall, metric) for metric in METRICS))
+    return table
+
+
+def round_table(summary: Mapping[str, Mapping[Any, Scores]], title: str = "Per round (x100)") -> Table:
+    """Table 2 layout: one column per round plus ``overall``, one row per metric and a row of mask counts."""
+    rounds = sorted(summary["round"])
+    overall = summary["overall"][None]
+    table = Table(title=title)
+    table.add_column("metric")
+    for number in rounds:
+        table.add_column(f"Round #{number}", justify="right")
+    table.add_column("overall", justify="right", style="bold")
+    for metric in METRICS:
+        table.add_row(METRIC_LABELS[metric], *(_points(summary["round"][n], metric) for n in rounds),
+                      _points(overall, metric))
+    table.add_row("masks", *(str(summary["round"][n].count) for n in rounds), str(overall.count), style="dim")
+    return table
+
+
+def group_table(summary: Mapping[str, Mapping[Any, Scores]], grouping: str, title: str | None = None) -> Table:
+    """One row per value of ``grouping`` (scenario, modality, difficulty, names_target), unknown last."""
+    table = Table(title=title or f"{GROUP_TITLES.get(grouping, grouping)} (x100)")
+    table.add_column(grouping.replace("_", " "))
+    table.add_column("masks", justify="right")
+    for metric in METRICS:
+        table.add_column(METRIC_LABELS[metric], justify="right")
+    for value, scores in _sorted_groups(summary[grouping]):
+        table.add_row(_label(grouping, value), str(scores.count), *(_points(scores, metric) for metric in METRICS))
+    return table
+
+
+def difficulty_table(summary: Mapping[str, Mapping[Any, Scores]], title: str = "Overall and per difficulty (x100)") -> Table:
+    """Table 1 layout: column groups ``overall``, then each difficulty (regular, hard, ...), each Dice/gIoU/cIoU."""
+    groups = [("overall", summary["overall"][None])]
+    groups += [(_label("difficulty", value), scores) for value, scores in _sorted_groups(summary["difficulty"])]
+    table = Table(title=title)
+    for name, scores in groups:
+        for metric in METRICS:
+            table.add_column(f"{name}\n{METRIC_LABELS[metric]}", justify="right")
+    table.add_row(*(_points(scores, metric) for _, scores in groups for metric in METRICS))
+    table.add_row(*(f"n={scores.count}" if metric == "dice" else "" for _, scores in groups for metric in METRICS),
+                  style="dim")
+    return table
+
+
+def missing_table(missing: Sequence[tuple[str, int]], limit: int = 20) -> Table:
+    """Rounds scored as empty masks because their prediction was absent or unusable (first ``limit``)."""
+    table = Table(title=f"Missing predictions scored as empty: {len(missing)}")
+    table.add_column("dialogue")
+    table.add_column("round", justify="right")
+    for dialogue_id, number in missing[:limit]:
+        table.add_row(dialogue_id, str(number))
+    if len(missing) > limit:
+        table.add_row(f"... and {len(missing) - limit} more", "")
+    return table
+
+
+def regression_table(regressions: Sequence[Regression], max_drop: float) -> Table:
+    """What fell by more than ``max_drop`` points against the baseline."""
+    table = Table(title=f"Regressions (drop > {max_drop:g} points)")
+    table.add_column("scope")
+    table.add_column("metric")
+    table.add_column("baseline", justify="right")
+    table.add_column("current", justify="right")
+    table.add_column("drop", justify="right", style="red")
+    for regression in regressions:
+        table.add_row(regression.scope, METRIC_LABELS[regression.metric], f"{regression.baseline:.2f}",
+                      f"{regression.current:.2f}", f"{regression.drop:.2f}")
+    return table
