@@ -1,0 +1,277 @@
+"""Synthetic multi-round dialogues: scene -> rounds -> image, masks and ``Dialogue``; and writing a set.
+
+Every dialogue is seeded from (seed, split, index), so a dialogue never depends on how many others
+are generated, and splits never depend on each other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mediround.atomic import atomic_path
+from mediround.data.dialogue import Dialogue, Round
+from mediround.data.formats.jsonl import write_jsonl
+from mediround.data.images import save_mask
+from mediround.data.synth.anatomy import Entity, Scene, sample_scene, well_formed
+from mediround.data.synth.scenarios import (
+    NAMED_QUERIES,
+    NAMING_ANSWERS,
+    OPENINGS,
+    PLAIN_ANSWERS,
+    RELATIONS,
+    SCENARIOS,
+    Relation,
+)
+from mediround.data.synth.textures import MODALITIES, render
+
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+HARD_FRACTION = 0.4
+HARD_MIN_ROUNDS = 5
+MAX_ROUNDS = 8
+NAMING_REFERENCE_FRACTION = 0.2
+RECENT_PHRASING_FRACTION = 0.6
+MAX_ATTEMPTS = 200
+
+
+@dataclass
+class PlannedRound:
+    """A round before rendering: its target, wording and reference (1-based)."""
+
+    target: Entity
+    query: str
+    answer: str
+    ref: int | None
+    names_target: bool
+    depth: int
+
+
+@dataclass
+class SyntheticDialogue:
+    """One generated dialogue with its pixels, before anything is written."""
+
+    dialogue: Dialogue
+    image: np.ndarray
+    masks: list[np.ndarray]
+
+
+@dataclass
+class SynthSummary:
+    """Counts over a generated set, for the CLI's table and for tests."""
+
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    dialogues: Counter = field(default_factory=Counter)
+    rounds: int = 0
+    reference_only_rounds: int = 0
+    scenarios: Counter = field(default_factory=Counter)
+    modalities: Counter = field(default_factory=Counter)
+    difficulties: Counter = field(default_factory=Counter)
+    mask_fractions: list[float] = field(default_factory=list)
+
+    def add(self, split: str, item: SyntheticDialogue) -> None:
+        dialogue = item.dialogue
+        self.dialogues[split] += 1
+        self.rounds += len(dialogue.rounds)
+        self.reference_only_rounds += sum(1 for r in dialogue.rounds if not r.names_target)
+        self.scenarios[dialogue.scenario] += 1
+        self.modalities[dialogue.modality] += 1
+        self.difficulties[dialogue.difficulty] += 1
+        self.mask_fractions.extend(float(mask.mean()) for mask in item.masks)
+
+    @property
+    def median_mask_fraction(self) -> float:
+        return float(np.median(self.mask_fractions)) if self.mask_fractions else 0.0
+
+
+def split_sizes(n_dialogues: int) -> dict[str, int]:
+    """80/10/10 split of ``n_dialogues``; the remainder goes to train."""
+    val = int(n_dialogues * SPLIT_FRACTIONS[1])
+    test = int(n_dialogues * SPLIT_FRACTIONS[2])
+    return {"train": n_dialogues - val - test, "val": val, "test": test}
+
+
+def dialogue_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
+
+
+def make_dialogue(seed: int, split: str, index: int, image_size: int = 128) -> SyntheticDialogue:
+    """The ``index``-th dialogue of ``split`` for ``seed``, in memory."""
+    rng = dialogue_rng(seed, split, index)
+    scenario = SCENARIOS[index % len(SCENARIOS)]
+    hard = bool(rng.random() < HARD_FRACTION)
+    for _ in range(MAX_ATTEMPTS):
+        scene = sample_scene(rng, image_size)
+        if not well_formed(scene):
+            continue
+        planned = plan_rounds(rng, scene, scenario, hard)
+        if planned is not None:
+            break
+    else:
+        raise RuntimeError(f"no {scenario} dialogue found in {MAX_ATTEMPTS} scenes (seed {seed}, index {index})")
+    modality = MODALITIES[scene.region][int(rng.integers(len(MODALITIES[scene.region])))]
+    image = render(scene, modality, rng)
+    dialogue_id = f"synth-{split}-{index:05d}"
+    rounds = [
+        Round(
+            query=p.query,
+            answer=p.answer,
+            mask=f"masks/{dialogue_id}_r{number}.png",
+            ref=p.ref,
+            entity=p.target.name,
+            difficulty="hard" if p.depth >= 2 else "regular",
+            names_target=p.names_target,
+        )
+        for number, p in enumerate(planned, start=1)
+    ]
+    dialogue = Dialogue(
+        id=dialogue_id,
+        image=f"images/{dialogue_id}.png",
+        rounds=rounds,
+        modality=modality,
+        scenario=scenario,
+        difficulty=difficulty_of(planned),
+        source="synthetic",
+        item=index,
+    )
+    return SyntheticDialogue(dialogue, image, [p.target.mask for p in planned])
+
+
+def difficulty_of(planned: list[PlannedRound]) -> str:
+    """Hard: at least ``HARD_MIN_ROUNDS`` rounds, or a reference to a round that itself has a reference."""
+    deep_chain = any(p.depth >= 2 for p in planned)
+    return "hard" if len(planned) >= HARD_MIN_ROUNDS or deep_chain else "regular"
+
+
+def plan_rounds(rng: np.random.Generator, scene: Scene, scenario: str, hard: bool) -> list[PlannedRound] | None:
+    """Rounds of one ``scenario`` dialogue on ``scene``, or None when this scene cannot host one."""
+    if hard:
+        count = int(rng.integers(HARD_MIN_ROUNDS, MAX_ROUNDS + 1)) if rng.random() < 0.7 else int(rng.integers(3, 5))
+    else:
+        count = int(rng.integers(2, HARD_MIN_ROUNDS))
+    own = [r for r in RELATIONS if r.scenario == scenario and len(r.blind_targets(scene)) >= 2]
+    firsts = [e for e in scene.entities.values() if any(r.resolve(scene, e) is not None for r in own)]
+    if not firsts:
+        return None
+    first = _opening_round(rng, scene, scenario, firsts)
+    second = _reference_moves(scene, [first], own, scenario, allow_chains=False)
+    if not second:
+        return None
+    planned = [first, _phrase_reference(rng, second[int(rng.integers(len(second)))][1:], [first])]
+    usable = [r for r in RELATIONS if len(r.blind_targets(scene)) >= 2]
+    while len(planned) < count:
+        moves = _reference_moves(scene, planned, usable, scenario, allow_chains=hard)
+        unused = [e for e in scene.entities.values() if e.name not in {p.target.name for p in planned}]
+        if moves and (rng.random() < 0.75 or not unused):
+            weights = np.array([m[0] for m in moves], float)
+            choice = moves[int(rng.choice(len(moves), p=weights / weights.sum()))]
+            planned.append(_phrase_reference(rng, choice[1:], planned))
+        elif unused:
+            planned.append(_opening_round(rng, scene, None, unused))
+        else:
+            return None
+    if hard and difficulty_of(planned) != "hard":
+        return None
+    return planned
+
+
+def _opening_round(rng: np.random.Generator, scene: Scene, scenario: str | None, targets: list[Entity]) -> PlannedRound:
+    """A round that needs no reference: a scenario description when one fits, else the target's name."""
+    names = {e.name for e in targets}
+    described = [o for o in OPENINGS if (scenario is None or o.scenario == scenario) and (e := o.pick(scene))
+                 and e.name in names]
+    if described and rng.random() < 0.6:
+        opening = described[int(rng.integers(len(described)))]
+        target = opening.pick(scene)
+        query = opening.queries[int(rng.integers(len(opening.queries)))]
+        answer = NAMING_ANSWERS[int(rng.integers(len(NAMING_ANSWERS)))].format(name=target.name)
+    else:
+        target = targets[int(rng.integers(len(targets)))]
+        query = NAMED_QUERIES[int(rng.integers(len(NAMED_QUERIES)))].format(name=target.name)
+        answers = NAMING_ANSWERS + PLAIN_ANSWERS
+        answer = answers[int(rng.integers(len(answers)))].format(name=target.name)
+    return PlannedRound(target, query, answer, None, True, 0)
+
+
+def _reference_moves(
+    scene: Scene, planned: list[PlannedRound], relations: list[Relation], scenario: str, allow_chains: bool
+) -> list[tuple[float, Relation, int, Entity]]:
+    """(weight, relation, 0-based source round, target) for every reference that reaches a new entity."""
+    used = {p.target.name for p in planned}
+    moves = []
+    for index, source in enumerate(planned):
+        if source.ref is not None and not allow_chains:
+            continue
+        for relation in relations:
+            target = relation.resolve(scene, source.target)
+            if target is None or target.name in used:
+                continue
+            weight = (3.0 if relation.scenario == scenario else 1.0) * (2.0 if index == len(planned) - 1 else 1.0)
+            weight *= 2.0 if source.ref is not None else 1.0
+            moves.append((weight, relation, index, target))
+    return moves
+
+
+def _phrase_reference(
+    rng: np.random.Generator, move: tuple[Relation, int, Entity], planned: list[PlannedRound]
+) -> PlannedRound:
+    relation, source_index, target = move
+    recent = source_index == len(planned) - 1 and rng.random() < RECENT_PHRASING_FRACTION
+    templates = relation.recent if recent else relation.explicit
+    query = templates[int(rng.integers(len(templates)))].format(r=source_index + 1, noun=target.noun)
+    names_target = bool(rng.random() < NAMING_REFERENCE_FRACTION)
+    answers = NAMING_ANSWERS if names_target else PLAIN_ANSWERS
+    answer = answers[int(rng.integers(len(answers)))].format(name=target.name)
+    return PlannedRound(target, query, answer, source_index + 1, names_target, planned[source_index].depth + 1)
+
+
+def iter_dialogues(n_dialogues: int, seed: int, split: str = "train", image_size: int = 128) -> Iterator[SyntheticDialogue]:
+    """The first ``n_dialogues`` dialogues of ``split``, in memory."""
+    for index in range(n_dialogues):
+        yield make_dialogue(seed, split, index, image_size)
+
+
+def generate(
+    out_dir: str | os.PathLike,
+    n_dialogues: int,
+    seed: int,
+    split: str = "all",
+    image_size: int = 128,
+    progress: Callable[[str, int], None] | None = None,
+) -> SynthSummary:
+    """Write ``n_dialogues`` dialogues (PNGs + ``<split>.jsonl``) under ``out_dir``.
+
+    ``split="all"`` writes train/val/test 80/10/10; ``progress(split, done)`` is called after each dialogue.
+    """
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"split must be one of {', '.join(SPLITS)} or all, not {split!r}")
+    out = Path(out_dir)
+    sizes = split_sizes(n_dialogues) if split == "all" else {split: n_dialogues}
+    summary = SynthSummary(out)
+    for split_name, count in sizes.items():
+        dialogues = []
+        for item in iter_dialogues(count, seed, split_name, image_size):
+            _save_png(out / item.dialogue.image, item.image)
+            for round_, mask in zip(item.dialogue.rounds, item.masks):
+                save_mask(out / round_.mask, mask)
+            item.dialogue.root = out
+            dialogues.append(item.dialogue)
+            summary.add(split_name, item)
+            if progress is not None:
+                progress(split_name, len(dialogues))
+        summary.files[split_name] = out / f"{split_name}.jsonl"
+        write_jsonl(dialogues, summary.files[split_name])
+    return summary
+
+
+def _save_png(path: Path, pixels: np.ndarray) -> None:
+    """Greyscale 8-bit PNG, atomically; loaders turn it into RGB."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels, mode="L").save(tmp, format="PNG")
