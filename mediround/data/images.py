@@ -50,13 +50,17 @@ def _open(path: str | os.PathLike) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise DataError(str(path), None, None, f"image too large ({error})") from None
     except UnidentifiedImageError:
-        raise DataError(str(path), None, None, "not a readable image (corrupt or unsupported format)") from None
+        raise DataError(
+            str(path), None, None, "not a readable image (corrupt or unsupported format)"
+        ) from None
     except OSError as error:
-        raise DataError(str(path), None, None, f"cannot read image: {error}") from None
+        raise DataError(str(path), None, None, f"corrupt image: {error}") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
         image.close()
-        raise DataError(str(path), None, None, f"image too large: {width}x{height} exceeds {MAX_PIXELS} pixels")
+        raise DataError(
+            str(path), None, None, f"image too large: {width}x{height} exceeds {MAX_PIXELS} pixels"
+        )
     return image
 
 
@@ -107,7 +111,9 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             grey = np.asarray(image)[..., 0]
         else:
             grey = None
-            rgb = np.asarray(image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB"))
+            rgb = np.asarray(
+                image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
+            )
     if grey is not None:
         rgb = np.repeat(grey[..., None], 3, axis=2)
     return np.ascontiguousarray(rgb, dtype=np.uint8)

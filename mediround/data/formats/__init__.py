@@ -44,7 +44,7 @@ def detect(path: str | os.PathLike) -> str:
                     break
                 head += chunk
                 first_line = head.split(b"\n", 1)[0]
-            has_more_lines = bool(head[len(first_line):].strip()) or bool(handle.read(1 << 16).strip())
+            has_more_lines = bool(head[len(first_line) :].strip()) or bool(handle.read(1 << 16).strip())
     except FileNotFoundError:
         raise DataError(str(path), None, None, "file not found") from None
     except OSError as error:

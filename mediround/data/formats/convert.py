@@ -32,7 +32,12 @@ def target_format_for(output: str | os.PathLike) -> str:
     """``jsonl`` for ``.jsonl``, ``mrmedseg`` for ``.json``; any other extension needs an explicit format."""
     suffix = Path(output).suffix.lower()
     if suffix not in TARGETS:
-        raise DataError(str(output), None, None, "cannot tell the output format from the extension; give --to jsonl|mrmedseg")
+        raise DataError(
+            str(output),
+            None,
+            None,
+            "cannot tell the output format from the extension; give --to jsonl|mrmedseg",
+        )
     return TARGETS[suffix]
 
 

@@ -80,7 +80,9 @@ EXTRA_FIELDS = ("mrmedseg",)
 _TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer", bool: "true/false"}
 
 
-def _type_problems(record: dict, types: dict[str, tuple[type, ...]], required: tuple[str, ...], prefix: str) -> list[Problem]:
+def _type_problems(
+    record: dict, types: dict[str, tuple[type, ...]], required: tuple[str, ...], prefix: str
+) -> list[Problem]:
     problems: list[Problem] = []
     for name in record:
         if name not in types:
@@ -95,11 +97,15 @@ def _type_problems(record: dict, types: dict[str, tuple[type, ...]], required: t
         wrong_bool = isinstance(value, bool) and bool not in allowed
         if wrong_bool or not isinstance(value, allowed):
             expected = " or ".join("null" if kind is type(None) else _TYPE_NAMES[kind] for kind in allowed)
-            problems.append((f"{prefix}{name}", f"must be {expected}, got {type(value).__name__} {value!r:.40}"))
+            problems.append(
+                (f"{prefix}{name}", f"must be {expected}, got {type(value).__name__} {value!r:.40}")
+            )
     return problems
 
 
-def record_to_dialogue(record: object, root: Path, allow_outside_root: bool = False) -> tuple[Dialogue | None, list[Problem]]:
+def record_to_dialogue(
+    record: object, root: Path, allow_outside_root: bool = False
+) -> tuple[Dialogue | None, list[Problem]]:
     """The dialogue of one JSONL record, or None and every (field, reason) problem found in it."""
     if not isinstance(record, dict):
         return None, [(None, f"a line must be a JSON object, got {type(record).__name__}")]
@@ -109,13 +115,17 @@ def record_to_dialogue(record: object, root: Path, allow_outside_root: bool = Fa
     if not record["rounds"]:
         return None, [("rounds", "a dialogue needs at least one round")]
     problems += check_path(root, record["image"], "image", allow_outside_root)
-    if "mrmedseg" in record and (set(record["mrmedseg"]) != {"item"} or not isinstance(record["mrmedseg"]["item"], dict)):
+    if "mrmedseg" in record and (
+        set(record["mrmedseg"]) != {"item"} or not isinstance(record["mrmedseg"]["item"], dict)
+    ):
         problems.append(("mrmedseg", 'must be {"item": object} (the original MR-MedSeg item fields)'))
     rounds: list[Round] = []
     for index, entry in enumerate(record["rounds"]):
         prefix = f"rounds[{index}]."
         if not isinstance(entry, dict):
-            problems.append((f"rounds[{index}]", f"a round must be a JSON object, got {type(entry).__name__}"))
+            problems.append(
+                (f"rounds[{index}]", f"a round must be a JSON object, got {type(entry).__name__}")
+            )
             continue
         round_problems = _type_problems(entry, ROUND_TYPES, ("query", "answer"), prefix)
         problems += round_problems
@@ -126,13 +136,22 @@ def record_to_dialogue(record: object, root: Path, allow_outside_root: bool = Fa
         if ref is not None and not 1 <= ref < number:
             span = "no earlier round exists" if number == 1 else f"allowed 1..{number - 1}"
             problems.append((f"{prefix}ref", f"ref {ref} must point to an earlier round ({span})"))
-        elif ref is not None and isinstance(record["rounds"][ref - 1], dict) and record["rounds"][ref - 1].get("mask") is None:
+        elif (
+            ref is not None
+            and isinstance(record["rounds"][ref - 1], dict)
+            and record["rounds"][ref - 1].get("mask") is None
+        ):
             problems.append((f"{prefix}ref", f"ref {ref} points to a round without a mask"))
         if entry.get("mask") is not None:
             problems += check_path(root, entry["mask"], f"{prefix}mask", allow_outside_root)
         kept = entry.get("mrmedseg")
         if kept is not None and not _is_kept_turns(kept):
-            problems.append((f"{prefix}mrmedseg", 'must be {"human": turn, "gpt": turn}, each turn an object with a string "value"'))
+            problems.append(
+                (
+                    f"{prefix}mrmedseg",
+                    'must be {"human": turn, "gpt": turn}, each turn an object with a string "value"',
+                )
+            )
         extra = {name: entry[name] for name in EXTRA_FIELDS if name in entry}
         fields = {name: entry.get(name) for name in ROUND_FIELDS}
         rounds.append(Round(**fields, extra=extra))
@@ -181,12 +200,22 @@ def read_jsonl(
         try:
             record = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as error:
-            problems.append(DataError(str(path), f"line {number}", None, f"not UTF-8 text (byte {error.start + 1} of the line)"))
+            problems.append(
+                DataError(
+                    str(path), f"line {number}", None, f"not UTF-8 text (byte {error.start + 1} of the line)"
+                )
+            )
             continue
         except json.JSONDecodeError as error:
-            problems.append(DataError(str(path), f"line {number}", None, f"invalid JSON: {error.msg} (column {error.colno})"))
+            problems.append(
+                DataError(
+                    str(path), f"line {number}", None, f"invalid JSON: {error.msg} (column {error.colno})"
+                )
+            )
             continue
-        dialogue_id = record.get("id") if isinstance(record, dict) and isinstance(record.get("id"), str) else None
+        dialogue_id = (
+            record.get("id") if isinstance(record, dict) and isinstance(record.get("id"), str) else None
+        )
         dialogue, found = record_to_dialogue(record, root, allow_outside_root)
         if dialogue is None:
             problems += attach(path, item_label("line", number, dialogue_id), found)

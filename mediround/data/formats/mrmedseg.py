@@ -51,7 +51,9 @@ def _answer_text(value: str) -> str:
     return TOKEN.sub(replace, value).strip()
 
 
-def _parse_pair(human: dict, gpt: dict, first: bool, prefix_h: str, prefix_g: str) -> tuple[dict, list[Problem]]:
+def _parse_pair(
+    human: dict, gpt: dict, first: bool, prefix_h: str, prefix_g: str
+) -> tuple[dict, list[Problem]]:
     """Fields of one round from a human/gpt turn pair: image, query, answer, mask, encode (reference path)."""
     problems: list[Problem] = []
     parsed: dict = {"image": None, "encode": None, "box": None, "mask": None}
@@ -67,7 +69,9 @@ def _parse_pair(human: dict, gpt: dict, first: bool, prefix_h: str, prefix_g: st
     decodes = [path for kind, path in _tokens(gpt["value"]) if kind == "MASK-DECODE"]
     others = [kind for kind, _ in _tokens(gpt["value"]) if kind not in ("MASK-DECODE", "REF-DECODE")]
     if len(decodes) > 1:
-        problems.append((f"{prefix_g}value", f"{len(decodes)} [MASK-DECODE:...] tokens; a turn outputs at most one mask"))
+        problems.append(
+            (f"{prefix_g}value", f"{len(decodes)} [MASK-DECODE:...] tokens; a turn outputs at most one mask")
+        )
     for kind in others:
         problems.append((f"{prefix_g}value", f"unexpected [{kind}:...] token in a gpt turn"))
     parsed["mask"] = decodes[0] if decodes else None
@@ -84,9 +88,16 @@ def _check_turn(turn: object, index: int, speaker: str) -> list[Problem]:
     allowed = _HUMAN_KEYS if speaker == "human" else _GPT_KEYS
     for key in turn:
         if key not in allowed:
-            problems.append((f"{field}.{key}", f"unknown field '{key}' in a {speaker} turn (allowed: {', '.join(sorted(allowed))})"))
+            problems.append(
+                (
+                    f"{field}.{key}",
+                    f"unknown field '{key}' in a {speaker} turn (allowed: {', '.join(sorted(allowed))})",
+                )
+            )
     if turn.get("from") != speaker:
-        problems.append((f"{field}.from", f"expected '{speaker}' (turns alternate human/gpt), got {turn.get('from')!r}"))
+        problems.append(
+            (f"{field}.from", f"expected '{speaker}' (turns alternate human/gpt), got {turn.get('from')!r}")
+        )
     if not isinstance(turn.get("value"), str):
         problems.append((f"{field}.value", f"must be a string, got {type(turn.get('value')).__name__}"))
     ind = turn.get("ind")
@@ -94,11 +105,15 @@ def _check_turn(turn: object, index: int, speaker: str) -> list[Problem]:
         problems.append((f"{field}.ind", f"must be an integer, got {type(ind).__name__} {ind!r:.40}"))
     for name, kinds in (("entity", (str,)), ("difficulty", (str,)), ("names_target", (bool,))):
         if name in turn and not isinstance(turn[name], kinds):
-            problems.append((f"{field}.{name}", f"must be {'true/false' if name == 'names_target' else 'a string'}"))
+            problems.append(
+                (f"{field}.{name}", f"must be {'true/false' if name == 'names_target' else 'a string'}")
+            )
     return problems
 
 
-def item_to_dialogue(item: object, index: int, root: Path, allow_outside_root: bool = False) -> tuple[Dialogue | None, list[Problem]]:
+def item_to_dialogue(
+    item: object, index: int, root: Path, allow_outside_root: bool = False
+) -> tuple[Dialogue | None, list[Problem]]:
     """The dialogue of one MR-MedSeg item, or None and every (field, reason) problem found in it."""
     if not isinstance(item, dict):
         return None, [(None, f"an item must be a JSON object, got {type(item).__name__}")]
@@ -115,7 +130,9 @@ def item_to_dialogue(item: object, index: int, root: Path, allow_outside_root: b
         problems.append(("conversations", "required: a non-empty list of turns"))
         return None, problems
     if len(turns) % 2:
-        problems.append(("conversations", f"odd number of turns ({len(turns)}): turns must alternate human/gpt"))
+        problems.append(
+            ("conversations", f"odd number of turns ({len(turns)}): turns must alternate human/gpt")
+        )
     for index_turn, turn in enumerate(turns):
         problems += _check_turn(turn, index_turn, "human" if index_turn % 2 == 0 else "gpt")
     if problems:
@@ -140,17 +157,33 @@ def item_to_dialogue(item: object, index: int, root: Path, allow_outside_root: b
         ind = human.get("ind")
         if ind is not None:
             if not 0 <= ind < len(decoded_rounds):
-                problems.append((f"{prefix_h}ind", f"ind {ind} must point to an earlier [MASK-DECODE] (0..{len(decoded_rounds) - 1})"
-                                 if decoded_rounds else f"ind {ind} points forward: no earlier round has a mask"))
+                problems.append(
+                    (
+                        f"{prefix_h}ind",
+                        f"ind {ind} must point to an earlier [MASK-DECODE] (0..{len(decoded_rounds) - 1})"
+                        if decoded_rounds
+                        else f"ind {ind} points forward: no earlier round has a mask",
+                    )
+                )
             else:
                 ref = decoded_rounds[ind]
                 expected = rounds[ref - 1].mask
                 if parsed["encode"] is None:
                     problems.append((f"{prefix_h}value", f"ind {ind} given but no [MASK-ENCODE:...] token"))
                 elif parsed["encode"] != expected:
-                    problems.append((f"{prefix_h}value", f"[MASK-ENCODE:{parsed['encode']}] differs from the mask of round {ref} ({expected})"))
+                    problems.append(
+                        (
+                            f"{prefix_h}value",
+                            f"[MASK-ENCODE:{parsed['encode']}] differs from the mask of round {ref} ({expected})",
+                        )
+                    )
                 if parsed["box"] is not None and parsed["box"] != parsed["encode"]:
-                    problems.append((f"{prefix_h}value", f"[BOX-ENCODE:{parsed['box']}] differs from [MASK-ENCODE:{parsed['encode']}]"))
+                    problems.append(
+                        (
+                            f"{prefix_h}value",
+                            f"[BOX-ENCODE:{parsed['box']}] differs from [MASK-ENCODE:{parsed['encode']}]",
+                        )
+                    )
         elif parsed["encode"] is not None:
             problems.append((f"{prefix_h}ind", "[MASK-ENCODE:...] given without 'ind'"))
         if parsed["mask"] is not None:
@@ -164,7 +197,11 @@ def item_to_dialogue(item: object, index: int, root: Path, allow_outside_root: b
             **{name: human.get(name) for name in TURN_FIELDS_TO_ROUND},
         )
         rounds.append(round_)
-        if not problems and image is not None and _render_pair(round_, rounds, image, number == 1) != (human, gpt):
+        if (
+            not problems
+            and image is not None
+            and _render_pair(round_, rounds, image, number == 1) != (human, gpt)
+        ):
             round_.extra = {"mrmedseg": {"human": human, "gpt": gpt}}
     if problems or image is None:
         return None, problems
@@ -200,7 +237,9 @@ def _render_pair(round_: Round, rounds: list[Round], image: str, first: bool) ->
             human[name] = getattr(round_, name)
     answer = round_.answer
     if round_.mask is not None:
-        decode = (f"[REF-DECODE:{reference}]" if reference is not None else "") + f"[MASK-DECODE:{round_.mask}]"
+        decode = (
+            f"[REF-DECODE:{reference}]" if reference is not None else ""
+        ) + f"[MASK-DECODE:{round_.mask}]"
         answer = answer.replace(SEG, decode, 1) if SEG in answer else f"{answer} {decode}".strip()
     return human, {"from": "gpt", "value": answer}
 
@@ -220,7 +259,9 @@ def _same_round(kept: tuple[dict, dict], round_: Round, rounds: list[Round], ima
     if problems or (first and parsed["image"] != image):
         return False
     reference = rounds[round_.ref - 1].mask if round_.ref is not None else None
-    expected_ind = None if round_.ref is None else sum(1 for r in rounds[: round_.ref - 1] if r.mask is not None)
+    expected_ind = (
+        None if round_.ref is None else sum(1 for r in rounds[: round_.ref - 1] if r.mask is not None)
+    )
     return (
         parsed["query"] == round_.query
         and parsed["answer"] == round_.answer
@@ -249,7 +290,9 @@ def dialogue_to_item(dialogue: Dialogue) -> dict:
     for number, round_ in enumerate(dialogue.rounds, start=1):
         kept = round_.extra.get("mrmedseg")
         first = number == 1
-        if kept is not None and _same_round((kept["human"], kept["gpt"]), round_, dialogue.rounds, dialogue.image, first):
+        if kept is not None and _same_round(
+            (kept["human"], kept["gpt"]), round_, dialogue.rounds, dialogue.image, first
+        ):
             turns += [kept["human"], kept["gpt"]]
         else:
             turns += list(_render_pair(round_, dialogue.rounds, dialogue.image, first))
@@ -259,6 +302,7 @@ def dialogue_to_item(dialogue: Dialogue) -> dict:
 
 def retarget(dialogue: Dialogue, move: Callable[[str], str]) -> None:
     """Rewrite every path inside the kept original turns with ``move`` (used when paths are relocated)."""
+
     def replace(match: re.Match) -> str:
         return f"[{match.group(1)}:{move(match.group(2))}]"
 
@@ -266,7 +310,11 @@ def retarget(dialogue: Dialogue, move: Callable[[str], str]) -> None:
         kept = round_.extra.get("mrmedseg")
         if kept is None:
             continue
-        round_.extra = {"mrmedseg": {side: {**turn, "value": TOKEN.sub(replace, turn["value"])} for side, turn in kept.items()}}
+        round_.extra = {
+            "mrmedseg": {
+                side: {**turn, "value": TOKEN.sub(replace, turn["value"])} for side, turn in kept.items()
+            }
+        }
 
 
 def read_mrmedseg(
@@ -286,9 +334,13 @@ def read_mrmedseg(
     try:
         items = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(str(path), None, None, f"invalid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+        raise DataError(
+            str(path), None, None, f"invalid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
+        ) from None
     if not isinstance(items, list):
-        raise DataError(str(path), None, None, f"an MR-MedSeg file must be a JSON list, got {type(items).__name__}")
+        raise DataError(
+            str(path), None, None, f"an MR-MedSeg file must be a JSON list, got {type(items).__name__}"
+        )
     dialogues: list[Dialogue] = []
     problems: list[DataError] = []
     for index, item in enumerate(items):

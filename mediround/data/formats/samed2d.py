@@ -51,7 +51,7 @@ def class_from_mask_name(mask_stem: str, image_stem: str) -> str | None:
     """``amos_0004_75_inferior_vena_cava_000`` with image ``amos_0004_75`` -> ``inferior vena cava``."""
     for separator in ("_", "--"):
         if mask_stem.startswith(image_stem + separator):
-            rest = mask_stem[len(image_stem) + len(separator):]
+            rest = mask_stem[len(image_stem) + len(separator) :]
             break
     else:
         return None
@@ -77,7 +77,11 @@ def _read_map(path: Path) -> dict[str, list[str]]:
         raise DataError(str(path), None, None, "an SA-Med2D map must be a JSON object")
     pairs: dict[str, list[str]] = {}
     for key, value in data.items():
-        if path.name.startswith("image2label") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if (
+            path.name.startswith("image2label")
+            and isinstance(value, list)
+            and all(isinstance(v, str) for v in value)
+        ):
             pairs.setdefault(key, []).extend(value)
         elif path.name.startswith("label2image") and isinstance(value, str):
             pairs.setdefault(value, []).append(key)
@@ -95,12 +99,19 @@ def _root_for(map_path: Path, pairs: dict[str, list[str]]) -> Path:
     return map_path.parent
 
 
-def read_samed2d(folder: str | os.PathLike, allow_outside_root: bool = False) -> tuple[list[Dialogue], list[DataError], int]:
+def read_samed2d(
+    folder: str | os.PathLike, allow_outside_root: bool = False
+) -> tuple[list[Dialogue], list[DataError], int]:
     """One single-round dialogue per mask of an SA-Med2D folder, the problems of skipped masks, and the mask count."""
     folder = Path(folder)
     maps = _maps(folder)
     if not maps:
-        raise DataError(str(folder), None, None, "no image2label*.json or label2image*.json found (not an SA-Med2D folder)")
+        raise DataError(
+            str(folder),
+            None,
+            None,
+            "no image2label*.json or label2image*.json found (not an SA-Med2D folder)",
+        )
     dialogues: list[Dialogue] = []
     problems: list[DataError] = []
     seen: set[tuple[Path, str, str]] = set()
@@ -117,17 +128,31 @@ def read_samed2d(folder: str | os.PathLike, allow_outside_root: bool = False) ->
                 count += 1
                 mask_stem = PurePosixPath(mask).stem
                 entity = class_from_mask_name(mask_stem, image_stem)
-                found = check_path(root, image, "image", allow_outside_root) + check_path(root, mask, "mask", allow_outside_root)
+                found = check_path(root, image, "image", allow_outside_root) + check_path(
+                    root, mask, "mask", allow_outside_root
+                )
                 if entity is None:
-                    found.append(("mask", f"no class name in '{mask}' (expected <image stem>_<class>_<instance>.png)"))
+                    found.append(
+                        ("mask", f"no class name in '{mask}' (expected <image stem>_<class>_<instance>.png)")
+                    )
                 if found:
-                    problems += [DataError(str(map_path), f"mask {mask}", field, reason) for field, reason in found]
+                    problems += [
+                        DataError(str(map_path), f"mask {mask}", field, reason) for field, reason in found
+                    ]
                     continue
                 dialogues.append(
                     Dialogue(
                         id=mask_stem,
                         image=image,
-                        rounds=[Round(query=QUERY.format(entity=entity), answer=ANSWER, mask=mask, entity=entity, names_target=True)],
+                        rounds=[
+                            Round(
+                                query=QUERY.format(entity=entity),
+                                answer=ANSWER,
+                                mask=mask,
+                                entity=entity,
+                                names_target=True,
+                            )
+                        ],
                         root=root,
                         modality=modality_from_name(image_stem),
                         source="sa-med2d",
