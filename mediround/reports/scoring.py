@@ -163,12 +163,13 @@ def evaluate_predictions(
         raise DataError(str(predictions_dir), None, None, "no round could be scored (no dialogue with ground truth)")
     evaluation = Evaluation(rows=scored.rows, summary=summarize(scored.rows), problems=scored.problems,
                             missing=scored.missing)
+    if config.baseline is not None:
+        # Before writing: the baseline may be the very file this run is about to replace.
+        evaluation.regressions = compare(scored.rows, config.baseline, config.max_drop)
     if config.out is not None:
         write_rows(config.out, scored.rows)
         evaluation.out = Path(config.out)
     if config.plot is not None:
         round_curve(evaluation.summary["round"], config.plot)
         evaluation.plot = Path(config.plot)
-    if config.baseline is not None:
-        evaluation.regressions = compare(scored.rows, config.baseline, config.max_drop)
     return evaluation

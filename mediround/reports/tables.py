@@ -10,12 +10,15 @@ from rich.table import Table
 from mediround.metrics import METRIC_LABELS, METRICS, Scores
 from mediround.reports.gate import Regression
 
-NAMES_TARGET_LABELS = {True: "names target", False: "reference only", None: "unknown"}
+NAMES_TARGET_LABELS = {True: "named in the text", False: "reference only", None: "unknown"}
 GROUP_TITLES = {
     "scenario": "Per scenario",
     "modality": "Per modality",
-    "names_target": "Rounds that name their target vs rounds resolved only through the reference",
+    "difficulty": "Per difficulty",
+    "names_target": "Target named vs reference only",
 }
+GROUP_COLUMNS = {"names_target": "target"}
+DIFFICULTY_ORDER = ("regular", "hard")
 
 
 def _points(scores: Scores, metric: str) -> str:
@@ -29,14 +32,28 @@ def _label(grouping: str, value: Any) -> str:
 
 
 def _sorted_groups(groups: Mapping[Any, Scores]) -> list[tuple[Any, Scores]]:
-    """Known values in order, the unknown (None) group last."""
-    return sorted(groups.items(), key=lambda item: (item[0] is None, str(item[0])))
+    """Known values in order (``regular`` before ``hard`` as in the paper, named before reference-only), None last."""
+
+    def order(item: tuple[Any, Scores]) -> tuple:
+        value = item[0]
+        if isinstance(value, bool):
+            rank = 0 if value else 1
+        else:
+            rank = DIFFICULTY_ORDER.index(value) if value in DIFFICULTY_ORDER else len(DIFFICULTY_ORDER)
+        return (value is None, rank, str(value))
+
+    return sorted(groups.items(), key=order)
+
+
+def _table(title: str) -> Table:
+    """A table at least as wide as its title, so narrow tables do not wrap their title."""
+    return Table(title=title, min_width=len(title) + 4)
 
 
 def overall_table(summary: Mapping[str, Mapping[Any, Scores]], title: str = "Overall (x100)") -> Table:
     """Dice, gIoU and cIoU over all scored rounds, with the number of masks."""
     overall = summary["overall"][None]
-    table = Table(title=title)
+    table = _table(title=title)
     table.add_column("masks", justify="right")
     for metric in METRICS:
         table.add_column(METRIC_LABELS[metric], justify="right")
@@ -48,7 +65,7 @@ def round_table(summary: Mapping[str, Mapping[Any, Scores]], title: str = "Per r
     """Table 2 layout: one column per round plus ``overall``, one row per metric and a row of mask counts."""
     rounds = sorted(summary["round"])
     overall = summary["overall"][None]
-    table = Table(title=title)
+    table = _table(title=title)
     table.add_column("metric")
     for number in rounds:
         table.add_column(f"Round #{number}", justify="right")
@@ -62,8 +79,8 @@ def round_table(summary: Mapping[str, Mapping[Any, Scores]], title: str = "Per r
 
 def group_table(summary: Mapping[str, Mapping[Any, Scores]], grouping: str, title: str | None = None) -> Table:
     """One row per value of ``grouping`` (scenario, modality, difficulty, names_target), unknown last."""
-    table = Table(title=title or f"{GROUP_TITLES.get(grouping, grouping)} (x100)")
-    table.add_column(grouping.replace("_", " "))
+    table = _table(title or f"{GROUP_TITLES.get(grouping, grouping)} (x100)")
+    table.add_column(GROUP_COLUMNS.get(grouping, grouping))
     table.add_column("masks", justify="right")
     for metric in METRICS:
         table.add_column(METRIC_LABELS[metric], justify="right")
@@ -73,13 +90,16 @@ def group_table(summary: Mapping[str, Mapping[Any, Scores]], grouping: str, titl
 
 
 def difficulty_table(summary: Mapping[str, Mapping[Any, Scores]], title: str = "Overall and per difficulty (x100)") -> Table:
-    """Table 1 layout: column groups ``overall``, then each difficulty (regular, hard, ...), each Dice/gIoU/cIoU."""
+    """Table 1 layout: column groups ``overall``, then each difficulty (regular, hard, ...), each Dice/gIoU/cIoU.
+
+    The group name heads only its first column, like the paper's merged header cells.
+    """
     groups = [("overall", summary["overall"][None])]
     groups += [(_label("difficulty", value), scores) for value, scores in _sorted_groups(summary["difficulty"])]
-    table = Table(title=title)
+    table = _table(title)
     for name, scores in groups:
-        for metric in METRICS:
-            table.add_column(f"{name}\n{METRIC_LABELS[metric]}", justify="right")
+        for index, metric in enumerate(METRICS):
+            table.add_column(f"{name if index == 0 else ''}\n{METRIC_LABELS[metric]}", justify="right")
     table.add_row(*(_points(scores, metric) for _, scores in groups for metric in METRICS))
     table.add_row(*(f"n={scores.count}" if metric == "dice" else "" for _, scores in groups for metric in METRICS),
                   style="dim")
@@ -88,7 +108,7 @@ def difficulty_table(summary: Mapping[str, Mapping[Any, Scores]], title: str = "
 
 def missing_table(missing: Sequence[tuple[str, int]], limit: int = 20) -> Table:
     """Rounds scored as empty masks because their prediction was absent or unusable (first ``limit``)."""
-    table = Table(title=f"Missing predictions scored as empty: {len(missing)}")
+    table = _table(title=f"Missing predictions scored as empty: {len(missing)}")
     table.add_column("dialogue")
     table.add_column("round", justify="right")
     for dialogue_id, number in missing[:limit]:
@@ -100,7 +120,7 @@ def missing_table(missing: Sequence[tuple[str, int]], limit: int = 20) -> Table:
 
 def regression_table(regressions: Sequence[Regression], max_drop: float) -> Table:
     """What fell by more than ``max_drop`` points against the baseline."""
-    table = Table(title=f"Regressions (drop > {max_drop:g} points)")
+    table = _table(title=f"Regressions (drop > {max_drop:g} points)")
     table.add_column("scope")
     table.add_column("metric")
     table.add_column("baseline", justify="right")

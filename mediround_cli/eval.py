@@ -1,0 +1,108 @@
+"""``mediround eval``: score a predictions folder per round, write metric rows, gate against a baseline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mediround.data.formats import load_dialogues
+from mediround.reports.scoring import EvalConfig, Evaluation, evaluate_predictions
+from mediround.reports.tables import (
+    difficulty_table,
+    group_table,
+    missing_table,
+    overall_table,
+    regression_table,
+    round_table,
+)
+from mediround_cli.common import console, err_console, handle_errors
+
+
+def _has_known_groups(evaluation: Evaluation, grouping: str) -> bool:
+    return any(value is not None for value in evaluation.summary[grouping])
+
+
+def _summary_table(n_dialogues: int, evaluation: Evaluation, n_problems: int) -> Table:
+    table = Table(title="eval summary", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("dialogues", str(n_dialogues))
+    table.add_row("rounds scored", str(len(evaluation.rows)))
+    table.add_row("missing predictions (scored empty)", str(len(evaluation.missing)),
+                  style="yellow" if evaluation.missing else None)
+    table.add_row("problems", str(n_problems), style="yellow" if n_problems else None)
+    table.add_row("metric rows", str(evaluation.out))
+    if evaluation.plot is not None:
+        table.add_row("per-round curve", str(evaluation.plot))
+    return table
+
+
+def _print_report(evaluation: Evaluation, per_round: bool) -> None:
+    console.print(difficulty_table(evaluation.summary) if _has_known_groups(evaluation, "difficulty")
+                  else overall_table(evaluation.summary))
+    if per_round:
+        console.print(round_table(evaluation.summary))
+    for grouping in ("scenario", "modality", "names_target"):
+        if _has_known_groups(evaluation, grouping):
+            console.print(group_table(evaluation.summary, grouping))
+    if evaluation.missing:
+        console.print(missing_table(evaluation.missing))
+
+
+@click.command("eval")
+@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.option("--predictions", "predictions_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Predictions folder written by `mediround infer` (predictions.jsonl + masks/).")
+@click.option("--per-round", is_flag=True, help="Also print the per-round table (rounds as columns).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Metric rows as Parquet [default: PREDICTIONS/metrics.parquet].")
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder that image and mask paths are relative to [default: the data file's folder].")
+@click.option("--allow-outside-root", is_flag=True, help="Accept image/mask paths that leave the root.")
+@click.option("--baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Metrics Parquet of an earlier run; exit 1 if a score fell by more than --max-drop.")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Allowed drop in x100 points (overall and per round, Dice/gIoU/cIoU).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-round curve PNG here.")
+@handle_errors
+def eval_command(
+    data: Path,
+    predictions_dir: Path | None,
+    per_round: bool,
+    out: Path | None,
+    root: Path | None,
+    allow_outside_root: bool,
+    baseline: Path | None,
+    max_drop: float,
+    plot: Path | None,
+) -> None:
+    """Score predicted masks against the ground truth of DATA (JSONL, MR-MedSeg JSON or an SA-Med2D folder)."""
+    if predictions_dir is None:
+        err_console.print("[red]error:[/red] --predictions DIR is required: model-based evaluation needs "
+                          "--model, which is not yet available", soft_wrap=True)
+        sys.exit(2)
+    config = EvalConfig(out=out or predictions_dir / "metrics.parquet", baseline=baseline, max_drop=max_drop,
+                        plot=plot)
+    loaded = load_dialogues(data, root=root, allow_outside_root=allow_outside_root)
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task("scoring", total=len(loaded.dialogues))
+        evaluation = evaluate_predictions(loaded.dialogues, predictions_dir, config,
+                                          advance=lambda: progress.advance(task))
+
+    _print_report(evaluation, per_round)
+    problems = [*loaded.problems, *evaluation.problems]
+    for problem in problems:
+        err_console.print(f"problem: {problem.one_line()}", soft_wrap=True, markup=False)
+    console.print(_summary_table(len(loaded.dialogues), evaluation, len(problems)))
+    if baseline is not None:
+        if evaluation.regressions:
+            console.print(regression_table(evaluation.regressions, max_drop))
+            err_console.print(f"[red]gate failed:[/red] {len(evaluation.regressions)} scores fell by more than "
+                              f"{max_drop:g} points against {baseline}")
+            sys.exit(1)
+        console.print(f"[green]gate passed:[/green] no score fell by more than {max_drop:g} points against {baseline}")
