@@ -1,0 +1,106 @@
+"""``build_model(config)``: the one path from a config to a ``MediRound`` (tiny, real paths, or meta)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from mediround.errors import RecipeError
+from mediround.model.config import MediRoundConfig
+from mediround.model.mediround import DTYPES, MediRound
+from mediround.model.mllm import load_llava
+from mediround.model.segmenter import load_sam
+from mediround.model.tokenizer import MEDIROUND_TOKENS
+
+
+def build_model(
+    config: MediRoundConfig,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: str | torch.device = "cpu",
+    allow_partial: bool = False,
+) -> MediRound:
+    """Build MediRound from ``config``: load or build LLaVA and SAM, add tokens, wrap LoRA, set trainability.
+
+    ``tokenizer`` overrides the one the config would make (a checkpoint passes its saved tokenizer).
+    On ``torch.device("meta")`` nothing is allocated and no weight file is read.
+    """
+    config.validate()
+    llava, tokenizer, base_vocab = load_llava(config, tokenizer, device)
+    sam, _ = load_sam(config.segmenter, device, allow_partial=allow_partial)
+    mllm = _wrap_language_model(llava, tokenizer, config)
+    with torch.device(device):
+        torch.manual_seed(config.heads.seed)
+        model = MediRound(config, mllm, tokenizer, sam, base_vocab)
+    if torch.device(device).type != "meta":
+        model.to(DTYPES[config.precision])
+    apply_trainability(model)
+    if config.gradient_checkpointing:
+        model.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _wrap_language_model(llava: nn.Module, tokenizer: PreTrainedTokenizerBase, config: MediRoundConfig) -> nn.Module:
+    mode, embeddings = config.trainable.language_model, config.trainable.token_embeddings
+    if mode != "lora":
+        if embeddings == "rows":
+            raise RecipeError("model config: field 'trainable.token_embeddings': 'rows' needs language_model 'lora'")
+        return llava
+    lora = config.lora
+    settings = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": lora.target_modules}
+    if embeddings == "full":
+        settings["modules_to_save"] = ["embed_tokens", "lm_head"]
+    elif embeddings == "rows":
+        ids = sorted(tokenizer.convert_tokens_to_ids(list(MEDIROUND_TOKENS)))
+        settings["trainable_token_indices"] = {"embed_tokens": ids, "lm_head": ids}
+    return get_peft_model(llava, LoraConfig(**settings))
+
+
+def apply_trainability(model: MediRound) -> None:
+    """Set ``requires_grad`` on every parameter from ``config.trainable`` (peft already froze the base)."""
+    switches = model.config.trainable
+    llava = model.llava
+    lm_owned = switches.language_model == "lora"
+    for name, param in model.named_parameters():
+        if not name.startswith("mllm."):
+            param.requires_grad_(False)
+        elif not lm_owned:
+            param.requires_grad_(switches.language_model == "full" and ".language_model." in name)
+    groups: list[tuple[bool, nn.Module]] = [
+        (switches.sam_image_encoder, model.sam.image_encoder),
+        (switches.sam_prompt_encoder, model.sam.prompt_encoder),
+        (switches.sam_mask_decoder, model.sam.mask_decoder),
+        (switches.clip_tower, llava.model.vision_tower),
+        (switches.projector, llava.model.multi_modal_projector),
+        (switches.box_encoder, model.box_encoder),
+        (switches.seg_projection, model.seg_projection),
+        (switches.jcm, model.jcm),
+    ]
+    for flag, module in groups:
+        if flag:
+            module.requires_grad_(True)
+    if not switches.sam_iou_head:
+        model.sam.mask_decoder.iou_prediction_head.requires_grad_(False)
+        model.sam.mask_decoder.iou_token.requires_grad_(False)
+    if not lm_owned and switches.token_embeddings == "full":
+        llava.get_input_embeddings().requires_grad_(True)
+        llava.get_output_embeddings().requires_grad_(True)
+    if lm_owned and switches.token_embeddings == "frozen":
+        for name, param in model.mllm.named_parameters():
+            if "modules_to_save" in name or "trainable_tokens" in name:
+                param.requires_grad_(False)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts: total and trainable, and trainable per top-level part."""
+    counts: dict[str, int] = {"total": 0, "trainable": 0}
+    for name, param in model.named_parameters():
+        counts["total"] += param.numel()
+        if param.requires_grad:
+            counts["trainable"] += param.numel()
+            part = re.sub(r"\..*", "", name)
+            counts[f"trainable.{part}"] = counts.get(f"trainable.{part}", 0) + param.numel()
+    return counts

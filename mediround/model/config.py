@@ -1,0 +1,218 @@
+"""One dataclass tree that describes a MediRound model, its trainability, losses and precision.
+
+Every component is built from this config and nothing else, so a checkpoint's ``config.json`` is enough
+to rebuild the model. ``MediRoundConfig.to_dict``/``from_dict`` round-trip through JSON; unknown keys are
+refused with a ``RecipeError`` naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mediround.errors import RecipeError
+
+SAM_VARIANTS = ("tiny", "vit_b", "vit_l", "vit_h")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SAM_NORMALISATIONS = ("sam", "medsam")
+LM_MODES = ("lora", "full", "frozen")
+EMBEDDING_MODES = ("full", "rows", "frozen")
+
+
+@dataclass
+class TinyVisionConfig:
+    """A CLIP-style vision tower small enough for CPU training."""
+
+    image_size: int = 112
+    patch_size: int = 14
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 3
+    num_heads: int = 4
+
+
+@dataclass
+class TinyTextConfig:
+    """A Mistral-style decoder small enough for CPU training."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_positions: int = 4096
+    vocab_size: int = 2000
+
+
+@dataclass
+class MLLMConfig:
+    """The LLaVA model: ``source`` is ``"tiny"`` (built from config) or an HF-format LLaVA folder."""
+
+    source: str = "tiny"
+    tiny_vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)
+    tiny_text: TinyTextConfig = field(default_factory=TinyTextConfig)
+    vision_feature_layer: int = -2
+    crop_tokens: int = 1
+    crop_size: int | None = None
+    system_prompt: str = "You are a medical imaging assistant that segments what the user asks for."
+    seed: int = 0
+
+
+@dataclass
+class SegmenterConfig:
+    """The SAM/MedSAM backbone: ``variant`` picks the layout, ``checkpoint`` an optional .pth state dict."""
+
+    variant: str = "tiny"
+    checkpoint: str | None = None
+    image_size: int = 1024
+    normalisation: str = "sam"
+    tiny_patch_size: int = 8
+    tiny_width: int = 64
+    tiny_depth: int = 2
+    tiny_heads: int = 2
+    tiny_window: int = 4
+    decoder_mlp_dim: int = 2048
+    seed: int = 1
+
+
+@dataclass
+class HeadsConfig:
+    """Sizes of the heads added on top of LLaVA and SAM."""
+
+    seg_dim: int = 256
+    jcm_hidden: int = 512
+    seed: int = 2
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the language model only (the regex keeps CLIP's q_proj/v_proj out)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str = r".*language_model.*\.(q_proj|v_proj)"
+
+
+@dataclass
+class LossWeights:
+    ce: float = 1.0
+    bce: float = 2.0
+    dice: float = 0.5
+
+
+@dataclass
+class Trainability:
+    """Which parts receive gradients. Defaults follow the authors' split (reference-facts.md)."""
+
+    sam_image_encoder: bool = False
+    sam_prompt_encoder: bool = False
+    sam_mask_decoder: bool = True
+    sam_iou_head: bool = False
+    clip_tower: bool = False
+    projector: bool = False
+    language_model: str = "lora"
+    token_embeddings: str = "full"
+    box_encoder: bool = True
+    seg_projection: bool = True
+    jcm: bool = False
+
+
+@dataclass
+class MediRoundConfig:
+    """The whole model description."""
+
+    mllm: MLLMConfig = field(default_factory=MLLMConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    loss: LossWeights = field(default_factory=LossWeights)
+    trainable: Trainability = field(default_factory=Trainability)
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MediRoundConfig:
+        config = _from_dict(cls, data, "config")
+        config.validate()
+        return config
+
+    def to_json(self, path: str | Path) -> None:
+        from mediround.atomic import write_json
+
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> MediRoundConfig:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise RecipeError(f"{path}: cannot read model config: {error}") from None
+        return cls.from_dict(data)
+
+    def validate(self) -> None:
+        """Refuse values no component can be built from, naming the field."""
+        checks = [
+            ("segmenter.variant", self.segmenter.variant, SAM_VARIANTS),
+            ("segmenter.normalisation", self.segmenter.normalisation, SAM_NORMALISATIONS),
+            ("precision", self.precision, PRECISIONS),
+            ("trainable.language_model", self.trainable.language_model, LM_MODES),
+            ("trainable.token_embeddings", self.trainable.token_embeddings, EMBEDDING_MODES),
+        ]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise RecipeError(f"model config: field '{name}': {value!r} is not one of {list(allowed)}")
+        grid = round((self.mllm.crop_tokens - 1) ** 0.5)
+        if self.mllm.crop_tokens < 1 or grid * grid != self.mllm.crop_tokens - 1:
+            raise RecipeError(
+                "model config: field 'mllm.crop_tokens': must be 1 (CLS) or 1 + g*g (CLS plus a g x g "
+                f"grid of pooled patches), got {self.mllm.crop_tokens}"
+            )
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"model config: field '{where}': expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecipeError(f"model config: field '{where}': unknown key(s) {unknown}")
+    values = {}
+    for name, value in data.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            values[name] = _from_dict(type(default), value, f"{where}.{name}" if where != "config" else name)
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def tiny_config() -> MediRoundConfig:
+    """The CPU-trainable preset: every weight built from config, nothing fetched."""
+    return MediRoundConfig(segmenter=SegmenterConfig(variant="tiny", image_size=128, decoder_mlp_dim=512))
+
+
+def llava_med_7b_config(mllm_path: str, sam_checkpoint: str | None, sam_variant: str = "vit_b") -> MediRoundConfig:
+    """The paper's model: a converted LLaVA-Med v1.5 Mistral-7B folder and a MedSAM/SAM ViT-B .pth."""
+    return MediRoundConfig(
+        mllm=MLLMConfig(source=str(mllm_path)),
+        segmenter=SegmenterConfig(variant=sam_variant, checkpoint=sam_checkpoint, image_size=1024),
+        precision="bf16",
+        gradient_checkpointing=True,
+    )
+
+
+PRESETS = {"tiny": tiny_config, "llava-med-7b": llava_med_7b_config}
+
+
+def preset(name: str, **paths: Any) -> MediRoundConfig:
+    """A preset by name; ``llava-med-7b`` needs ``mllm_path`` and ``sam_checkpoint``."""
+    if name not in PRESETS:
+        raise RecipeError(f"model config: unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name](**paths)

@@ -1,0 +1,140 @@
+"""The chat template and token layout, in one place; dialogues -> token ids, labels and batches.
+
+Layout of a dialogue (each text piece tokenized on its own, ids concatenated, so training and
+incremental inference see the same tokens)::
+
+    <s> {system prompt} [INST] <image> x N \\n                        <- prefix (DialogueState.begin)
+    {crop x k}{box} {query 1} [/INST]  {answer 1 with one [SEG]} </s>   <- round 1 (no reference)
+     [INST] {crop x k}{box} {query r} [/INST]  {answer r} </s>         <- round r (crop/box if it refers)
+
+Only answer tokens (including [SEG] and </s>) carry a cross-entropy label. Every position also has a
+kind (text, image, crop, box) so features are scattered by layout, never by matching token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from mediround.data.dialogue import Dialogue
+from mediround.errors import DataError
+from mediround.model.tokenizer import BOX_TOKEN, CROP_TOKEN, IMAGE_TOKEN, SEG_TOKEN
+
+TEXT, IMAGE, CROP, BOX = 0, 1, 2, 3
+IGNORE = -100
+USER_OPEN = " [INST]"
+USER_CLOSE = " [/INST]"
+
+
+@dataclass
+class Piece:
+    """A run of token ids with their kinds and whether they are answer tokens (labelled)."""
+
+    ids: list[int] = field(default_factory=list)
+    kinds: list[int] = field(default_factory=list)
+    labelled: list[bool] = field(default_factory=list)
+
+    def add(self, ids: list[int], kind: int = TEXT, labelled: bool = False) -> Piece:
+        self.ids += ids
+        self.kinds += [kind] * len(ids)
+        self.labelled += [labelled] * len(ids)
+        return self
+
+    def extend(self, other: Piece) -> Piece:
+        self.ids += other.ids
+        self.kinds += other.kinds
+        self.labelled += other.labelled
+        return self
+
+
+def answer_with_seg(answer: str) -> str:
+    """The answer text with exactly one [SEG]: appended when absent; more than one is refused."""
+    count = answer.count(SEG_TOKEN)
+    if count > 1:
+        raise ValueError(f"answer holds {count} {SEG_TOKEN} tokens, expected one: {answer!r}")
+    return answer if count == 1 else f"{answer.rstrip()} {SEG_TOKEN}"
+
+
+class ChatLayout:
+    """Token ids of the prefix, user turns and answers for one tokenizer and one image-token count."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_tokens: int, crop_tokens: int, system_prompt: str):
+        self.tokenizer = tokenizer
+        self.image_tokens = image_tokens
+        self.crop_tokens = crop_tokens
+        self.system_prompt = system_prompt
+        ids = tokenizer.convert_tokens_to_ids
+        self.seg_id, self.crop_id, self.box_id, self.image_id = ids(SEG_TOKEN), ids(CROP_TOKEN), ids(BOX_TOKEN), ids(IMAGE_TOKEN)
+        self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def prefix(self) -> Piece:
+        piece = Piece()
+        if self.bos_id is not None:
+            piece.add([self.bos_id])
+        piece.add(self.text(self.system_prompt)).add(self.text(USER_OPEN))
+        return piece.add([self.image_id] * self.image_tokens, IMAGE).add(self.text("\n"))
+
+    def user(self, round_index: int, query: str, refers: bool) -> Piece:
+        """The user turn of the 0-based ``round_index``; crop and box tokens when the round refers."""
+        piece = Piece()
+        if round_index > 0:
+            piece.add(self.text(USER_OPEN))
+        if refers:
+            piece.add([self.crop_id] * self.crop_tokens, CROP).add([self.box_id], BOX)
+        return piece.add(self.text(f" {query.strip()}")).add(self.text(USER_CLOSE))
+
+    def answer(self, answer: str) -> Piece:
+        """The answer tokens (labelled) ending with </s>; holds exactly one [SEG]."""
+        ids = self.text(f" {answer_with_seg(answer.strip())}")
+        if ids.count(self.seg_id) != 1:
+            raise ValueError(f"answer does not tokenize to one {SEG_TOKEN}: {answer!r}")
+        return Piece().add(ids + [self.eos_id], labelled=True)
+
+    def dialogue(self, dialogue: Dialogue) -> tuple[Piece, list[int]]:
+        """The whole dialogue as one piece, and the position of each round's [SEG]."""
+        piece = self.prefix()
+        seg_positions = []
+        for index, round_ in enumerate(dialogue.rounds):
+            piece.extend(self.user(index, round_.query, round_.ref is not None))
+            answer = self.answer(round_.answer)
+            seg_positions.append(len(piece.ids) + answer.ids.index(self.seg_id))
+            piece.extend(answer)
+        return piece, seg_positions
+
+
+@dataclass
+class DialogueSample:
+    """One training/eval item: the dialogue, its image (H, W, 3) uint8, and per-round GT masks (bool or None)."""
+
+    dialogue: Dialogue
+    image: np.ndarray
+    masks: list[np.ndarray | None]
+
+
+def load_sample(dialogue: Dialogue) -> DialogueSample:
+    """Read a dialogue's image and ground-truth masks (``mediround.data.images``); errors are ``DataError``."""
+    from mediround.data.images import load_image, load_mask
+
+    image = load_image(dialogue.image_path)
+    masks: list[np.ndarray | None] = []
+    for number in range(1, len(dialogue.rounds) + 1):
+        path = dialogue.mask_path(number)
+        mask = None if path is None else load_mask(path)
+        if mask is not None and mask.shape != image.shape[:2]:
+            raise DataError(str(path), dialogue.id, f"rounds[{number - 1}].mask",
+                            f"mask size {mask.shape[::-1]} differs from image size {image.shape[1::-1]}")
+        masks.append(mask)
+    return DialogueSample(dialogue, image, masks)
+
+
+def check_references(dialogue: Dialogue) -> None:
+    """Refs must point to an earlier round (1-based)."""
+    for index, round_ in enumerate(dialogue.rounds):
+        if round_.ref is not None and not 1 <= round_.ref <= index:
+            raise DataError(dialogue.id, dialogue.item, f"rounds[{index}].ref",
+                            f"refers to round {round_.ref}, not an earlier round of round {index + 1}")

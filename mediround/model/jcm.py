@@ -1,0 +1,40 @@
+"""The Judgment & Correction Mechanism: two small MLPs on the 256-d projected [SEG] feature.
+
+judge: 256 -> 512 -> 512 -> 1 (GELU) with a sigmoid, the predicted quality of the feature's mask.
+refine: 256 -> 512 -> 512 -> 256 (GELU), a corrected feature. Untrained until ``train-jcm``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+
+def _mlp(dims: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for index, (a, b) in enumerate(itertools.pairwise(dims)):
+        layers.append(nn.Linear(a, b))
+        if index < len(dims) - 2:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+class JCM(nn.Module):
+    def __init__(self, feature_dim: int = 256, hidden: int = 512):
+        super().__init__()
+        self.judge_mlp = _mlp((feature_dim, hidden, hidden, 1))
+        self.refine_mlp = _mlp((feature_dim, hidden, hidden, feature_dim))
+
+    def judge_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, 256) -> (n,) logits of the quality score (for a BCE-with-logits loss)."""
+        return self.judge_mlp(features).squeeze(-1)
+
+    def judge(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, 256) -> (n,) quality scores in [0, 1]."""
+        return torch.sigmoid(self.judge_logits(features))
+
+    def refine(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, 256) -> (n, 256) corrected features."""
+        return self.refine_mlp(features)

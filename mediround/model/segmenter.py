@@ -1,0 +1,172 @@
+"""The segmentation backbone: stock ``segment_anything.modeling`` SAM (tiny, ViT-B/L/H) and its preprocessing.
+
+The [SEG] features are the sparse prompts of SAM's mask decoder (no point or box prompt, the prompt
+encoder's no-mask dense embedding), one image embedding per decoder call, single-mask output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import sys
+import types
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mediround.errors import CheckpointError
+from mediround.model.config import SegmenterConfig
+from mediround.model.load_report import LoadReport, load_into
+
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+PROMPT_DIM = 256
+VIT_LAYOUTS = {
+    "vit_b": {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11)},
+    "vit_l": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": (5, 11, 17, 23)},
+    "vit_h": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "global_attn_indexes": (7, 15, 23, 31)},
+}
+
+
+def sam_modeling() -> types.ModuleType:
+    """``segment_anything.modeling`` without running the package ``__init__`` when torchvision is broken.
+
+    The package ``__init__`` imports the predictor, which imports torchvision; a CUDA torchvision beside a
+    CPU torch fails at import. The model classes need no torchvision, so a bare package module pointing at
+    the installed folder lets the submodule import alone.
+    """
+    try:
+        return importlib.import_module("segment_anything.modeling")
+    except (ImportError, RuntimeError, AttributeError):
+        spec = importlib.util.find_spec("segment_anything")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        for name in [n for n in sys.modules if n == "segment_anything" or n.startswith("segment_anything.")]:
+            del sys.modules[name]
+        package = types.ModuleType("segment_anything")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["segment_anything"] = package
+        return importlib.import_module("segment_anything.modeling")
+
+
+def build_sam(config: SegmenterConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """A SAM of the configured layout, randomly initialised (seeded), on ``device``."""
+    modeling = sam_modeling()
+    size = config.image_size
+    if config.variant == "tiny":
+        patch = config.tiny_patch_size
+        layout = {
+            "embed_dim": config.tiny_width,
+            "depth": config.tiny_depth,
+            "num_heads": config.tiny_heads,
+            "global_attn_indexes": (config.tiny_depth - 1,),
+        }
+        window = config.tiny_window
+    else:
+        patch, layout, window = 16, VIT_LAYOUTS[config.variant], 14
+    grid = size // patch
+    with torch.device(device):
+        torch.manual_seed(config.seed)
+        return modeling.Sam(
+            image_encoder=modeling.ImageEncoderViT(
+                img_size=size,
+                patch_size=patch,
+                mlp_ratio=4,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                qkv_bias=True,
+                use_rel_pos=True,
+                window_size=window,
+                out_chans=PROMPT_DIM,
+                **layout,
+            ),
+            prompt_encoder=modeling.PromptEncoder(
+                embed_dim=PROMPT_DIM,
+                image_embedding_size=(grid, grid),
+                input_image_size=(size, size),
+                mask_in_chans=16,
+            ),
+            mask_decoder=modeling.MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=modeling.TwoWayTransformer(
+                    depth=2, embedding_dim=PROMPT_DIM, mlp_dim=config.decoder_mlp_dim, num_heads=8
+                ),
+                transformer_dim=PROMPT_DIM,
+                iou_head_depth=3,
+                iou_head_hidden_dim=256,
+            ),
+            pixel_mean=list(SAM_MEAN),
+            pixel_std=list(SAM_STD),
+        )
+
+
+def read_sam_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A SAM/MedSAM ``.pth`` state dict, read with ``weights_only=True`` (no pickle code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: SAM checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as error:
+        raise CheckpointError(f"{path}: refused to load SAM weights (weights_only=True): {error}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a plain state dict of tensors")
+    return state
+
+
+def load_sam(config: SegmenterConfig, device: str | torch.device = "cpu", allow_partial: bool = False) -> tuple[nn.Module, LoadReport | None]:
+    """Build SAM and, when ``config.checkpoint`` is set, load it (built on meta, loaded with ``assign``)."""
+    if config.checkpoint is None or torch.device(device).type == "meta":
+        return build_sam(config, device), None
+    sam = build_sam(config, "meta")
+    report = load_into(sam, read_sam_state(config.checkpoint), config.checkpoint, allow_partial=allow_partial, assign=True)
+    for name, tensor in list(sam.named_buffers()) + list(sam.named_parameters()):
+        if tensor.is_meta:
+            raise CheckpointError(f"{config.checkpoint}: '{name}' left unset (allow_partial cannot fill buffers)")
+    return sam.to(device), report
+
+
+def sam_input(image: np.ndarray, size: int, normalisation: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(H, W, 3) uint8 -> (1, 3, size, size): longest side resized to ``size``, normalised, padded
+    bottom-right. ``sam``: ImageNet mean/std on 0-255 (authors, LISA); ``medsam``: min-max to [0, 1]."""
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    tensor = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    if normalisation == "sam":
+        tensor = (tensor - torch.tensor(SAM_MEAN).view(1, 3, 1, 1)) / torch.tensor(SAM_STD).view(1, 3, 1, 1)
+    else:
+        low, high = tensor.min(), tensor.max()
+        tensor = (tensor - low) / (high - low).clamp(min=1e-8)
+    return F.pad(tensor, (0, size - new_w, 0, size - new_h)), (new_h, new_w)
+
+
+def decode_masks(sam: nn.Module, embedding: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """One image embedding (1, 256, g, g) and n prompts (n, 256) -> low-res logits (n, 1, 4g, 4g)."""
+    sparse = prompts[:, None, :].to(embedding.dtype)
+    dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+        prompts.shape[0], -1, *embedding.shape[-2:]
+    )
+    logits, _ = sam.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+    return logits
+
+
+def upsample_logits(low_res: torch.Tensor, size: int, resized: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
+    """Low-res logits (n, 1, h, w) -> (n, *out): to the padded input size, crop the padding, resize."""
+    logits = F.interpolate(low_res.float(), size=(size, size), mode="bilinear", align_corners=False)
+    logits = logits[..., : resized[0], : resized[1]]
+    if tuple(out) != tuple(resized):
+        logits = F.interpolate(logits, size=tuple(out), mode="bilinear", align_corners=False)
+    return logits[:, 0]
