@@ -43,7 +43,7 @@ MAX_ATTEMPTS = 200
 
 @dataclass
 class PlannedRound:
-    """A round before rendering: its target, wording and reference (1-based)."""
+    """A round before rendering: its target, wording, reference (1-based) and the relation it used."""
 
     target: Entity
     query: str
@@ -51,6 +51,7 @@ class PlannedRound:
     ref: int | None
     names_target: bool
     depth: int
+    relation: str | None = None
 
 
 @dataclass
@@ -229,7 +230,9 @@ def _phrase_reference(
     names_target = bool(rng.random() < NAMING_REFERENCE_FRACTION)
     answers = NAMING_ANSWERS if names_target else PLAIN_ANSWERS
     answer = answers[int(rng.integers(len(answers)))].format(name=target.name)
-    return PlannedRound(target, query, answer, source_index + 1, names_target, planned[source_index].depth + 1)
+    return PlannedRound(
+        target, query, answer, source_index + 1, names_target, planned[source_index].depth + 1, relation.key
+    )
 
 
 def iter_dialogues(n_dialogues: int, seed: int, split: str = "train", image_size: int = 128) -> Iterator[SyntheticDialogue]:

@@ -1,0 +1,173 @@
+"""The synthetic benchmark: determinism, mask and reference guarantees, no name leaks, splits, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mediround.data.synth import SCENARIOS, generate, iter_dialogues, make_dialogue, split_sizes, text_corpus
+from mediround.data.synth.anatomy import entity_names, sample_scene
+from mediround.data.synth.generator import difficulty_of, plan_rounds
+from mediround.data.synth.scenarios import RELATIONS
+from mediround.data.validate import validate
+from mediround_cli.main import cli
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return list(iter_dialogues(60, seed=3, split="train"))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    summary = generate(out, 20, seed=7)
+    return out, summary
+
+
+def test_same_seed_gives_byte_identical_files(written, tmp_path):
+    out, _ = written
+    generate(tmp_path, 20, seed=7)
+    assert _digest(tmp_path) == _digest(out)
+
+
+def test_different_seed_gives_different_files(written, tmp_path):
+    out, _ = written
+    generate(tmp_path, 20, seed=8)
+    first, second = _digest(out), _digest(tmp_path)
+    assert first["train.jsonl"] != second["train.jsonl"]
+    assert first["images/synth-train-00000.png"] != second["images/synth-train-00000.png"]
+
+
+def test_masks_are_non_empty_and_image_sized(sample):
+    for item in sample:
+        assert item.image.dtype == np.uint8 and item.image.shape == (128, 128)
+        assert len(item.masks) == len(item.dialogue.rounds)
+        for mask in item.masks:
+            assert mask.shape == item.image.shape
+            assert mask.sum() >= 0.004 * mask.size
+
+
+def test_refs_point_to_earlier_rounds_with_different_targets(sample):
+    for item in sample:
+        rounds = item.dialogue.rounds
+        assert 2 <= len(rounds) <= 8
+        assert rounds[0].ref is None
+        for number, round_ in enumerate(rounds, start=1):
+            if round_.ref is not None:
+                assert 1 <= round_.ref < number
+                assert item.masks[round_.ref - 1].sum() > 0
+        assert len({r.entity for r in rounds}) == len(rounds)
+
+
+def test_names_target_means_the_text_names_the_entity(sample):
+    for item in sample:
+        for round_ in item.dialogue.rounds:
+            assert round_.answer.count("[SEG]") == 1
+            named = round_.entity in round_.query or round_.entity in round_.answer
+            assert round_.names_target == named, round_
+            if round_.ref is None:
+                assert round_.names_target
+
+
+def test_reference_only_rounds_exist_and_hide_the_name(sample):
+    reference_only = [r for item in sample for r in item.dialogue.rounds if not r.names_target]
+    assert len(reference_only) > len(sample) // 2
+    for round_ in reference_only:
+        assert round_.ref is not None
+        for word in ("left", "right"):
+            if word in round_.entity:
+                assert word not in round_.query.lower() and word not in round_.answer.lower()
+
+
+def test_every_relation_used_is_ambiguous_without_the_reference():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(40):
+        scene = sample_scene(rng, 64)
+        planned = plan_rounds(rng, scene, SCENARIOS[checked % 5], hard=True)
+        if planned is None:
+            continue
+        for round_ in planned:
+            if round_.ref is None:
+                continue
+            relation = next(r for r in RELATIONS if r.key == round_.relation)
+            assert relation.resolve(scene, planned[round_.ref - 1].target) is round_.target
+            assert round_.target.name in relation.blind_targets(scene)
+            assert len(relation.blind_targets(scene)) >= 2
+            checked += 1
+    assert checked > 40
+
+
+def test_other_kidney_resolves_to_the_mirrored_partner():
+    mirror = next(r for r in RELATIONS if r.key == "mirror")
+    scene = sample_scene(np.random.default_rng(1), 64, region="abdomen")
+    assert mirror.resolve(scene, scene.entities["left kidney"]).name == "right kidney"
+    assert mirror.resolve(scene, scene.entities["liver"]) is None
+    assert mirror.blind_targets(scene) == {"left kidney", "right kidney"}
+
+
+def test_difficulty_rule(sample):
+    for item in sample:
+        dialogue = item.dialogue
+        deep = any(r.difficulty == "hard" for r in dialogue.rounds)
+        expected = "hard" if len(dialogue.rounds) >= 5 or deep else "regular"
+        assert dialogue.difficulty == expected
+        for round_ in dialogue.rounds:
+            parent = dialogue.rounds[round_.ref - 1] if round_.ref else None
+            assert (round_.difficulty == "hard") == bool(parent is not None and parent.ref is not None)
+    assert {item.dialogue.difficulty for item in sample} == {"regular", "hard"}
+    assert difficulty_of([]) == "regular"
+
+
+def test_all_scenarios_and_several_modalities(sample):
+    assert {item.dialogue.scenario for item in sample} == set(SCENARIOS)
+    assert len({item.dialogue.modality for item in sample}) >= 3
+
+
+def test_splits_are_independent():
+    assert split_sizes(400) == {"train": 320, "val": 40, "test": 40}
+    val_alone = make_dialogue(5, "val", 2)
+    assert make_dialogue(5, "val", 2).dialogue == val_alone.dialogue
+    assert make_dialogue(5, "train", 2).dialogue.rounds != val_alone.dialogue.rounds
+    assert np.array_equal(make_dialogue(5, "val", 2).image, val_alone.image)
+
+
+def test_written_set_validates_and_matches_summary(written):
+    out, summary = written
+    assert dict(summary.dialogues) == {"train": 16, "val": 2, "test": 2}
+    for split in ("train", "val", "test"):
+        report = validate(out / f"{split}.jsonl")
+        assert report.problems == []
+        assert report.stats.valid == summary.dialogues[split]
+    record = json.loads((out / "train.jsonl").read_text().splitlines()[0])
+    assert record["image"] == "images/synth-train-00000.png"
+    assert (out / record["rounds"][0]["mask"]).is_file()
+
+
+def test_cli_writes_one_split(tmp_path):
+    result = CliRunner().invoke(cli, ["synth", str(tmp_path), "--dialogues", "3", "--split", "val", "--size", "64"])
+    assert result.exit_code == 0, result.output
+    assert "reference-only rounds" in result.output
+    lines = (tmp_path / "val.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and not (tmp_path / "train.jsonl").exists()
+    assert len(list((tmp_path / "images").glob("*.png"))) == 3
+
+
+def test_text_corpus_covers_every_generated_sentence(sample):
+    corpus = set(text_corpus())
+    assert text_corpus() == sorted(corpus)
+    for item in sample:
+        for round_ in item.dialogue.rounds:
+            assert round_.query in corpus and round_.answer in corpus
+    assert all(any(name in sentence for sentence in corpus) for name in entity_names())
