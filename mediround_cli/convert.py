@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from rich.table import Table
@@ -14,17 +15,43 @@ from mediround_cli.common import console, handle_errors
 @click.command()
 @click.argument("source", type=click.Path(path_type=str))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--from", "source_format", type=click.Choice(["auto", "jsonl", "mrmedseg", "sa-med2d"]), default="auto", show_default=True, help="Input format (auto: detected from the content).")
-@click.option("--to", "target_format", type=click.Choice(["jsonl", "mrmedseg"]), default=None, help="Output format (default: .jsonl -> jsonl, .json -> mrmedseg).")
-@click.option("--root", type=click.Path(file_okay=False, path_type=str), help="Folder the input's paths are relative to (default: its folder).")
+@click.option(
+    "--from",
+    "source_format",
+    type=click.Choice(["auto", "jsonl", "mrmedseg", "sa-med2d"]),
+    default="auto",
+    show_default=True,
+    help="Input format (auto: detected from the content).",
+)
+@click.option(
+    "--to",
+    "target_format",
+    type=click.Choice(["jsonl", "mrmedseg"]),
+    default=None,
+    help="Output format (default: .jsonl -> jsonl, .json -> mrmedseg).",
+)
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=str),
+    help="Folder the input's paths are relative to (default: its folder).",
+)
 @click.option("--allow-outside-root", is_flag=True, help="Accept absolute paths and paths leaving the root.")
 @handle_errors
-def convert(source: str, output: str, source_format: str, target_format: str | None, root: str | None, allow_outside_root: bool) -> None:
+def convert(
+    source: str,
+    output: str,
+    source_format: str,
+    target_format: str | None,
+    root: str | None,
+    allow_outside_root: bool,
+) -> None:
     """Convert SOURCE to OUTPUT; paths are rewritten relative to OUTPUT's folder. Bad dialogues are skipped."""
     result = convert_data(source, output, source_format, target_format, root, allow_outside_root)
     for problem in result.problems:
         console.print(problem.one_line(), soft_wrap=True, markup=False)
-    table = Table(title=f"{source} ({result.source_format}) -> {output} ({result.target_format})")
+    table = Table(
+        title=f"{Path(source).name} ({result.source_format}) -> {Path(output).name} ({result.target_format})"
+    )
     table.add_column("read", justify="right")
     table.add_column("written", justify="right")
     table.add_column("skipped", justify="right")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,7 +16,7 @@ from mediround_cli.common import console, err_console, handle_errors
 
 def summary_table(report: ValidationReport) -> Table:
     stats = report.stats
-    table = Table(title=f"{report.file} ({report.format})", show_header=True)
+    table = Table(title=f"{Path(report.file).name} ({report.format})", show_header=True)
     table.add_column("", style="bold")
     table.add_column("count", justify="right")
     table.add_row("dialogues", str(stats.dialogues))
@@ -32,7 +33,11 @@ def summary_table(report: ValidationReport) -> Table:
 
 @click.command()
 @click.argument("data", type=click.Path(path_type=str))
-@click.option("--root", type=click.Path(file_okay=False, path_type=str), help="Folder image/mask paths are relative to (default: the data file's folder).")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=str),
+    help="Folder image/mask paths are relative to (default: the data file's folder).",
+)
 @click.option("--allow-outside-root", is_flag=True, help="Accept absolute paths and paths leaving the root.")
 @handle_errors
 def validate(data: str, root: str | None, allow_outside_root: bool) -> None:
@@ -50,6 +55,8 @@ def validate(data: str, root: str | None, allow_outside_root: bool) -> None:
         console.print(problem.one_line(), soft_wrap=True, markup=False)
     console.print(summary_table(report))
     if not report.ok:
-        console.print(f"[red]{len(report.problems)} problem(s); {report.stats.dialogues - report.stats.valid} dialogue(s) invalid[/red]")
+        console.print(
+            f"[red]{len(report.problems)} problem(s); {report.stats.dialogues - report.stats.valid} dialogue(s) invalid[/red]"
+        )
         sys.exit(1)
     console.print("[green]all dialogues valid[/green]")

@@ -88,9 +88,23 @@ def check_dialogue_files(
             continue
         height, width = mask.shape
         if size is not None and (width, height) != size:
-            problems.append(DataError(file, label, mask_field, f"mask {round_.mask} is {width}x{height} but the image is {size[0]}x{size[1]}"))
+            problems.append(
+                DataError(
+                    file,
+                    label,
+                    mask_field,
+                    f"mask {round_.mask} is {width}x{height} but the image is {size[0]}x{size[1]}",
+                )
+            )
         if number in referenced and not np.any(mask):
-            problems.append(DataError(file, label, mask_field, f"mask {round_.mask} is empty but a later round refers to round {number}"))
+            problems.append(
+                DataError(
+                    file,
+                    label,
+                    mask_field,
+                    f"mask {round_.mask} is empty but a later round refers to round {number}",
+                )
+            )
     return problems
 
 
