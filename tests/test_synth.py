@@ -75,14 +75,15 @@ def test_names_target_means_the_text_names_the_entity(sample):
         for round_ in item.dialogue.rounds:
             assert round_.answer.count("[SEG]") == 1
             named = round_.entity in round_.query or round_.entity in round_.answer
-            assert round_.names_target == named, round_
-            if round_.ref is None:
-                assert round_.names_target
+            assert round_.names_target == (named or round_.ref is None), round_
 
 
 def test_reference_only_rounds_exist_and_hide_the_name(sample):
     reference_only = [r for item in sample for r in item.dialogue.rounds if not r.names_target]
     assert len(reference_only) > len(sample) // 2
+    unnamed_openings = [r for item in sample for r in item.dialogue.rounds
+                        if r.ref is None and r.entity not in r.query + r.answer]
+    assert unnamed_openings
     for round_ in reference_only:
         assert round_.ref is not None
         for word in ("left", "right"):

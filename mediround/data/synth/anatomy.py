@@ -68,8 +68,12 @@ LESION_HOSTS = {
     "abdomen": ("liver", "spleen", "right kidney", "left kidney"),
     "thorax": ("right lung", "left lung"),
 }
-PARTNERS = {"right kidney": "left kidney", "left kidney": "right kidney",
-            "right lung": "left lung", "left lung": "right lung"}
+PARTNERS = {
+    "right kidney": "left kidney",
+    "left kidney": "right kidney",
+    "right lung": "left lung",
+    "left lung": "right lung",
+}
 
 
 def sample_scene(rng: np.random.Generator, size: int, region: str | None = None) -> Scene:
@@ -77,8 +81,9 @@ def sample_scene(rng: np.random.Generator, size: int, region: str | None = None)
     region = region or REGIONS[int(rng.integers(len(REGIONS)))]
     body_blob = random_blob(rng, (0.5, 0.5), (0.47, 0.40), jitter=0.01, scale=(0.96, 1.02), wobble=0.02)
     body = body_blob.mask(size)
-    inner = Blob(body_blob.cx, body_blob.cy, body_blob.rx * 0.92, body_blob.ry * 0.9, body_blob.angle,
-                 body_blob.wobble).mask(size)
+    inner = Blob(
+        body_blob.cx, body_blob.cy, body_blob.rx * 0.92, body_blob.ry * 0.9, body_blob.angle, body_blob.wobble
+    ).mask(size)
     spine_y = 0.79 if region == "abdomen" else 0.83
     bone = random_blob(rng, (0.5, spine_y), (0.06, 0.055), jitter=0.01, wobble=0.03).mask(size)
     scene = Scene(region, size, body, inner, bone, np.zeros((size, size), bool))
@@ -107,8 +112,9 @@ def _add_lobes(rng: np.random.Generator, scene: Scene, blobs: dict[str, Blob]) -
         scene.fissures |= shifted & lower
         for level, part in (("upper", upper), ("lower", lower)):
             name = f"{side} {level} lobe"
-            scene.entities[name] = Entity(name, "part", "lobe", "lung", part, side=side,
-                                          parent=lung.name, level=level)
+            scene.entities[name] = Entity(
+                name, "part", "lobe", "lung", part, side=side, parent=lung.name, level=level
+            )
 
 
 def _add_lesions(rng: np.random.Generator, scene: Scene, blobs: dict[str, Blob]) -> None:
@@ -126,17 +132,32 @@ def _add_lesions(rng: np.random.Generator, scene: Scene, blobs: dict[str, Blob])
         u, v = offset[0] * host_blob.rx, offset[1] * host_blob.ry
         centre = (host_blob.cx + u * cos - v * sin, host_blob.cy + u * sin + v * cos)
         wobble = 0.03 if kind == "cyst" else 0.12
-        lesion_blob = random_blob(rng, centre, (radius, radius * rng.uniform(0.8, 1.0)), jitter=0.0,
-                                  scale=(1.0, 1.0), angle=rng.uniform(0, np.pi), wobble=wobble)
+        lesion_blob = random_blob(
+            rng,
+            centre,
+            (radius, radius * rng.uniform(0.8, 1.0)),
+            jitter=0.0,
+            scale=(1.0, 1.0),
+            angle=rng.uniform(0, np.pi),
+            wobble=wobble,
+        )
         name = f"{host.name} {kind}"
         mask = lesion_blob.mask(scene.size) & host.mask
         scene.entities[name] = Entity(name, "lesion", kind, kind, mask, side=host.side, parent=host.name)
         if kind == "tumour":
-            core_blob = random_blob(rng, centre, (lesion_blob.rx * 0.7, lesion_blob.ry * 0.7), jitter=0.006,
-                                    scale=(0.95, 1.05), angle=rng.uniform(0, np.pi), wobble=0.08)
+            core_blob = random_blob(
+                rng,
+                centre,
+                (lesion_blob.rx * 0.7, lesion_blob.ry * 0.7),
+                jitter=0.006,
+                scale=(0.95, 1.05),
+                angle=rng.uniform(0, np.pi),
+                wobble=0.08,
+            )
             core = f"{name} core"
-            scene.entities[core] = Entity(core, "core", "core", "core", core_blob.mask(scene.size) & mask,
-                                          side=host.side, parent=name)
+            scene.entities[core] = Entity(
+                core, "core", "core", "core", core_blob.mask(scene.size) & mask, side=host.side, parent=name
+            )
 
 
 def well_formed(scene: Scene) -> bool:

@@ -37,6 +37,7 @@ HARD_FRACTION = 0.4
 HARD_MIN_ROUNDS = 5
 MAX_ROUNDS = 8
 NAMING_REFERENCE_FRACTION = 0.2
+NAMING_DESCRIPTION_FRACTION = 0.5
 RECENT_PHRASING_FRACTION = 0.6
 MAX_ATTEMPTS = 200
 
@@ -116,7 +117,9 @@ def make_dialogue(seed: int, split: str, index: int, image_size: int = 128) -> S
         if planned is not None:
             break
     else:
-        raise RuntimeError(f"no {scenario} dialogue found in {MAX_ATTEMPTS} scenes (seed {seed}, index {index})")
+        raise RuntimeError(
+            f"no {scenario} dialogue found in {MAX_ATTEMPTS} scenes (seed {seed}, index {index})"
+        )
     modality = MODALITIES[scene.region][int(rng.integers(len(MODALITIES[scene.region])))]
     image = render(scene, modality, rng)
     dialogue_id = f"synth-{split}-{index:05d}"
@@ -151,10 +154,16 @@ def difficulty_of(planned: list[PlannedRound]) -> str:
     return "hard" if len(planned) >= HARD_MIN_ROUNDS or deep_chain else "regular"
 
 
-def plan_rounds(rng: np.random.Generator, scene: Scene, scenario: str, hard: bool) -> list[PlannedRound] | None:
+def plan_rounds(
+    rng: np.random.Generator, scene: Scene, scenario: str, hard: bool
+) -> list[PlannedRound] | None:
     """Rounds of one ``scenario`` dialogue on ``scene``, or None when this scene cannot host one."""
     if hard:
-        count = int(rng.integers(HARD_MIN_ROUNDS, MAX_ROUNDS + 1)) if rng.random() < 0.7 else int(rng.integers(3, 5))
+        count = (
+            int(rng.integers(HARD_MIN_ROUNDS, MAX_ROUNDS + 1))
+            if rng.random() < 0.7
+            else int(rng.integers(3, 5))
+        )
     else:
         count = int(rng.integers(2, HARD_MIN_ROUNDS))
     own = [r for r in RELATIONS if r.scenario == scenario and len(r.blind_targets(scene)) >= 2]
@@ -183,16 +192,26 @@ def plan_rounds(rng: np.random.Generator, scene: Scene, scenario: str, hard: boo
     return planned
 
 
-def _opening_round(rng: np.random.Generator, scene: Scene, scenario: str | None, targets: list[Entity]) -> PlannedRound:
-    """A round that needs no reference: a scenario description when one fits, else the target's name."""
+def _opening_round(
+    rng: np.random.Generator, scene: Scene, scenario: str | None, targets: list[Entity]
+) -> PlannedRound:
+    """A round that needs no reference: a scenario description when one fits, else the target's name.
+
+    It counts as ``names_target`` even when a description is answered without the name: it is solvable
+    without the history. Later rounds that refer to such a round can only use its mask.
+    """
     names = {e.name for e in targets}
-    described = [o for o in OPENINGS if (scenario is None or o.scenario == scenario) and (e := o.pick(scene))
-                 and e.name in names]
+    described = [
+        o
+        for o in OPENINGS
+        if (scenario is None or o.scenario == scenario) and (e := o.pick(scene)) and e.name in names
+    ]
     if described and rng.random() < 0.6:
         opening = described[int(rng.integers(len(described)))]
         target = opening.pick(scene)
         query = opening.queries[int(rng.integers(len(opening.queries)))]
-        answer = NAMING_ANSWERS[int(rng.integers(len(NAMING_ANSWERS)))].format(name=target.name)
+        answers = NAMING_ANSWERS if rng.random() < NAMING_DESCRIPTION_FRACTION else PLAIN_ANSWERS
+        answer = answers[int(rng.integers(len(answers)))].format(name=target.name)
     else:
         target = targets[int(rng.integers(len(targets)))]
         query = NAMED_QUERIES[int(rng.integers(len(NAMED_QUERIES)))].format(name=target.name)
@@ -214,7 +233,9 @@ def _reference_moves(
             target = relation.resolve(scene, source.target)
             if target is None or target.name in used:
                 continue
-            weight = (3.0 if relation.scenario == scenario else 1.0) * (2.0 if index == len(planned) - 1 else 1.0)
+            weight = (3.0 if relation.scenario == scenario else 1.0) * (
+                2.0 if index == len(planned) - 1 else 1.0
+            )
             weight *= 2.0 if source.ref is not None else 1.0
             moves.append((weight, relation, index, target))
     return moves
@@ -235,7 +256,9 @@ def _phrase_reference(
     )
 
 
-def iter_dialogues(n_dialogues: int, seed: int, split: str = "train", image_size: int = 128) -> Iterator[SyntheticDialogue]:
+def iter_dialogues(
+    n_dialogues: int, seed: int, split: str = "train", image_size: int = 128
+) -> Iterator[SyntheticDialogue]:
     """The first ``n_dialogues`` dialogues of ``split``, in memory."""
     for index in range(n_dialogues):
         yield make_dialogue(seed, split, index, image_size)

@@ -90,13 +90,17 @@ def _named(scene: Scene, name: str) -> Entity | None:
 
 def _paired_with_lesion(noun: str) -> Pick:
     def pick(scene: Scene) -> Entity | None:
-        return _only([e for e in scene.of_kind("organ") if e.noun == noun and scene.children(e.name, "lesion")])
+        return _only(
+            [e for e in scene.of_kind("organ") if e.noun == noun and scene.children(e.name, "lesion")]
+        )
+
     return pick
 
 
 def _lesion_of_kind(kind: str) -> Pick:
     def pick(scene: Scene) -> Entity | None:
         return _only([e for e in _lesions(scene) if e.noun == kind])
+
     return pick
 
 
@@ -108,6 +112,7 @@ def _lesion_by_size(largest: bool) -> Pick:
         ):
             return None
         return lesions[0]
+
     return pick
 
 
@@ -126,6 +131,7 @@ def _host_organ(scene: Scene, source: Entity) -> Entity | None:
 def _lobe(level: str) -> Resolve:
     def resolve(scene: Scene, source: Entity) -> Entity | None:
         return _named(scene, f"{source.side} {level} lobe") if source.noun == "lung" else None
+
     return resolve
 
 
@@ -140,11 +146,19 @@ def _other_lobe(scene: Scene, source: Entity) -> Entity | None:
 
 
 def _lobe_below(scene: Scene, source: Entity) -> Entity | None:
-    return _named(scene, f"{source.side} lower lobe") if source.kind == "part" and source.level == "upper" else None
+    return (
+        _named(scene, f"{source.side} lower lobe")
+        if source.kind == "part" and source.level == "upper"
+        else None
+    )
 
 
 def _lobe_above(scene: Scene, source: Entity) -> Entity | None:
-    return _named(scene, f"{source.side} upper lobe") if source.kind == "part" and source.level == "lower" else None
+    return (
+        _named(scene, f"{source.side} upper lobe")
+        if source.kind == "part" and source.level == "lower"
+        else None
+    )
 
 
 def _core(scene: Scene, source: Entity) -> Entity | None:
@@ -179,187 +193,338 @@ def _other_lesion(scene: Scene, source: Entity) -> Entity | None:
 
 
 OPENINGS = (
-    Opening("kidney-with-lesion", "organ-lesion", _paired_with_lesion("kidney"), (
-        "Segment the kidney that has a lesion.",
-        "One kidney looks abnormal. Segment that kidney.",
-        "Which kidney contains a lesion? Segment it.",
-    )),
-    Opening("lung-with-lesion", "organ-lesion", _paired_with_lesion("lung"), (
-        "Segment the lung that has a lesion.",
-        "One lung looks abnormal. Segment that lung.",
-        "Which lung contains a lesion? Segment it.",
-    )),
-    Opening("fluid-lesion", "attribute-association", _lesion_of_kind("cyst"), (
-        "Segment the fluid-filled lesion.",
-        "Segment the lesion with smooth, uniform contents.",
-        "There is a lesion that looks like a simple fluid collection. Segment it.",
-    )),
-    Opening("solid-lesion", "attribute-association", _lesion_of_kind("tumour"), (
-        "Segment the solid lesion.",
-        "Segment the lesion with heterogeneous, mottled texture.",
-        "Segment the lesion that has a distinct inner core.",
-    )),
-    Opening("largest-lesion", "attribute-association", _lesion_by_size(True), (
-        "Segment the largest lesion.",
-        "Segment the biggest abnormality in this image.",
-    )),
-    Opening("smallest-lesion", "attribute-association", _lesion_by_size(False), (
-        "Segment the smallest lesion.",
-        "Segment the least extensive abnormality in this image.",
-    )),
-    Opening("below-liver", "spatial-relationship", _by_name("right kidney"), (
-        "Segment the organ directly below the liver.",
-        "Segment the kidney on the same side as the liver.",
-    )),
-    Opening("below-spleen", "spatial-relationship", _by_name("left kidney"), (
-        "Segment the organ directly below the spleen.",
-        "Segment the kidney on the same side as the spleen.",
-    )),
-    Opening("beside-heart", "spatial-relationship", _by_name("left lung"), (
-        "Segment the lung that the heart leans into.",
-        "Segment the lung on the same side as the heart.",
-    )),
-    Opening("bile", "inferential-reasoning", _by_name("liver"), (
-        "Segment the organ that produces bile.",
-        "Which organ detoxifies the blood and stores glycogen? Segment it.",
-    )),
-    Opening("blood-cells", "inferential-reasoning", _by_name("spleen"), (
-        "Segment the organ that filters old red blood cells.",
-        "Which organ would enlarge in an immune response? Segment it.",
-    )),
-    Opening("digestion", "inferential-reasoning", _by_name("stomach"), (
-        "Segment the organ where food is digested first.",
-        "Which organ holds the swallowed food? Segment it.",
-    )),
-    Opening("pump", "inferential-reasoning", _by_name("heart"), (
-        "Segment the organ that pumps blood.",
-        "Which organ sits between the lungs and drives the circulation? Segment it.",
-    )),
-    Opening("malignant", "inferential-reasoning", _lesion_of_kind("tumour"), (
-        "Segment the lesion most likely to be malignant.",
-        "Which finding would most need a biopsy? Segment it.",
-    )),
-    Opening("benign", "inferential-reasoning", _lesion_of_kind("cyst"), (
-        "Segment the lesion most likely to be benign.",
-        "Which finding could safely be left alone? Segment it.",
-    )),
+    Opening(
+        "kidney-with-lesion",
+        "organ-lesion",
+        _paired_with_lesion("kidney"),
+        (
+            "Segment the kidney that has a lesion.",
+            "One kidney looks abnormal. Segment that kidney.",
+            "Which kidney contains a lesion? Segment it.",
+        ),
+    ),
+    Opening(
+        "lung-with-lesion",
+        "organ-lesion",
+        _paired_with_lesion("lung"),
+        (
+            "Segment the lung that has a lesion.",
+            "One lung looks abnormal. Segment that lung.",
+            "Which lung contains a lesion? Segment it.",
+        ),
+    ),
+    Opening(
+        "fluid-lesion",
+        "attribute-association",
+        _lesion_of_kind("cyst"),
+        (
+            "Segment the fluid-filled lesion.",
+            "Segment the lesion with smooth, uniform contents.",
+            "There is a lesion that looks like a simple fluid collection. Segment it.",
+        ),
+    ),
+    Opening(
+        "solid-lesion",
+        "attribute-association",
+        _lesion_of_kind("tumour"),
+        (
+            "Segment the solid lesion.",
+            "Segment the lesion with heterogeneous, mottled texture.",
+            "Segment the lesion that has a distinct inner core.",
+        ),
+    ),
+    Opening(
+        "largest-lesion",
+        "attribute-association",
+        _lesion_by_size(True),
+        (
+            "Segment the largest lesion.",
+            "Segment the biggest abnormality in this image.",
+        ),
+    ),
+    Opening(
+        "smallest-lesion",
+        "attribute-association",
+        _lesion_by_size(False),
+        (
+            "Segment the smallest lesion.",
+            "Segment the least extensive abnormality in this image.",
+        ),
+    ),
+    Opening(
+        "below-liver",
+        "spatial-relationship",
+        _by_name("right kidney"),
+        (
+            "Segment the organ directly below the liver.",
+            "Segment the kidney on the same side as the liver.",
+        ),
+    ),
+    Opening(
+        "below-spleen",
+        "spatial-relationship",
+        _by_name("left kidney"),
+        (
+            "Segment the organ directly below the spleen.",
+            "Segment the kidney on the same side as the spleen.",
+        ),
+    ),
+    Opening(
+        "beside-heart",
+        "spatial-relationship",
+        _by_name("left lung"),
+        (
+            "Segment the lung that the heart leans into.",
+            "Segment the lung on the same side as the heart.",
+        ),
+    ),
+    Opening(
+        "bile",
+        "inferential-reasoning",
+        _by_name("liver"),
+        (
+            "Segment the organ that produces bile.",
+            "Which organ detoxifies the blood and stores glycogen? Segment it.",
+        ),
+    ),
+    Opening(
+        "blood-cells",
+        "inferential-reasoning",
+        _by_name("spleen"),
+        (
+            "Segment the organ that filters old red blood cells.",
+            "Which organ would enlarge in an immune response? Segment it.",
+        ),
+    ),
+    Opening(
+        "digestion",
+        "inferential-reasoning",
+        _by_name("stomach"),
+        (
+            "Segment the organ where food is digested first.",
+            "Which organ holds the swallowed food? Segment it.",
+        ),
+    ),
+    Opening(
+        "pump",
+        "inferential-reasoning",
+        _by_name("heart"),
+        (
+            "Segment the organ that pumps blood.",
+            "Which organ sits between the lungs and drives the circulation? Segment it.",
+        ),
+    ),
+    Opening(
+        "malignant",
+        "inferential-reasoning",
+        _lesion_of_kind("tumour"),
+        (
+            "Segment the lesion most likely to be malignant.",
+            "Which finding would most need a biopsy? Segment it.",
+        ),
+    ),
+    Opening(
+        "benign",
+        "inferential-reasoning",
+        _lesion_of_kind("cyst"),
+        (
+            "Segment the lesion most likely to be benign.",
+            "Which finding could safely be left alone? Segment it.",
+        ),
+    ),
 )
 
 RELATIONS = (
-    Relation("lesion-in", "organ-lesion", _lesion_in, (
-        "Segment the lesion inside that organ.",
-        "Now find the abnormality in it.",
-        "Segment the lesion within the organ you just found.",
-        "Is there a lesion in that organ? Segment it.",
-    ), (
-        "Segment the lesion inside the organ from round {r}.",
-        "Find the abnormality in the organ segmented in round {r}.",
-        "Segment the lesion located in the structure from round {r}.",
-    )),
-    Relation("host-organ", "organ-lesion", _host_organ, (
-        "Segment the organ that contains this lesion.",
-        "Which organ is it in? Segment that organ.",
-        "Now segment the whole organ this lesion belongs to.",
-    ), (
-        "Segment the organ containing the lesion from round {r}.",
-        "Which organ holds the lesion of round {r}? Segment it.",
-    )),
-    Relation("upper-lobe", "anatomical-hierarchy", _lobe("upper"), (
-        "Segment the upper lobe of that lung.",
-        "Now only its upper lobe, please.",
-    ), (
-        "Segment the upper lobe of the lung from round {r}.",
-        "Take the lung from round {r} and segment its upper lobe.",
-    )),
-    Relation("lower-lobe", "anatomical-hierarchy", _lobe("lower"), (
-        "Segment the lower lobe of that lung.",
-        "Now only its lower lobe, please.",
-    ), (
-        "Segment the lower lobe of the lung from round {r}.",
-        "Take the lung from round {r} and segment its lower lobe.",
-    )),
-    Relation("whole-lung", "anatomical-hierarchy", _whole_lung, (
-        "Segment the whole lung this lobe belongs to.",
-        "Now segment the entire organ that contains it.",
-    ), (
-        "Segment the whole lung that the lobe from round {r} belongs to.",
-    )),
-    Relation("other-lobe", "anatomical-hierarchy", _other_lobe, (
-        "Segment the other lobe of the same lung.",
-        "Now the remaining lobe of that lung.",
-    ), (
-        "Segment the other lobe of the lung containing the lobe from round {r}.",
-    )),
-    Relation("core", "anatomical-hierarchy", _core, (
-        "Segment the core of that lesion.",
-        "Now segment only its inner core.",
-    ), (
-        "Segment the core of the lesion from round {r}.",
-        "Segment the inner part of the lesion found in round {r}.",
-    )),
-    Relation("whole-tumour", "anatomical-hierarchy", _whole_tumour, (
-        "Segment the whole lesion around that core.",
-        "Now segment the entire lesion this core is part of.",
-    ), (
-        "Segment the whole lesion around the core from round {r}.",
-    )),
-    Relation("other-lesion", "attribute-association", _other_lesion, (
-        "Segment the lesion that looks different from this one.",
-        "Now segment the lesion of the other type.",
-    ), (
-        "Segment the lesion whose appearance differs from the one in round {r}.",
-    )),
-    Relation("mirror", "spatial-relationship", _mirror, (
-        "Segment the organ on the other side.",
-        "Now the matching organ on the opposite side.",
-        "Segment its mirror-image counterpart.",
-        "Segment the other {noun}.",
-    ), (
-        "Segment the counterpart of the organ from round {r} on the opposite side.",
-        "Segment the {noun} on the other side from the one in round {r}.",
-    )),
-    Relation("above", "spatial-relationship", _above, (
-        "Segment the organ directly above it.",
-        "Now the organ just above that one.",
-    ), (
-        "Segment the organ directly above the organ from round {r}.",
-    )),
-    Relation("below", "spatial-relationship", _below, (
-        "Segment the organ directly below it.",
-        "Now the organ just below that one.",
-    ), (
-        "Segment the organ directly below the organ from round {r}.",
-    )),
-    Relation("lobe-below", "spatial-relationship", _lobe_below, (
-        "Segment the lobe just below it.",
-    ), (
-        "Segment the lobe just below the lobe from round {r}.",
-    )),
-    Relation("lobe-above", "spatial-relationship", _lobe_above, (
-        "Segment the lobe just above it.",
-    ), (
-        "Segment the lobe just above the lobe from round {r}.",
-    )),
-    Relation("explain", "inferential-reasoning", _lesion_in, (
-        "What in that organ could explain the patient's symptoms? Segment it.",
-        "Segment the finding in it that a radiologist would report.",
-    ), (
-        "What in the organ from round {r} could explain the symptoms? Segment it.",
-    )),
-    Relation("compensate", "inferential-reasoning", _mirror, (
-        "If that organ failed, which organ would take over its work? Segment it.",
-        "Segment the organ that would compensate if this one were removed.",
-    ), (
-        "Segment the organ that would compensate if the one from round {r} failed.",
-    )),
-    Relation("impaired-organ", "inferential-reasoning", _host_organ, (
-        "Which organ's function could this lesion impair? Segment that organ.",
-    ), (
-        "Which organ could the lesion from round {r} impair? Segment it.",
-    )),
-    Relation("necrosis", "inferential-reasoning", _core, (
-        "Segment the part of that lesion most likely to be necrotic.",
-    ), (
-        "Segment the part of the lesion from round {r} most likely to be necrotic.",
-    )),
+    Relation(
+        "lesion-in",
+        "organ-lesion",
+        _lesion_in,
+        (
+            "Segment the lesion inside that organ.",
+            "Now find the abnormality in it.",
+            "Segment the lesion within the organ you just found.",
+            "Is there a lesion in that organ? Segment it.",
+        ),
+        (
+            "Segment the lesion inside the organ from round {r}.",
+            "Find the abnormality in the organ segmented in round {r}.",
+            "Segment the lesion located in the structure from round {r}.",
+        ),
+    ),
+    Relation(
+        "host-organ",
+        "organ-lesion",
+        _host_organ,
+        (
+            "Segment the organ that contains this lesion.",
+            "Which organ is it in? Segment that organ.",
+            "Now segment the whole organ this lesion belongs to.",
+        ),
+        (
+            "Segment the organ containing the lesion from round {r}.",
+            "Which organ holds the lesion of round {r}? Segment it.",
+        ),
+    ),
+    Relation(
+        "upper-lobe",
+        "anatomical-hierarchy",
+        _lobe("upper"),
+        (
+            "Segment the upper lobe of that lung.",
+            "Now only its upper lobe, please.",
+        ),
+        (
+            "Segment the upper lobe of the lung from round {r}.",
+            "Take the lung from round {r} and segment its upper lobe.",
+        ),
+    ),
+    Relation(
+        "lower-lobe",
+        "anatomical-hierarchy",
+        _lobe("lower"),
+        (
+            "Segment the lower lobe of that lung.",
+            "Now only its lower lobe, please.",
+        ),
+        (
+            "Segment the lower lobe of the lung from round {r}.",
+            "Take the lung from round {r} and segment its lower lobe.",
+        ),
+    ),
+    Relation(
+        "whole-lung",
+        "anatomical-hierarchy",
+        _whole_lung,
+        (
+            "Segment the whole lung this lobe belongs to.",
+            "Now segment the entire organ that contains it.",
+        ),
+        ("Segment the whole lung that the lobe from round {r} belongs to.",),
+    ),
+    Relation(
+        "other-lobe",
+        "anatomical-hierarchy",
+        _other_lobe,
+        (
+            "Segment the other lobe of the same lung.",
+            "Now the remaining lobe of that lung.",
+        ),
+        ("Segment the other lobe of the lung containing the lobe from round {r}.",),
+    ),
+    Relation(
+        "core",
+        "anatomical-hierarchy",
+        _core,
+        (
+            "Segment the core of that lesion.",
+            "Now segment only its inner core.",
+        ),
+        (
+            "Segment the core of the lesion from round {r}.",
+            "Segment the inner part of the lesion found in round {r}.",
+        ),
+    ),
+    Relation(
+        "whole-tumour",
+        "anatomical-hierarchy",
+        _whole_tumour,
+        (
+            "Segment the whole lesion around that core.",
+            "Now segment the entire lesion this core is part of.",
+        ),
+        ("Segment the whole lesion around the core from round {r}.",),
+    ),
+    Relation(
+        "other-lesion",
+        "attribute-association",
+        _other_lesion,
+        (
+            "Segment the lesion that looks different from this one.",
+            "Now segment the lesion of the other type.",
+        ),
+        ("Segment the lesion whose appearance differs from the one in round {r}.",),
+    ),
+    Relation(
+        "mirror",
+        "spatial-relationship",
+        _mirror,
+        (
+            "Segment the organ on the other side.",
+            "Now the matching organ on the opposite side.",
+            "Segment its mirror-image counterpart.",
+            "Segment the other {noun}.",
+        ),
+        (
+            "Segment the counterpart of the organ from round {r} on the opposite side.",
+            "Segment the {noun} on the other side from the one in round {r}.",
+        ),
+    ),
+    Relation(
+        "above",
+        "spatial-relationship",
+        _above,
+        (
+            "Segment the organ directly above it.",
+            "Now the organ just above that one.",
+        ),
+        ("Segment the organ directly above the organ from round {r}.",),
+    ),
+    Relation(
+        "below",
+        "spatial-relationship",
+        _below,
+        (
+            "Segment the organ directly below it.",
+            "Now the organ just below that one.",
+        ),
+        ("Segment the organ directly below the organ from round {r}.",),
+    ),
+    Relation(
+        "lobe-below",
+        "spatial-relationship",
+        _lobe_below,
+        ("Segment the lobe just below it.",),
+        ("Segment the lobe just below the lobe from round {r}.",),
+    ),
+    Relation(
+        "lobe-above",
+        "spatial-relationship",
+        _lobe_above,
+        ("Segment the lobe just above it.",),
+        ("Segment the lobe just above the lobe from round {r}.",),
+    ),
+    Relation(
+        "explain",
+        "inferential-reasoning",
+        _lesion_in,
+        (
+            "What in that organ could explain the patient's symptoms? Segment it.",
+            "Segment the finding in it that a radiologist would report.",
+        ),
+        ("What in the organ from round {r} could explain the symptoms? Segment it.",),
+    ),
+    Relation(
+        "compensate",
+        "inferential-reasoning",
+        _mirror,
+        (
+            "If that organ failed, which organ would take over its work? Segment it.",
+            "Segment the organ that would compensate if this one were removed.",
+        ),
+        ("Segment the organ that would compensate if the one from round {r} failed.",),
+    ),
+    Relation(
+        "impaired-organ",
+        "inferential-reasoning",
+        _host_organ,
+        ("Which organ's function could this lesion impair? Segment that organ.",),
+        ("Which organ could the lesion from round {r} impair? Segment it.",),
+    ),
+    Relation(
+        "necrosis",
+        "inferential-reasoning",
+        _core,
+        ("Segment the part of that lesion most likely to be necrotic.",),
+        ("Segment the part of the lesion from round {r} most likely to be necrotic.",),
+    ),
 )

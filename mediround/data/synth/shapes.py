@@ -68,7 +68,9 @@ def random_blob(
     )
 
 
-def split_by_line(mask: np.ndarray, point: tuple[float, float], slope: float) -> tuple[np.ndarray, np.ndarray]:
+def split_by_line(
+    mask: np.ndarray, point: tuple[float, float], slope: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Cut ``mask`` along the line through ``point`` (normalised) with ``slope``: (upper part, lower part)."""
     x, y = grid(mask.shape[0])
     above = y < point[1] + slope * (x - point[0])
