@@ -351,3 +351,15 @@ def test_cli_converts_and_refuses_with_one_line(checkpoint, tmp_path):
     )
     assert again.exit_code == 2
     assert "already exists" in again.output and "Traceback" not in again.output
+
+
+def test_sentencepiece_tokenizer_without_its_reader_is_refused(checkpoint, tmp_path, monkeypatch):
+    source = tmp_path / "spm"
+    _write_source(source, checkpoint["state"], checkpoint["config"], checkpoint["tokenizer"])
+    (source / "tokenizer.json").unlink()
+    (source / "tokenizer.model").write_bytes(b"\x0a\x00")
+    monkeypatch.setattr("mediround.convert.llava._importable", lambda module: module != "sentencepiece")
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer\.model: reading a SentencePiece tokenizer needs sentencepiece"
+    ):
+        convert_llava(ConvertLlavaConfig(source, tmp_path / "hf", vision_tower=checkpoint["tower"]))

@@ -9,6 +9,7 @@ time, so peak memory is one output shard plus one source tensor (or one ``.bin``
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -130,7 +131,7 @@ def convert_llava(
     config: ConvertLlavaConfig, progress: Callable[[int, int], None] | None = None
 ) -> LlavaConversionReport:
     """Convert ``config.source`` into an HF LLaVA folder at ``config.output``; raise CheckpointError on any mismatch."""
-    from transformers import AutoTokenizer, LlavaConfig
+    from transformers import LlavaConfig
 
     source = Path(config.source)
     output = Path(config.output)
@@ -143,22 +144,21 @@ def convert_llava(
     tower = _resolve_vision_tower(source, original, config.vision_tower)
     vision_config = _vision_config(tower, original, source)
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-    except (OSError, ValueError, ImportError) as error:
-        raise CheckpointError(f"{source}: the tokenizer cannot be loaded: {error}") from error
+    text_config = _text_config(original)
+    tokenizer = _load_tokenizer(source, text_config)
     image_token_added = IMAGE_TOKEN not in tokenizer.get_vocab()
     if image_token_added:
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     source_vocab = int(original["vocab_size"])
+    text_config.vocab_size = max(source_vocab, image_token_index + 1)
 
     strategy = SELECT_STRATEGIES[original.get("mm_vision_select_feature", "patch")]
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
     dtype_name = config.dtype or original.get("torch_dtype") or original.get("dtype") or "float32"
     llava_config = LlavaConfig(
         vision_config=vision_config,
-        text_config=_text_config(original, max(source_vocab, image_token_index + 1)),
+        text_config=text_config,
         image_token_index=image_token_index,
         image_seq_length=patches + (1 if strategy == "full" else 0),
         vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
@@ -291,7 +291,7 @@ def _vision_config(tower: Path, original: dict, source: Path):
     return vision_config
 
 
-def _text_config(original: dict, vocab_size: int):
+def _text_config(original: dict):
     from transformers import CONFIG_MAPPING
 
     fields = {
@@ -299,10 +299,34 @@ def _text_config(original: dict, vocab_size: int):
         for key, value in original.items()
         if key not in LLAVA_ONLY_FIELDS and not key.startswith("mm_")
     }
-    fields["vocab_size"] = vocab_size
     text_config = CONFIG_MAPPING[TEXT_MODEL_TYPES[original["model_type"]]](**fields)
     text_config.architectures = None
     return text_config
+
+
+def _load_tokenizer(source: Path, text_config):
+    from transformers import AutoTokenizer
+
+    # Without sentencepiece, transformers falls back to a TikToken reading of tokenizer.model and can
+    # return a wrong tokenizer without an error.
+    if not (source / "tokenizer.json").is_file() and (source / "tokenizer.model").is_file():
+        missing = [name for name in ("sentencepiece", "google.protobuf") if not _importable(name)]
+        if missing:
+            raise CheckpointError(
+                f"{source / 'tokenizer.model'}: reading a SentencePiece tokenizer needs {' and '.join(missing)}; "
+                "run `pip install sentencepiece protobuf` for the conversion (the output folder gets tokenizer.json)"
+            )
+    try:
+        return AutoTokenizer.from_pretrained(str(source), config=text_config, local_files_only=True)
+    except (OSError, ValueError, ImportError) as error:
+        raise CheckpointError(f"{source}: the tokenizer cannot be loaded: {error}") from error
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def _target_shapes(llava_config) -> dict[str, torch.Size]:
