@@ -1,0 +1,248 @@
+"""Algorithm 1 of the paper: one dialogue, round by round, each round's reference from a predicted mask.
+
+For every round ``t`` the model reads the query (and, unless it generates, the dialogue's own answer)
+together with the crop and box of the mask of the round ``t`` refers to. That mask is the model's own
+prediction for that round (``Track.teacher_forcing`` uses the ground truth instead); the crop/box rule,
+including "a predicted mask of <= 9 pixels means the whole image", lives in ``mediround.model.references``
+and is applied inside ``MediRound.step``. The [SEG] feature ``h_c`` then goes through JCM: with score
+``q = judge(h_c)``, the round's mask is ``decode(h_c)`` when ``q > beta`` and ``decode(refine(h_c))``
+otherwise. ``beta=None`` turns JCM off (always ``decode(h_c)``).
+
+Several tracks (JCM thresholds, predicted or ground-truth references) run in one pass over a dialogue.
+What they share: the decoded image and both image encoders (``encode_image`` runs once per dialogue), and
+the text model's state for as long as the tracks have fed it identical reference masks. Tracks split when
+their references differ (one track refined the referred round's [SEG] and another did not, or one uses
+ground truth); the split copies the KV cache, so every track computes exactly what a run with that
+track alone computes. Within a shared state, ``h_c``, ``q`` and each of the two decodes (raw, refined)
+are computed once per round.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mediround.data.dialogue import Dialogue
+from mediround.errors import DataError
+
+
+@dataclass(frozen=True)
+class Track:
+    """One way to chain a dialogue: a JCM threshold (None: JCM off) and the source of reference masks."""
+
+    beta: float | None = None
+    teacher_forcing: bool = False
+
+    @property
+    def label(self) -> str:
+        """A folder name for this track's predictions, e.g. ``beta-0.6``, ``jcm-off-tf``."""
+        name = "jcm-off" if self.beta is None else f"beta-{self.beta:g}"
+        return f"{name}-tf" if self.teacher_forcing else name
+
+
+@dataclass
+class RoundPrediction:
+    """What one track predicted for one (1-based) round."""
+
+    round: int
+    mask: np.ndarray
+    answer: str
+    ref_round: int | None
+    jcm_score: float | None
+    refined: bool
+    seg_found: bool
+
+    def record_fields(self) -> dict[str, Any]:
+        """The fields of this round's line in predictions.jsonl (besides id, round and mask)."""
+        return {
+            "answer": self.answer,
+            "ref_round": self.ref_round,
+            "jcm_score": self.jcm_score,
+            "refined": self.refined,
+            "seg_found": self.seg_found,
+        }
+
+
+def check_references(dialogue: Dialogue, file: str) -> None:
+    """Raise ``DataError`` when a round refers to itself, a later round, or a round that does not exist."""
+    for number, round_ in enumerate(dialogue.rounds, start=1):
+        if round_.ref is not None and not 1 <= round_.ref < number:
+            raise DataError(file, dialogue.item if dialogue.item is not None else dialogue.id,
+                            f"rounds[{number - 1}].ref",
+                            f"round {number} refers to round {round_.ref}, which is not an earlier round")
+
+
+class _CachedSession:
+    """The incremental path: one KV-cached dialogue state; earlier rounds are never re-encoded."""
+
+    def __init__(self, model: Any, context: Any):
+        self.model = model
+        self.context = context
+        self.state = model.begin(context)
+
+    def step(self, query: str, answer: str | None, reference: np.ndarray | None, refers: bool) -> tuple[Any, Any]:
+        return self.model.step(self.state, query, answer, reference, refers=refers), self.context
+
+    def fork(self) -> _CachedSession:
+        twin = copy.copy(self)
+        twin.state = copy.deepcopy(self.state, memo={id(self.context): self.context, id(self.model): self.model})
+        return twin
+
+
+class _ReplaySession:
+    """The authors' path (``--no-cache``): every round re-runs the image encoders and the whole history."""
+
+    def __init__(self, model: Any, image: np.ndarray):
+        self.model = model
+        self.image = image
+        self.history: list[tuple[str, str, np.ndarray | None, bool]] = []
+
+    def step(self, query: str, answer: str | None, reference: np.ndarray | None, refers: bool) -> tuple[Any, Any]:
+        context = self.model.encode_image(self.image)
+        state = self.model.begin(context)
+        for past_query, past_answer, past_reference, past_refers in self.history:
+            self.model.step(state, past_query, past_answer, past_reference, refers=past_refers)
+        output = self.model.step(state, query, answer, reference, refers=refers)
+        self.history.append((query, _answer_text(self.model, output), reference, refers))
+        return output, context
+
+    def fork(self) -> _ReplaySession:
+        twin = copy.copy(self)
+        twin.history = list(self.history)
+        return twin
+
+
+@dataclass
+class _Group:
+    """Tracks that have fed the model identical inputs so far and therefore share one session."""
+
+    session: _CachedSession | _ReplaySession
+    tracks: list[Track]
+
+
+def _reference_key(track: Track, ref: int, results: Mapping[Track, list[RoundPrediction]]) -> tuple:
+    """Which reference mask ``track`` feeds for a round referring to ``ref``, relative to its group.
+
+    Tracks of one group saw the same [SEG] feature in round ``ref``, so their predicted masks of that round
+    differ only by whether JCM refined it.
+    """
+    if track.teacher_forcing:
+        return ("truth",)
+    return ("predicted", results[track][ref - 1].refined)
+
+
+def _answer_text(model: Any, output: Any) -> str:
+    """The round's answer as text, without the end-of-turn token the model appends."""
+    eos = getattr(model.tokenizer, "eos_token", None)
+    text = output.answer.rstrip()
+    return text[: -len(eos)].rstrip() if eos and text.endswith(eos) else text
+
+
+def _mask_from_logits(logits: torch.Tensor) -> np.ndarray:
+    from mediround.model.mediround import MASK_THRESHOLD
+
+    return (logits.detach().float().cpu().reshape(logits.shape[-2:]) > MASK_THRESHOLD).numpy()
+
+
+def chain_dialogue(
+    model: Any,
+    dialogue: Dialogue,
+    image: np.ndarray,
+    tracks: Sequence[Track],
+    *,
+    generate: bool = False,
+    use_cache: bool = True,
+    reference_truth: Mapping[int, np.ndarray] | None = None,
+) -> dict[Track, list[RoundPrediction]]:
+    """Predict every round of ``dialogue`` for each track (Algorithm 1); returns the rounds per track.
+
+    ``generate`` lets the model write its answers (greedy) and keeps them in the history; otherwise the
+    dialogue's own answers are fed. ``use_cache=False`` re-runs the whole model for every round.
+    ``reference_truth`` maps referred round numbers to ground-truth masks; teacher-forcing tracks need it.
+    """
+    tracks = list(dict.fromkeys(tracks))
+    if not tracks:
+        raise ValueError("chain_dialogue needs at least one track")
+    results: dict[Track, list[RoundPrediction]] = {track: [] for track in tracks}
+    with torch.no_grad():
+        root = _CachedSession(model, model.encode_image(image)) if use_cache else _ReplaySession(model, image)
+        groups = [_Group(root, tracks)]
+        for number, round_ in enumerate(dialogue.rounds, start=1):
+            next_groups: list[_Group] = []
+            for group in groups:
+                for sub in _split(group, round_.ref, results):
+                    reference = _reference(sub.tracks[0], round_.ref, results, reference_truth)
+                    _run_round(model, sub, number, round_.query, None if generate else round_.answer,
+                               round_.ref, reference, results)
+                    next_groups.append(sub)
+            groups = next_groups
+    return results
+
+
+def _split(group: _Group, ref: int | None, results: Mapping[Track, list[RoundPrediction]]) -> list[_Group]:
+    """The group's tracks partitioned by the reference they feed this round; extra parts get a copied session."""
+    if ref is None:
+        return [group]
+    parts: dict[tuple, list[Track]] = {}
+    for track in group.tracks:
+        parts.setdefault(_reference_key(track, ref, results), []).append(track)
+    members = list(parts.values())
+    if len(members) == 1:
+        return [group]
+    forks = [group.session.fork() for _ in members[1:]]
+    return [_Group(group.session, members[0])] + [_Group(s, m) for s, m in zip(forks, members[1:])]
+
+
+def _reference(
+    track: Track,
+    ref: int | None,
+    results: Mapping[Track, list[RoundPrediction]],
+    reference_truth: Mapping[int, np.ndarray] | None,
+) -> np.ndarray | None:
+    if ref is None:
+        return None
+    if track.teacher_forcing:
+        if reference_truth is None or ref not in reference_truth:
+            raise ValueError(f"teacher forcing needs the ground-truth mask of round {ref}")
+        return reference_truth[ref]
+    return results[track][ref - 1].mask
+
+
+def _run_round(
+    model: Any,
+    group: _Group,
+    number: int,
+    query: str,
+    answer: str | None,
+    ref: int | None,
+    reference: np.ndarray | None,
+    results: dict[Track, list[RoundPrediction]],
+) -> None:
+    """One round for one group: one model step, one JCM score, each needed decode once."""
+    output, context = group.session.step(query, answer, reference, ref is not None)
+    feature = output.seg_feature
+    uses_jcm = any(track.beta is not None for track in group.tracks)
+    score = float(model.jcm.judge(feature).reshape(-1)[0]) if uses_jcm else None
+    answer_text = _answer_text(model, output)
+    decoded: dict[bool, np.ndarray] = {}
+    for track in group.tracks:
+        refined = track.beta is not None and not score > track.beta
+        if refined not in decoded:
+            chosen = model.jcm.refine(feature) if refined else feature
+            decoded[refined] = _mask_from_logits(model.decode(context, chosen))
+        results[track].append(
+            RoundPrediction(
+                round=number,
+                mask=decoded[refined],
+                answer=answer_text,
+                ref_round=ref,
+                jcm_score=score if track.beta is not None else None,
+                refined=refined,
+                seg_found=not output.seg_fed,
+            )
+        )

@@ -1,0 +1,188 @@
+"""Algorithm 1 on a random tiny model: predicted-mask chaining, JCM branches, encoders once, cache parity."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from inference_fixtures import SIZE, rect, set_judge_score, write_dialogues
+
+import mediround.model.mediround as mediround_module
+from mediround.data.formats import load_dialogues
+from mediround.data.images import load_image, load_mask
+from mediround.errors import DataError
+from mediround.inference.chain import Track, chain_dialogue, check_references
+
+
+@pytest.fixture
+def dialogue(tmp_path):
+    loaded = load_dialogues(write_dialogues(tmp_path, n_dialogues=1, n_rounds=3))
+    dialogue = loaded.dialogues[0]
+    return dialogue, load_image(dialogue.image_path)
+
+
+@pytest.fixture
+def jcm_model(model):
+    """The session model with its JCM weights restored after the test."""
+    saved = copy.deepcopy(model.jcm.state_dict())
+    yield model
+    model.jcm.load_state_dict(saved)
+
+
+def _spy_references(monkeypatch) -> list:
+    """Record every (reference mask, crop, box) the model builds in ``step``."""
+    seen = []
+    original = mediround_module.reference_from_mask
+
+    def spy(image, mask):
+        reference = original(image, mask)
+        seen.append((None if mask is None else np.array(mask), reference.crop.copy(), reference.box.copy()))
+        return reference
+
+    monkeypatch.setattr(mediround_module, "reference_from_mask", spy)
+    return seen
+
+
+def _force_first_mask(monkeypatch, model, mask: np.ndarray) -> None:
+    """Make the first ``decode`` call of the run return logits whose foreground is exactly ``mask``."""
+    original = model.decode
+    calls = {"n": 0}
+
+    def decode(context, features):
+        calls["n"] += 1
+        logits = original(context, features)
+        if calls["n"] == 1:
+            return torch.where(torch.from_numpy(mask), 5.0, -5.0).to(logits.dtype)[None]
+        return logits
+
+    monkeypatch.setattr(model, "decode", decode)
+
+
+def test_round_references_come_from_the_predicted_mask(model, dialogue, monkeypatch):
+    dialogue, image = dialogue
+    seen = _spy_references(monkeypatch)
+    free = chain_dialogue(model, dialogue, image, [Track(None)])[Track(None)]
+    np.testing.assert_array_equal(seen[0][0], free[0].mask)
+
+    seen.clear()
+    forced = rect(4, 8, 14, 28)
+    _force_first_mask(monkeypatch, model, forced)
+    chained = chain_dialogue(model, dialogue, image, [Track(None)])[Track(None)]
+    np.testing.assert_array_equal(chained[0].mask, forced)
+    reference_mask, crop, box = seen[0]
+    np.testing.assert_array_equal(reference_mask, forced)
+    np.testing.assert_allclose(box, [8 / SIZE, 4 / SIZE, 28 / SIZE, 14 / SIZE])
+    assert crop.shape == (20, 20, 3)
+    np.testing.assert_array_equal(crop[:10, :20], image[4:14, 8:28])
+    assert not crop[10:].any()
+    assert not np.allclose(box, _box_of(free[0].mask))
+
+
+def _box_of(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return np.array([cols[0] / SIZE, rows[0] / SIZE, (cols[-1] + 1) / SIZE, (rows[-1] + 1) / SIZE])
+
+
+def test_tiny_predicted_mask_falls_back_to_the_whole_image(model, dialogue, monkeypatch):
+    dialogue, image = dialogue
+    seen = _spy_references(monkeypatch)
+    _force_first_mask(monkeypatch, model, rect(0, 0, 3, 3))
+    chain_dialogue(model, dialogue, image, [Track(None)])
+    _, crop, box = seen[0]
+    np.testing.assert_allclose(box, [0, 0, 1, 1])
+    np.testing.assert_array_equal(crop, image)
+
+
+def test_teacher_forcing_feeds_the_ground_truth_reference(model, dialogue, monkeypatch):
+    dialogue, image = dialogue
+    truth = {1: load_mask(dialogue.mask_path(1)), 2: load_mask(dialogue.mask_path(2))}
+    seen = _spy_references(monkeypatch)
+    chain_dialogue(model, dialogue, image, [Track(None, teacher_forcing=True)], reference_truth=truth)
+    np.testing.assert_array_equal(seen[0][0], truth[1])
+    np.testing.assert_array_equal(seen[1][0], truth[2])
+    np.testing.assert_allclose(seen[0][2], _box_of(truth[1]))
+
+
+def _manual_round_one(model, dialogue, image):
+    context = model.encode_image(image)
+    state = model.begin(context)
+    feature = model.step(state, dialogue.rounds[0].query, dialogue.rounds[0].answer).seg_feature
+    raw = (model.decode(context, feature)[0] > 0).numpy()
+    refined = (model.decode(context, model.jcm.refine(feature))[0] > 0).numpy()
+    return raw, refined
+
+
+@pytest.mark.parametrize("score", [0.7, 0.5])
+def test_jcm_branch_follows_the_judge_score(jcm_model, dialogue, score):
+    dialogue, image = dialogue
+    set_judge_score(jcm_model, score)
+    raw, refined = _manual_round_one(jcm_model, dialogue, image)
+    assert not np.array_equal(raw, refined)
+    tracks = [Track(0.0), Track(0.5), Track(1.0)]
+    results = chain_dialogue(jcm_model, dialogue, image, tracks)
+    for track in tracks:
+        first = results[track][0]
+        assert first.jcm_score == pytest.approx(score, abs=1e-6)
+        expect_refined = not score > track.beta
+        assert first.refined is expect_refined
+        np.testing.assert_array_equal(first.mask, refined if expect_refined else raw)
+        assert all(r.refined is expect_refined for r in results[track])
+
+
+def test_jcm_off_never_refines_and_records_no_score(model, dialogue):
+    dialogue, image = dialogue
+    raw, _ = _manual_round_one(model, dialogue, image)
+    rounds = chain_dialogue(model, dialogue, image, [Track(None)])[Track(None)]
+    assert [r.refined for r in rounds] == [False, False, False]
+    assert [r.jcm_score for r in rounds] == [None, None, None]
+    assert [r.ref_round for r in rounds] == [None, 1, 2]
+    np.testing.assert_array_equal(rounds[0].mask, raw)
+
+
+def test_image_encoders_run_once_per_dialogue(model, tmp_path):
+    loaded = load_dialogues(write_dialogues(tmp_path, n_dialogues=2, n_rounds=4))
+    tracks = [Track(0.2), Track(0.6), Track(None), Track(0.6, teacher_forcing=True)]
+    for dialogue in loaded.dialogues:
+        image = load_image(dialogue.image_path)
+        truth = {r: load_mask(dialogue.mask_path(r)) for r in (1, 2, 3)}
+        before = model.encoder_calls.copy()
+        chain_dialogue(model, dialogue, image, tracks, reference_truth=truth)
+        assert model.encoder_calls["sam"] - before["sam"] == 1
+        assert model.encoder_calls["clip"] - before["clip"] == 1
+        before = model.encoder_calls.copy()
+        chain_dialogue(model, dialogue, image, [Track(None)], use_cache=False)
+        assert model.encoder_calls["sam"] - before["sam"] == 4
+        assert model.encoder_calls["clip"] - before["clip"] == 4
+
+
+def test_cached_and_uncached_chains_predict_the_same_masks(model, tmp_path):
+    loaded = load_dialogues(write_dialogues(tmp_path, n_dialogues=1, n_rounds=4))
+    dialogue = loaded.dialogues[0]
+    image = load_image(dialogue.image_path)
+    tracks = [Track(0.45), Track(None)]
+    cached = chain_dialogue(model, dialogue, image, tracks)
+    uncached = chain_dialogue(model, dialogue, image, tracks, use_cache=False)
+    for track in tracks:
+        for a, b in zip(cached[track], uncached[track]):
+            assert a.refined == b.refined
+            assert a.jcm_score == b.jcm_score
+            np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_generated_answers_stay_in_the_history(model, dialogue):
+    dialogue, image = dialogue
+    rounds = chain_dialogue(model, dialogue, image, [Track(None)], generate=True)[Track(None)]
+    assert len(rounds) == 3
+    for prediction in rounds:
+        assert prediction.answer != dialogue.rounds[0].answer
+        assert "[SEG]" in prediction.answer
+        assert prediction.mask.shape == image.shape[:2]
+
+
+def test_references_to_missing_rounds_are_refused(dialogue):
+    dialogue, _ = dialogue
+    dialogue.rounds[1].ref = 2
+    with pytest.raises(DataError, match=r"round 2 refers to round 2"):
+        check_references(dialogue, "data.jsonl")
