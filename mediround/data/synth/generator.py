@@ -57,11 +57,12 @@ class PlannedRound:
 
 @dataclass
 class SyntheticDialogue:
-    """One generated dialogue with its pixels, before anything is written."""
+    """One generated dialogue with its pixels and scene, before anything is written."""
 
     dialogue: Dialogue
     image: np.ndarray
     masks: list[np.ndarray]
+    scene: Scene
 
 
 @dataclass
@@ -145,7 +146,7 @@ def make_dialogue(seed: int, split: str, index: int, image_size: int = 128) -> S
         source="synthetic",
         item=index,
     )
-    return SyntheticDialogue(dialogue, image, [p.target.mask for p in planned])
+    return SyntheticDialogue(dialogue, image, [p.target.mask for p in planned], scene)
 
 
 def difficulty_of(planned: list[PlannedRound]) -> str:
