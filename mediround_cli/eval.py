@@ -34,6 +34,8 @@ def _summary_table(n_dialogues: int, evaluation: Evaluation, n_problems: int) ->
     table.add_row("rounds scored", str(len(evaluation.rows)))
     table.add_row("missing predictions (scored empty)", str(len(evaluation.missing)),
                   style="yellow" if evaluation.missing else None)
+    table.add_row("predictions matching no round of the data", str(evaluation.unmatched),
+                  style="yellow" if evaluation.unmatched else None)
     table.add_row("problems", str(n_problems), style="yellow" if n_problems else None)
     table.add_row("metric rows", str(evaluation.out))
     if evaluation.plot is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -129,3 +131,10 @@ def test_bad_predictions_file_is_one_line_error_naming_line_and_field(dataset):
     assert result.exit_code == 2
     assert "line 1" in result.output and "field 'round'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_scoring_path_does_not_import_torch():
+    code = ("import sys, mediround_cli.eval, mediround.reports.scoring, mediround.reports.gate; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

@@ -87,6 +87,17 @@ def test_rows_have_hand_computed_counts_and_missing_is_empty(tmp_path):
     both_empty = rows[("d/2", 2)]
     assert (both_empty["union"], both_empty["iou"], both_empty["dice"], both_empty["missing"]) == (0, 1.0, 1.0, False)
     assert result.problems == []
+    assert result.unmatched == 0
+
+
+def test_predictions_for_unknown_dialogues_are_counted(tmp_path):
+    dialogues, predictions = build_case(tmp_path)
+    with PredictionWriter(predictions) as writer:
+        writer.write("other", 1, np.zeros((8, 8), bool))
+        writer.write("d1", 3, np.zeros((8, 8), bool))
+    result = score_predictions(dialogues, predictions)
+    assert result.unmatched == 2
+    assert len(result.rows) == 4
 
 
 def test_unusable_prediction_and_unreadable_ground_truth_are_reported(tmp_path):

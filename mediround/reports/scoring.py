@@ -26,12 +26,14 @@ from mediround.reports.rows import write_rows
 
 @dataclass
 class ScoreResult:
-    """Rows (one per scored round), problems (skipped dialogues and rounds, bad prediction masks)
-    and the ``(dialogue id, round)`` pairs that had no usable prediction and were scored as empty."""
+    """Rows (one per scored round), problems (skipped dialogues and rounds, bad prediction masks),
+    the ``(dialogue id, round)`` pairs that had no usable prediction and were scored as empty, and the
+    number of predictions that match no round of the data (a sign of the wrong data file)."""
 
     rows: list[dict]
     problems: list[DataError] = field(default_factory=list)
     missing: list[tuple[str, int]] = field(default_factory=list)
+    unmatched: int = 0
 
 
 def _prediction_mask(
@@ -122,6 +124,8 @@ def score_predictions(
             result.problems.append(DataError(error.file, dialogue.id, error.field, f"dialogue skipped: {error.reason}"))
         if advance is not None:
             advance()
+    known = {(dialogue.id, number) for dialogue in dialogues for number in range(1, len(dialogue.rounds) + 1)}
+    result.unmatched = len(records.keys() - known)
     return result
 
 
@@ -143,6 +147,7 @@ class Evaluation:
     summary: dict[str, dict[Any, Scores]]
     problems: list[DataError]
     missing: list[tuple[str, int]]
+    unmatched: int = 0
     regressions: list[Regression] = field(default_factory=list)
     out: Path | None = None
     plot: Path | None = None
@@ -162,7 +167,7 @@ def evaluate_predictions(
     if not scored.rows:
         raise DataError(str(predictions_dir), None, None, "no round could be scored (no dialogue with ground truth)")
     evaluation = Evaluation(rows=scored.rows, summary=summarize(scored.rows), problems=scored.problems,
-                            missing=scored.missing)
+                            missing=scored.missing, unmatched=scored.unmatched)
     if config.baseline is not None:
         # Before writing: the baseline may be the very file this run is about to replace.
         evaluation.regressions = compare(scored.rows, config.baseline, config.max_drop)
