@@ -139,7 +139,7 @@ def _reference_key(track: Track, ref: int, results: Mapping[Track, list[RoundPre
 def _answer_text(model: Any, output: Any) -> str:
     """The round's answer as text, without the end-of-turn token the model appends."""
     eos = getattr(model.tokenizer, "eos_token", None)
-    text = output.answer.rstrip()
+    text = output.answer.strip()
     return text[: -len(eos)].rstrip() if eos and text.endswith(eos) else text
 
 

@@ -1,0 +1,458 @@
+"""Run Algorithm 1 over a data file: sharding over processes, resume, skipped dialogues, atomic outputs.
+
+Every run, with one process or many, goes through the same three phases, so an N-process run writes
+exactly what a 1-process run writes:
+
+1. ``prepare``: load the dialogues, fold any work left by a killed run into the output folders, and
+   decide which dialogues still need predicting (``--resume`` skips those complete in every track).
+2. ``run_shard``: worker ``rank`` of ``world`` predicts dialogues ``rank, rank + world, ...`` of that list
+   into its own part folder ``DIR/.parts/rank-<k>/`` (a predictions folder per track, plus
+   ``errors.jsonl``); lines are appended and fsynced, masks written atomically.
+3. ``finalize``: the parts are merged into ``DIR`` in input order (``predictions.jsonl`` rewritten
+   atomically, masks moved), ``errors.jsonl`` rewritten, parts removed.
+
+A run killed at any moment leaves complete files only; the next ``--resume`` merges what finished and
+predicts the rest. A dialogue that is only partly written counts as not done and is predicted again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mediround.atomic import append_jsonl_line, atomic_open, write_json
+from mediround.data.dialogue import Dialogue
+from mediround.errors import DataError
+from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_references
+from mediround.inference.predictions import (
+    MASKS_FOLDER,
+    PREDICTIONS_FILE,
+    PredictionWriter,
+    complete_dialogue_ids,
+    read_predictions,
+)
+
+ERRORS_FILE = "errors.jsonl"
+PARTS_FOLDER = ".parts"
+PROGRESS_FILE = "progress.jsonl"
+WORKER_PLAN_FILE = "plan.json"
+METRICS_FILE = "metrics.parquet"
+
+
+@dataclass
+class InferenceConfig:
+    """Everything one ``mediround infer`` run needs; JSON round trip so re-launched workers read the same."""
+
+    data: str
+    model: str
+    out: str
+    betas: tuple[float | None, ...] = (0.6,)
+    teacher_forcing: tuple[bool, ...] = (False,)
+    generate: bool = False
+    use_cache: bool = True
+    resume: bool = False
+    overlays: bool = False
+    root: str | None = None
+    allow_outside_root: bool = False
+    device: str = "cpu"
+    num_processes: int = 1
+    threads_per_process: int | None = None
+
+    @property
+    def tracks(self) -> list[Track]:
+        return [Track(beta, forced) for forced in self.teacher_forcing for beta in self.betas]
+
+    def track_folder(self, track: Track) -> Path:
+        """``DIR`` itself for a single-track run, else ``DIR/<track label>``."""
+        out = Path(self.out)
+        return out if len(self.tracks) == 1 else out / track.label
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InferenceConfig:
+        data = dict(data)
+        data["betas"] = tuple(data["betas"])
+        data["teacher_forcing"] = tuple(data["teacher_forcing"])
+        return cls(**data)
+
+
+@dataclass
+class Plan:
+    """The dialogues of the data file, the load problems, and the indices still to predict."""
+
+    dialogues: list[Dialogue]
+    problems: list[DataError]
+    todo: list[int]
+    already_done: int
+    data_format: str
+
+
+@dataclass
+class InferenceSummary:
+    """What a run did: counts for the end-of-run table and the folders it wrote."""
+
+    total: int
+    predicted: int
+    resumed: int
+    skipped: int
+    seg_missing: int
+    folders: dict[str, str] = field(default_factory=dict)
+    errors_file: str = ""
+
+
+def error_record(file: str, item: Any, dialogue_id: str | None, field_name: str | None, reason: str) -> dict:
+    """One line of ``errors.jsonl``."""
+    return {"file": file, "item": item, "id": dialogue_id, "field": field_name, "reason": reason}
+
+
+def _problem_record(problem: DataError) -> dict:
+    return error_record(problem.file, problem.item, None, problem.field, problem.reason)
+
+
+def _parts_root(config: InferenceConfig) -> Path:
+    return Path(config.out) / PARTS_FOLDER
+
+
+def _part_folder(config: InferenceConfig, part: Path, track: Track) -> Path:
+    return part / config.track_folder(track).relative_to(config.out)
+
+
+def load_plan(config: InferenceConfig) -> Plan:
+    """Load the dialogues and decide which still need predicting (merging a killed run's parts first)."""
+    from mediround.data.formats import load_dialogues
+
+    loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
+    out = Path(config.out)
+    existing = [config.track_folder(t) / PREDICTIONS_FILE for t in config.tracks]
+    if not config.resume and (any(p.exists() for p in existing) or _parts_root(config).exists()):
+        raise DataError(str(out), None, None, "already holds predictions: pass --resume to continue that run, "
+                        "or choose an empty folder")
+    done: set[str] = set()
+    if config.resume:
+        finalize(config, loaded.dialogues, loaded.problems)
+        rounds = {d.id: len(d.rounds) for d in loaded.dialogues}
+        done_per_track = [
+            complete_dialogue_ids(_read_or_empty(config.track_folder(t)), rounds) for t in config.tracks
+        ]
+        done = set.intersection(*done_per_track)
+    todo = [index for index, dialogue in enumerate(loaded.dialogues) if dialogue.id not in done]
+    return Plan(loaded.dialogues, loaded.problems, todo, len(loaded.dialogues) - len(todo), loaded.format)
+
+
+def _read_or_empty(folder: Path) -> dict[tuple[str, int], dict]:
+    return read_predictions(folder) if (folder / PREDICTIONS_FILE).exists() else {}
+
+
+def _reference_truth(dialogue: Dialogue, file: str) -> dict[int, np.ndarray]:
+    """Ground-truth masks of every referred round (for teacher-forcing tracks)."""
+    from mediround.data.images import load_mask
+
+    truth = {}
+    for number, round_ in enumerate(dialogue.rounds, start=1):
+        if round_.ref is None or round_.ref in truth:
+            continue
+        path = dialogue.mask_path(round_.ref)
+        if path is None:
+            raise DataError(file, _item(dialogue), f"rounds[{round_.ref - 1}].mask",
+                            f"teacher forcing needs the ground-truth mask of round {round_.ref} (round {number} refers to it)")
+        truth[round_.ref] = load_mask(path)
+    return truth
+
+
+def _item(dialogue: Dialogue) -> Any:
+    return dialogue.item if dialogue.item is not None else dialogue.id
+
+
+def predict_dialogue(
+    model: Any, dialogue: Dialogue, config: InferenceConfig
+) -> tuple[dict[Track, list[RoundPrediction]], np.ndarray]:
+    """Decode the image, check the references and chain the rounds for every track of ``config``."""
+    from mediround.data.images import load_image
+
+    check_references(dialogue, config.data)
+    try:
+        image = load_image(dialogue.image_path)
+    except DataError as error:
+        raise DataError(config.data, _item(dialogue), "image", f"{error.file}: {error.reason}") from None
+    truth = _reference_truth(dialogue, config.data) if any(config.teacher_forcing) else None
+    results = chain_dialogue(
+        model, dialogue, image, config.tracks,
+        generate=config.generate, use_cache=config.use_cache, reference_truth=truth,
+    )
+    return results, image
+
+
+def _counter(on_progress: Callable[[int], None]) -> Callable[[], None]:
+    finished = 0
+
+    def advance() -> None:
+        nonlocal finished
+        finished += 1
+        on_progress(finished)
+
+    return advance
+
+
+def run_shard(
+    config: InferenceConfig,
+    plan: Plan,
+    model: Any,
+    rank: int = 0,
+    world: int = 1,
+    on_done: Callable[[], None] | None = None,
+) -> None:
+    """Predict this worker's share of ``plan.todo`` (every ``world``-th from ``rank``) into its part folder.
+
+    Each finished dialogue (predicted or skipped) adds one line to the part's progress file.
+    """
+    part = _parts_root(config) / f"rank-{rank}"
+    writers = {track: PredictionWriter(_part_folder(config, part, track)) for track in config.tracks}
+    try:
+        with open(part / ERRORS_FILE, "a", encoding="utf-8") as errors, \
+                open(part / PROGRESS_FILE, "a", encoding="utf-8") as progress:
+            for index in plan.todo[rank::world]:
+                dialogue = plan.dialogues[index]
+                try:
+                    results, image = predict_dialogue(model, dialogue, config)
+                except DataError as error:
+                    append_jsonl_line(errors, error_record(error.file, error.item, dialogue.id, error.field, error.reason))
+                else:
+                    for track, rounds in results.items():
+                        for prediction in rounds:
+                            writers[track].write(dialogue.id, prediction.round, prediction.mask,
+                                                 **prediction.record_fields())
+                    if config.overlays:
+                        _write_overlay(config, dialogue, image, results)
+                append_jsonl_line(progress, {"id": dialogue.id})
+                if on_done is not None:
+                    on_done()
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+
+def _write_overlay(
+    config: InferenceConfig, dialogue: Dialogue, image: np.ndarray, results: dict[Track, list[RoundPrediction]]
+) -> None:
+    from mediround.inference.predictions import safe_name
+    from mediround.reports.overlays import write_overlay
+
+    for track, rounds in results.items():
+        path = config.track_folder(track) / "overlays" / f"{safe_name(dialogue.id)}.png"
+        write_overlay(path, dialogue, image, [p.mask for p in rounds])
+
+
+def finalize(config: InferenceConfig, dialogues: Sequence[Dialogue], problems: Sequence[DataError]) -> int:
+    """Merge every part folder into ``DIR`` in input order; returns how many dialogues were skipped.
+
+    Safe to repeat after a kill at any point: masks move with ``os.replace`` (a mask already moved is
+    found at its destination), and ``predictions.jsonl``/``errors.jsonl`` are rewritten atomically
+    before the parts are removed.
+    """
+    parts = sorted(p for p in _parts_root(config).glob("rank-*") if p.is_dir())
+    rounds = {d.id: len(d.rounds) for d in dialogues}
+    complete_everywhere: set[str] | None = None
+    for track in config.tracks:
+        complete = _merge_track(config, track, parts, dialogues, rounds)
+        complete_everywhere = complete if complete_everywhere is None else complete_everywhere & complete
+    runtime: dict[str, dict] = {}
+    for part in parts:
+        for record in _read_error_lines(part / ERRORS_FILE):
+            runtime[record["id"]] = record
+    if not parts:
+        for record in _read_error_lines(Path(config.out) / ERRORS_FILE):
+            if record.get("id") is not None:
+                runtime[record["id"]] = record
+    failed = [runtime[d.id] for d in dialogues if d.id in runtime and d.id not in (complete_everywhere or set())]
+    with atomic_open(Path(config.out) / ERRORS_FILE) as handle:
+        for record in [_problem_record(p) for p in problems] + failed:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+    shutil.rmtree(_parts_root(config), ignore_errors=True)
+    return len(problems) + len(failed)
+
+
+def _read_error_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _merge_track(
+    config: InferenceConfig, track: Track, parts: Sequence[Path], dialogues: Sequence[Dialogue], rounds: dict[str, int]
+) -> set[str]:
+    """Rewrite one track folder's predictions.jsonl: earlier complete dialogues plus the parts' new ones."""
+    folder = config.track_folder(track)
+    records = _read_or_empty(folder)
+    complete = complete_dialogue_ids(records, rounds)
+    sources: dict[str, tuple[Path, dict[tuple[str, int], dict]]] = {}
+    for part in parts:
+        part_folder = _part_folder(config, part, track)
+        part_records = _read_or_empty(part_folder)
+        for dialogue_id in complete_dialogue_ids(part_records, rounds):
+            sources[dialogue_id] = (part_folder, part_records)
+    lines: list[dict] = []
+    for dialogue in dialogues:
+        n_rounds = len(dialogue.rounds)
+        if dialogue.id in sources:
+            part_folder, part_records = sources[dialogue.id]
+            chosen = [part_records[(dialogue.id, number)] for number in range(1, n_rounds + 1)]
+            for record in chosen:
+                _move_mask(part_folder / record["mask"], folder / record["mask"])
+        elif dialogue.id in complete:
+            chosen = [records[(dialogue.id, number)] for number in range(1, n_rounds + 1)]
+        else:
+            continue
+        lines.extend(chosen)
+    (folder / MASKS_FOLDER).mkdir(parents=True, exist_ok=True)
+    with atomic_open(folder / PREDICTIONS_FILE) as handle:
+        for record in lines:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+    kept = {record["mask"] for record in lines}
+    for mask in (folder / MASKS_FOLDER).glob("*.png"):
+        if f"{MASKS_FOLDER}/{mask.name}" not in kept:
+            mask.unlink()
+    return {record["id"] for record in lines}
+
+
+def _move_mask(source: Path, destination: Path) -> None:
+    if source.exists():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, destination)
+    elif not destination.exists():
+        raise DataError(str(source), None, "mask", "predicted mask missing from its part folder")
+
+
+def score_outputs(config: InferenceConfig) -> dict[str, Any]:
+    """Score each track's predictions against the ground truth, writing ``metrics.parquet`` beside them.
+
+    Only dialogues that were predicted are scored (skipped ones are in ``errors.jsonl``). Returns
+    ``{track label: Evaluation}``; empty when no predicted dialogue carries a ground-truth mask.
+    """
+    from mediround.data.formats import load_dialogues
+    from mediround.reports.scoring import EvalConfig, evaluate_predictions
+
+    loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
+    with_truth = [d for d in loaded.dialogues if any(r.mask is not None for r in d.rounds)]
+    evaluations = {}
+    for track in config.tracks:
+        folder = config.track_folder(track)
+        predicted = {dialogue_id for dialogue_id, _ in _read_or_empty(folder)}
+        scored = [d for d in with_truth if d.id in predicted]
+        if scored:
+            evaluations[track.label] = evaluate_predictions(scored, folder, EvalConfig(out=folder / METRICS_FILE))
+    return evaluations
+
+
+def load_model(config: InferenceConfig) -> Any:
+    """The checkpoint of ``config.model`` on ``config.device``, in eval mode."""
+    from mediround.model.checkpoint import load_checkpoint
+
+    model = load_checkpoint(config.model)
+    model.to(config.device)
+    model.eval()
+    return model
+
+
+def run_inference(
+    config: InferenceConfig,
+    model: Any = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> InferenceSummary:
+    """Predict every dialogue of ``config.data`` into ``config.out`` (one process, or re-launched workers).
+
+    ``on_plan`` sees the plan before work starts; ``on_progress`` gets the number of dialogues finished.
+    """
+    plan = load_plan(config)
+    if on_plan is not None:
+        on_plan(plan)
+    _parts_root(config).mkdir(parents=True, exist_ok=True)
+    if config.num_processes > 1:
+        _launch_workers(config, plan, on_progress)
+    else:
+        run_shard(config, plan, model if model is not None else load_model(config),
+                  on_done=None if on_progress is None else _counter(on_progress))
+    skipped = finalize(config, plan.dialogues, plan.problems)
+    seg_missing = 0
+    folders = {}
+    for track in config.tracks:
+        folder = config.track_folder(track)
+        folders[track.label] = str(folder)
+        seg_missing += sum(1 for r in read_predictions(folder).values() if r.get("seg_found") is False)
+    return InferenceSummary(
+        total=len(plan.dialogues) + len(plan.problems),
+        predicted=len(plan.todo) - (skipped - len(plan.problems)),
+        resumed=plan.already_done,
+        skipped=skipped,
+        seg_missing=seg_missing,
+        folders=folders,
+        errors_file=str(Path(config.out) / ERRORS_FILE),
+    )
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _launch_workers(config: InferenceConfig, plan: Plan, on_progress: Callable[[int], None] | None) -> None:
+    """Re-launch ``mediround infer --worker-plan`` as ``config.num_processes`` Accelerate processes and wait.
+
+    The workers read the plan written here (config and the indices to predict), so they never re-plan or
+    merge; this process merges after they exit. ``on_progress`` gets the number of finished dialogues.
+    """
+    from mediround.training.launch import plan_launch, relaunch
+
+    launch = plan_launch(
+        gpus=None if config.device == "cpu" else config.num_processes,
+        cpu=config.device == "cpu",
+        num_processes=config.num_processes,
+    )
+    plan_file = _parts_root(config) / WORKER_PLAN_FILE
+    write_json(plan_file, {"config": config.to_dict(), "todo": plan.todo})
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.5):
+            on_progress(sum(_count_lines(p / PROGRESS_FILE) for p in _parts_root(config).glob("rank-*")))
+
+    watcher = threading.Thread(target=poll, daemon=True) if on_progress is not None else None
+    if watcher is not None:
+        watcher.start()
+    try:
+        relaunch(launch, ["infer", "--worker-plan", str(plan_file)])
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+
+
+def run_worker(plan_file: str | os.PathLike) -> None:
+    """The body of one re-launched worker: predict its shard of the plan written by ``_launch_workers``."""
+    from mediround.data.formats import load_dialogues
+    from mediround.training.launch import check_world_size, expected_world_size
+
+    with open(plan_file, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    config = InferenceConfig.from_dict(saved["config"])
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_world_size(world, expected_world_size(), rank)
+    if config.device != "cpu":
+        config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
+    plan = Plan(loaded.dialogues, loaded.problems, saved["todo"], 0, loaded.format)
+    run_shard(config, plan, load_model(config), rank=rank, world=world)
