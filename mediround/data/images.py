@@ -38,6 +38,8 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 def _open(path: str | os.PathLike) -> Image.Image:
     """Open lazily (header only), turning every failure into a ``DataError`` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(str(path), None, None, "a folder, not an image file")
     try:
         if path.stat().st_size == 0:
             raise DataError(str(path), None, None, "empty file (0 bytes)")

@@ -54,7 +54,8 @@ def test_standard_layout_needs_no_kept_text(dataset: Path) -> None:
         "from": "gpt",
         "value": "[MASK-DECODE:masks/s1_r02.png]",
     }
-    assert first.extra == {"mrmedseg": {"item": {"task": "segmentation", "base": "[null]"}}}
+    # The first item has no id: its id is its position, so nothing needs keeping to write it back.
+    assert first.extra == {}
     assert second.rounds[0].extra["mrmedseg"]["human"] == MR_ITEMS[1]["conversations"][0]
     assert second.extra["mrmedseg"]["item"]["origin"] == "hand-written"
 
@@ -74,6 +75,7 @@ def test_jsonl_to_mrmedseg_to_jsonl_keeps_every_field(dataset: Path) -> None:
     write_jsonl_lines(dataset / "one.jsonl", [record])
     write_mrmedseg(load_dialogues(dataset / "one.jsonl").dialogues, dataset / "one.json")
     item = json.loads((dataset / "one.json").read_text())[0]
+    assert (item["id"], item["task"], item["base"], item["difficulty"]) == ("d1", "segmentation", "[null]", "hard")
     assert item["conversations"][2]["value"] == (
         "[MASK-ENCODE:masks/s1_r00.png][BOX-ENCODE:masks/s1_r00.png] Segment the organ beside it."
     )
@@ -178,6 +180,19 @@ def test_broken_jsonl_lines_are_reported_and_good_lines_kept(dataset: Path, tmp_
     assert found["line 11: id d11"][0][0] == "image" and "leaves the root" in found["line 11: id d11"][0][1]
     assert found["line 12: id d12"][0][0] == "rounds[1].ref" and "got bool" in found["line 12: id d12"][0][1]
     assert found["line 13: id d13"] == [("rounds[1].ref", "ref 1 points to a round without a mask")]
+
+
+def test_symlinked_folder_leaving_the_root_is_refused(dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", dataset / "linked")
+    os.symlink(dataset / "images", dataset / "inside")
+    path = write_jsonl_lines(
+        dataset / "links.jsonl", [jsonl_line("out", image="linked/a.png"), jsonl_line("in", image="inside/s1.png")]
+    )
+    result = load_dialogues(path)
+    assert [d.id for d in result.dialogues] == ["in"]
+    assert [(p.item, p.field) for p in result.problems] == [("line 1: id out", "image")]
+    assert "leaves the root" in result.problems[0].reason
 
 
 def test_outside_paths_are_accepted_when_allowed(dataset: Path) -> None:

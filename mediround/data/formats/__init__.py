@@ -36,29 +36,24 @@ def detect(path: str | os.PathLike) -> str:
         return "sa-med2d"
     try:
         with open(path, "rb") as handle:
-            head = handle.read(1 << 16)
-            first_line = head.split(b"\n", 1)[0]
-            while b"\n" not in head and len(first_line) == len(head):
-                chunk = handle.read(1 << 20)
-                if not chunk:
-                    break
-                head += chunk
-                first_line = head.split(b"\n", 1)[0]
-            has_more_lines = bool(head[len(first_line) :].strip()) or bool(handle.read(1 << 16).strip())
+            first_line = handle.readline()
+            while first_line and not first_line.strip():
+                first_line = handle.readline()
+            has_more_lines = bool(handle.read(1 << 16).strip())
     except FileNotFoundError:
         raise DataError(str(path), None, None, "file not found") from None
     except OSError as error:
         raise DataError(str(path), None, None, f"cannot read file: {error.strerror or error}") from None
-    start = head.lstrip()[:1]
+    start = first_line.lstrip()[:1]
     if not start:
         raise DataError(str(path), None, None, "empty file: no dialogues")
-    if start == b"[":
-        try:
-            json.loads(first_line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return "mrmedseg"
-        return "jsonl" if has_more_lines else "mrmedseg"
-    return "jsonl"
+    if start != b"[":
+        return "jsonl"
+    try:
+        json.loads(first_line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "mrmedseg"
+    return "jsonl" if has_more_lines else "mrmedseg"
 
 
 def load_dialogues(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mediround.data.paths import outside_root_reason
+from mediround.data.paths import RootGuard
 from mediround.errors import DataError
 
 Problem = tuple[str | None, str]
@@ -21,11 +21,14 @@ def attach(file: Path, label: str, problems: list[Problem]) -> list[DataError]:
     return [DataError(str(file), label, field, reason) for field, reason in problems]
 
 
-def check_path(root: Path, relative: str, field: str, allow_outside_root: bool) -> list[Problem]:
-    """A problem when ``relative`` is empty or (unless allowed) leaves ``root``."""
+def guard_for(root: Path, allow_outside_root: bool) -> RootGuard | None:
+    """The root check readers apply to every path; None when paths outside the root are allowed."""
+    return None if allow_outside_root else RootGuard(root)
+
+
+def check_path(guard: RootGuard | None, relative: str, field: str) -> list[Problem]:
+    """A problem when ``relative`` is empty or (with a guard) leaves the guarded root."""
     if not relative:
         return [(field, "empty path")]
-    if allow_outside_root:
-        return []
-    reason = outside_root_reason(root, relative)
+    reason = None if guard is None else guard.reason(relative)
     return [] if reason is None else [(field, reason)]

@@ -11,7 +11,7 @@ from mediround.data.dialogue import Dialogue
 from mediround.data.formats import load_dialogues
 from mediround.data.formats.jsonl import write_jsonl
 from mediround.data.formats.mrmedseg import retarget, write_mrmedseg
-from mediround.data.paths import outside_root_reason, relocate
+from mediround.data.paths import RootGuard, relocate
 from mediround.errors import DataError
 
 TARGETS = {".jsonl": "jsonl", ".json": "mrmedseg"}
@@ -75,10 +75,11 @@ def convert(
     dialogues = [moved(dialogue, new_root) for dialogue in loaded.dialogues]
     writer = write_jsonl if target == "jsonl" else write_mrmedseg
     writer(dialogues, output)
-    outside = sum(1 for dialogue in dialogues if _leaves_root(dialogue))
+    guard = RootGuard(new_root)
+    outside = sum(1 for dialogue in dialogues if _leaves_root(dialogue, guard))
     return ConvertResult(loaded.format, target, len(dialogues), loaded.total, loaded.problems, outside)
 
 
-def _leaves_root(dialogue: Dialogue) -> bool:
+def _leaves_root(dialogue: Dialogue, guard: RootGuard) -> bool:
     paths = [dialogue.image] + [r.mask for r in dialogue.rounds if r.mask is not None]
-    return any(outside_root_reason(dialogue.root, path) is not None for path in paths)
+    return any(guard.reason(path) is not None for path in paths)

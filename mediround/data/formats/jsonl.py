@@ -16,7 +16,8 @@ from pathlib import Path
 
 from mediround.atomic import atomic_open
 from mediround.data.dialogue import Dialogue, Round
-from mediround.data.formats.common import Problem, attach, check_path, item_label
+from mediround.data.formats.common import Problem, attach, check_path, guard_for, item_label
+from mediround.data.paths import RootGuard
 from mediround.errors import DataError
 
 DIALOGUE_FIELDS = ("id", "image", "modality", "scenario", "difficulty", "rounds")
@@ -104,7 +105,7 @@ def _type_problems(
 
 
 def record_to_dialogue(
-    record: object, root: Path, allow_outside_root: bool = False
+    record: object, root: Path, guard: RootGuard | None = None
 ) -> tuple[Dialogue | None, list[Problem]]:
     """The dialogue of one JSONL record, or None and every (field, reason) problem found in it."""
     if not isinstance(record, dict):
@@ -114,7 +115,7 @@ def record_to_dialogue(
         return None, problems
     if not record["rounds"]:
         return None, [("rounds", "a dialogue needs at least one round")]
-    problems += check_path(root, record["image"], "image", allow_outside_root)
+    problems += check_path(guard, record["image"], "image")
     if "mrmedseg" in record and (
         set(record["mrmedseg"]) != {"item"} or not isinstance(record["mrmedseg"]["item"], dict)
     ):
@@ -143,7 +144,7 @@ def record_to_dialogue(
         ):
             problems.append((f"{prefix}ref", f"ref {ref} points to a round without a mask"))
         if entry.get("mask") is not None:
-            problems += check_path(root, entry["mask"], f"{prefix}mask", allow_outside_root)
+            problems += check_path(guard, entry["mask"], f"{prefix}mask")
         kept = entry.get("mrmedseg")
         if kept is not None and not _is_kept_turns(kept):
             problems.append(
@@ -190,6 +191,7 @@ def read_jsonl(
         data = path.read_bytes()
     except OSError as error:
         raise DataError(str(path), None, None, f"cannot read file: {error.strerror or error}") from None
+    guard = guard_for(root, allow_outside_root)
     dialogues: list[Dialogue] = []
     problems: list[DataError] = []
     count = 0
@@ -216,7 +218,7 @@ def read_jsonl(
         dialogue_id = (
             record.get("id") if isinstance(record, dict) and isinstance(record.get("id"), str) else None
         )
-        dialogue, found = record_to_dialogue(record, root, allow_outside_root)
+        dialogue, found = record_to_dialogue(record, root, guard)
         if dialogue is None:
             problems += attach(path, item_label("line", number, dialogue_id), found)
             continue

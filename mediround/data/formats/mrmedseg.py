@@ -23,7 +23,8 @@ from pathlib import Path
 
 from mediround.atomic import atomic_open
 from mediround.data.dialogue import Dialogue, Round
-from mediround.data.formats.common import Problem, attach, check_path, item_label
+from mediround.data.formats.common import Problem, attach, check_path, guard_for, item_label
+from mediround.data.paths import RootGuard
 from mediround.errors import DataError
 
 TOKEN = re.compile(r"\[(IMAGE256|MASK-DECODE|MASK-ENCODE|BOX-ENCODE|REF-DECODE):([^\]]*)\]")
@@ -112,7 +113,7 @@ def _check_turn(turn: object, index: int, speaker: str) -> list[Problem]:
 
 
 def item_to_dialogue(
-    item: object, index: int, root: Path, allow_outside_root: bool = False
+    item: object, index: int, root: Path, guard: RootGuard | None = None
 ) -> tuple[Dialogue | None, list[Problem]]:
     """The dialogue of one MR-MedSeg item, or None and every (field, reason) problem found in it."""
     if not isinstance(item, dict):
@@ -152,7 +153,7 @@ def item_to_dialogue(
             if image is None:
                 problems.append((f"{prefix_h}value", "no [IMAGE256:...] token in the first human turn"))
             else:
-                problems += check_path(root, image, f"{prefix_h}value", allow_outside_root)
+                problems += check_path(guard, image, f"{prefix_h}value")
         ref = None
         ind = human.get("ind")
         if ind is not None:
@@ -187,7 +188,7 @@ def item_to_dialogue(
         elif parsed["encode"] is not None:
             problems.append((f"{prefix_h}ind", "[MASK-ENCODE:...] given without 'ind'"))
         if parsed["mask"] is not None:
-            problems += check_path(root, parsed["mask"], f"{prefix_g}value", allow_outside_root)
+            problems += check_path(guard, parsed["mask"], f"{prefix_g}value")
             decoded_rounds.append(number)
         round_ = Round(
             query=parsed["query"],
@@ -216,7 +217,7 @@ def item_to_dialogue(
         **{name: item.get(name) for name in ITEM_FIELDS_TO_DIALOGUE},
     )
     fields = {key: value for key, value in item.items() if key != "conversations"}
-    if fields != _canonical_fields(dialogue):
+    if fields != _canonical_fields(dialogue, index):
         dialogue.extra = {"mrmedseg": {"item": fields}}
     return dialogue, []
 
@@ -244,8 +245,10 @@ def _render_pair(round_: Round, rounds: list[Round], image: str, first: bool) ->
     return human, {"from": "gpt", "value": answer}
 
 
-def _canonical_fields(dialogue: Dialogue) -> dict:
-    fields: dict = {"id": dialogue.id, "task": TASK, "base": BASE}
+def _canonical_fields(dialogue: Dialogue, position: int) -> dict:
+    """Item fields besides the turns; the id is left out when it is the item's position (as released)."""
+    fields: dict = {} if dialogue.id == str(position) else {"id": dialogue.id}
+    fields.update(task=TASK, base=BASE)
     for name in ITEM_FIELDS_TO_DIALOGUE:
         if getattr(dialogue, name) is not None:
             fields[name] = getattr(dialogue, name)
@@ -272,15 +275,17 @@ def _same_round(kept: tuple[dict, dict], round_: Round, rounds: list[Round], ima
     )
 
 
-def dialogue_to_item(dialogue: Dialogue) -> dict:
-    """The MR-MedSeg item of a dialogue; the original turns and fields are reused where still accurate."""
+def dialogue_to_item(dialogue: Dialogue, position: int) -> dict:
+    """The MR-MedSeg item of the dialogue at ``position`` in its file; kept original text is reused where accurate."""
     kept_item = dialogue.extra.get("mrmedseg", {}).get("item")
     if kept_item is None:
-        item = _canonical_fields(dialogue)
+        item = _canonical_fields(dialogue, position)
     else:
         item = dict(kept_item)
         if "id" in item:
             item["id"] = item["id"] if str(item["id"]) == dialogue.id else dialogue.id
+        elif dialogue.id != str(position):
+            item = {"id": dialogue.id, **item}
         for name in ITEM_FIELDS_TO_DIALOGUE:
             if getattr(dialogue, name) is not None:
                 item[name] = getattr(dialogue, name)
@@ -341,10 +346,11 @@ def read_mrmedseg(
         raise DataError(
             str(path), None, None, f"an MR-MedSeg file must be a JSON list, got {type(items).__name__}"
         )
+    guard = guard_for(root, allow_outside_root)
     dialogues: list[Dialogue] = []
     problems: list[DataError] = []
     for index, item in enumerate(items):
-        dialogue, found = item_to_dialogue(item, index, root, allow_outside_root)
+        dialogue, found = item_to_dialogue(item, index, root, guard)
         if dialogue is None:
             known_id = item.get("id", index) if isinstance(item, dict) else index
             problems += attach(path, item_label("item", index, str(known_id)), found)
@@ -355,7 +361,7 @@ def read_mrmedseg(
 
 def write_mrmedseg(dialogues: Iterable[Dialogue], path: str | os.PathLike) -> None:
     """Write dialogues as an MR-MedSeg JSON list, atomically."""
-    items = [dialogue_to_item(dialogue) for dialogue in dialogues]
+    items = [dialogue_to_item(dialogue, position) for position, dialogue in enumerate(dialogues)]
     with atomic_open(path) as handle:
         json.dump(items, handle, ensure_ascii=False, indent=2)
         handle.write("\n")

@@ -15,7 +15,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from mediround.data.dialogue import Dialogue, Round
-from mediround.data.formats.common import check_path
+from mediround.data.formats.common import check_path, guard_for
 from mediround.errors import DataError
 
 QUERY = "Segment the {entity}."
@@ -119,6 +119,7 @@ def read_samed2d(
     for map_path in maps:
         pairs = _read_map(map_path)
         root = _root_for(map_path, pairs)
+        guard = guard_for(root, allow_outside_root)
         for image, masks in pairs.items():
             image_stem = PurePosixPath(image).stem
             for mask in masks:
@@ -128,9 +129,7 @@ def read_samed2d(
                 count += 1
                 mask_stem = PurePosixPath(mask).stem
                 entity = class_from_mask_name(mask_stem, image_stem)
-                found = check_path(root, image, "image", allow_outside_root) + check_path(
-                    root, mask, "mask", allow_outside_root
-                )
+                found = check_path(guard, image, "image") + check_path(guard, mask, "mask")
                 if entity is None:
                     found.append(
                         ("mask", f"no class name in '{mask}' (expected <image stem>_<class>_<instance>.png)")
