@@ -59,7 +59,7 @@ def _print_report(evaluation: Evaluation, per_round: bool) -> None:
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
 @click.option("--predictions", "predictions_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Predictions folder written by `mediround infer` (predictions.jsonl + masks/).")
-@click.option("--per-round", is_flag=True, help="Also print the per-round table (rounds as columns).")
+@click.option("--per-round", is_flag=True, help="Also print the per-round table (one row per round).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Metric rows as Parquet [default: PREDICTIONS/metrics.parquet].")
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),

@@ -62,18 +62,17 @@ def overall_table(summary: Mapping[str, Mapping[Any, Scores]], title: str = "Ove
 
 
 def round_table(summary: Mapping[str, Mapping[Any, Scores]], title: str = "Per round (x100)") -> Table:
-    """Table 2 layout: one column per round plus ``overall``, one row per metric and a row of mask counts."""
-    rounds = sorted(summary["round"])
+    """Table 2 of the paper, transposed so that 12 rounds fit a terminal: one row per round, then overall."""
     overall = summary["overall"][None]
-    table = _table(title=title)
-    table.add_column("metric")
-    for number in rounds:
-        table.add_column(f"Round #{number}", justify="right")
-    table.add_column("overall", justify="right", style="bold")
+    table = _table(title)
+    table.add_column("round")
+    table.add_column("masks", justify="right")
     for metric in METRICS:
-        table.add_row(METRIC_LABELS[metric], *(_points(summary["round"][n], metric) for n in rounds),
-                      _points(overall, metric))
-    table.add_row("masks", *(str(summary["round"][n].count) for n in rounds), str(overall.count), style="dim")
+        table.add_column(METRIC_LABELS[metric], justify="right")
+    for number, scores in sorted(summary["round"].items()):
+        table.add_row(f"Round #{number}", str(scores.count), *(_points(scores, metric) for metric in METRICS))
+    table.add_section()
+    table.add_row("overall", str(overall.count), *(_points(overall, metric) for metric in METRICS), style="bold")
     return table
 
 
