@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,9 +14,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from mediround.data.dialogue import Dialogue, Round
+from mediround.data.formats import load_dialogues
 from mediround.data.formats.jsonl import write_jsonl
-from mediround.data.images import save_mask
+from mediround.data.images import load_mask, save_mask
 from mediround.inference.predictions import PREDICTIONS_FILE, PredictionWriter
+from mediround.reports.scoring import EvalConfig, evaluate_predictions
 from mediround_cli.main import cli
 
 
@@ -138,3 +141,24 @@ def test_scoring_path_does_not_import_torch():
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+REAL_SAMED2D = Path("/work/shared/data/sam-med2d-demo/data_demo")
+
+
+@pytest.mark.skipif(not REAL_SAMED2D.exists(), reason="real SA-Med2D demo slices not available")
+def test_real_ct_masks_score_as_computed_by_hand(tmp_path):
+    loaded = load_dialogues(REAL_SAMED2D)
+    dialogues = [d for d in loaded.dialogues if d.mask_path(1) is not None][:3]
+    expected_i = expected_u = 0
+    with PredictionWriter(tmp_path / "predictions") as writer:
+        for dialogue in dialogues:
+            gt = load_mask(dialogue.mask_path(1))
+            shifted = np.roll(gt, 5, axis=0)
+            writer.write(dialogue.id, 1, shifted)
+            expected_i += int(np.sum(shifted & gt))
+            expected_u += int(np.sum(shifted | gt))
+    evaluation = evaluate_predictions(dialogues, tmp_path / "predictions", EvalConfig())
+    assert expected_u > expected_i > 0
+    assert evaluation.summary["overall"][None].ciou == pytest.approx(expected_i / expected_u)
+    assert [row["missing"] for row in evaluation.rows if row["round"] == 1] == [False] * len(dialogues)
