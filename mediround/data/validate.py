@@ -11,7 +11,7 @@ import numpy as np
 
 from mediround.data.dialogue import Dialogue
 from mediround.data.formats import load_dialogues
-from mediround.data.formats.common import item_label
+from mediround.data.formats.common import dialogue_label
 from mediround.data.images import check_image, load_mask
 from mediround.errors import DataError
 
@@ -40,12 +40,6 @@ class ValidationReport:
         return not self.problems
 
 
-def _label(dialogue: Dialogue, source_format: str) -> str:
-    kind = {"jsonl": "line", "mrmedseg": "item"}.get(source_format, "mask")
-    number = dialogue.item if dialogue.item is not None else 0
-    return item_label(kind, number, dialogue.id)
-
-
 def _round_field(source_format: str, number: int, gpt: bool) -> str:
     if source_format == "mrmedseg":
         return f"conversations[{2 * number - 1 if gpt else 2 * number - 2}].value"
@@ -59,7 +53,7 @@ def check_dialogue_files(
 
     ``image_sizes`` caches image checks across dialogues that share an image.
     """
-    label = _label(dialogue, source_format)
+    label = dialogue_label(dialogue, source_format)
     image_field = "conversations[0].value" if source_format == "mrmedseg" else "image"
     problems: list[DataError] = []
 

@@ -75,7 +75,12 @@ def test_jsonl_to_mrmedseg_to_jsonl_keeps_every_field(dataset: Path) -> None:
     write_jsonl_lines(dataset / "one.jsonl", [record])
     write_mrmedseg(load_dialogues(dataset / "one.jsonl").dialogues, dataset / "one.json")
     item = json.loads((dataset / "one.json").read_text())[0]
-    assert (item["id"], item["task"], item["base"], item["difficulty"]) == ("d1", "segmentation", "[null]", "hard")
+    assert (item["id"], item["task"], item["base"], item["difficulty"]) == (
+        "d1",
+        "segmentation",
+        "[null]",
+        "hard",
+    )
     assert item["conversations"][2]["value"] == (
         "[MASK-ENCODE:masks/s1_r00.png][BOX-ENCODE:masks/s1_r00.png] Segment the organ beside it."
     )
@@ -187,12 +192,25 @@ def test_symlinked_folder_leaving_the_root_is_refused(dataset: Path, tmp_path: P
     os.symlink(tmp_path / "elsewhere", dataset / "linked")
     os.symlink(dataset / "images", dataset / "inside")
     path = write_jsonl_lines(
-        dataset / "links.jsonl", [jsonl_line("out", image="linked/a.png"), jsonl_line("in", image="inside/s1.png")]
+        dataset / "links.jsonl",
+        [jsonl_line("out", image="linked/a.png"), jsonl_line("in", image="inside/s1.png")],
     )
     result = load_dialogues(path)
     assert [d.id for d in result.dialogues] == ["in"]
     assert [(p.item, p.field) for p in result.problems] == [("line 1: id out", "image")]
     assert "leaves the root" in result.problems[0].reason
+
+
+def test_duplicate_ids_keep_the_first(dataset: Path) -> None:
+    path = write_jsonl_lines(dataset / "dup.jsonl", [jsonl_line("a"), jsonl_line("b"), jsonl_line("a")])
+    result = load_dialogues(path)
+    assert [d.item for d in result.dialogues] == [1, 2]
+    assert [(p.item, p.field, p.reason) for p in result.problems] == [
+        ("line 3: id a", "id", "duplicate id 'a' (first at line 1: id a)")
+    ]
+    # The second item has no id, so its id is its position "1", which the first item already uses.
+    (dataset / "dup.json").write_text(json.dumps([{**MR_ITEMS[1], "id": "1"}, MR_ITEMS[0]]))
+    assert [p.item for p in load_dialogues(dataset / "dup.json").problems] == ["item 1: id 1"]
 
 
 def test_outside_paths_are_accepted_when_allowed(dataset: Path) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mediround.data.dialogue import Dialogue
+from mediround.data.formats.common import dialogue_label
 from mediround.data.formats.jsonl import read_jsonl, write_jsonl
 from mediround.data.formats.mrmedseg import read_mrmedseg, write_mrmedseg
 from mediround.data.formats.samed2d import read_samed2d
@@ -77,7 +78,31 @@ def load_dialogues(
         base = Path(root) if root is not None else path.parent
         reader = read_jsonl if kind == "jsonl" else read_mrmedseg
         dialogues, problems, total = reader(path, base, allow_outside_root)
-    return LoadResult(dialogues, problems, kind, total)
+    unique = _drop_duplicate_ids(dialogues, problems, path, kind)
+    return LoadResult(unique, problems, kind, total)
+
+
+def _drop_duplicate_ids(
+    dialogues: list[Dialogue], problems: list[DataError], path: Path, kind: str
+) -> list[Dialogue]:
+    """Keep the first dialogue of each id; report the others (predictions and scores are keyed by id)."""
+    first_seen: dict[str, str] = {}
+    unique = []
+    for dialogue in dialogues:
+        label = dialogue_label(dialogue, kind)
+        if dialogue.id in first_seen:
+            problems.append(
+                DataError(
+                    str(path),
+                    label,
+                    "id",
+                    f"duplicate id '{dialogue.id}' (first at {first_seen[dialogue.id]})",
+                )
+            )
+        else:
+            first_seen[dialogue.id] = label
+            unique.append(dialogue)
+    return unique
 
 
 __all__ = ["FORMATS", "LoadResult", "detect", "load_dialogues", "write_jsonl", "write_mrmedseg"]

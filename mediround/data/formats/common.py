@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mediround.data.dialogue import Dialogue
 from mediround.data.paths import RootGuard
 from mediround.errors import DataError
 
@@ -15,6 +16,15 @@ def item_label(kind: str, number: int, dialogue_id: str | None) -> str:
     """``"line 3"`` or ``"item 0: id abc"``: where a problem is, for ``DataError.item``."""
     label = f"{kind} {number}"
     return label if dialogue_id is None else f"{label}: id {dialogue_id}"
+
+
+ITEM_KINDS = {"jsonl": "line", "mrmedseg": "item", "sa-med2d": "mask"}
+
+
+def dialogue_label(dialogue: Dialogue, source_format: str) -> str:
+    """Where a loaded dialogue came from, in the words problems use (``"line 3: id a3"``)."""
+    number = dialogue.item if dialogue.item is not None else 0
+    return item_label(ITEM_KINDS[source_format], number, dialogue.id)
 
 
 def attach(file: Path, label: str, problems: list[Problem]) -> list[DataError]:

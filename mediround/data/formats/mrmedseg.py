@@ -102,8 +102,8 @@ def _check_turn(turn: object, index: int, speaker: str) -> list[Problem]:
     if not isinstance(turn.get("value"), str):
         problems.append((f"{field}.value", f"must be a string, got {type(turn.get('value')).__name__}"))
     ind = turn.get("ind")
-    if "ind" in turn and (isinstance(ind, bool) or not isinstance(ind, int)):
-        problems.append((f"{field}.ind", f"must be an integer, got {type(ind).__name__} {ind!r:.40}"))
+    if ind is not None and (isinstance(ind, bool) or not isinstance(ind, int)):
+        problems.append((f"{field}.ind", f"must be an integer or null, got {type(ind).__name__} {ind!r:.40}"))
     for name, kinds in (("entity", (str,)), ("difficulty", (str,)), ("names_target", (bool,))):
         if name in turn and not isinstance(turn[name], kinds):
             problems.append(
@@ -121,7 +121,7 @@ def item_to_dialogue(
     problems: list[Problem] = []
     if item.get("task", TASK) != TASK:
         problems.append(("task", f"task {item.get('task')!r} is not supported (only '{TASK}')"))
-    if "id" in item and not isinstance(item["id"], str | int) or isinstance(item.get("id"), bool):
+    if "id" in item and (isinstance(item["id"], bool) or not isinstance(item["id"], str | int)):
         problems.append(("id", f"must be a string or integer, got {type(item['id']).__name__}"))
     for name in ITEM_FIELDS_TO_DIALOGUE:
         if name in item and not isinstance(item[name], str | None):
