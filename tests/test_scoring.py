@@ -115,6 +115,16 @@ def test_unusable_prediction_and_unreadable_ground_truth_are_reported(tmp_path):
     assert skipped.item == "d/2" and "dialogue skipped" in skipped.reason
 
 
+def test_deleted_prediction_mask_is_missing_and_named(tmp_path):
+    dialogues, predictions = build_case(tmp_path)
+    (predictions / "masks" / "d1_r1.png").unlink()
+    result = score_predictions(dialogues, predictions)
+    assert ("d1", 1) in result.missing
+    [problem] = result.problems
+    assert (problem.item, problem.field) == ("d1 round 1", "mask")
+    assert "masks/d1_r1.png" in problem.reason and "not found" in problem.reason
+
+
 def test_round_without_ground_truth_is_not_scored_but_reported(tmp_path):
     dialogues, predictions = build_case(tmp_path)
     dialogues[0].rounds[1].mask = None

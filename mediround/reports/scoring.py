@@ -47,7 +47,7 @@ def _prediction_mask(
         mask = load_mask(path)
     except DataError as error:
         problems.append(DataError(str(predictions_dir / PREDICTIONS_FILE), f"{record['id']} round {record['round']}",
-                                  "mask", error.reason))
+                                  "mask", f"{record['mask']}: {error.reason}"))
         return None
     if mask.shape != shape:
         problems.append(DataError(str(path), f"{record['id']} round {record['round']}", "mask",
