@@ -14,6 +14,7 @@ from mediround.data.synth import SCENARIOS, generate, iter_dialogues, make_dialo
 from mediround.data.synth.anatomy import entity_names, sample_scene
 from mediround.data.synth.generator import difficulty_of, plan_rounds
 from mediround.data.synth.scenarios import RELATIONS
+from mediround.data.synth.shapes import Blob, split_by_line
 from mediround.data.validate import validate
 from mediround_cli.main import cli
 
@@ -172,3 +173,21 @@ def test_text_corpus_covers_every_generated_sentence(sample):
         for round_ in item.dialogue.rounds:
             assert round_.query in corpus and round_.answer in corpus
     assert all(any(name in sentence for sentence in corpus) for name in entity_names())
+
+
+def test_blob_mask_matches_a_hand_counted_disc():
+    # Pixel centres sit at odd multiples of 1/16 from the middle; within radius 1/4 are the 2x2 centre
+    # and the 8 pixels one step out along an axis: (1/16)^2 + (3/16)^2 <= 1/16, (3/16)^2 * 2 > 1/16.
+    disc = Blob(0.5, 0.5, 0.25, 0.25).mask(8)
+    expected = np.zeros((8, 8), bool)
+    expected[3:5, 2:6] = True
+    expected[2:6, 3:5] = True
+    assert np.array_equal(disc, expected)
+    assert not Blob(2.0, 2.0, 0.1, 0.1).mask(8).any()
+
+
+def test_split_by_line_partitions_the_mask():
+    full = np.ones((4, 4), bool)
+    upper, lower = split_by_line(full, (0.5, 0.5), 0.0)
+    assert upper[:2].all() and not upper[2:].any()
+    assert np.array_equal(upper | lower, full) and not (upper & lower).any()
