@@ -45,7 +45,7 @@ def convert(
     root: str | None,
     allow_outside_root: bool,
 ) -> None:
-    """Convert SOURCE to OUTPUT; paths are rewritten relative to OUTPUT's folder. Bad dialogues are skipped."""
+    """Convert SOURCE to OUTPUT, paths rewritten relative to OUTPUT's folder; bad dialogues are skipped."""
     result = convert_data(source, output, source_format, target_format, root, allow_outside_root)
     for problem in result.problems:
         console.print(problem.one_line(), soft_wrap=True, markup=False)

@@ -56,7 +56,8 @@ def validate(data: str, root: str | None, allow_outside_root: bool) -> None:
     console.print(summary_table(report))
     if not report.ok:
         console.print(
-            f"[red]{len(report.problems)} problem(s); {report.stats.dialogues - report.stats.valid} dialogue(s) invalid[/red]"
+            f"[red]{len(report.problems)} problem(s); "
+            f"{report.stats.dialogues - report.stats.valid} dialogue(s) invalid[/red]"
         )
         sys.exit(1)
     console.print("[green]all dialogues valid[/green]")

@@ -22,7 +22,7 @@ class RootGuard:
         return real == self._real_root or real.startswith(self._real_root.rstrip(os.sep) + os.sep)
 
     def reason(self, relative: str) -> str | None:
-        """Why ``relative`` may not be used (absolute, or leaving the root via ``..`` or a symlink), else None."""
+        """Why ``relative`` may not be used (absolute, leaving the root via ``..`` or a symlink), or None."""
         if relative.startswith(("/", "\\")) or _DRIVE.match(relative):
             return f"absolute path '{relative}' is not allowed (paths are relative to the root {self.root})"
         folder, name = os.path.split(relative)
@@ -43,7 +43,7 @@ def outside_root_reason(root: Path, relative: str) -> str | None:
 
 
 def relocate(relative: str, old_root: Path, new_root: Path) -> str:
-    """The same file as ``relative`` under ``old_root``, written relative to ``new_root`` (POSIX separators)."""
+    """The file ``relative`` under ``old_root``, written relative to ``new_root`` (POSIX separators)."""
     if Path(os.path.abspath(old_root)) == Path(os.path.abspath(new_root)):
         return relative
     absolute = os.path.abspath(os.path.join(old_root, relative))

@@ -64,7 +64,7 @@ MR_ITEMS = [
 
 
 def jsonl_line(dialogue_id: str, image: str = "images/s1.png", **changes) -> dict:
-    """A valid two-round JSONL record for the dataset fixture, with top-level fields replaced by ``changes``."""
+    """A valid two-round JSONL record for the dataset fixture; ``changes`` replace top-level fields."""
     record = {
         "id": dialogue_id,
         "image": image,

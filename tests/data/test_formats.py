@@ -267,7 +267,7 @@ def test_broken_mrmedseg_items_are_reported_and_good_items_kept(dataset: Path) -
         ("conversations[0].ind", "ind 0 points forward: no earlier round has a mask"),
     ]
     assert found["item 3: id mismatch"][0][0] == "conversations[2].value"
-    assert "differs from the mask of round 1" in found["item 3: id mismatch"][0][1]
+    assert "differs from round 1's mask" in found["item 3: id mismatch"][0][1]
     assert found["item 4: id vqa"][0][0] == "task"
     assert found["item 5: id typo"][0][0] == "conversations[1].valeu"
     assert found["item 6: id noimg"] == [

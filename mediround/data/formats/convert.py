@@ -25,7 +25,7 @@ class ConvertResult:
     total: int
     problems: list[DataError]
     outside_output_folder: int
-    """Written dialogues naming files outside the output's folder: validate them with ``allow_outside_root``."""
+    """Written dialogues naming files outside the output's folder (validate with ``allow_outside_root``)."""
 
 
 def target_format_for(output: str | os.PathLike) -> str:
@@ -65,7 +65,7 @@ def convert(
     root: str | os.PathLike | None = None,
     allow_outside_root: bool = False,
 ) -> ConvertResult:
-    """Read ``source``, write its valid dialogues to ``output`` atomically; skipped ones are returned as problems."""
+    """Write the valid dialogues of ``source`` to ``output`` atomically; skipped ones come back as problems."""
     output = Path(output)
     target = target_format or target_format_for(output)
     if target not in ("jsonl", "mrmedseg"):

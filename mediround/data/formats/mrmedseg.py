@@ -175,7 +175,7 @@ def item_to_dialogue(
                     problems.append(
                         (
                             f"{prefix_h}value",
-                            f"[MASK-ENCODE:{parsed['encode']}] differs from the mask of round {ref} ({expected})",
+                            f"[MASK-ENCODE:{parsed['encode']}] differs from round {ref}'s mask ({expected})",
                         )
                     )
                 if parsed["box"] is not None and parsed["box"] != parsed["encode"]:
@@ -276,7 +276,7 @@ def _same_round(kept: tuple[dict, dict], round_: Round, rounds: list[Round], ima
 
 
 def dialogue_to_item(dialogue: Dialogue, position: int) -> dict:
-    """The MR-MedSeg item of the dialogue at ``position`` in its file; kept original text is reused where accurate."""
+    """The MR-MedSeg item of the dialogue at ``position``; kept original text is reused where accurate."""
     kept_item = dialogue.extra.get("mrmedseg", {}).get("item")
     if kept_item is None:
         item = _canonical_fields(dialogue, position)

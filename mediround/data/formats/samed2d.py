@@ -102,7 +102,7 @@ def _root_for(map_path: Path, pairs: dict[str, list[str]]) -> Path:
 def read_samed2d(
     folder: str | os.PathLike, allow_outside_root: bool = False
 ) -> tuple[list[Dialogue], list[DataError], int]:
-    """One single-round dialogue per mask of an SA-Med2D folder, the problems of skipped masks, and the mask count."""
+    """A single-round dialogue per mask of an SA-Med2D folder, problems of skipped masks, the mask count."""
     folder = Path(folder)
     maps = _maps(folder)
     if not maps:
