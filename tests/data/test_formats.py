@@ -202,11 +202,13 @@ def test_symlinked_folder_leaving_the_root_is_refused(dataset: Path, tmp_path: P
 
 
 def test_duplicate_ids_keep_the_first(dataset: Path) -> None:
-    path = write_jsonl_lines(dataset / "dup.jsonl", [jsonl_line("a"), jsonl_line("b"), jsonl_line("a")])
-    result = load_dialogues(path)
+    lines = [jsonl_line("a"), jsonl_line("b"), jsonl_line("a"), jsonl_line("", rounds=[])]
+    result = load_dialogues(write_jsonl_lines(dataset / "dup.jsonl", lines))
     assert [d.item for d in result.dialogues] == [1, 2]
     assert [(p.item, p.field, p.reason) for p in result.problems] == [
-        ("line 3: id a", "id", "duplicate id 'a' (first at line 1: id a)")
+        ("line 4", "id", "must not be empty"),
+        ("line 4", "rounds", "a dialogue needs at least one round"),
+        ("line 3: id a", "id", "duplicate id 'a' (first at line 1: id a)"),
     ]
     # The second item has no id, so its id is its position "1", which the first item already uses.
     (dataset / "dup.json").write_text(json.dumps([{**MR_ITEMS[1], "id": "1"}, MR_ITEMS[0]]))

@@ -15,7 +15,7 @@ Problem = tuple[str | None, str]
 def item_label(kind: str, number: int, dialogue_id: str | None) -> str:
     """``"line 3"`` or ``"item 0: id abc"``: where a problem is, for ``DataError.item``."""
     label = f"{kind} {number}"
-    return label if dialogue_id is None else f"{label}: id {dialogue_id}"
+    return f"{label}: id {dialogue_id}" if dialogue_id else label
 
 
 ITEM_KINDS = {"jsonl": "line", "mrmedseg": "item", "sa-med2d": "mask"}

@@ -107,14 +107,19 @@ def _type_problems(
 def record_to_dialogue(
     record: object, root: Path, guard: RootGuard | None = None
 ) -> tuple[Dialogue | None, list[Problem]]:
-    """The dialogue of one JSONL record, or None and every (field, reason) problem found in it."""
+    """The dialogue of one JSONL record, or None and every (field, reason) problem found in it.
+
+    ``guard`` refuses paths leaving the root; without one, paths are not checked.
+    """
     if not isinstance(record, dict):
         return None, [(None, f"a line must be a JSON object, got {type(record).__name__}")]
     problems = _type_problems(record, DIALOGUE_TYPES, ("id", "image", "rounds"), "")
     if problems:
         return None, problems
+    if not record["id"]:
+        problems.append(("id", "must not be empty"))
     if not record["rounds"]:
-        return None, [("rounds", "a dialogue needs at least one round")]
+        return None, problems + [("rounds", "a dialogue needs at least one round")]
     problems += check_path(guard, record["image"], "image")
     if "mrmedseg" in record and (
         set(record["mrmedseg"]) != {"item"} or not isinstance(record["mrmedseg"]["item"], dict)
