@@ -22,7 +22,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from mediround.atomic import append_jsonl_line, atomic_open, write_json
 from mediround.data.dialogue import Dialogue
-from mediround.errors import DataError
+from mediround.errors import CheckpointError, DataError
 from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_references
 from mediround.inference.predictions import (
     MASKS_FOLDER,
@@ -45,16 +45,22 @@ PARTS_FOLDER = ".parts"
 PROGRESS_FILE = "progress.jsonl"
 WORKER_PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.parquet"
+DEFAULT_BETA = 0.6
+"""The paper's JCM threshold (Figure 7)."""
 
 
 @dataclass
 class InferenceConfig:
-    """Everything one ``mediround infer`` run needs; JSON round trip so re-launched workers read the same."""
+    """Everything one ``mediround infer`` run needs; JSON round trip so re-launched workers read the same.
+
+    ``betas`` empty means the default: ``DEFAULT_BETA`` when the checkpoint has trained JCM weights, else
+    JCM off (``resolve_betas``). ``None`` in ``betas`` is a JCM-off track.
+    """
 
     data: str
     model: str
     out: str
-    betas: tuple[float | None, ...] = (0.6,)
+    betas: tuple[float | None, ...] = ()
     teacher_forcing: tuple[bool, ...] = (False,)
     generate: bool = False
     use_cache: bool = True
@@ -108,6 +114,7 @@ class InferenceSummary:
     seg_missing: int
     folders: dict[str, str] = field(default_factory=dict)
     errors_file: str = ""
+    config: InferenceConfig | None = None
 
 
 def error_record(file: str, item: Any, dialogue_id: str | None, field_name: str | None, reason: str) -> dict:
@@ -354,14 +361,42 @@ def score_outputs(config: InferenceConfig) -> dict[str, Any]:
     return evaluations
 
 
+def checkpoint_has_trained_jcm(model_config: Any) -> bool:
+    """Whether a model config says its JCM weights were trained (``train-jcm`` saves ``trainable.jcm``)."""
+    return bool(model_config.trainable.jcm)
+
+
+def resolve_betas(config: InferenceConfig, model_config: Any | None = None) -> InferenceConfig:
+    """Fill in the default threshold and refuse numeric thresholds on a checkpoint whose JCM is untrained.
+
+    ``model_config`` defaults to the checkpoint's ``config.json`` (read without loading weights).
+    """
+    if model_config is None:
+        from mediround.errors import RecipeError
+        from mediround.model.config import MediRoundConfig
+
+        path = Path(config.model) / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{config.model}: not a MediRound checkpoint (no config.json)")
+        try:
+            model_config = MediRoundConfig.from_json(path)
+        except RecipeError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+    trained = checkpoint_has_trained_jcm(model_config)
+    if not config.betas:
+        return replace(config, betas=(DEFAULT_BETA,) if trained else (None,))
+    numeric = [b for b in config.betas if b is not None]
+    if numeric and not trained:
+        raise CheckpointError(f"{config.model}: the checkpoint has no trained JCM weights (run `mediround "
+                              f"train-jcm`), so --beta {numeric[0]:g} would use random MLPs; use --beta off")
+    return config
+
+
 def load_model(config: InferenceConfig) -> Any:
     """The checkpoint of ``config.model`` on ``config.device``, in eval mode."""
     from mediround.model.checkpoint import load_checkpoint
 
-    model = load_checkpoint(config.model)
-    model.to(config.device)
-    model.eval()
-    return model
+    return load_checkpoint(config.model, device=config.device).eval()
 
 
 def run_inference(
@@ -374,6 +409,7 @@ def run_inference(
 
     ``on_plan`` sees the plan before work starts; ``on_progress`` gets the number of dialogues finished.
     """
+    config = resolve_betas(config, None if model is None else model.config)
     plan = load_plan(config)
     if on_plan is not None:
         on_plan(plan)
@@ -398,6 +434,7 @@ def run_inference(
         seg_missing=seg_missing,
         folders=folders,
         errors_file=str(Path(config.out) / ERRORS_FILE),
+        config=config,
     )
 
 

@@ -41,8 +41,9 @@ def _tile(image: np.ndarray, predicted: np.ndarray | None, truth: np.ndarray | N
     if predicted is not None:
         pixels = _tint(pixels, predicted, PREDICTED_COLOUR)
     tile = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    tile.thumbnail((TILE, TILE))
-    return tile
+    scale = TILE / max(tile.size)
+    size = (max(1, round(tile.width * scale)), max(1, round(tile.height * scale)))
+    return tile.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR)
 
 
 def _truth(dialogue: Dialogue, number: int, shape: tuple[int, int]) -> np.ndarray | None:

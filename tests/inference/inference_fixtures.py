@@ -48,14 +48,20 @@ def write_dialogues(root: Path, n_dialogues: int = 3, n_rounds: int = 3, seed: i
     return path
 
 
-def tiny_model():
-    """A random tiny MediRound in eval mode (one CPU thread keeps results reproducible and cheap)."""
+def tiny_model(jcm_trained: bool = True):
+    """A random tiny MediRound in eval mode (one CPU thread keeps results reproducible and cheap).
+
+    ``jcm_trained`` marks the JCM weights as trained in the config (as ``train-jcm`` does), so that
+    numeric thresholds are accepted; the weights stay random.
+    """
     import torch
 
     from mediround.model import build_model, preset
 
     torch.set_num_threads(1)
-    return build_model(preset("tiny")).eval()
+    model = build_model(preset("tiny")).eval()
+    model.config.trainable.jcm = jcm_trained
+    return model
 
 
 def set_judge_score(model, score: float) -> None:
