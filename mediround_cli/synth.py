@@ -18,8 +18,11 @@ def summary_table(summary: SynthSummary) -> Table:
         table.add_row(f"dialogues: {split}", str(count))
     table.add_row("rounds", str(summary.rounds))
     table.add_row("reference-only rounds", str(summary.reference_only_rounds))
-    for title, counter in (("scenario", summary.scenarios), ("modality", summary.modalities),
-                           ("difficulty", summary.difficulties)):
+    for title, counter in (
+        ("scenario", summary.scenarios),
+        ("modality", summary.modalities),
+        ("difficulty", summary.difficulties),
+    ):
         for name, count in sorted(counter.items()):
             table.add_row(f"{title}: {name}", str(count))
     table.add_row("median mask area", f"{100 * summary.median_mask_fraction:.1f}% of the image")
@@ -28,13 +31,30 @@ def summary_table(summary: SynthSummary) -> Table:
 
 @click.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
-@click.option("--dialogues", "n_dialogues", type=click.IntRange(min=1), default=400, show_default=True,
-              help="Number of dialogues (split 80/10/10 with --split all).")
+@click.option(
+    "--dialogues",
+    "n_dialogues",
+    type=click.IntRange(min=1),
+    default=400,
+    show_default=True,
+    help="Number of dialogues (split 80/10/10 with --split all).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files, byte for byte.")
-@click.option("--split", type=click.Choice([*SPLITS, "all"]), default="all", show_default=True,
-              help="Which split file to write.")
-@click.option("--size", "image_size", type=click.IntRange(min=32), default=128, show_default=True,
-              help="Image side in pixels.")
+@click.option(
+    "--split",
+    type=click.Choice([*SPLITS, "all"]),
+    default="all",
+    show_default=True,
+    help="Which split file to write.",
+)
+@click.option(
+    "--size",
+    "image_size",
+    type=click.IntRange(min=32),
+    default=128,
+    show_default=True,
+    help="Image side in pixels.",
+)
 @handle_errors
 def synth(out: str, n_dialogues: int, seed: int, split: str, image_size: int) -> None:
     """Generate N synthetic dialogues with images and masks under OUT (OUT/<split>.jsonl, images/, masks/)."""
@@ -43,7 +63,11 @@ def synth(out: str, n_dialogues: int, seed: int, split: str, image_size: int) ->
     with Progress(*columns, console=err_console, transient=True) as progress:
         tasks = {name: progress.add_task(f"synth {name}", total=count) for name, count in sizes.items()}
         summary = generate(
-            out, n_dialogues, seed, split=split, image_size=image_size,
+            out,
+            n_dialogues,
+            seed,
+            split=split,
+            image_size=image_size,
             progress=lambda name, done: progress.update(tasks[name], completed=done),
         )
     console.print(summary_table(summary))

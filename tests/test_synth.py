@@ -20,8 +20,11 @@ from mediround_cli.main import cli
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +85,12 @@ def test_names_target_means_the_text_names_the_entity(sample):
 def test_reference_only_rounds_exist_and_hide_the_name(sample):
     reference_only = [r for item in sample for r in item.dialogue.rounds if not r.names_target]
     assert len(reference_only) > len(sample) // 2
-    unnamed_openings = [r for item in sample for r in item.dialogue.rounds
-                        if r.ref is None and r.entity not in r.query + r.answer]
+    unnamed_openings = [
+        r
+        for item in sample
+        for r in item.dialogue.rounds
+        if r.ref is None and r.entity not in r.query + r.answer
+    ]
     assert unnamed_openings
     for round_ in reference_only:
         assert round_.ref is not None
@@ -158,7 +165,9 @@ def test_written_set_validates_and_matches_summary(written):
 
 
 def test_cli_writes_one_split(tmp_path):
-    result = CliRunner().invoke(cli, ["synth", str(tmp_path), "--dialogues", "3", "--split", "val", "--size", "64"])
+    result = CliRunner().invoke(
+        cli, ["synth", str(tmp_path), "--dialogues", "3", "--split", "val", "--size", "64"]
+    )
     assert result.exit_code == 0, result.output
     assert "reference-only rounds" in result.output
     lines = (tmp_path / "val.jsonl").read_text().splitlines()

@@ -399,7 +399,10 @@ RELATIONS = (
             "Segment the whole lung this lobe belongs to.",
             "Now segment the entire organ that contains it.",
         ),
-        ("Segment the whole lung that the lobe from round {r} belongs to.",),
+        (
+            "Segment the whole lung that the lobe from round {r} belongs to.",
+            "Which lung contains the lobe of round {r}? Segment the entire lung.",
+        ),
     ),
     Relation(
         "other-lobe",
@@ -409,7 +412,10 @@ RELATIONS = (
             "Segment the other lobe of the same lung.",
             "Now the remaining lobe of that lung.",
         ),
-        ("Segment the other lobe of the lung containing the lobe from round {r}.",),
+        (
+            "Segment the other lobe of the lung containing the lobe from round {r}.",
+            "Segment the lobe that shares a lung with the lobe from round {r}.",
+        ),
     ),
     Relation(
         "core",
@@ -432,7 +438,10 @@ RELATIONS = (
             "Segment the whole lesion around that core.",
             "Now segment the entire lesion this core is part of.",
         ),
-        ("Segment the whole lesion around the core from round {r}.",),
+        (
+            "Segment the whole lesion around the core from round {r}.",
+            "Segment the entire lesion that the core of round {r} belongs to.",
+        ),
     ),
     Relation(
         "other-lesion",
@@ -442,7 +451,10 @@ RELATIONS = (
             "Segment the lesion that looks different from this one.",
             "Now segment the lesion of the other type.",
         ),
-        ("Segment the lesion whose appearance differs from the one in round {r}.",),
+        (
+            "Segment the lesion whose appearance differs from the one in round {r}.",
+            "Segment the lesion that is not of the same type as the one from round {r}.",
+        ),
     ),
     Relation(
         "mirror",
@@ -467,7 +479,10 @@ RELATIONS = (
             "Segment the organ directly above it.",
             "Now the organ just above that one.",
         ),
-        ("Segment the organ directly above the organ from round {r}.",),
+        (
+            "Segment the organ directly above the organ from round {r}.",
+            "Which organ lies just above the one from round {r}? Segment it.",
+        ),
     ),
     Relation(
         "below",
@@ -477,21 +492,30 @@ RELATIONS = (
             "Segment the organ directly below it.",
             "Now the organ just below that one.",
         ),
-        ("Segment the organ directly below the organ from round {r}.",),
+        (
+            "Segment the organ directly below the organ from round {r}.",
+            "Which organ lies just below the one from round {r}? Segment it.",
+        ),
     ),
     Relation(
         "lobe-below",
         "spatial-relationship",
         _lobe_below,
-        ("Segment the lobe just below it.",),
-        ("Segment the lobe just below the lobe from round {r}.",),
+        ("Segment the lobe just below it.", "Now the lobe underneath that one."),
+        (
+            "Segment the lobe just below the lobe from round {r}.",
+            "Which lobe lies under the lobe of round {r}? Segment it.",
+        ),
     ),
     Relation(
         "lobe-above",
         "spatial-relationship",
         _lobe_above,
-        ("Segment the lobe just above it.",),
-        ("Segment the lobe just above the lobe from round {r}.",),
+        ("Segment the lobe just above it.", "Now the lobe on top of that one."),
+        (
+            "Segment the lobe just above the lobe from round {r}.",
+            "Which lobe lies over the lobe of round {r}? Segment it.",
+        ),
     ),
     Relation(
         "explain",
@@ -501,7 +525,10 @@ RELATIONS = (
             "What in that organ could explain the patient's symptoms? Segment it.",
             "Segment the finding in it that a radiologist would report.",
         ),
-        ("What in the organ from round {r} could explain the symptoms? Segment it.",),
+        (
+            "What in the organ from round {r} could explain the symptoms? Segment it.",
+            "Segment the finding a radiologist would report in the organ of round {r}.",
+        ),
     ),
     Relation(
         "compensate",
@@ -511,20 +538,35 @@ RELATIONS = (
             "If that organ failed, which organ would take over its work? Segment it.",
             "Segment the organ that would compensate if this one were removed.",
         ),
-        ("Segment the organ that would compensate if the one from round {r} failed.",),
+        (
+            "Segment the organ that would compensate if the one from round {r} failed.",
+            "If the organ of round {r} were removed, which organ would take over? Segment it.",
+        ),
     ),
     Relation(
         "impaired-organ",
         "inferential-reasoning",
         _host_organ,
-        ("Which organ's function could this lesion impair? Segment that organ.",),
-        ("Which organ could the lesion from round {r} impair? Segment it.",),
+        (
+            "Which organ's function could this lesion impair? Segment that organ.",
+            "Segment the organ whose work this lesion could disturb.",
+        ),
+        (
+            "Which organ could the lesion from round {r} impair? Segment it.",
+            "Segment the organ whose function the lesion of round {r} threatens.",
+        ),
     ),
     Relation(
         "necrosis",
         "inferential-reasoning",
         _core,
-        ("Segment the part of that lesion most likely to be necrotic.",),
-        ("Segment the part of the lesion from round {r} most likely to be necrotic.",),
+        (
+            "Segment the part of that lesion most likely to be necrotic.",
+            "Where inside it would dead tissue most likely be? Segment that part.",
+        ),
+        (
+            "Segment the part of the lesion from round {r} most likely to be necrotic.",
+            "Segment the region of the lesion from round {r} that is probably necrotic.",
+        ),
     ),
 )
