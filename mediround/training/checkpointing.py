@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from mediround.errors import CheckpointError
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
+TRAINABLE = "trainable.safetensors"
 
 
 def checkpoint_name(step: int) -> str:
@@ -172,9 +172,34 @@ def read_trainer_state(folder: Path) -> dict:
         raise CheckpointError(f"{folder / TRAINER_STATE}: cannot read: {error}") from None
 
 
+def save_trainable(model: torch.nn.Module, folder: Path) -> None:
+    """The trainable parameters, exactly (dtype and values), by name: what resume restores."""
+    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, str(folder / TRAINABLE))
+
+
+def load_trainable(model: torch.nn.Module, folder: Path) -> None:
+    """Copy saved trainable parameters into ``model``; a name or shape mismatch is a ``CheckpointError``."""
+    path = folder / TRAINABLE
+    try:
+        tensors = load_file(str(path))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot read: {error}") from None
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != set(params):
+        differing = sorted(set(tensors) ^ set(params))[:3]
+        raise CheckpointError(f"{path}: trainable parameters differ from the model's (e.g. {differing})")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                raise CheckpointError(f"{path}: parameter '{name}' has shape {tuple(tensors[name].shape)}, "
+                                      f"the model {tuple(param.shape)}")
+            param.copy_(tensors[name])
+
+
 def write_checkpoint_files(
     folder: Path,
-    save_model: Callable[[Path], None] | None,
+    model: torch.nn.Module | None,
     optimizer_state: dict | None,
     scheduler_state: dict | None,
     rank: int,
@@ -182,8 +207,8 @@ def write_checkpoint_files(
     """This process's share of a checkpoint in the (temporary) ``folder``: rank 0 writes the model,
     optimizer and scheduler; every rank writes its RNG state."""
     folder.mkdir(parents=True, exist_ok=True)
-    if save_model is not None:
-        save_model(folder / "model")
+    if model is not None:
+        save_trainable(model, folder)
     if optimizer_state is not None:
         save_state(folder, "optimizer", optimizer_state)
     if scheduler_state is not None:

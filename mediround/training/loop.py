@@ -1,0 +1,432 @@
+"""Stage-1 training (teacher forcing) of MediRound in one or many processes.
+
+Each optimizer step reads one global batch: ``grad_accum`` micro-batches of ``batch_size`` dialogues on
+each of the ``world_size`` processes (``mediround.training.data``). The loss of the step is the loss of
+that global batch as one batch: token-mean cross-entropy over all its answer tokens and mask-mean
+BCE/Dice over all its masks. Each micro-batch's components are rescaled by its share of the global
+token and mask counts, so the weights after a step do not depend on how the batch was split over
+processes or accumulation steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mediround.atomic import write_json
+from mediround.errors import CheckpointError, DataError, MediRoundError
+from mediround.training import checkpointing
+from mediround.training.data import (
+    BatchLoader,
+    DialogueDataset,
+    ShardedStream,
+    StreamPosition,
+    validation_shard,
+)
+from mediround.training.launch import check_world_size
+from mediround.training.logging import TrainingLog, ValidationLog, score_rows
+from mediround.training.recipe import RUN_FILE, Recipe, run_record
+
+EventHandler = Callable[[str, dict], None]
+LOSS_KEYS = ("ce", "bce", "dice")
+
+
+class TrainingError(MediRoundError):
+    """Training cannot go on (a non-finite loss or gradient, an empty data set)."""
+
+
+@dataclass
+class TrainingResult:
+    """What a finished (or interrupted) run did. ``stopped`` is ``finished`` or ``interrupted``."""
+
+    output: Path
+    step: int
+    total_steps: int
+    world_size: int
+    stopped: str
+    checkpoint: Path | None
+    skipped_steps: int = 0
+    data_problems: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    validations: list[dict] = field(default_factory=list)
+
+
+def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor of step ``s`` (0-based): linear warm-up to 1 over ``warmup_steps``, then linear decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def total_steps(recipe: Recipe, num_dialogues: int, world_size: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, or ``train.epochs`` over the data."""
+    if recipe.train.max_steps is not None:
+        return recipe.train.max_steps
+    per_epoch = num_dialogues // (recipe.train.batch_size * world_size)
+    return max(1, recipe.train.epochs * per_epoch // recipe.train.grad_accum)
+
+
+@dataclass
+class _StopFlag:
+    """Set by SIGINT/SIGTERM during training: checkpoint at the end of the current step, then stop."""
+
+    raised: bool = False
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_StopFlag]:
+    flag = _StopFlag()
+
+    def handle(signum: int, frame: Any) -> None:
+        flag.raised = True
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_training(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    cpu: bool = True,
+    expected_processes: int = 1,
+    on_event: EventHandler | None = None,
+) -> TrainingResult:
+    """Train one stage-1 run in this process (one of ``expected_processes``); returns on the main process
+    and on every other process alike. ``on_event(kind, payload)`` is called on the main process only."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    if cpu:
+        torch.set_num_threads(recipe.train.threads or max(1, (os.cpu_count() or 1) // expected_processes))
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=recipe.resolved_mixed_precision(on_gpu=not cpu),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.train.find_unused_parameters)],
+    )
+    check_world_size(accelerator.num_processes, expected_processes, accelerator.process_index)
+    trainer = _Trainer(recipe, accelerator, on_event)
+    return trainer.run(resume, set_seed)
+
+
+class _Trainer:
+    def __init__(self, recipe: Recipe, accelerator: Any, on_event: EventHandler | None):
+        self.recipe = recipe
+        self.accelerator = accelerator
+        self.world_size = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.is_main = accelerator.is_main_process
+        self.on_event = on_event if self.is_main else None
+        self.output = Path(recipe.output)
+        self.checkpoints = self.output / "checkpoints"
+        self.log: TrainingLog | None = None
+        self.val_log: ValidationLog | None = None
+
+    def emit(self, kind: str, **payload: Any) -> None:
+        if self.log is not None:
+            self.log.write(kind, **payload)
+        if self.on_event is not None:
+            self.on_event(kind, payload)
+
+    def run(self, resume: bool, set_seed: Callable[[int], None]) -> TrainingResult:
+        from mediround.model import build_model, load_sample
+
+        recipe = self.recipe
+        train_dialogues, train_problems = _load(recipe.data.train, recipe)
+        val_dialogues, val_problems = _load(recipe.data.val, recipe) if recipe.data.val else ([], [])
+        if not train_dialogues:
+            raise DataError(recipe.data.train, None, None, "no usable training dialogue")
+        resume_from = checkpointing.latest_checkpoint(self.checkpoints) if resume else None
+        state = checkpointing.read_trainer_state(resume_from) if resume_from else None
+        if state is not None:
+            _check_resumable(state, recipe, self.world_size, resume_from)
+        self._prepare_output(state)
+        self.log = TrainingLog(self.output, state["step"] if state else None) if self.is_main else None
+        self.val_log = ValidationLog(self.output, state["step"] if state else None) if self.is_main else None
+
+        set_seed(recipe.train.seed)
+        model = build_model(recipe.model)
+        model.train()
+        if resume_from is not None:
+            checkpointing.load_trainable(model, resume_from)
+        params = [param for param in model.parameters() if param.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=recipe.train.lr, betas=recipe.train.betas, eps=recipe.train.eps,
+            weight_decay=recipe.train.weight_decay,
+        )
+        steps = total_steps(recipe, len(train_dialogues), self.world_size)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(recipe.train.warmup_steps, steps))
+        wrapped, optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.wrapped, self.optimizer, self.scheduler, self.params = model, wrapped, optimizer, scheduler, params
+        step, position = 0, StreamPosition()
+        if state is not None:
+            optimizer.load_state_dict(checkpointing.load_state(resume_from, "optimizer"))
+            scheduler.load_state_dict(checkpointing.load_state(resume_from, "scheduler"))
+            checkpointing.restore_rng_state(checkpointing.load_state(resume_from, f"rng-rank{self.rank}"))
+            step, position = state["step"], StreamPosition(**state["position"])
+
+        dataset = DialogueDataset(train_dialogues, load_sample)
+        self.val_dialogues = val_dialogues
+        try:
+            stream = ShardedStream(len(dataset), recipe.train.batch_size, self.world_size, self.rank,
+                                   recipe.train.seed, position)
+        except ValueError as error:
+            raise DataError(recipe.data.train, None, None, str(error)) from None
+        loader = BatchLoader(dataset, model.collate, recipe.train.num_workers)
+        batches = _micro_batches(stream, loader, dataset)
+        result = TrainingResult(self.output, step, steps, self.world_size, "finished", None,
+                                data_problems=len(train_problems) + len(val_problems))
+        self.emit(
+            "start", step=step, total_steps=steps, world_size=self.world_size,
+            global_batch=recipe.global_batch(self.world_size), recipe_hash=recipe.hash,
+            resumed_from=str(resume_from) if resume_from else None,
+            train_dialogues=len(train_dialogues), val_dialogues=len(val_dialogues),
+            data_problems=[p.one_line() for p in (train_problems + val_problems)[:20]],
+        )
+        if state is None and recipe.validation.at_start and val_dialogues:
+            result.validations.append(self.validate(0))
+        try:
+            with _stop_on_signals() as stop:
+                result = self._loop(result, batches, stop, step, steps)
+        finally:
+            if self.log is not None:
+                self.log.close()
+        return result
+
+    def _prepare_output(self, state: dict | None) -> None:
+        if self.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            checkpointing.remove_temporary(self.checkpoints)
+            if state is None or not (self.output / RUN_FILE).exists():
+                write_json(self.output / RUN_FILE, run_record(self.recipe))
+        self.accelerator.wait_for_everyone()
+
+    def _loop(self, result: TrainingResult, batches: Iterator, stop: _StopFlag, step: int, steps: int) -> TrainingResult:
+        recipe = self.recipe
+        global_batch = recipe.global_batch(self.world_size)
+        while step < steps:
+            started = time.perf_counter()
+            micro = [next(batches) for _ in range(recipe.train.grad_accum)]
+            report, nonfinite = self._accumulate(micro)
+            grad_norm = self.accelerator.clip_grad_norm_(self.params, recipe.train.clip_grad_norm or math.inf)
+            grad_norm = float(grad_norm)
+            bad = self._any_process(nonfinite or not math.isfinite(grad_norm))
+            position = micro[-1][1]
+            if bad:
+                self.optimizer.zero_grad(set_to_none=True)
+                where = (f"step {step + 1} (epoch {micro[0][1].epoch}, batch {micro[0][1].batch - 1}); dialogues on "
+                         f"process {self.rank}: {[i for _, _, ids in micro for i in ids]}")
+                if not recipe.train.skip_nonfinite:
+                    raise TrainingError(f"non-finite loss or gradient at {where}; nothing was written for this "
+                                        "step (set train.skip_nonfinite: true to skip such steps)")
+                result.skipped_steps += 1
+                self.emit("skip", step=step + 1, reason="non-finite loss or gradient", where=where)
+            else:
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - started
+            if not bad:
+                loss = report[0]
+                result.first_loss = loss if result.first_loss is None else result.first_loss
+                result.last_loss = loss
+                if step % recipe.log.every == 0 or step == 1 or step == steps:
+                    self.emit(
+                        "step", step=step, loss=loss, **dict(zip(LOSS_KEYS, report[1:])),
+                        lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                        samples_per_s=global_batch / elapsed, epoch=position.epoch,
+                    )
+            result.step = step
+            self.position = position
+            interrupted = self._any_process(stop.raised)
+            last = step == steps or interrupted
+            every = recipe.validation.every
+            if self.val_dialogues and ((every and step % every == 0) or step == steps):
+                result.validations.append(self.validate(step))
+            if (recipe.checkpoint.every and step % recipe.checkpoint.every == 0) or last:
+                result.checkpoint = self.save(step, position)
+            if interrupted:
+                result.stopped = "interrupted"
+                break
+        self.emit("end", step=step, stopped=result.stopped, skipped_steps=result.skipped_steps,
+                  checkpoint=str(result.checkpoint) if result.checkpoint else None)
+        return result
+
+    def _accumulate(self, micro: list) -> tuple[list[float], bool]:
+        """Forward/backward of one optimizer step's micro-batches; returns the global-batch loss and its
+        components (as one batch) and whether this process met a non-finite loss."""
+        local_counts = torch.tensor([_loss_counts(batch) for batch, _, _ in micro], dtype=torch.float64).sum(0)
+        global_counts = self.accelerator.reduce(local_counts.to(self.accelerator.device), "sum").cpu()
+        weights = self.recipe.model.loss
+        report = torch.zeros(4, dtype=torch.float64)
+        nonfinite = False
+        for index, (batch, _, _) in enumerate(micro):
+            tokens, masks = _loss_counts(batch)
+            scale_tokens = tokens * self.world_size / max(1.0, float(global_counts[0]))
+            scale_masks = masks * self.world_size / max(1.0, float(global_counts[1]))
+            syncing = index == len(micro) - 1
+            context = contextlib.nullcontext() if syncing else self.accelerator.no_sync(self.wrapped)
+            with context:
+                with self.accelerator.autocast():
+                    output = self.wrapped(batch)
+                parts = [output.losses["ce"] * scale_tokens, output.losses["bce"] * scale_masks,
+                         output.losses["dice"] * scale_masks]
+                loss = weights.ce * parts[0] + weights.bce * parts[1] + weights.dice * parts[2]
+                if not torch.isfinite(loss.detach()):
+                    nonfinite = True
+                self.accelerator.backward(loss)
+            report += torch.tensor([float(loss.detach()), *(float(p.detach()) for p in parts)], dtype=torch.float64)
+        total = self.accelerator.reduce(report.to(self.accelerator.device), "sum").cpu() / self.world_size
+        return [float(v) for v in total], nonfinite
+
+    def _any_process(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, "sum").item() > 0)
+
+    @torch.no_grad()
+    def validate(self, step: int) -> dict:
+        """Teacher-forced masks of this process's validation shard, scored with ``mediround.metrics``;
+        the main process writes the per-round summary to ``validation.parquet``."""
+        from accelerate.utils import gather_object
+
+        from mediround.metrics import counts
+        from mediround.model import MASK_THRESHOLD, load_sample
+
+        model = self.model
+        model.eval()
+        indices = validation_shard(len(self.val_dialogues), self.world_size, self.rank,
+                                   self.recipe.validation.max_dialogues)
+        size = self.recipe.validation.batch_size
+        rows, losses = [], []
+        for start in range(0, len(indices), size):
+            samples = [load_sample(self.val_dialogues[i]) for i in indices[start : start + size]]
+            with self.accelerator.autocast():
+                output = model(model.collate(samples))
+            losses.append(float(output.loss))
+            for sample, logits in zip(samples, output.mask_logits):
+                rows.extend(_mask_rows(sample, logits, MASK_THRESHOLD, counts))
+        model.train()
+        rows = gather_object(rows)
+        losses = gather_object(losses)
+        summary: dict = {"step": step}
+        if self.is_main and rows:
+            table = score_rows(step, rows)
+            self.val_log.add(table)
+            overall = table[0]
+            summary.update(loss=float(np.mean(losses)), dice=overall["dice"], giou=overall["giou"],
+                           ciou=overall["ciou"], masks=overall["count"],
+                           rounds={row["round"]: row["dice"] for row in table if row["split"] == "round"})
+            self.emit("validation", **summary)
+        return summary
+
+    def save(self, step: int, position: StreamPosition) -> Path:
+        """Write a checkpoint under a hidden name, then rename it; every process takes part."""
+        for parameter in self.params:
+            if not torch.isfinite(parameter.detach()).all():
+                raise TrainingError(f"refusing to write a checkpoint at step {step}: non-finite weights")
+        temporary = checkpointing.temporary_folder(self.checkpoints, step)
+        final = self.checkpoints / checkpointing.checkpoint_name(step)
+        if self.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        checkpointing.write_checkpoint_files(
+            temporary,
+            model=self.model if self.is_main else None,
+            optimizer_state=self.optimizer.state_dict() if self.is_main else None,
+            scheduler_state=self.scheduler.state_dict() if self.is_main else None,
+            rank=self.rank,
+        )
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            checkpointing.write_trainer_state(temporary, {
+                "step": step,
+                "position": {"epoch": position.epoch, "batch": position.batch},
+                "world_size": self.world_size,
+                "recipe_hash": self.recipe.hash,
+                "global_batch": self.recipe.global_batch(self.world_size),
+            })
+            checkpointing.publish(temporary, final)
+            checkpointing.prune(self.checkpoints, self.recipe.checkpoint.keep_last)
+            self.emit("checkpoint", step=step, path=str(final))
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def _micro_batches(stream: ShardedStream, loader: BatchLoader, dataset: DialogueDataset,
+                   chunk: int = 64) -> Iterator[tuple[Any, StreamPosition, list[str]]]:
+    """Endless (batch, stream position after it, dialogue ids) triples of this process."""
+    while True:
+        index_batches, positions = [], []
+        for _ in range(chunk):
+            index_batches.append(stream.next_indices())
+            positions.append(stream.position)
+        for indices, batch, position in zip(index_batches, loader.iterate(index_batches), positions):
+            yield batch, position, [dataset.dialogues[i].id for i in indices]
+
+
+def _loss_counts(batch: Any) -> tuple[float, float]:
+    """What the model's loss averages over in this batch: answer tokens (CE) and supervised masks (BCE, Dice)."""
+    from mediround.model.inputs import IGNORE
+
+    tokens = float((batch.labels[:, 1:] != IGNORE).sum())
+    masks = float(sum(int(valid.sum()) for valid in batch.target_valid))
+    return tokens, masks
+
+
+def _mask_rows(sample: Any, logits: torch.Tensor, threshold: float, counts: Callable) -> list[dict]:
+    """Metric rows of one dialogue: its teacher-forced mask logits resized to the image, vs ground truth."""
+    height, width = sample.image.shape[:2]
+    full = F.interpolate(logits[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+    predicted = (full > threshold).cpu().numpy()
+    rows = []
+    for index, (round_, truth) in enumerate(zip(sample.dialogue.rounds, sample.masks)):
+        if truth is None:
+            continue
+        scored = counts(predicted[index][None], np.asarray(truth, dtype=bool)[None])
+        rows.append({
+            "dialogue_id": sample.dialogue.id,
+            "round": index + 1,
+            "names_target": round_.names_target,
+            **{key: scored[key][0].item() for key in ("intersection", "union", "pred_area", "gt_area", "iou", "dice")},
+        })
+    return rows
+
+
+def _load(path: str, recipe: Recipe) -> tuple[list, list]:
+    from mediround.data.formats import load_dialogues
+
+    loaded = load_dialogues(path, root=recipe.data.root, allow_outside_root=recipe.data.allow_outside_root)
+    return loaded.dialogues, loaded.problems
+
+
+def _check_resumable(state: dict, recipe: Recipe, world_size: int, folder: Path) -> None:
+    if state.get("recipe_hash") != recipe.hash:
+        raise CheckpointError(f"{folder}: written by recipe {state.get('recipe_hash')}, not this one ({recipe.hash})")
+    if state.get("world_size") != world_size:
+        raise CheckpointError(
+            f"{folder}: written by {state.get('world_size')} process(es); resume it with the same number "
+            f"(this run has {world_size})"
+        )
