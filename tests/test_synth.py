@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from mediround.data.images import load_image, load_mask
 from mediround.data.synth import SCENARIOS, generate, iter_dialogues, make_dialogue, split_sizes, text_corpus
 from mediround.data.synth.anatomy import entity_names, sample_scene
 from mediround.data.synth.generator import difficulty_of, plan_rounds
 from mediround.data.synth.scenarios import RELATIONS
 from mediround.data.synth.shapes import Blob, split_by_line
 from mediround.data.validate import validate
+from mediround.errors import DataError
 from mediround_cli.main import cli
 
 
@@ -200,3 +202,24 @@ def test_split_by_line_partitions_the_mask():
     upper, lower = split_by_line(full, (0.5, 0.5), 0.0)
     assert upper[:2].all() and not upper[2:].any()
     assert np.array_equal(upper | lower, full) and not (upper & lower).any()
+
+
+def test_written_pixels_round_trip_through_the_loaders(written):
+    out, _ = written
+    item = make_dialogue(7, "val", 1)
+    image = load_image(out / item.dialogue.image)
+    assert image.shape == (128, 128, 3)
+    assert np.array_equal(image[..., 0], item.image)
+    for round_, mask in zip(item.dialogue.rounds, item.masks):
+        assert np.array_equal(load_mask(out / round_.mask), mask)
+
+
+def test_an_output_path_that_is_a_file_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    with pytest.raises(DataError, match="is not a folder") as raised:
+        generate(blocker, 2, seed=0)
+    assert raised.value.file == str(blocker)
+    result = CliRunner().invoke(cli, ["synth", str(blocker), "--dialogues", "2"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output

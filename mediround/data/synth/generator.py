@@ -30,6 +30,7 @@ from mediround.data.synth.scenarios import (
     Relation,
 )
 from mediround.data.synth.textures import MODALITIES, render
+from mediround.errors import DataError
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -40,6 +41,7 @@ NAMING_REFERENCE_FRACTION = 0.2
 NAMING_DESCRIPTION_FRACTION = 0.5
 RECENT_PHRASING_FRACTION = 0.6
 MAX_ATTEMPTS = 200
+MIN_IMAGE_SIZE = 32
 
 
 @dataclass
@@ -279,15 +281,17 @@ def generate(
     """
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of {', '.join(SPLITS)} or all, not {split!r}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, not {image_size}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(str(out), None, None, "the output folder exists and is not a folder")
     sizes = split_sizes(n_dialogues) if split == "all" else {split: n_dialogues}
     summary = SynthSummary(out)
     for split_name, count in sizes.items():
         dialogues = []
         for item in iter_dialogues(count, seed, split_name, image_size):
-            _save_png(out / item.dialogue.image, item.image)
-            for round_, mask in zip(item.dialogue.rounds, item.masks):
-                save_mask(out / round_.mask, mask)
+            _write_files(out, item)
             item.dialogue.root = out
             dialogues.append(item.dialogue)
             summary.add(split_name, item)
@@ -296,6 +300,19 @@ def generate(
         summary.files[split_name] = out / f"{split_name}.jsonl"
         write_jsonl(dialogues, summary.files[split_name])
     return summary
+
+
+def _write_files(out: Path, item: SyntheticDialogue) -> None:
+    """The image and the round masks of one dialogue; a file system error names the file."""
+    dialogue = item.dialogue
+    try:
+        _save_png(out / dialogue.image, item.image)
+        for round_, mask in zip(dialogue.rounds, item.masks):
+            save_mask(out / round_.mask, mask)
+    except OSError as error:
+        raise DataError(
+            str(error.filename or out), dialogue.id, None, error.strerror or str(error)
+        ) from error
 
 
 def _save_png(path: Path, pixels: np.ndarray) -> None:
