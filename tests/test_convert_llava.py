@@ -332,8 +332,14 @@ def test_unmerged_lora_is_refused(checkpoint, tmp_path):
     source = tmp_path / "lora"
     _write_source(source, checkpoint["state"], checkpoint["config"], checkpoint["tokenizer"])
     (source / "adapter_config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="unmerged LoRA"):
+    with pytest.raises(CheckpointError, match="unmerged LoRA adapter"):
         convert_llava(ConvertLlavaConfig(source, tmp_path / "hf", vision_tower=checkpoint["tower"]))
+    lora_key = "model.layers.0.self_attn.q_proj.lora_A.weight"
+    state = dict(checkpoint["state"], **{lora_key: torch.zeros(8, TEXT_HIDDEN)})
+    merged_badly = tmp_path / "lora-tensors"
+    _write_source(merged_badly, state, checkpoint["config"], checkpoint["tokenizer"])
+    with pytest.raises(CheckpointError, match=rf"1 unmerged LoRA tensors \(e\.g\. {lora_key}\)"):
+        convert_llava(ConvertLlavaConfig(merged_badly, tmp_path / "hf", vision_tower=checkpoint["tower"]))
 
 
 def test_cli_converts_and_refuses_with_one_line(checkpoint, tmp_path):

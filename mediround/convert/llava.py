@@ -53,6 +53,7 @@ LLAVA_ONLY_FIELDS = {
     "mm_vision_tower_lr",
 }
 PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
+LORA_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)\.|\.base_layer\.")
 ROTARY_BUFFER = re.compile(r"\.rotary_emb\.inv_freq$")
 CLIP_TEXT_HALF = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 EMBEDDED_TOWER_PREFIXES = (
@@ -172,6 +173,7 @@ def convert_llava(
     target_shapes = _target_shapes(llava_config)
 
     source_files = _list_weight_files(source)
+    _refuse_lora_tensors(source, source_files)
     embedded = any(key.startswith(EMBEDDED_TOWER_PREFIXES) for file in source_files for key in file.keys)
     tower_files = [] if embedded else _list_weight_files(tower)
     plan = _plan(source_files, tower_files, target_shapes)
@@ -252,6 +254,15 @@ def _refuse_unmerged_lora(source: Path) -> None:
         raise CheckpointError(
             f"{source}: holds an unmerged LoRA adapter (adapter_config.json / non_lora_trainables.bin); "
             "merge it into the base weights first (LLaVA's scripts/merge_lora_weights.py) and convert the merged folder"
+        )
+
+
+def _refuse_lora_tensors(source: Path, files: list[_WeightFile]) -> None:
+    lora = [key for file in files for key in file.keys if LORA_TENSOR.search(key)]
+    if lora:
+        raise CheckpointError(
+            f"{source}: holds {len(lora)} unmerged LoRA tensors (e.g. {lora[0]}); merge them into the base "
+            "weights first (LLaVA's scripts/merge_lora_weights.py) and convert the merged folder"
         )
 
 
