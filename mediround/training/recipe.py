@@ -308,12 +308,22 @@ def _build(cls: type, data: Any, where: str, source: str, known: set[str] | None
     for name, value in data.items():
         key = f"{where}.{name}" if where else str(name)
         if name not in fields:
-            close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.5)
+            close = _closest(str(name), list(fields))
             hint = f" (did you mean '{f'{where}.' if where else ''}{close[0]}'?)" if close else ""
             known_list = "" if close else f"; known: {sorted(fields)}"
             raise RecipeError(f"{source}: unknown key '{key}'{hint}{known_list}")
         values[name] = _coerce(hints[name], value, key, source)
     return cls(**values)
+
+
+def _closest(name: str, candidates: list[str]) -> list[str]:
+    """The known key a typo most likely meant: by similarity, else one that starts the other."""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    if close:
+        return close
+    lowered = name.lower()
+    prefixed = [c for c in candidates if lowered.startswith(c.lower()) or c.lower().startswith(lowered)]
+    return sorted(prefixed, key=lambda c: abs(len(c) - len(name)))[:1]
 
 
 def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:

@@ -1,0 +1,93 @@
+"""Recipes: overrides with type checks, and bad recipes refused with one line before any launch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mediround.atomic import write_json
+from mediround.errors import LaunchError, RecipeError
+from mediround.training.launch import LaunchPlan, accelerate_command, check_world_size, plan_launch
+from mediround.training.recipe import RUN_FILE, check_output, load_recipe, run_record
+from mediround_cli.main import cli
+
+
+def test_overrides_are_typed_and_reach_the_model_config(write_recipe):
+    recipe = load_recipe(write_recipe(), ["train.lr=3e-4", "train.betas=[0.9, 0.99]", "model.lora.dropout=0"])
+    assert recipe.train.lr == pytest.approx(3e-4)
+    assert recipe.train.betas == (0.9, 0.99)
+    assert recipe.model.lora.dropout == 0.0
+    assert recipe.model.segmenter.image_size == 128  # from the tiny preset, not the dataclass default
+    assert load_recipe(write_recipe(), ["train.lr=1e-3"]).hash != recipe.hash
+
+
+def test_shipped_recipes_parse(synth_data):
+    root = Path(__file__).resolve().parents[2]
+    tiny = load_recipe(root / "recipes" / "tiny-cpu.yaml",
+                       [f"data.train={synth_data / 'train.jsonl'}", f"data.val={synth_data / 'val.jsonl'}"])
+    assert tiny.model_preset == "tiny"
+    for name in ("mediround-7b-4gpu.yaml", "mediround-7b-24gb.yaml"):
+        text = (root / "recipes" / name).read_text(encoding="utf-8")
+        with pytest.raises(RecipeError, match="data.train': file not found"):
+            load_recipe(root / "recipes" / name)
+        assert "preset: llava-med-7b" in text
+    assert json.loads((root / "recipes" / "zero2.json").read_text())["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lrr=1e-3", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("model.lora.rank=4", "unknown key 'model.lora.rank' (did you mean 'model.lora.r'?)"),
+        ("train.batch_size=two", "key 'train.batch_size': expected an integer, got 'two'"),
+        ("train.skip_nonfinite=3", "key 'train.skip_nonfinite': expected true/false, got 3"),
+        ("data.train=/nowhere/train.jsonl", "key 'data.train': file not found: /nowhere/train.jsonl"),
+    ],
+)
+def test_bad_recipe_is_one_line_before_launch(write_recipe, override, expected):
+    recipe = write_recipe()
+    result = CliRunner().invoke(cli, ["train", str(recipe), "--cpu", "--num-processes", "2", override])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert expected in lines[0]
+    assert "launching" not in result.output
+
+
+def test_output_holding_another_run_is_refused_unless_overwrite(write_recipe):
+    first = load_recipe(write_recipe())
+    output = Path(first.output)
+    write_json(output / RUN_FILE, run_record(first))
+    other = write_recipe()
+    result = CliRunner().invoke(cli, ["train", str(other), "--cpu", "train.lr=5e-4"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "holds another run" in lines[0] and "train.lr" in lines[0], result.output
+    check_output(first, resume=False, overwrite=False)
+    check_output(load_recipe(other, ["train.lr=5e-4"]), resume=False, overwrite=True)
+    assert not output.exists()
+
+
+def test_cpu_launch_uses_multi_gpu_gloo_and_checks_world_size():
+    plan = plan_launch(gpus=None, cpu=True, num_processes=2, cuda_available=False)
+    command = accelerate_command(plan, ["train", "r.yaml"])
+    assert "--multi_gpu" in command and "--cpu" not in command
+    assert command[command.index("--num_processes") + 1] == "2"
+    assert command[-4:] == ["-m", "mediround_cli.main", "train", "r.yaml"]
+    with pytest.raises(LaunchError, match="world size of 1 but 2"):
+        check_world_size(1, 2, rank=0)
+    with pytest.raises(LaunchError):
+        plan_launch(gpus=2, cpu=True, num_processes=None, cuda_available=False)
+    assert LaunchPlan(processes_per_machine=4, num_machines=2).world_size == 8
+
+
+def test_a_child_that_got_fewer_processes_fails_loudly(write_recipe, monkeypatch):
+    monkeypatch.setenv("MEDIROUND_LAUNCHED", "1")
+    monkeypatch.setenv("MEDIROUND_EXPECTED_PROCESSES", "2")
+    monkeypatch.setenv("MEDIROUND_LAUNCH_CPU", "1")
+    result = CliRunner().invoke(cli, ["train", str(write_recipe())])
+    assert result.exit_code == 2
+    assert "sees a world size of 1 but 2 process(es) were asked for" in result.output
