@@ -23,8 +23,8 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
 
 
 def write_dialogues(root: Path, n_dialogues: int = 3, n_rounds: int = 3, seed: int = 0,
-                    with_masks: bool = True, name: str = "data.jsonl") -> Path:
-    """``n_dialogues`` dialogues of ``n_rounds`` rounds; round t > 1 refers to round t - 1."""
+                    with_masks: bool = True, with_refs: bool = True, name: str = "data.jsonl") -> Path:
+    """``n_dialogues`` dialogues of ``n_rounds`` rounds; round t > 1 refers to round t - 1 (``with_refs``)."""
     rng = np.random.default_rng(seed)
     lines = []
     for index in range(n_dialogues):
@@ -38,7 +38,7 @@ def write_dialogues(root: Path, n_dialogues: int = 3, n_rounds: int = 3, seed: i
                 mask = rect(int(top), int(left), int(top) + 12, int(left) + 16)
                 write_png(root / "masks" / f"d{index}_r{number}.png", np.where(mask, 255, 0).astype(np.uint8))
                 round_["mask"] = f"masks/d{index}_r{number}.png"
-            if number > 1:
+            if number > 1 and with_refs:
                 round_["ref"] = number - 1
                 round_["query"] = f"Segment the structure next to the one of round {number - 1}."
             rounds.append(round_)
