@@ -236,6 +236,8 @@ def test_converted_model_matches_original_computation(checkpoint, tmp_path):
     assert config["vision_feature_select_strategy"] == "default"
     assert config["text_config"]["model_type"] == "mistral"
     assert config["text_config"]["rope_parameters"]["rope_theta"] == ROPE_THETA
+    assert config["text_config"]["num_key_value_heads"] == 2
+    assert config["text_config"].get("use_cache", True) is True  # the source says false (a training setting)
     assert report.image_token_added and report.missing == [] and report.unexpected == []
     assert len(report.shard_files) > 1 and (output / "model.safetensors.index.json").is_file()
     assert report.source_tensors == len(checkpoint["state"])

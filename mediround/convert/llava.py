@@ -33,7 +33,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 # Fields of the original config that describe the LLaVA wrapper or training, not the text model.
+# ``use_cache`` is saved as false by LLaVA training runs; kept, it would switch off the KV cache at inference.
 LLAVA_ONLY_FIELDS = {
+    "use_cache",
     "architectures",
     "model_type",
     "transformers_version",
