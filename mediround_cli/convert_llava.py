@@ -25,6 +25,13 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
     raise click.BadParameter(f"'{value}' is not a size like 5GB or 500MB", ctx=ctx, param=param)
 
 
+def _human_size(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
 @click.command("convert-llava")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
@@ -86,9 +93,9 @@ def convert_llava(
     table = Table(title=f"convert-llava -> {report.output}")
     table.add_column("item")
     table.add_column("value", justify="right")
-    table.add_row("source tensors", str(report.source_tensors))
-    table.add_row("tensors written", str(report.tensors_written))
-    table.add_row("size written", f"{report.bytes_written / 1e9:.2f} GB")
+    table.add_row("tensors in SRC", str(report.source_tensors))
+    table.add_row("tensors written (with the tower)", str(report.tensors_written))
+    table.add_row("size written", _human_size(report.bytes_written))
     table.add_row("shards", str(len(report.shard_files)))
     table.add_row(
         "<image> token id", f"{report.image_token_index}" + (" (added)" if report.image_token_added else "")
