@@ -371,3 +371,79 @@ def test_sentencepiece_tokenizer_without_its_reader_is_refused(checkpoint, tmp_p
         CheckpointError, match=r"tokenizer\.model: reading a SentencePiece tokenizer needs sentencepiece"
     ):
         convert_llava(ConvertLlavaConfig(source, tmp_path / "hf", vision_tower=checkpoint["tower"]))
+
+
+# llava-med-v1.5-mistral-7b's config.json fields as published (transcribed, not read from the hub here).
+LLAVA_MED_7B = {
+    "architectures": ["LlavaMistralForCausalLM"],
+    "model_type": "llava_mistral",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "mm_hidden_size": 1024,
+    "mm_projector_type": "mlp2x_gelu",
+    "mm_vision_select_layer": -2,
+    "mm_vision_select_feature": "patch",
+    "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    "image_aspect_ratio": "pad",
+    "torch_dtype": "bfloat16",
+    "use_cache": False,
+}
+
+
+def test_full_size_llava_med_layout_maps_every_tensor_on_meta():
+    """The 7B + ViT-L/14-336 key sets (built on the meta device) map one to one, with matching shapes."""
+    from transformers import CLIPVisionConfig
+
+    from mediround.convert.llava import _plan, _target_shapes, _text_config, _WeightFile, llava_config_for
+
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = _text_config(LLAVA_MED_7B)
+    text.vocab_size = 32001
+    config = llava_config_for(LLAVA_MED_7B, text, vision, image_token_index=32000)
+    assert config.image_seq_length == 576 and config.text_config.rope_parameters["rope_theta"] == 1e6
+    targets = _target_shapes(config)
+    with torch.device("meta"):
+        language = MistralForCausalLM(
+            MistralConfig(**{k: LLAVA_MED_7B[k] for k in TEXT_FIELDS if k in LLAVA_MED_7B})
+        )
+        clip = CLIPModel(CLIPConfig(vision_config=vision.to_dict(), text_config={"hidden_size": 768}))
+    source = {k: v.shape for k, v in language.state_dict().items()}
+    source.update(
+        {
+            "model.mm_projector.0.weight": (4096, 1024),
+            "model.mm_projector.0.bias": (4096,),
+            "model.mm_projector.2.weight": (4096, 4096),
+            "model.mm_projector.2.bias": (4096,),
+        }
+    )
+    tower = {k: v.shape for k, v in clip.state_dict().items()}
+    plan = _plan(
+        [_WeightFile(Path("src.safetensors"), list(source))],
+        [_WeightFile(Path("clip.bin"), list(tower))],
+        targets,
+    )
+    assert plan.missing == [] and plan.unexpected == []
+    # text 3 + 32 layers x 9, projector 4, CLIP 7 + 24 layers x 16
+    assert len(plan.moves) == len(targets) == 3 + 32 * 9 + 4 + 7 + 24 * 16 == 686
+    for file, key, target in plan.moves:
+        shape = tuple((source if file.path.name == "src.safetensors" else tower)[key])
+        grown = (32001, 4096) if shape == (32000, 4096) else shape
+        assert grown == tuple(targets[target]), key

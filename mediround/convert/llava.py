@@ -134,8 +134,6 @@ def convert_llava(
     config: ConvertLlavaConfig, progress: Callable[[int, int], None] | None = None
 ) -> LlavaConversionReport:
     """Convert ``config.source`` into an HF LLaVA folder at ``config.output``; raise CheckpointError on any mismatch."""
-    from transformers import LlavaConfig
-
     source = Path(config.source)
     output = Path(config.output)
     if config.dtype is not None and config.dtype not in DTYPES:
@@ -156,22 +154,7 @@ def convert_llava(
     source_vocab = int(original["vocab_size"])
     text_config.vocab_size = max(source_vocab, image_token_index + 1)
 
-    strategy = SELECT_STRATEGIES[original.get("mm_vision_select_feature", "patch")]
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    dtype_name = config.dtype or original.get("torch_dtype") or original.get("dtype") or "float32"
-    llava_config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=image_token_index,
-        image_seq_length=patches + (1 if strategy == "full" else 0),
-        vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
-        vision_feature_select_strategy=strategy,
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=True,
-        tie_word_embeddings=bool(original.get("tie_word_embeddings", False)),
-    )
-    llava_config.architectures = ["LlavaForConditionalGeneration"]
-    llava_config.dtype = dtype_name
+    llava_config = llava_config_for(original, text_config, vision_config, image_token_index, config.dtype)
     target_shapes = _target_shapes(llava_config)
 
     source_files = _list_weight_files(source)
@@ -193,7 +176,7 @@ def convert_llava(
                 progress(done, len(plan.moves))
         shard_files = writer.finish()
         llava_config.save_pretrained(staging)
-        _save_processor(staging, tokenizer, tower, vision_config, strategy, original)
+        _save_processor(staging, tokenizer, tower, llava_config, original)
         if (source / "generation_config.json").is_file():
             shutil.copyfile(source / "generation_config.json", staging / "generation_config.json")
         report = LlavaConversionReport(
@@ -218,6 +201,30 @@ def convert_llava(
         if staging.exists():
             shutil.rmtree(staging)
     return report
+
+
+def llava_config_for(
+    original: dict, text_config, vision_config, image_token_index: int, dtype: str | None = None
+):
+    """The ``LlavaConfig`` equivalent to an original LLaVA ``config.json`` with this text and vision config."""
+    from transformers import LlavaConfig
+
+    strategy = SELECT_STRATEGIES[original.get("mm_vision_select_feature", "patch")]
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    llava_config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_index,
+        image_seq_length=patches + (1 if strategy == "full" else 0),
+        vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(original.get("tie_word_embeddings", False)),
+    )
+    llava_config.architectures = ["LlavaForConditionalGeneration"]
+    llava_config.dtype = dtype or original.get("torch_dtype") or original.get("dtype") or "float32"
+    return llava_config
 
 
 def _read_original_config(source: Path) -> dict:
@@ -546,11 +553,10 @@ class _ShardWriter:
         return names
 
 
-def _save_processor(
-    folder: Path, tokenizer, tower: Path, vision_config, strategy: str, original: dict
-) -> None:
+def _save_processor(folder: Path, tokenizer, tower: Path, llava_config, original: dict) -> None:
     from transformers import LlavaImageProcessor, LlavaProcessor
 
+    vision_config = llava_config.vision_config
     settings = {}
     preprocessor = tower / "preprocessor_config.json"
     if preprocessor.is_file():
@@ -568,7 +574,7 @@ def _save_processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
-        vision_feature_select_strategy=strategy,
+        vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
         num_additional_image_tokens=1,
         image_token=IMAGE_TOKEN,
         chat_template=CHAT_TEMPLATE,
