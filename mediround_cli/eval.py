@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -20,6 +21,7 @@ from mediround.reports.tables import (
     round_table,
 )
 from mediround_cli.common import console, err_console, handle_errors
+from mediround_cli.eval_model import evaluate_with_model, model_options
 
 
 def _has_known_groups(evaluation: Evaluation, grouping: str) -> bool:
@@ -70,6 +72,7 @@ def _print_report(evaluation: Evaluation, per_round: bool) -> None:
 @click.option("--max-drop", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Allowed drop in x100 points (overall and per round, Dice/gIoU/cIoU).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-round curve PNG here.")
+@model_options
 @handle_errors
 def eval_command(
     data: Path,
@@ -81,11 +84,19 @@ def eval_command(
     baseline: Path | None,
     max_drop: float,
     plot: Path | None,
+    model_path: Path | None,
+    **model_settings: Any,
 ) -> None:
     """Score predicted masks against the ground truth of DATA (JSONL, MR-MedSeg JSON or an SA-Med2D folder)."""
+    if model_path is not None:
+        if predictions_dir is not None:
+            raise click.UsageError("--predictions and --model exclude each other")
+        evaluate_with_model(data, model_path, out, root, allow_outside_root, baseline, max_drop, plot, per_round,
+                            _print_report, **model_settings)
+        return
     if predictions_dir is None:
-        err_console.print("[red]error:[/red] --predictions DIR is required: model-based evaluation needs "
-                          "--model, which is not yet available", soft_wrap=True)
+        err_console.print("[red]error:[/red] give --predictions DIR (a folder written by `mediround infer`) "
+                          "or --model CKPT", soft_wrap=True)
         sys.exit(2)
     config = EvalConfig(out=out or predictions_dir / "metrics.parquet", baseline=baseline, max_drop=max_drop,
                         plot=plot)

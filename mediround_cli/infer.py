@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mediround.errors import CheckpointError
-from mediround.inference.runner import (
-    InferenceConfig,
-    InferenceSummary,
-    run_inference,
-    run_worker,
-    score_outputs,
-)
 from mediround_cli.common import console, err_console, handle_errors
+
+if TYPE_CHECKING:
+    from mediround.inference.runner import InferenceSummary
 
 
 def parse_beta(text: str) -> float | None:
@@ -95,6 +92,8 @@ def infer(
     worker_plan: str | None,
 ) -> None:
     """Predict every round of DATA (JSONL or MR-MedSeg JSON) with the model's own masks as references."""
+    from mediround.inference.runner import InferenceConfig, run_inference, run_worker, score_outputs
+
     if worker_plan is not None:
         run_worker(worker_plan)
         return

@@ -1,0 +1,158 @@
+"""Model-based evaluation: run Algorithm 1 for one or more tracks in one pass, score each, compare.
+
+Tracks are the JCM thresholds (``--beta 0.2,0.4,0.6,0.8``; ``off`` allowed) crossed with the reference
+source (predicted masks, ground-truth masks with ``--teacher-forcing``, both with ``--compare-tf``). All
+tracks of a dialogue run in one pass that shares the image encoders and, as long as their inputs agree,
+the text model's state (see ``mediround.inference.chain``); each track gets its own predictions folder.
+
+Rows: every track's rows go to one Parquet file with two extra columns, ``beta`` (float, null = JCM off)
+and ``references`` (``"predicted"`` or ``"ground-truth"``); each track folder also holds its own
+``metrics.parquet`` in the plain schema (usable as a baseline). The regression gate compares the primary
+track (the first beta; predicted references unless only teacher forcing was asked for) with the baseline
+rows of the same beta and references when the baseline has those columns, else with all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mediround.atomic import atomic_path
+from mediround.errors import DataError
+from mediround.inference.chain import Track
+from mediround.inference.runner import InferenceConfig, InferenceSummary, run_inference, score_outputs
+from mediround.metrics import Scores, aggregate, group_scores, summarize
+from mediround.reports.gate import Regression, compare_rows
+from mediround.reports.rows import ROW_SCHEMA, read_rows
+
+TRACK_COLUMNS = [("beta", pa.float64()), ("references", pa.string())]
+SWEEP_SCHEMA = pa.schema([*ROW_SCHEMA, *TRACK_COLUMNS])
+
+
+def references_name(track: Track) -> str:
+    return "ground-truth" if track.teacher_forcing else "predicted"
+
+
+@dataclass
+class RoundGap:
+    """Per round: the score with predicted references, with ground-truth references, and their gap (x100)."""
+
+    round: int
+    predicted: Scores
+    teacher_forced: Scores
+
+    def gap(self, metric: str) -> float:
+        return self.teacher_forced.points(metric) - self.predicted.points(metric)
+
+
+@dataclass
+class ModelEvaluation:
+    """What ``evaluate_model`` produced: the inference summary, per-track summaries and rows, comparisons."""
+
+    inference: InferenceSummary
+    tracks: list[Track]
+    primary: Track
+    summaries: dict[Track, dict[str, dict[Any, Scores]]]
+    rows: list[dict]
+    out: Path
+    problems: list[DataError] = field(default_factory=list)
+    missing: list[tuple[str, int]] = field(default_factory=list)
+    """Rounds of the primary track without a usable prediction (scored as empty)."""
+    tf_gap: list[RoundGap] = field(default_factory=list)
+    beta_plot: Path | None = None
+    round_plot: Path | None = None
+    regressions: list[Regression] = field(default_factory=list)
+
+
+def write_sweep_rows(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """Rows of several tracks in one Parquet file: the plain row schema plus ``beta`` and ``references``."""
+    table = pa.Table.from_pylist([{name: row.get(name) for name in SWEEP_SCHEMA.names} for row in rows],
+                                 schema=SWEEP_SCHEMA)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def primary_track(tracks: Sequence[Track]) -> Track:
+    """The track the gate and the headline tables use: first beta, predicted references when present."""
+    predicted = [t for t in tracks if not t.teacher_forcing]
+    return (predicted or list(tracks))[0]
+
+
+def round_gaps(predicted_rows: Sequence[dict], forced_rows: Sequence[dict]) -> list[RoundGap]:
+    """Per-round scores with predicted vs ground-truth references: the cost of error propagation."""
+    predicted = group_scores(predicted_rows, "round")
+    forced = group_scores(forced_rows, "round")
+    return [RoundGap(number, predicted[number], forced[number]) for number in sorted(set(predicted) & set(forced))]
+
+
+def _matching_rows(rows: list[dict], path: Path, track: Track) -> list[dict]:
+    """The baseline rows of ``track`` when the baseline holds several tracks, else all of them."""
+    if rows and "beta" in rows[0] and "references" in rows[0]:
+        rows = [r for r in rows if r["beta"] == track.beta and r["references"] == references_name(track)]
+    if not rows:
+        raise DataError(str(path), None, None, f"the baseline has no rows for {track.label}")
+    return rows
+
+
+def evaluate_model(
+    config: InferenceConfig,
+    out: str | os.PathLike | None = None,
+    baseline: str | os.PathLike | None = None,
+    max_drop: float = 0.0,
+    round_plot: str | os.PathLike | None = None,
+    beta_plot: str | os.PathLike | None = None,
+    model: Any = None,
+    on_plan: Callable[[Any], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> ModelEvaluation:
+    """Predict with every track of ``config`` (one pass), score, write rows and plots, gate the primary track.
+
+    ``out`` defaults to ``config.out/metrics.parquet`` (for a single track it is that track's own file).
+    ``beta_plot`` is drawn when at least two numeric betas ran with predicted references. The baseline is
+    read before anything is written, so it may be the file this run replaces.
+    """
+    baseline_rows = read_rows(baseline) if baseline is not None else None
+    summary = run_inference(config, model=model, on_plan=on_plan, on_progress=on_progress)
+    config = summary.config
+    evaluations = score_outputs(config)
+    if not evaluations:
+        raise DataError(config.data, None, None, "no predicted dialogue has ground-truth masks: nothing to score")
+    tracks = config.tracks
+    rows: list[dict] = []
+    summaries = {}
+    problems: list[DataError] = []
+    for track in tracks:
+        evaluation = evaluations[track.label]
+        summaries[track] = evaluation.summary
+        rows.extend({**row, "beta": track.beta, "references": references_name(track)} for row in evaluation.rows)
+        problems.extend(evaluation.problems)
+    out_path = Path(out) if out is not None else Path(config.out) / "metrics.parquet"
+    write_sweep_rows(out_path, rows)
+    primary = primary_track(tracks)
+    result = ModelEvaluation(summary, tracks, primary, summaries, rows, out_path, problems,
+                             evaluations[primary.label].missing)
+    primary_rows = evaluations[primary.label].rows
+    forced = Track(primary.beta, teacher_forcing=True)
+    if not primary.teacher_forcing and forced in tracks:
+        result.tf_gap = round_gaps(primary_rows, evaluations[forced.label].rows)
+    if round_plot is not None:
+        from mediround.reports.plots import round_curve
+
+        round_curve(summarize(primary_rows)["round"], round_plot, title=f"Score per round ({primary.label})")
+        result.round_plot = Path(round_plot)
+    swept = [t for t in tracks if t.beta is not None and not t.teacher_forcing]
+    if beta_plot is not None and len(swept) >= 2:
+        from mediround.reports.beta_curve import beta_curve
+
+        beta_curve({t.beta: aggregate(evaluations[t.label].rows) for t in swept}, beta_plot)
+        result.beta_plot = Path(beta_plot)
+    if baseline_rows is not None:
+        result.regressions = compare_rows(primary_rows, _matching_rows(baseline_rows, Path(baseline), primary),
+                                          max_drop)
+    return result

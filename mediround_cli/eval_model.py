@@ -1,0 +1,173 @@
+"""The model-running side of ``mediround eval``: ``--model CKPT`` runs inference and scores it in one command.
+
+``model_options`` adds the options to the ``eval`` command; ``evaluate_with_model`` is what ``eval`` calls
+when ``--model`` is given.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mediround.reports.tables import regression_table
+from mediround_cli.common import console, err_console
+from mediround_cli.infer import launch_settings, parse_beta, summary_table
+
+if TYPE_CHECKING:
+    from mediround.inference.model_eval import ModelEvaluation
+
+MODEL_OPTIONS = (
+    click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                 help="Run this checkpoint on DATA and score its predictions (instead of --predictions)."),
+    click.option("--beta", "betas", metavar="LIST",
+                 help="JCM thresholds, comma-separated (e.g. 0.2,0.4,0.6,0.8; 'off' allowed), all in one pass; "
+                      "writes a beta-vs-score PNG. [default: 0.6 with trained JCM weights, else off]"),
+    click.option("--teacher-forcing", is_flag=True,
+                 help="Chain ground-truth reference masks instead of the model's own."),
+    click.option("--compare-tf", is_flag=True,
+                 help="Run predicted and ground-truth references in one pass and report the per-round gap."),
+    click.option("--generate", is_flag=True, help="Let the model write its answers (greedy)."),
+    click.option("--no-cache", is_flag=True, help="Re-run the whole model per round (the authors' way)."),
+    click.option("--gpus", type=click.IntRange(min=1), help="Shard dialogues over N GPUs."),
+    click.option("--cpu", is_flag=True, help="Run on CPU (with --num-processes N for several processes)."),
+    click.option("--num-processes", type=click.IntRange(min=1), help="Number of CPU processes with --cpu."),
+    click.option("--resume", is_flag=True, help="Keep predictions already complete in --predictions-out."),
+    click.option("--predictions-out", type=click.Path(file_okay=False, path_type=Path),
+                 help="Where --model writes its predictions (one folder per beta/reference track when several) "
+                      "[default: ./mediround-eval]."),
+    click.option("--beta-plot", type=click.Path(dir_okay=False, path_type=Path),
+                 help="Beta-vs-score PNG for a sweep [default: PREDICTIONS_OUT/beta_curve.png]."),
+)
+
+
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the model-running options to a click command."""
+    for option in reversed(MODEL_OPTIONS):
+        command = option(command)
+    return command
+
+
+def parse_betas(text: str | None) -> tuple[float | None, ...]:
+    """``"0.2,0.4,off"`` -> ``(0.2, 0.4, None)``; empty means the checkpoint's default."""
+    if text is None:
+        return ()
+    values = tuple(parse_beta(part) for part in text.split(",") if part.strip())
+    if not values:
+        raise click.BadParameter("give at least one threshold", param_hint="--beta")
+    if len(set(values)) != len(values):
+        raise click.BadParameter(f"'{text}' repeats a threshold", param_hint="--beta")
+    return values
+
+
+def tracks_table(evaluation: ModelEvaluation) -> Table:
+    from mediround.inference.model_eval import references_name
+
+    table = Table(title="Overall per track (x100)")
+    for column in ("beta", "references", "masks", "Dice", "gIoU", "cIoU", "refined"):
+        table.add_column(column, justify="left" if column in ("beta", "references") else "right")
+    for track in evaluation.tracks:
+        scores = evaluation.summaries[track]["overall"][None]
+        rows = [r for r in evaluation.rows if r["beta"] == track.beta and r["references"] == references_name(track)]
+        refined = sum(1 for r in rows if r.get("refined"))
+        style = "bold" if track == evaluation.primary else None
+        table.add_row("off" if track.beta is None else f"{track.beta:g}", references_name(track), str(scores.count),
+                      f"{scores.points('dice'):.1f}", f"{scores.points('giou'):.1f}", f"{scores.points('ciou'):.1f}",
+                      f"{refined}/{len(rows)}", style=style)
+    return table
+
+
+def gap_table(evaluation: ModelEvaluation) -> Table:
+    table = Table(title=f"Error propagation per round ({evaluation.primary.label}; x100, ground truth - predicted)")
+    for column in ("round", "Dice pred", "Dice GT-ref", "Dice gap", "cIoU pred", "cIoU GT-ref", "cIoU gap"):
+        table.add_column(column, justify="right")
+    for gap in evaluation.tf_gap:
+        table.add_row(str(gap.round), f"{gap.predicted.points('dice'):.1f}", f"{gap.teacher_forced.points('dice'):.1f}",
+                      f"{gap.gap('dice'):+.1f}", f"{gap.predicted.points('ciou'):.1f}",
+                      f"{gap.teacher_forced.points('ciou'):.1f}", f"{gap.gap('ciou'):+.1f}")
+    return table
+
+
+def evaluate_with_model(
+    data: Path,
+    model_path: Path,
+    out: Path | None,
+    root: Path | None,
+    allow_outside_root: bool,
+    baseline: Path | None,
+    max_drop: float,
+    plot: Path | None,
+    per_round: bool,
+    print_report: Callable[[Any, bool], None],
+    betas: str | None = None,
+    teacher_forcing: bool = False,
+    compare_tf: bool = False,
+    generate: bool = False,
+    no_cache: bool = False,
+    gpus: int | None = None,
+    cpu: bool = False,
+    num_processes: int | None = None,
+    resume: bool = False,
+    predictions_out: Path | None = None,
+    beta_plot: Path | None = None,
+) -> None:
+    """Run the checkpoint on DATA, score every track, print the tables and apply the gate (exit 1)."""
+    from mediround.inference.model_eval import evaluate_model
+    from mediround.inference.runner import InferenceConfig
+
+    if teacher_forcing and compare_tf:
+        raise click.UsageError("--teacher-forcing and --compare-tf exclude each other (--compare-tf runs both)")
+    device, processes = launch_settings(gpus, cpu, num_processes)
+    predictions_out = predictions_out or Path("mediround-eval")
+    config = InferenceConfig(
+        data=str(data), model=str(model_path), out=str(predictions_out), betas=parse_betas(betas),
+        teacher_forcing=(False, True) if compare_tf else (teacher_forcing,), generate=generate,
+        use_cache=not no_cache, resume=resume, root=None if root is None else str(root),
+        allow_outside_root=allow_outside_root, device=device, num_processes=processes,
+    )
+    columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("eval", total=None)
+        evaluation = evaluate_model(
+            config, out=out, baseline=baseline, max_drop=max_drop, round_plot=plot,
+            beta_plot=beta_plot or predictions_out / "beta_curve.png",
+            on_plan=lambda plan: progress.update(task, total=len(plan.todo)),
+            on_progress=lambda finished: progress.update(task, completed=finished),
+        )
+    primary = evaluation.primary
+    references = "ground-truth" if primary.teacher_forcing else "predicted"
+    console.print(f"[bold]{primary.label}[/bold] ({references} references)")
+    print_report(_PrimaryView(evaluation), per_round)
+    if len(evaluation.tracks) > 1:
+        console.print(tracks_table(evaluation))
+    if evaluation.tf_gap:
+        console.print(gap_table(evaluation))
+    for problem in evaluation.problems:
+        err_console.print(f"problem: {problem.one_line()}", soft_wrap=True, markup=False)
+    console.print(summary_table(evaluation.inference))
+    console.print(f"metric rows: {evaluation.out}" + (f"; beta curve: {evaluation.beta_plot}" if evaluation.beta_plot
+                                                      else "") + (f"; round curve: {evaluation.round_plot}"
+                                                                  if evaluation.round_plot else ""), soft_wrap=True)
+    if evaluation.inference.skipped:
+        err_console.print(f"[yellow]{evaluation.inference.skipped} dialogue(s) skipped[/yellow]; reasons in "
+                          f"{evaluation.inference.errors_file}")
+    if baseline is not None:
+        if evaluation.regressions:
+            console.print(regression_table(evaluation.regressions, max_drop))
+            err_console.print(f"[red]gate failed:[/red] {len(evaluation.regressions)} scores of {primary.label} fell "
+                              f"by more than {max_drop:g} points against {baseline}")
+            sys.exit(1)
+        console.print(f"[green]gate passed:[/green] no score fell by more than {max_drop:g} points against {baseline}")
+
+
+class _PrimaryView:
+    """The primary track's summary and missing rounds, shaped as ``eval``'s report printer expects."""
+
+    def __init__(self, evaluation: ModelEvaluation):
+        self.summary = evaluation.summaries[evaluation.primary]
+        self.missing = evaluation.missing
