@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -22,15 +23,19 @@ def build_model(
     tokenizer: PreTrainedTokenizerBase | None = None,
     device: str | torch.device = "cpu",
     allow_partial: bool = False,
+    on_base: Callable[[nn.Module, nn.Module, int], None] | None = None,
 ) -> MediRound:
     """Build MediRound from ``config``: load or build LLaVA and SAM, add tokens, wrap LoRA, set trainability.
 
     ``tokenizer`` overrides the one the config would make (a checkpoint passes its saved tokenizer).
-    On ``torch.device("meta")`` nothing is allocated and no weight file is read.
+    On ``torch.device("meta")`` nothing is allocated and no weight file is read. ``on_base(llava, sam,
+    base_vocab)`` runs on the base models before LoRA is wrapped (a checkpoint loads saved base weights there).
     """
     config.validate()
     llava, tokenizer, base_vocab = load_llava(config, tokenizer, device)
     sam, _ = load_sam(config.segmenter, device, allow_partial=allow_partial)
+    if on_base is not None:
+        on_base(llava, sam, base_vocab)
     mllm = _wrap_language_model(llava, tokenizer, config)
     with torch.device(device):
         torch.manual_seed(config.heads.seed)

@@ -62,8 +62,10 @@ def tokenizer_corpus() -> list[str]:
     return lines + [str(line) for line in text_corpus()]
 
 
-def train_tiny_tokenizer(vocab_size: int, corpus: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained offline, with LLaVA's ``<image>`` and MediRound's tokens added."""
+def train_tiny_tokenizer(
+    vocab_size: int, corpus: Iterable[str] | None = None, with_mediround_tokens: bool = True
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained offline, with LLaVA's ``<image>`` (and MediRound's tokens) added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -84,7 +86,8 @@ def train_tiny_tokenizer(vocab_size: int, corpus: Iterable[str] | None = None) -
         pad_token="<pad>",
     )
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    add_mediround_tokens(tokenizer)
+    if with_mediround_tokens:
+        add_mediround_tokens(tokenizer)
     return tokenizer
 
 

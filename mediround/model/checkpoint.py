@@ -1,0 +1,227 @@
+"""MediRound checkpoints: a folder anyone can inspect, loaded without pickle, checked key by key.
+
+Layout::
+
+    config.json                 MediRoundConfig (base model references and every setting)
+    manifest.json               format, base vocabulary size, sha256 of every other file
+    tokenizer/                  the tokenizer with MediRound's tokens (save_pretrained)
+    adapter/                    peft LoRA adapter (adapter_model.safetensors + adapter_config.json),
+                                including the trained embed_tokens/lm_head (full or rows)
+    heads.safetensors           mask decoder, [SEG] projection, box encoder, JCM, and any other
+                                trainable parameter the adapter does not hold
+    base_llava.safetensors      full base LLaVA weights, when the base cannot be re-fetched (tiny preset)
+    base_sam.safetensors        full SAM weights, when no SAM checkpoint path is configured
+    token_rows.safetensors      initial rows of the added tokens, when the base LLaVA comes from a path
+
+Saving writes a temporary folder beside the target and renames it. Loading verifies every sha256 first,
+then routes each weight file through ``load_report`` (names of missing/unexpected/mis-shaped keys,
+``CheckpointError`` unless ``allow_partial``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer
+
+from mediround.atomic import write_json
+from mediround.errors import CheckpointError, RecipeError
+from mediround.model.build import build_model
+from mediround.model.config import MediRoundConfig
+from mediround.model.load_report import LoadReport, load_into, report_from_lists
+from mediround.model.mediround import MediRound
+
+FORMAT = "mediround-checkpoint/1"
+HEAD_MODULES = ("seg_projection", "box_encoder", "jcm", "sam.mask_decoder")
+ADAPTER_MARKERS = ("lora_", "modules_to_save", "trainable_tokens_delta")
+
+
+def clean_base_state(llava: nn.Module) -> dict[str, torch.Tensor]:
+    """LLaVA's own weights with peft's wrappers removed (LoRA and trained copies left out)."""
+    state = {}
+    for key, value in llava.state_dict().items():
+        if any(marker in key for marker in ADAPTER_MARKERS):
+            continue
+        for wrapper in (".original_module", ".token_adapter", ".base_layer"):
+            key = key.replace(wrapper, "")
+        state[key] = value.detach().contiguous()
+    return state
+
+
+def _adapter_owned(name: str) -> bool:
+    return any(marker in name for marker in ADAPTER_MARKERS)
+
+
+def head_state(model: MediRound) -> dict[str, torch.Tensor]:
+    """Trained weights outside the adapter: the head modules plus every other trainable parameter."""
+    state = {}
+    for prefix in HEAD_MODULES:
+        module = model.get_submodule(prefix)
+        state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    for name, param in model.named_parameters():
+        if param.requires_grad and not _adapter_owned(name):
+            state[name] = param
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: MediRound, folder: str | os.PathLike) -> Path:
+    """Write ``model`` as a checkpoint folder, atomically (temporary folder, then rename)."""
+    final = Path(folder)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        config = model.config
+        config.to_json(tmp / "config.json")
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        if hasattr(model.mllm, "peft_config"):
+            model.mllm.save_pretrained(tmp / "adapter")
+            (tmp / "adapter" / "README.md").unlink(missing_ok=True)
+        save_file(head_state(model), tmp / "heads.safetensors")
+        if config.mllm.source == "tiny":
+            save_file(clean_base_state(model.llava), tmp / "base_llava.safetensors")
+        else:
+            base = clean_base_state(model.llava)
+            rows = {
+                "embed": base["model.language_model.embed_tokens.weight"][model.base_vocab :].contiguous(),
+                "lm_head": base["lm_head.weight"][model.base_vocab :].contiguous(),
+            }
+            save_file(rows, tmp / "token_rows.safetensors")
+        if config.segmenter.checkpoint is None:
+            save_file({k: v.detach().contiguous() for k, v in model.sam.state_dict().items()}, tmp / "base_sam.safetensors")
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        manifest = {"format": FORMAT, "base_vocab": model.base_vocab, "files": {f: _sha256(tmp / f) for f in files}}
+        write_json(tmp / "manifest.json", manifest)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def verify_manifest(folder: Path) -> dict:
+    """Check the manifest's sha256 of every file; name the first file that is missing or altered."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not a MediRound checkpoint (no manifest.json)")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {manifest.get('format')!r}")
+    for name, digest in manifest["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in the manifest but missing")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{file}: sha256 differs from the manifest (file altered or corrupt)")
+    return manifest
+
+
+def load_checkpoint(
+    folder: str | os.PathLike, device: str | torch.device = "cpu", allow_partial: bool = False,
+    verify: bool = True,
+) -> MediRound:
+    """Rebuild the model from a checkpoint folder. Raises ``CheckpointError`` naming any bad file or key.
+
+    ``verify=False`` skips the sha256 check (the key checks still run). ``allow_partial=True`` loads what
+    matches; the reports are then on ``model.load_reports``.
+    """
+    folder = Path(folder)
+    manifest = verify_manifest(folder) if verify else json.loads((folder / "manifest.json").read_text())
+    try:
+        config = MediRoundConfig.from_json(folder / "config.json")
+    except RecipeError as error:
+        raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    reports: list[LoadReport] = []
+
+    def load_base(llava: nn.Module, sam: nn.Module, base_vocab: int) -> None:
+        if base_vocab != manifest["base_vocab"]:
+            raise CheckpointError(
+                f"{config.mllm.source}: base vocabulary has {base_vocab} rows, the checkpoint was made on "
+                f"{manifest['base_vocab']}"
+            )
+        llava_file = folder / "base_llava.safetensors"
+        if llava_file.is_file():
+            reports.append(load_into(llava, _read(llava_file), str(llava_file), allow_partial=allow_partial))
+        rows_file = folder / "token_rows.safetensors"
+        if rows_file.is_file():
+            rows = _read(rows_file)
+            with torch.no_grad():
+                llava.get_input_embeddings().weight[base_vocab:] = rows["embed"]
+                llava.get_output_embeddings().weight[base_vocab:] = rows["lm_head"]
+        sam_file = folder / "base_sam.safetensors"
+        if sam_file.is_file():
+            reports.append(load_into(sam, _read(sam_file), str(sam_file), allow_partial=allow_partial))
+
+    model = build_model(config, tokenizer=tokenizer, device=device, allow_partial=allow_partial, on_base=load_base)
+    adapter = folder / "adapter"
+    if hasattr(model.mllm, "peft_config"):
+        reports.append(_load_adapter(model, adapter, allow_partial))
+    heads_file = folder / "heads.safetensors"
+    reports.append(_load_heads(model, _read(heads_file), str(heads_file), allow_partial))
+    model.load_reports = reports
+    return model
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: unreadable safetensors file: {error}") from None
+
+
+def _load_adapter(model: MediRound, folder: Path, allow_partial: bool) -> LoadReport:
+    weights_file = folder / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise CheckpointError(f"{weights_file}: LoRA adapter missing")
+    weights = load_peft_weights(str(folder), device="cpu")
+    expected = {k for k, _ in model.mllm.named_parameters() if _adapter_owned(k)}
+    try:
+        result = set_peft_model_state_dict(model.mllm, weights)
+    except RuntimeError as error:
+        raise CheckpointError(f"{weights_file}: weights do not match the model: {error}") from None
+    missing = [k for k in result.missing_keys if k in expected]
+    report = report_from_lists(str(weights_file), missing=missing, unexpected=result.unexpected_keys)
+    if not allow_partial:
+        report.raise_if_bad()
+    return report
+
+
+def _load_heads(model: MediRound, state: dict[str, torch.Tensor], source: str, allow_partial: bool) -> LoadReport:
+    expected = set(head_state(model))
+    own = model.state_dict()
+    report = report_from_lists(
+        source,
+        missing=sorted(expected - set(state)),
+        unexpected=sorted(set(state) - expected),
+        mismatched=[(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                    if k in own and tuple(v.shape) != tuple(own[k].shape)],
+    )
+    if not allow_partial:
+        report.raise_if_bad()
+    bad = {k for k, _, _ in report.mismatched} | set(report.unexpected)
+    model.load_state_dict({k: v for k, v in state.items() if k not in bad}, strict=False)
+    return report

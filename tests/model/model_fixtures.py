@@ -1,0 +1,49 @@
+"""Shared builders for the model tests: a tiny model and synthetic dialogues with real masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mediround.data.dialogue import Dialogue, Round
+from mediround.model import DialogueSample, build_model, preset
+
+
+def tiny_model(seed: int = 0, **trainable):
+    config = preset("tiny")
+    config.mllm.seed = seed
+    for key, value in trainable.items():
+        setattr(config.trainable, key, value)
+    torch.manual_seed(seed)
+    return build_model(config)
+
+
+def perturb_lora(model, scale: float = 0.2) -> None:
+    """LoRA B starts at zero; give it weights so LoRA changes the outputs."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def image(seed: int = 0, size: int = 128) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+
+
+def box_mask(index: int, size: int = 128) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    top = (17 * index) % (size - 40)
+    mask[top : top + 30, 10 + 5 * index : 60 + 5 * index] = True
+    return mask
+
+
+def sample(rounds: int, seed: int = 0, size: int = 128) -> DialogueSample:
+    """A dialogue whose round r > 1 refers to round r - 1, with box-shaped ground-truth masks."""
+    items = [
+        Round(query=f"Segment structure {i + 1}.", answer=f"It is structure {i + 1} [SEG].", mask=f"m{i}.png",
+              ref=i if i > 0 else None)
+        for i in range(rounds)
+    ]
+    return DialogueSample(Dialogue(id=f"d{rounds}", image="x.png", rounds=items), image(seed, size),
+                          [box_mask(i, size) for i in range(rounds)])

@@ -1,0 +1,127 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from model_fixtures import perturb_lora, sample, tiny_model
+from safetensors.torch import load_file, save_file
+
+from mediround.errors import CheckpointError
+from mediround.model import build_model, preset
+from mediround.model.checkpoint import _sha256, load_checkpoint, save_checkpoint
+
+RELOAD = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from safetensors.torch import save_file
+    sys.path.insert(0, sys.argv[3])
+    from model_fixtures import sample
+    from mediround.model.checkpoint import load_checkpoint
+    torch.set_num_threads(1)
+    model = load_checkpoint(sys.argv[1]).eval()
+    with torch.no_grad():
+        output = model(model.collate([sample(3, seed=21)]))
+    save_file({"features": output.seg_features[0], "masks": output.mask_logits[0]}, sys.argv[2])
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    torch.set_num_threads(2)
+    model = tiny_model(seed=5)
+    perturb_lora(model)
+    with torch.no_grad():
+        model.box_encoder.linear.weight.add_(0.5)
+        model.sam.mask_decoder.output_upscaling[0].weight.mul_(1.5)
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(model, folder)
+    return model.eval(), folder
+
+
+def test_checkpoint_reloads_identically_in_a_fresh_process(trained_checkpoint, tmp_path):
+    model, folder = trained_checkpoint
+    assert {p.name for p in folder.iterdir()} >= {
+        "config.json", "manifest.json", "tokenizer", "adapter", "heads.safetensors", "base_llava.safetensors",
+        "base_sam.safetensors",
+    }
+    assert {p.name for p in (folder / "adapter").iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["files"]["heads.safetensors"] == _sha256(folder / "heads.safetensors")
+    with torch.no_grad():
+        expected = model(model.collate([sample(3, seed=21)]))
+    out = tmp_path / "reloaded.safetensors"
+    script = tmp_path / "reload.py"
+    script.write_text(RELOAD)
+    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    subprocess.run([sys.executable, str(script), str(folder), str(out), tests_dir], check=True, timeout=300)
+    reloaded = load_file(out)
+    torch.testing.assert_close(reloaded["features"], expected.seg_features[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(reloaded["masks"], expected.mask_logits[0], atol=1e-5, rtol=0)
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(folder, target)
+    return target
+
+
+def _reseal(folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = {name: _sha256(folder / name) for name in manifest["files"]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_renamed_key_is_named_in_the_error(trained_checkpoint, tmp_path):
+    _, folder = trained_checkpoint
+    copy = _copy(folder, tmp_path)
+    heads = load_file(copy / "heads.safetensors")
+    heads["box_encoder.linear.weight_renamed"] = heads.pop("box_encoder.linear.weight")
+    save_file(heads, copy / "heads.safetensors")
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        load_checkpoint(copy)
+    _reseal(copy)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(copy)
+    assert "box_encoder.linear.weight_renamed" in str(error.value)
+    assert "missing key(s): box_encoder.linear.weight" in str(error.value)
+    partial = load_checkpoint(copy, allow_partial=True)
+    assert partial.load_reports[-1].missing == ["box_encoder.linear.weight"]
+
+
+def test_renamed_adapter_key_is_named(trained_checkpoint, tmp_path):
+    _, folder = trained_checkpoint
+    copy = _copy(folder, tmp_path)
+    path = copy / "adapter" / "adapter_model.safetensors"
+    weights = load_file(path)
+    key = next(k for k in weights if "layers.1.self_attn.v_proj.lora_B" in k)
+    weights[key + "_x"] = weights.pop(key)
+    save_file(weights, path)
+    _reseal(copy)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(copy)
+    assert "layers.1.self_attn.v_proj.lora_B" in str(error.value)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_payload_in_a_sam_checkpoint_is_not_executed(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    bad = tmp_path / "medsam.pth"
+    torch.save({"image_encoder.pos_embed": _Payload(str(marker))}, bad)
+    config = preset("tiny")
+    config.segmenter.checkpoint = str(bad)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        build_model(config)
+    assert not marker.exists()

@@ -1,0 +1,79 @@
+import numpy as np
+import torch
+from model_fixtures import sample, tiny_model
+
+from mediround.model import MASK_THRESHOLD
+
+
+def test_teacher_forced_batch_of_different_lengths():
+    torch.set_num_threads(2)
+    model = tiny_model()
+    batch = model.collate([sample(1, seed=0), sample(3, seed=1), sample(5, seed=2)])
+    assert batch.attention_mask.sum(1).tolist()[0] < batch.attention_mask.sum(1).tolist()[2]
+    assert batch.crop_pixels.shape[0] == 0 + 2 + 4  # one crop per referring round
+    output = model(batch)
+    assert [f.shape for f in output.seg_features] == [(1, 256), (3, 256), (5, 256)]
+    assert [m.shape for m in output.mask_logits] == [(1, 128, 128), (3, 128, 128), (5, 128, 128)]
+    for value in [output.loss, *output.losses.values()]:
+        assert torch.isfinite(value)
+    weights = model.config.loss
+    expected = weights.ce * output.losses["ce"] + weights.bce * output.losses["bce"] + weights.dice * output.losses["dice"]
+    torch.testing.assert_close(output.loss, expected)
+    # SAM and CLIP encode each image exactly once; crops once per referring round.
+    assert model.encoder_calls == {"sam": 3, "clip": 3, "crop": 6}
+    output.loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained, "no gradients at all"
+    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert frozen_with_grad == []
+    assert any("lora_B" in n for n in trained)  # lora_A gets gradient once B is non-zero
+    assert any(n.startswith("sam.mask_decoder.") for n in trained)
+    assert any(n.startswith("box_encoder.") for n in trained)
+    assert not any(n.startswith(("sam.image_encoder", "sam.prompt_encoder")) for n in trained)
+    assert not any("vision_tower" in n or "multi_modal_projector" in n for n in trained)
+    assert not any("iou_prediction_head" in n for n in trained)
+
+
+def test_padding_does_not_change_a_dialogue():
+    torch.set_num_threads(2)
+    model = tiny_model().eval()
+    with torch.no_grad():
+        alone = model(model.collate([sample(2, seed=3)]))
+        padded = model(model.collate([sample(2, seed=3), sample(5, seed=4)]))
+    torch.testing.assert_close(alone.seg_features[0], padded.seg_features[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone.mask_logits[0], padded.mask_logits[0], atol=1e-4, rtol=0)
+
+
+def test_a_fixed_batch_can_be_overfit():
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = tiny_model()
+    batch = model.collate([sample(2, seed=5), sample(3, seed=6)])
+    targets = torch.cat(batch.target_masks).bool()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=2e-3)
+    first = None
+    for _ in range(80):
+        output = model(batch)
+        first = first if first is not None else float(output.loss)
+        optimiser.zero_grad()
+        output.loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        output = model(batch)
+    predicted = torch.cat(output.mask_logits) > MASK_THRESHOLD
+    dice = (2 * (predicted & targets).flatten(1).sum(1) / (predicted.flatten(1).sum(1) + targets.flatten(1).sum(1))).mean()
+    assert float(output.loss) < first / 2
+    assert float(dice) > 0.9, f"Dice {float(dice):.3f}"
+
+
+def test_mask_targets_follow_the_resized_frame():
+    model = tiny_model()
+    wide = sample(1, seed=8)
+    wide.image = np.zeros((64, 256, 3), dtype=np.uint8)
+    wide.masks = [np.zeros((64, 256), dtype=bool)]
+    wide.masks[0][:, :128] = True
+    batch = model.collate([wide])
+    assert batch.resized_sizes == [(32, 128)]
+    assert batch.target_masks[0].shape == (1, 32, 128)
+    assert batch.target_masks[0][0, :, :64].all() and not batch.target_masks[0][0, :, 64:].any()

@@ -1,0 +1,31 @@
+import numpy as np
+
+from mediround.model.references import reference_from_mask
+
+
+def test_crop_is_masked_cropped_and_padded_to_square():
+    image = np.full((10, 20, 3), 200, dtype=np.uint8)
+    mask = np.zeros((10, 20), dtype=bool)
+    mask[2:6, 4:12] = True  # 4 rows x 8 cols = 32 pixels
+    mask[2, 4] = False
+    reference = reference_from_mask(image, mask)
+    assert reference.crop.shape == (8, 8, 3)
+    assert reference.crop[0, 0].tolist() == [0, 0, 0]  # outside the mask inside the box: zeroed
+    assert reference.crop[0, 1].tolist() == [200, 200, 200]
+    assert reference.crop[4:].max() == 0  # square padding below the 4 cropped rows
+    np.testing.assert_allclose(reference.box, [4 / 20, 2 / 10, 12 / 20, 6 / 10])
+    assert not reference.whole_image
+
+
+def test_tiny_or_missing_mask_means_whole_image():
+    image = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    nine = np.zeros((6, 8), dtype=bool)
+    nine[0:3, 0:3] = True
+    for mask in (nine, None, np.zeros((6, 8), dtype=bool)):
+        reference = reference_from_mask(image, mask)
+        assert reference.whole_image
+        np.testing.assert_array_equal(reference.box, [0, 0, 1, 1])
+        np.testing.assert_array_equal(reference.crop[:6], image)
+    ten = nine.copy()
+    ten[5, 7] = True
+    assert not reference_from_mask(image, ten).whole_image
