@@ -1,0 +1,194 @@
+"""What JCM trains on: [SEG] features of a frozen MediRound, computed once and cached per dialogue.
+
+Everything of MediRound is frozen in stage 2, so for a given dialogue the [SEG] features, the SAM image
+embedding, the raw masks and hence the judge's targets never change. They are computed once (in
+``no_grad``, no backward through the language model) and the two small MLPs are then trained on the
+cache; each step only runs the MLPs and the mask decoder.
+
+Two sources of features:
+
+- ``teacher-forced``: the stage-1 forward, every reference crop/box built from the ground-truth mask
+  (what the paper trains JCM on);
+- ``rollout``: Algorithm 1 with JCM off (``mediround.inference.chain``), every reference built from the
+  model's own predicted mask of the referred round: the features JCM meets at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TEACHER_FORCED = "teacher-forced"
+ROLLOUT = "rollout"
+SOURCES = (TEACHER_FORCED, ROLLOUT)
+
+
+@dataclass
+class DialogueFeatures:
+    """One dialogue's frozen-model outputs: SAM embedding (1, 256, g, g), ground-truth masks at the
+    supervision size (n, h, w) bool, and per source the [SEG] features (n, 256) and the IoU of their raw
+    masks with the ground truth (n,). Only rounds with a ground-truth mask are kept (n of them)."""
+
+    embedding: torch.Tensor
+    targets: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    iou: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.targets.shape[-2:])
+
+
+def decode_at_supervision_size(model: Any, embedding: torch.Tensor, features: torch.Tensor,
+                               size: tuple[int, int]) -> torch.Tensor:
+    """(n, 256) features -> (n, h, w) float logits at the supervision size through the frozen decoder.
+
+    Gradients flow to ``features`` (the refine MLP's output), never into the decoder's frozen weights.
+    """
+    from mediround.model.segmenter import decode_masks, upsample_logits
+
+    low_res = decode_masks(model.sam, embedding, features)
+    return upsample_logits(low_res, model.config.segmenter.image_size, size, size)
+
+
+def supervision_targets(masks: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+    """Ground-truth masks resized to the supervision size exactly as stage-1 ``collate`` does (bool)."""
+    if not masks:
+        return torch.zeros(0, *size, dtype=torch.bool)
+    stacked = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) for m in masks]))[:, None]
+    return F.interpolate(stacked, size=size, mode="nearest-exact")[:, 0] > 0.5
+
+
+def raw_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """IoU of (logits > 0) with the targets, per mask, by ``mediround.metrics`` (1.0 when both are empty)."""
+    from mediround.metrics import counts
+    from mediround.model import MASK_THRESHOLD
+
+    predicted = (logits.detach().float() > MASK_THRESHOLD).cpu().numpy()
+    return torch.from_numpy(counts(predicted, targets.cpu().numpy())["iou"]).float()
+
+
+class _FeatureRecorder:
+    """The model as ``chain_dialogue`` sees it: the image is encoded once by the caller, and the [SEG]
+    feature of every ``step`` is kept. Everything else is the model itself."""
+
+    def __init__(self, model: Any, context: Any):
+        self._model = model
+        self._context = context
+        self.features: list[torch.Tensor] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def encode_image(self, image: np.ndarray) -> Any:
+        return self._context
+
+    def step(self, state: Any, *args: Any, **kwargs: Any) -> Any:
+        output = self._model.step(state, *args, **kwargs)
+        self.features.append(output.seg_feature.reshape(-1))
+        return output
+
+
+def rollout_features(model: Any, sample: Any, context: Any) -> torch.Tensor:
+    """The [SEG] features of every round when the dialogue is chained with JCM off: each reference is the
+    model's own mask of the referred round (Algorithm 1). (rounds, 256)."""
+    from mediround.inference.chain import Track, chain_dialogue
+
+    recorder = _FeatureRecorder(model, context)
+    chain_dialogue(recorder, sample.dialogue, sample.image, [Track(beta=None)])
+    rounds = len(sample.dialogue.rounds)
+    if len(recorder.features) != rounds:
+        raise RuntimeError(f"chain produced {len(recorder.features)} [SEG] features for {rounds} rounds")
+    return torch.stack(recorder.features)
+
+
+@torch.no_grad()
+def collect_features(model: Any, samples: Sequence[Any], sources: Sequence[str],
+                     autocast: Callable[[], Any] | None = None) -> list[DialogueFeatures]:
+    """Frozen-model features of ``samples`` from each of ``sources``; the teacher-forced ones come from
+    one batched stage-1 forward."""
+    import contextlib
+
+    autocast = autocast or contextlib.nullcontext
+    entries = []
+    with autocast():
+        contexts = [model.encode_image(sample.image) for sample in samples]
+        forced = model(model.collate(list(samples))).seg_features if TEACHER_FORCED in sources else None
+        for index, (sample, context) in enumerate(zip(samples, contexts)):
+            valid = [i for i, mask in enumerate(sample.masks) if mask is not None]
+            targets = supervision_targets([sample.masks[i] for i in valid], context.resized_size)
+            entry = DialogueFeatures(context.sam_embedding, targets.to(context.sam_embedding.device))
+            for source in sources:
+                features = forced[index] if source == TEACHER_FORCED else rollout_features(model, sample, context)
+                features = features[valid].detach()
+                logits = decode_at_supervision_size(model, entry.embedding, features, entry.size)
+                entry.features[source] = features
+                entry.iou[source] = raw_iou(logits, targets).to(features.device)
+            entries.append(entry)
+    return entries
+
+
+class FeatureCache:
+    """Features per dialogue index, computed on first use; ``keep=False`` computes them for every use
+    (for data sets whose image embeddings do not fit in memory)."""
+
+    def __init__(self, model: Any, load: Callable[[int], Any], keep: bool = True,
+                 autocast: Callable[[], Any] | None = None):
+        self.model = model
+        self.load = load
+        self.keep = keep
+        self.autocast = autocast
+        self.entries: dict[int, DialogueFeatures] = {}
+
+    def get(self, indices: Sequence[int], sources: Sequence[str]) -> list[DialogueFeatures]:
+        """Entries of ``indices`` holding the given source of each (one source per index)."""
+        missing: dict[str, list[int]] = {}
+        for index, source in zip(indices, sources):
+            entry = self.entries.get(index)
+            if entry is None or source not in entry.features:
+                missing.setdefault(source, []).append(index)
+        fresh: dict[tuple[int, str], DialogueFeatures] = {}
+        for source, wanted in missing.items():
+            unique = list(dict.fromkeys(wanted))
+            computed = collect_features(self.model, [self.load(i) for i in unique], [source], self.autocast)
+            for index, entry in zip(unique, computed):
+                fresh[(index, source)] = entry
+                if self.keep:
+                    held = self.entries.setdefault(index, entry)
+                    held.features.update(entry.features)
+                    held.iou.update(entry.iou)
+        return [self.entries[i] if self.keep else fresh[(i, s)] for i, s in zip(indices, sources)]
+
+
+def rollout_sources(indices: Sequence[int], seed: int, epoch: int, rollout: bool, fraction: float) -> list[str]:
+    """The feature source of each dialogue in one epoch: a fixed draw per (seed, epoch, dialogue)."""
+    if not rollout or fraction <= 0:
+        return [TEACHER_FORCED] * len(indices)
+    if fraction >= 1:
+        return [ROLLOUT] * len(indices)
+    draws = [np.random.default_rng([seed, epoch, index]).random() for index in indices]
+    return [ROLLOUT if draw < fraction else TEACHER_FORCED for draw in draws]
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """0-based ranks, ties sharing the mean of the ranks they span."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(len(values), dtype=np.float64)
+    _, groups, sizes = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.bincount(groups, weights=ranks) / sizes)[groups]
+
+
+def spearman(first: Sequence[float], second: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks); NaN when either side is constant."""
+    a, b = average_ranks(np.asarray(first)), average_ranks(np.asarray(second))
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
