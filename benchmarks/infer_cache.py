@@ -1,0 +1,139 @@
+"""KV-cached inference vs ``--no-cache``, round-8 vs round-2 cost, and 1- vs 2-process throughput.
+
+Run: ``python benchmarks/infer_cache.py [--dialogues 4] [--repeats 2] [--threads 1] [--throughput-dialogues 8]``.
+Everything uses 8-round dialogues of the synthetic benchmark and a random tiny model (speed does not
+depend on training). Printed, measured side by side in one run:
+
+- seconds per dialogue, KV-cached (image encoders once, each round appended to the cache) vs no-cache
+  (every round re-runs both image encoders and the whole history, as the authors' code does), and
+  their ratio;
+- the cost of round 8 over round 2 in the cached path (``step`` + ``decode`` of that round);
+- dialogues/s of ``mediround infer --cpu`` with 1 and 2 processes, end to end (process start, model
+  load, prediction, merge) on the same data.
+
+The machine has 2 shared cores: the load average is printed before and after; compare ratios only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mediround.data.formats import load_dialogues, write_jsonl
+from mediround.data.images import load_image
+from mediround.data.synth import generate
+from mediround.inference.chain import Track, chain_dialogue
+from mediround.model import build_model, preset
+from mediround.model.checkpoint import save_checkpoint
+
+ROUNDS = 8
+
+
+def eight_round_dialogues(folder: Path, wanted: int, seed: int) -> list:
+    """Synthetic dialogues with exactly 8 rounds (generated in batches until there are enough)."""
+    found = []
+    batch = 0
+    while len(found) < wanted:
+        summary = generate(folder / f"batch{batch}", 80, seed + batch, split="test")
+        loaded = load_dialogues(summary.files["test"])
+        found += [d for d in loaded.dialogues if len(d.rounds) == ROUNDS]
+        batch += 1
+    return found[:wanted]
+
+
+def timed_rounds(model, dialogue, image) -> dict[int, float]:
+    """Seconds of ``step`` + ``decode`` per round number in the cached path."""
+    costs: dict[int, float] = {}
+    step, decode = model.step, model.decode
+    current = {"round": 0}
+
+    def timed_step(state, *args, **kwargs):
+        current["round"] = state.rounds + 1
+        start = time.perf_counter()
+        output = step(state, *args, **kwargs)
+        costs[current["round"]] = time.perf_counter() - start
+        return output
+
+    def timed_decode(context, features):
+        start = time.perf_counter()
+        logits = decode(context, features)
+        costs[current["round"]] += time.perf_counter() - start
+        return logits
+
+    model.step, model.decode = timed_step, timed_decode
+    try:
+        chain_dialogue(model, dialogue, image, [Track(None)])
+    finally:
+        del model.step, model.decode
+    return costs
+
+
+def run_cli(data: Path, checkpoint: Path, out: Path, processes: int) -> float:
+    command = [sys.executable, "-m", "mediround_cli.main", "infer", str(data), "--model", str(checkpoint),
+               "--out", str(out), "--cpu", "--num-processes", str(processes), "--beta", "off"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dialogues", type=int, default=4, help="dialogues timed cached vs no-cache")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    parser.add_argument("--throughput-dialogues", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"load average before: {os.getloadavg()[0]:.2f}; torch threads {args.threads}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        dialogues = eight_round_dialogues(folder, max(args.dialogues, args.throughput_dialogues), args.seed)
+        model = build_model(preset("tiny")).eval()
+        cached, uncached, round_costs = [], [], {n: [] for n in range(1, ROUNDS + 1)}
+        for _ in range(args.repeats):
+            for dialogue in dialogues[: args.dialogues]:
+                image = load_image(dialogue.image_path)
+                start = time.perf_counter()
+                chain_dialogue(model, dialogue, image, [Track(None)])
+                cached.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                chain_dialogue(model, dialogue, image, [Track(None)], use_cache=False)
+                uncached.append(time.perf_counter() - start)
+                for number, seconds in timed_rounds(model, dialogue, image).items():
+                    round_costs[number].append(seconds)
+        cached_s, uncached_s = statistics.median(cached), statistics.median(uncached)
+        print(f"per dialogue (8 rounds, median of {len(cached)}): cached {cached_s * 1000:.0f} ms, "
+              f"no-cache {uncached_s * 1000:.0f} ms, ratio no-cache/cached {uncached_s / cached_s:.2f}x (target >= 3)")
+        medians = {n: statistics.median(v) for n, v in round_costs.items()}
+        print("cached cost per round (ms): " + ", ".join(f"r{n} {s * 1000:.1f}" for n, s in medians.items()))
+        print(f"round 8 / round 2 (cached): {medians[8] / medians[2]:.2f}x (target <= 1.3)")
+
+        data = folder / "eight_rounds.jsonl"
+        subset = dialogues[: args.throughput_dialogues]
+        for dialogue in subset:
+            dialogue.image = str(dialogue.image_path)
+            for round_ in dialogue.rounds:
+                round_.mask = str(dialogue.path(round_.mask))
+        write_jsonl(subset, data)
+        checkpoint = save_checkpoint(model, folder / "checkpoint")
+        one = run_cli(data, checkpoint, folder / "one", 1)
+        two = run_cli(data, checkpoint, folder / "two", 2)
+        n = len(subset)
+        print(f"mediround infer end to end, {n} dialogues: 1 process {n / one:.2f} dialogues/s ({one:.1f} s), "
+              f"2 processes {n / two:.2f} dialogues/s ({two:.1f} s), speed-up {one / two:.2f}x")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
