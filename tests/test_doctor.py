@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -56,8 +57,8 @@ def test_tiny_recipe_passes(synth, tmp_path, wide_console):
     result = CliRunner().invoke(cli, ["doctor", TINY_RECIPE, *tiny_overrides(synth, tmp_path / "run")])
     assert result.exit_code == 0, result.output
     for name in ("torch", "recipe", "LLaVA", "SAM", "train data", "val data", "output", "disk"):
-        assert any(line.split("│")[1:3] and line.split("│")[1].strip() == name and line.split("│")[2].strip() == OK
-                   for line in result.output.splitlines()), (name, result.output)
+        assert re.search(rf"│ {re.escape(name)} +│ {OK} +│", result.output), (name, result.output)
+    assert re.search(r"│ GPU memory +│ (ok|warn) +│ estimated peak", result.output)
     assert "files of 16 of 16 dialogues checked" in result.output
     assert "0 FAIL" in result.output
     assert not (tmp_path / "run").exists()

@@ -115,6 +115,8 @@ def check_memory(
     world = processes or max(1, len(gpus))
     setup = Setup(recipe.model.gradient_checkpointing, recipe.train.batch_size, recipe.train.grad_accum, stage)
     whole = estimate_training_memory(recipe.model, model, setup.batch_size, length)
+    # A checkpoint holds the trainable weights (model/ and trainable.safetensors) and the optimiser state;
+    # one more is being written while keep_last are kept.
     per_checkpoint = whole.optimiser + 2 * whole.gradients
     checkpoint_bytes = per_checkpoint * (recipe.checkpoint.keep_last + 1)
     peak = shard_for_zero(whole, stage, world).total
