@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_convert_llava import _original_state, _tokenizer, _write_source
+from test_convert_llava import _original_state, _tokenizer, _write_source, _write_tower
 
+from mediround.convert import ConvertLlavaConfig, convert_llava
 from mediround.data.formats import load_dialogues
 from mediround.data.synth import generate
 from mediround.doctor import FAIL, OK, WARN, DoctorConfig, run_doctor
@@ -137,7 +138,7 @@ def test_hub_name_model_path_fails_with_download_message(synth, tmp_path, monkey
     assert f"huggingface-cli download {hub} --local-dir weights/llava-med-v1.5-mistral-7b" in result.output
 
 
-def test_original_layout_llava_folder_gets_the_convert_hint(tmp_path):
+def test_original_layout_llava_folder_gets_the_convert_hint_and_passes_once_converted(tmp_path):
     tokenizer = _tokenizer()
     state, config = _original_state(len(tokenizer))
     source = tmp_path / "llava-med"
@@ -146,6 +147,12 @@ def test_original_layout_llava_folder_gets_the_convert_hint(tmp_path):
     assert [row.status for row in rows] == [FAIL]
     assert "original LLaVA layout (LlavaMistralForCausalLM)" in rows[0].detail
     assert f"mediround convert-llava {source} {source}-hf" in rows[0].detail
+
+    _write_tower(tmp_path / "clip")
+    convert_llava(ConvertLlavaConfig(source, tmp_path / "llava-med-hf", vision_tower=tmp_path / "clip"))
+    converted = rows_by_name(check_llava(str(tmp_path / "llava-med-hf")))
+    assert [converted[name].status for name in ("LLaVA config", "LLaVA weights", "tokenizer")] == [OK, OK, OK]
+    assert "[SEG], [REF_CROP], [REF_BOX] will be added when the model is built" in converted["tokenizer"].detail
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mediround.doctor.checks import FAIL, OK, WARN, CheckResult, any_failed
 from mediround.errors import RecipeError
+
+if TYPE_CHECKING:
+    from mediround.doctor.stack import GpuInfo
+    from mediround.training.recipe import Recipe
 
 DEFAULT_SAMPLE = 32
 
@@ -66,7 +71,7 @@ def run_doctor(config: DoctorConfig, on_check: Callable[[CheckResult], None] | N
     return results
 
 
-def _check_recipe(recipe, config: DoctorConfig, gpus, add: Callable[..., None]) -> None:
+def _check_recipe(recipe: Recipe, config: DoctorConfig, gpus: list[GpuInfo], add: Callable[..., None]) -> None:
     from mediround.doctor import files, memory, weights
 
     add(*weights.check_llava(recipe.model.mllm.source))

@@ -151,29 +151,30 @@ def peak_bytes(recipe: Recipe, model, setup: Setup, length: int, world: int) -> 
     return shard_for_zero(estimate, setup.zero_stage, world).total
 
 
-def remedies(setup: Setup, world: int) -> list[tuple[str, Setup]]:
-    """Cumulative changes, cheapest first: gradient checkpointing, smaller micro-batches with more
-    accumulation (the same global batch), then ZeRO-2 and ZeRO-3 when there are several processes."""
+def remedies(setup: Setup, world: int) -> list[tuple[str, str, Setup]]:
+    """Cumulative changes as (knob, how to set it, resulting setup), cheapest first: gradient
+    checkpointing, smaller micro-batches with more accumulation (the same dialogues per step), then
+    ZeRO-2 and ZeRO-3 when there are several processes."""
     steps = []
     current = setup
     if not current.gradient_checkpointing:
         current = dataclasses.replace(current, gradient_checkpointing=True)
-        steps.append(("model.gradient_checkpointing=true", current))
+        steps.append(("checkpointing", "model.gradient_checkpointing=true", current))
     per_process = current.batch_size * current.grad_accum
     for batch in sorted((d for d in range(1, current.batch_size) if per_process % d == 0), reverse=True):
         current = dataclasses.replace(current, batch_size=batch, grad_accum=per_process // batch)
-        steps.append((f"train.batch_size={batch} train.grad_accum={per_process // batch}", current))
+        steps.append(("batch", f"train.batch_size={batch} train.grad_accum={per_process // batch}", current))
     for stage in (2, 3):
         if world > 1 and current.zero_stage < stage:
             current = dataclasses.replace(current, zero_stage=stage)
-            steps.append((f"--deepspeed with zero_optimization.stage {stage}", current))
+            steps.append(("zero", f"--deepspeed with zero_optimization.stage {stage}", current))
     return steps
 
 
 def _remedy(recipe: Recipe, model, setup: Setup, length: int, world: int, usable: float) -> str:
     changes: dict[str, str] = {}
-    for label, candidate in remedies(setup, world):
-        changes[label.split("=")[0].split(" ")[0]] = label
+    for knob, label, candidate in remedies(setup, world):
+        changes[knob] = label
         peak = peak_bytes(recipe, model, candidate, length, world)
         if peak <= usable:
             return f"fits with {' '.join(changes.values())} (estimated {peak / GIB:.1f} GiB)"
