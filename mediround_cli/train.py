@@ -149,6 +149,8 @@ def _run(recipe, resume: bool, cpu: bool, processes: int) -> None:
     if result.data_problems:
         table.add_row("skipped dialogues", str(result.data_problems))
     table.add_row("checkpoint", str(result.checkpoint))
+    if result.model is not None:
+        table.add_row("model (for infer, eval, train-jcm)", str(result.model))
     table.add_row("output", str(result.output))
     console.print(table)
     if result.stopped == "interrupted":

@@ -41,6 +41,7 @@ from mediround.training.recipe import RUN_FILE, Recipe, run_record
 
 EventHandler = Callable[[str, dict], None]
 LOSS_KEYS = ("ce", "bce", "dice")
+MODEL_FOLDER = "model"
 
 
 class TrainingError(MediRoundError):
@@ -49,7 +50,8 @@ class TrainingError(MediRoundError):
 
 @dataclass
 class TrainingResult:
-    """What a finished (or interrupted) run did. ``stopped`` is ``finished`` or ``interrupted``."""
+    """What a finished (or interrupted) run did. ``stopped`` is ``finished`` or ``interrupted``; ``model`` is
+    the final MediRound checkpoint (``OUTPUT/model``), written when the run finishes."""
 
     output: Path
     step: int
@@ -57,6 +59,7 @@ class TrainingResult:
     world_size: int
     stopped: str
     checkpoint: Path | None
+    model: Path | None = None
     skipped_steps: int = 0
     data_problems: int = 0
     first_loss: float | None = None
@@ -270,7 +273,12 @@ class _Trainer:
             if interrupted:
                 result.stopped = "interrupted"
                 break
-        self.emit("end", step=step, stopped=result.stopped, skipped_steps=result.skipped_steps,
+        if result.stopped == "finished" and self.is_main:
+            from mediround.model.checkpoint import save_checkpoint
+
+            result.model = save_checkpoint(self.model, self.output / MODEL_FOLDER)
+        self.accelerator.wait_for_everyone()
+        self.emit("end", step=step, model=str(result.model) if result.model else None, stopped=result.stopped, skipped_steps=result.skipped_steps,
                   checkpoint=str(result.checkpoint) if result.checkpoint else None)
         return result
 
@@ -342,7 +350,10 @@ class _Trainer:
         return summary
 
     def save(self, step: int, position: StreamPosition) -> Path:
-        """Write a checkpoint under a hidden name, then rename it; every process takes part."""
+        """Write a checkpoint under a hidden name, then rename it; every process takes part. Besides the
+        training state it holds ``model/``, a MediRound checkpoint that infer, eval and train-jcm load."""
+        from mediround.model.checkpoint import save_checkpoint
+
         for parameter in self.params:
             if not torch.isfinite(parameter.detach()).all():
                 raise TrainingError(f"refusing to write a checkpoint at step {step}: non-finite weights")
@@ -359,6 +370,8 @@ class _Trainer:
             scheduler_state=self.scheduler.state_dict() if self.is_main else None,
             rank=self.rank,
         )
+        if self.is_main:
+            save_checkpoint(self.model, temporary / MODEL_FOLDER)
         self.accelerator.wait_for_everyone()
         if self.is_main:
             checkpointing.write_trainer_state(temporary, {

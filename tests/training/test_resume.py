@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from mediround.model.checkpoint import load_checkpoint
 from mediround.training.checkpointing import CHECKPOINT_PATTERN
 from mediround.training.logging import read_events
 from mediround.training.loop import run_training
@@ -20,7 +21,7 @@ from mediround.training.recipe import load_recipe
 
 STEPS = 8
 CHECKPOINT_FILES = {"trainer_state.json", "trainable.safetensors", "optimizer.json", "optimizer.safetensors",
-                    "scheduler.json", "rng-rank0.json", "rng-rank0.safetensors"}
+                    "scheduler.json", "rng-rank0.json", "rng-rank0.safetensors", "model"}
 # LoRA dropout stays on (0.05): equal weights then also need the RNG states restored.
 SECTIONS = {"train": {"max_steps": STEPS, "batch_size": 2}, "checkpoint": {"every": 2, "keep_last": 2}}
 
@@ -79,6 +80,8 @@ def test_killed_and_interrupted_runs_resume_to_the_same_weights(write_recipe):
         assert_complete(folder)
     assert sorted(final_checkpoints(checkpoints)) == [6, 8]  # keep_last: 2
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]
+    assert finished.model == Path(recipe.output) / "model"
+    assert load_checkpoint(finished.model).config == recipe.model
 
     resumed = load_file(str(checkpoints / f"step-{STEPS:08d}" / "trainable.safetensors"))
     expected = load_file(str(Path(reference.output) / "checkpoints" / f"step-{STEPS:08d}" / "trainable.safetensors"))
