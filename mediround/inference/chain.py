@@ -68,13 +68,21 @@ class RoundPrediction:
         }
 
 
-def check_references(dialogue: Dialogue, file: str) -> None:
-    """Raise ``DataError`` when a round refers to itself, a later round, or a round that does not exist."""
+def check_dialogue(dialogue: Dialogue, file: str, generate: bool = False) -> None:
+    """Raise ``DataError`` for what would stop the chain mid-way: a reference to a round that is not an
+    earlier one, or (unless the model generates its answers) an answer with more than one [SEG]."""
+    from mediround.model.inputs import answer_with_seg
+
+    item = dialogue.item if dialogue.item is not None else dialogue.id
     for number, round_ in enumerate(dialogue.rounds, start=1):
         if round_.ref is not None and not 1 <= round_.ref < number:
-            raise DataError(file, dialogue.item if dialogue.item is not None else dialogue.id,
-                            f"rounds[{number - 1}].ref",
+            raise DataError(file, item, f"rounds[{number - 1}].ref",
                             f"round {number} refers to round {round_.ref}, which is not an earlier round")
+        if not generate:
+            try:
+                answer_with_seg(round_.answer)
+            except ValueError as error:
+                raise DataError(file, item, f"rounds[{number - 1}].answer", str(error)) from None
 
 
 class _CachedSession:

@@ -31,7 +31,7 @@ import numpy as np
 from mediround.atomic import append_jsonl_line, atomic_open, write_json
 from mediround.data.dialogue import Dialogue
 from mediround.errors import CheckpointError, DataError
-from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_references
+from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_dialogue
 from mediround.inference.predictions import (
     MASKS_FOLDER,
     PREDICTIONS_FILE,
@@ -186,7 +186,7 @@ def predict_dialogue(
     """Decode the image, check the references and chain the rounds for every track of ``config``."""
     from mediround.data.images import load_image
 
-    check_references(dialogue, config.data)
+    check_dialogue(dialogue, config.data, generate=config.generate)
     try:
         image = load_image(dialogue.image_path)
     except DataError as error:

@@ -13,7 +13,7 @@ import mediround.model.mediround as mediround_module
 from mediround.data.formats import load_dialogues
 from mediround.data.images import load_image, load_mask
 from mediround.errors import DataError
-from mediround.inference.chain import Track, chain_dialogue, check_references
+from mediround.inference.chain import Track, chain_dialogue, check_dialogue
 
 
 @pytest.fixture
@@ -184,5 +184,15 @@ def test_generated_answers_stay_in_the_history(model, dialogue):
 def test_references_to_missing_rounds_are_refused(dialogue):
     dialogue, _ = dialogue
     dialogue.rounds[1].ref = 2
-    with pytest.raises(DataError, match=r"round 2 refers to round 2"):
-        check_references(dialogue, "data.jsonl")
+    with pytest.raises(DataError, match=r"round 2 refers to round 2") as caught:
+        check_dialogue(dialogue, "data.jsonl")
+    assert caught.value.field == "rounds[1].ref"
+
+
+def test_answers_with_two_seg_tokens_are_refused_unless_generating(dialogue):
+    dialogue, _ = dialogue
+    dialogue.rounds[2].answer = "Left [SEG] and right [SEG]."
+    with pytest.raises(DataError, match=r"2 \[SEG\] tokens") as caught:
+        check_dialogue(dialogue, "data.jsonl")
+    assert caught.value.field == "rounds[2].answer"
+    check_dialogue(dialogue, "data.jsonl", generate=True)

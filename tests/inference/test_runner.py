@@ -59,18 +59,21 @@ def test_bad_dialogues_are_skipped_and_recorded(model, tmp_path):
     (root / "images" / "d1.png").write_bytes(b"not a png")
     records = [json.loads(line) for line in data.read_text().splitlines()]
     records.append({"id": "no-rounds", "image": "images/d0.png", "rounds": []})
+    records.append({"id": "two-segs", "image": "images/d0.png",
+                    "rounds": [{"query": "Both kidneys.", "answer": "Left [SEG], right [SEG]."}]})
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "out"
     summary = run_inference(_config(data, out), model=model)
     assert {key[0] for key in read_predictions(out)} == {"dlg-0", "dlg-2"}
     errors = _lines(out / ERRORS_FILE)
-    assert len(errors) == 2
+    assert len(errors) == 3
     by_id = {e["id"]: e for e in errors}
+    assert by_id["two-segs"]["field"] == "rounds[0].answer" and by_id["two-segs"]["item"] == 5
     assert by_id["dlg-1"]["field"] == "image" and by_id["dlg-1"]["item"] == 2
     assert "not a readable image" in by_id["dlg-1"]["reason"]
     load_problem = next(e for e in errors if e["id"] is None)
     assert load_problem["file"] == str(data) and load_problem["reason"]
-    assert (summary.predicted, summary.skipped) == (2, 2)
+    assert (summary.predicted, summary.skipped) == (2, 3)
 
 
 def test_existing_output_needs_resume(model, tmp_path):
