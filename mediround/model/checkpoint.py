@@ -15,7 +15,8 @@ Layout::
 
 Saving writes a temporary folder beside the target and renames it. Loading verifies every sha256 first,
 then routes each weight file through ``load_report`` (names of missing/unexpected/mis-shaped keys,
-``CheckpointError`` unless ``allow_partial``).
+``CheckpointError`` unless ``allow_partial``). A relative ``mllm.source`` naming a folder inside the
+checkpoint (an export's ``llava/``) is resolved against the checkpoint folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -82,8 +84,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(model: MediRound, folder: str | os.PathLike) -> Path:
-    """Write ``model`` as a checkpoint folder, atomically (temporary folder, then rename)."""
+def save_checkpoint(
+    model: MediRound, folder: str | os.PathLike, write_extra: Callable[[Path], None] | None = None
+) -> Path:
+    """Write ``model`` as a checkpoint folder, atomically (temporary folder, then rename).
+
+    ``write_extra(tmp_folder)`` may add files (e.g. an exported LLaVA folder); the manifest covers them.
+    """
     final = Path(folder)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -103,7 +110,10 @@ def save_checkpoint(model: MediRound, folder: str | os.PathLike) -> Path:
                 "embed": base["model.language_model.embed_tokens.weight"][model.base_vocab :].contiguous(),
                 "lm_head": base["lm_head.weight"][model.base_vocab :].contiguous(),
             }
-            save_file(rows, tmp / "token_rows.safetensors")
+            if rows["embed"].shape[0]:
+                save_file(rows, tmp / "token_rows.safetensors")
+        if write_extra is not None:
+            write_extra(tmp)
         if config.segmenter.checkpoint is None:
             save_file({k: v.detach().contiguous() for k, v in model.sam.state_dict().items()}, tmp / "base_sam.safetensors")
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -154,6 +164,9 @@ def load_checkpoint(
         config = MediRoundConfig.from_json(folder / "config.json")
     except RecipeError as error:
         raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
+    source = Path(config.mllm.source)
+    if config.mllm.source != "tiny" and not source.is_absolute() and (folder / source / "config.json").is_file():
+        config.mllm.source = str(folder / source)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     reports: list[LoadReport] = []
 
@@ -225,3 +238,31 @@ def _load_heads(model: MediRound, state: dict[str, torch.Tensor], source: str, a
     bad = {k for k, _, _ in report.mismatched} | set(report.unexpected)
     model.load_state_dict({k: v for k, v in state.items() if k not in bad}, strict=False)
     return report
+
+
+def export_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, merge: bool = True) -> Path:
+    """Write a standalone checkpoint: the base LLaVA as an HF folder inside it (``llava/``), SAM weights,
+    heads and tokenizer, so nothing outside the folder is needed. With ``merge`` the LoRA adapter and the
+    trained embeddings are merged into ``llava/`` (peft ``merge_and_unload``) and the LM is frozen;
+    without it the adapter is kept beside the base."""
+    from mediround.model.build import apply_trainability
+
+    model = load_checkpoint(folder)
+    config = model.config
+    if merge and hasattr(model.mllm, "peft_config"):
+        model.mllm = model.mllm.merge_and_unload()
+        config.trainable.language_model = "frozen"
+        config.trainable.token_embeddings = "frozen"
+        apply_trainability(model)
+    model.base_vocab = len(model.tokenizer)
+    config.mllm.source = "llava"
+    config.segmenter.checkpoint = None
+
+    def write_llava(tmp: Path) -> None:
+        target = tmp / "llava"
+        target.mkdir()
+        model.llava.config.save_pretrained(target)
+        save_file(clean_base_state(model.llava), target / "model.safetensors", metadata={"format": "pt"})
+        model.tokenizer.save_pretrained(target)
+
+    return save_checkpoint(model, out, write_extra=write_llava)

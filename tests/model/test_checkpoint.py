@@ -125,3 +125,25 @@ def test_pickle_payload_in_a_sam_checkpoint_is_not_executed(tmp_path):
     with pytest.raises(CheckpointError, match="weights_only"):
         build_model(config)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_export_is_standalone_and_gives_the_same_outputs(trained_checkpoint, tmp_path, merge):
+    from click.testing import CliRunner
+
+    from mediround_cli.main import cli
+
+    model, folder = trained_checkpoint
+    out = tmp_path / "exported"
+    result = CliRunner().invoke(cli, ["export", str(folder), str(out), "--merge" if merge else "--no-merge"])
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in out.iterdir()}
+    assert {"llava", "base_sam.safetensors", "heads.safetensors"} <= names
+    assert ("adapter" in names) != merge
+    exported = load_checkpoint(out).eval()
+    assert hasattr(exported.mllm, "peft_config") != merge
+    item = sample(3, seed=22)
+    with torch.no_grad():
+        expected = model(model.collate([item]))
+        again = exported(exported.collate([item]))
+    torch.testing.assert_close(again.seg_features[0], expected.seg_features[0], atol=1e-4, rtol=0)

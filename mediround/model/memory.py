@@ -1,0 +1,75 @@
+"""A per-GPU training-memory estimate, from parameter counts of the model built on the meta device.
+
+Counts come from the real module tree (nothing allocated); the activation term is a standard transformer
+estimate. It is a planning number for ``doctor`` and the docs, not a measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mediround.model.config import MediRoundConfig
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GIB = 1024**3
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU by component; ``total`` is their sum."""
+
+    parameters: int
+    trainable: int
+    weights: int
+    gradients: int
+    optimiser: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimiser + self.activations + self.logits
+
+    def as_gib(self) -> dict[str, float]:
+        names = ("weights", "gradients", "optimiser", "activations", "logits", "total")
+        return {name: round(getattr(self, name) / GIB, 2) for name in names}
+
+
+def estimate_training_memory(
+    config: MediRoundConfig, model: torch.nn.Module | None = None, batch_size: int = 1, sequence_length: int = 1024
+) -> MemoryEstimate:
+    """Memory of one training process: weights in ``config.precision``; gradients of trainable parameters
+    in the same precision; AdamW with an fp32 master copy and two fp32 moments (12 bytes per trainable
+    parameter under bf16/fp16, 8 under fp32); activations of the language model (with gradient
+    checkpointing: one hidden state per layer plus one layer's working set, else ~34 values per hidden
+    unit per layer) and the fp32 logits of the answer positions (bounded by the sequence length).
+
+    ``model`` may be a MediRound already built (e.g. on meta); otherwise one is built on meta from
+    ``config`` (reads only the LLaVA config.json, no weights).
+    """
+    if model is None:
+        from mediround.model.build import build_model
+
+        model = build_model(config, device="meta")
+    width = BYTES[config.precision]
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    text = model.llava.config.text_config
+    tokens = batch_size * sequence_length
+    per_layer = tokens * text.hidden_size * width
+    if config.gradient_checkpointing:
+        activations = text.num_hidden_layers * per_layer + 34 * per_layer
+    else:
+        activations = 34 * text.num_hidden_layers * per_layer
+    master = 4 if config.precision != "fp32" else 0
+    return MemoryEstimate(
+        parameters=parameters,
+        trainable=trainable,
+        weights=parameters * width,
+        gradients=trainable * width,
+        optimiser=trainable * (8 + master),
+        activations=activations,
+        logits=tokens * text.vocab_size * 4,
+    )
