@@ -17,7 +17,7 @@ from mediround.data.synth import generate
 from mediround.doctor import FAIL, OK, WARN, DoctorConfig, run_doctor
 from mediround.doctor.files import sample_indices
 from mediround.doctor.memory import USABLE_FRACTION, check_memory, longest_sequence, zero_stage
-from mediround.doctor.stack import in_range
+from mediround.doctor.stack import GpuInfo, in_range
 from mediround.doctor.weights import check_llava, check_sam, read_safetensors_header
 from mediround.model.build import build_model
 from mediround.model.config import MediRoundConfig, tiny_config
@@ -239,6 +239,12 @@ def test_7b_recipe_fit_verdicts_follow_the_estimate(synth, tmp_path, llava_7b):
                if estimate_training_memory(recipe.model, model, b, length).total <= 24 * GIB * USABLE_FRACTION]
     assert fitting, "the estimate says no micro-batch fits 24 GiB"
     assert f"fits with train.batch_size={fitting[0]} train.grad_accum={15 // fitting[0]}" in small.detail
+
+    # Without --gpu-memory the smallest visible GPU decides, and every GPU is a process.
+    gpus = [GpuInfo(0, "big", 80 * GIB), GpuInfo(1, "small", 24 * GIB)]
+    visible = check_memory(recipe, gpus, None, None, None, 32).rows[0]
+    assert visible.status == FAIL and "does not fit GPU 1 (small)" in visible.detail
+    assert "2 process(es)" in visible.detail
 
     hopeless = check_memory(recipe, [], 8, None, None, 32).rows[0]
     assert hopeless.status == FAIL and "does not fit even with" in hopeless.detail
