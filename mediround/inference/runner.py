@@ -361,6 +361,14 @@ def score_outputs(config: InferenceConfig) -> dict[str, Any]:
     return evaluations
 
 
+def model_folder(path: str | os.PathLike) -> Path:
+    """The checkpoint folder of ``path``: the folder itself, or its ``model/`` (a training run's output)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
+        return folder / "model"
+    return folder
+
+
 def checkpoint_has_trained_jcm(model_config: Any) -> bool:
     """Whether a model config says its JCM weights were trained (``train-jcm`` saves ``trainable.jcm``)."""
     return bool(model_config.trainable.jcm)
@@ -369,12 +377,14 @@ def checkpoint_has_trained_jcm(model_config: Any) -> bool:
 def resolve_betas(config: InferenceConfig, model_config: Any | None = None) -> InferenceConfig:
     """Fill in the default threshold and refuse numeric thresholds on a checkpoint whose JCM is untrained.
 
-    ``model_config`` defaults to the checkpoint's ``config.json`` (read without loading weights).
+    ``model_config`` defaults to the checkpoint's ``config.json`` (read without loading weights); a training
+    run's output folder stands for its ``model/`` checkpoint.
     """
     if model_config is None:
         from mediround.errors import RecipeError
         from mediround.model.config import MediRoundConfig
 
+        config = replace(config, model=str(model_folder(config.model)))
         path = Path(config.model) / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{config.model}: not a MediRound checkpoint (no config.json)")

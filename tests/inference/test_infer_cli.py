@@ -146,3 +146,16 @@ def test_two_processes_write_what_one_process_writes(checkpoints, tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert _folder(two) == _folder(one)
     assert (two / "metrics.parquet").exists()
+
+
+def test_a_training_run_folder_stands_for_its_model_checkpoint(checkpoints, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoints["no-jcm"], run / "model")
+    data = write_dialogues(tmp_path / "data", n_dialogues=1, n_rounds=2)
+    result = _infer(data, "--model", run, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 2
+    result = _infer(data, "--model", tmp_path / "data", "--out", tmp_path / "none")
+    assert result.exit_code == 2 and "not a MediRound checkpoint" in result.output
