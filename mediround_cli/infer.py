@@ -91,7 +91,7 @@ def infer(
     allow_outside_root: bool,
     worker_plan: str | None,
 ) -> None:
-    """Predict every round of DATA (JSONL or MR-MedSeg JSON) with the model's own masks as references."""
+    """Predict every round of DATA (JSONL, MR-MedSeg JSON or an SA-Med2D folder), chaining predicted masks."""
     from mediround.inference.runner import InferenceConfig, run_inference, run_worker, score_outputs
 
     if worker_plan is not None:

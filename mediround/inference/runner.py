@@ -3,11 +3,12 @@
 Every run, with one process or many, goes through the same three phases, so an N-process run writes
 exactly what a 1-process run writes:
 
-1. ``prepare``: load the dialogues, fold any work left by a killed run into the output folders, and
+1. ``load_plan``: load the dialogues, fold any work left by a killed run into the output folders, and
    decide which dialogues still need predicting (``--resume`` skips those complete in every track).
 2. ``run_shard``: worker ``rank`` of ``world`` predicts dialogues ``rank, rank + world, ...`` of that list
    into its own part folder ``DIR/.parts/rank-<k>/`` (a predictions folder per track, plus
-   ``errors.jsonl``); lines are appended and fsynced, masks written atomically.
+   ``errors.jsonl`` and ``progress.jsonl``); lines are appended and fsynced, masks written atomically.
+   Several processes are re-launched workers (``run_worker``) reading the plan the parent wrote.
 3. ``finalize``: the parts are merged into ``DIR`` in input order (``predictions.jsonl`` rewritten
    atomically, masks moved), ``errors.jsonl`` rewritten, parts removed.
 
@@ -160,19 +161,27 @@ def _read_or_empty(folder: Path) -> dict[tuple[str, int], dict]:
     return read_predictions(folder) if (folder / PREDICTIONS_FILE).exists() else {}
 
 
-def _reference_truth(dialogue: Dialogue, file: str) -> dict[int, np.ndarray]:
-    """Ground-truth masks of every referred round (for teacher-forcing tracks)."""
+def _reference_truth(dialogue: Dialogue, file: str, shape: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """Ground-truth masks of every referred round (for teacher-forcing tracks), checked against the image."""
     from mediround.data.images import load_mask
 
     truth = {}
     for number, round_ in enumerate(dialogue.rounds, start=1):
         if round_.ref is None or round_.ref in truth:
             continue
+        field_name = f"rounds[{round_.ref - 1}].mask"
         path = dialogue.mask_path(round_.ref)
         if path is None:
-            raise DataError(file, _item(dialogue), f"rounds[{round_.ref - 1}].mask",
-                            f"teacher forcing needs the ground-truth mask of round {round_.ref} (round {number} refers to it)")
-        truth[round_.ref] = load_mask(path)
+            raise DataError(file, _item(dialogue), field_name, f"teacher forcing needs the ground-truth mask "
+                            f"of round {round_.ref} (round {number} refers to it)")
+        try:
+            mask = load_mask(path)
+        except DataError as error:
+            raise DataError(file, _item(dialogue), field_name, f"{error.file}: {error.reason}") from None
+        if mask.shape != shape:
+            raise DataError(file, _item(dialogue), field_name, f"mask size {mask.shape[1]}x{mask.shape[0]} "
+                            f"differs from the image's {shape[1]}x{shape[0]}")
+        truth[round_.ref] = mask
     return truth
 
 
@@ -191,7 +200,7 @@ def predict_dialogue(
         image = load_image(dialogue.image_path)
     except DataError as error:
         raise DataError(config.data, _item(dialogue), "image", f"{error.file}: {error.reason}") from None
-    truth = _reference_truth(dialogue, config.data) if any(config.teacher_forcing) else None
+    truth = _reference_truth(dialogue, config.data, image.shape[:2]) if any(config.teacher_forcing) else None
     results = chain_dialogue(
         model, dialogue, image, config.tracks,
         generate=config.generate, use_cache=config.use_cache, reference_truth=truth,

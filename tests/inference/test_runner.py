@@ -120,3 +120,18 @@ def test_several_tracks_write_one_folder_each(model, tmp_path):
     forced = read_predictions(out / "jcm-off-tf")
     assert np.array_equal(load_mask(out / "jcm-off" / first[("dlg-0", 1)]["mask"]),
                           load_mask(out / "jcm-off-tf" / forced[("dlg-0", 1)]["mask"]))
+
+
+def test_teacher_forcing_skips_dialogues_whose_reference_truth_is_unusable(model, tmp_path):
+    from inference_fixtures import write_png
+
+    root = tmp_path / "data"
+    data = write_dialogues(root, n_dialogues=2, n_rounds=2)
+    write_png(root / "masks" / "d1_r1.png", np.zeros((10, 12), dtype=np.uint8))
+    out = tmp_path / "out"
+    summary = run_inference(_config(data, out, teacher_forcing=(True,)), model=model)
+    assert {key[0] for key in read_predictions(out)} == {"dlg-0"}
+    (error,) = _lines(out / ERRORS_FILE)
+    assert error["id"] == "dlg-1" and error["field"] == "rounds[0].mask"
+    assert "differs from the image's 48x48" in error["reason"]
+    assert summary.skipped == 1
