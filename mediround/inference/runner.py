@@ -46,6 +46,7 @@ PARTS_FOLDER = ".parts"
 PROGRESS_FILE = "progress.jsonl"
 WORKER_PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.parquet"
+RUN_FILE = "run.json"
 DEFAULT_BETA = 0.6
 """The paper's JCM threshold (Figure 7)."""
 
@@ -145,6 +146,7 @@ def load_plan(config: InferenceConfig) -> Plan:
     if not config.resume and (any(p.exists() for p in existing) or _parts_root(config).exists()):
         raise DataError(str(out), None, None, "already holds predictions: pass --resume to continue that run, "
                         "or choose an empty folder")
+    _check_same_run(config)
     done: set[str] = set()
     if config.resume:
         finalize(config, loaded.dialogues, loaded.problems)
@@ -155,6 +157,30 @@ def load_plan(config: InferenceConfig) -> Plan:
         done = set.intersection(*done_per_track)
     todo = [index for index, dialogue in enumerate(loaded.dialogues) if dialogue.id not in done]
     return Plan(loaded.dialogues, loaded.problems, todo, len(loaded.dialogues) - len(todo), loaded.format)
+
+
+def _run_settings(config: InferenceConfig) -> dict:
+    """The settings that decide what a run predicts; a resumed run must use the same."""
+    return {
+        "data": os.path.abspath(config.data),
+        "model": os.path.abspath(config.model),
+        "betas": list(config.betas),
+        "teacher_forcing": list(config.teacher_forcing),
+        "generate": config.generate,
+    }
+
+
+def _check_same_run(config: InferenceConfig) -> None:
+    """Refuse to resume a folder written with other settings; record this run's settings."""
+    path = Path(config.out) / RUN_FILE
+    settings = _run_settings(config)
+    if config.resume and path.exists():
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(key for key in settings if earlier.get(key) != settings[key])
+        if changed:
+            raise DataError(str(path), None, changed[0], f"--resume with other settings than the run being "
+                            f"resumed ({', '.join(f'{k}: {earlier.get(k)!r} -> {settings[k]!r}' for k in changed)})")
+    write_json(path, settings)
 
 
 def _read_or_empty(folder: Path) -> dict[tuple[str, int], dict]:

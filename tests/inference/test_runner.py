@@ -104,6 +104,8 @@ def test_resume_merges_a_killed_runs_parts_and_redoes_partial_dialogues(model, t
     again = run_inference(resumed, model=model)
     assert again.resumed == 4 and again.predicted == 0
     assert _snapshot(out) == _snapshot(reference)
+    with pytest.raises(DataError, match=r"--resume with other settings.*betas: \[0.5\] -> \[0.6\]"):
+        run_inference(_config(data, out, betas=(0.6,), resume=True), model=model)
 
 
 def test_several_tracks_write_one_folder_each(model, tmp_path):
