@@ -94,12 +94,13 @@ class JCMValidationSection:
 
 @dataclass
 class JCMRecipe:
-    """A stage-2 run. ``model`` is the frozen MediRound checkpoint folder (``--model``)."""
+    """A stage-2 run. ``model`` is the frozen MediRound checkpoint folder (``--model``). The optimiser
+    defaults are stage 1's, as in the paper ("we keep the same hyperparameter settings")."""
 
     output: str = ""
     model: str = ""
     data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=lambda: TrainSection(lr=1e-4, warmup_steps=10))
+    train: TrainSection = field(default_factory=TrainSection)
     jcm: JCMSection = field(default_factory=JCMSection)
     validation: JCMValidationSection = field(default_factory=JCMValidationSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
