@@ -30,7 +30,8 @@ from mediround_cli.common import _debug_enabled, console, handle_errors
 @click.option("--machine-rank", type=int, default=0, show_default=True, help="This machine's rank.")
 @click.option("--main-process-ip", default=None, help="Address of machine rank 0 (multi-node).")
 @click.option("--main-process-port", type=int, default=None, help="Port of machine rank 0 (multi-node).")
-@click.option("--deepspeed", "deepspeed_config", default=None, help="A DeepSpeed JSON config (e.g. recipes/zero2.json).")
+@click.option("--deepspeed", "deepspeed_config", default=None,
+              help="A DeepSpeed JSON config (recipes/zero2.json); refused for now, see docs/training.md.")
 @click.option("--resume", is_flag=True, help="Continue from the output folder's latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Empty an output folder that holds another run first.")
 @handle_errors
@@ -65,6 +66,11 @@ def train(
         return
     if resume and overwrite:
         raise LaunchError("--resume and --overwrite exclude each other")
+    if deepspeed_config is not None:
+        raise LaunchError(
+            "--deepspeed: not supported by `mediround train` yet (ZeRO optimizer shards cannot be checkpointed "
+            "without pickle); run plain DDP with --gpus N: with LoRA, ZeRO-2 has little state to partition"
+        )
     plan = plan_launch(gpus, cpu, num_processes, num_machines, machine_rank, main_process_ip,
                        main_process_port, deepspeed_config)
     plan = dataclasses.replace(plan, mixed_precision=recipe.resolved_mixed_precision(on_gpu=not plan.cpu))

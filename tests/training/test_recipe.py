@@ -91,3 +91,10 @@ def test_a_child_that_got_fewer_processes_fails_loudly(write_recipe, monkeypatch
     result = CliRunner().invoke(cli, ["train", str(write_recipe())])
     assert result.exit_code == 2
     assert "sees a world size of 1 but 2 process(es) were asked for" in result.output
+
+
+def test_deepspeed_is_refused_in_one_line(write_recipe):
+    zero2 = Path(__file__).resolve().parents[2] / "recipes" / "zero2.json"
+    result = CliRunner().invoke(cli, ["train", str(write_recipe()), "--gpus", "4", "--deepspeed", str(zero2)])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "--deepspeed: not supported" in result.output
