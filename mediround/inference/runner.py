@@ -459,9 +459,9 @@ def run_inference(
     if on_plan is not None:
         on_plan(plan)
     _parts_root(config).mkdir(parents=True, exist_ok=True)
-    if config.num_processes > 1:
+    if plan.todo and config.num_processes > 1:
         _launch_workers(config, plan, on_progress)
-    else:
+    elif plan.todo:
         run_shard(config, plan, model if model is not None else load_model(config),
                   on_done=None if on_progress is None else _counter(on_progress))
     skipped = finalize(config, plan.dialogues, plan.problems)
