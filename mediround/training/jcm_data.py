@@ -15,6 +15,7 @@ Two sources of features:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,8 +113,6 @@ def collect_features(model: Any, samples: Sequence[Any], sources: Sequence[str],
                      autocast: Callable[[], Any] | None = None) -> list[DialogueFeatures]:
     """Frozen-model features of ``samples`` from each of ``sources``; the teacher-forced ones come from
     one batched stage-1 forward."""
-    import contextlib
-
     autocast = autocast or contextlib.nullcontext
     entries = []
     with autocast():

@@ -15,6 +15,9 @@ files; its result is a new MediRound checkpoint (``<output>/model``) whose confi
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -115,9 +118,6 @@ class JCMRecipe:
     @property
     def hash(self) -> str:
         """Identity of the run: everything but the output folder (the model folder's manifest included)."""
-        import hashlib
-        import json
-
         data = self.to_dict()
         data.pop("output")
         manifest = Path(self.model) / "manifest.json"
@@ -217,6 +217,7 @@ class JCMObjective(nn.Module):
     def __init__(self, jcm: nn.Module, decoder_owner: Any):
         super().__init__()
         self.jcm = jcm
+        # Kept outside the module tree: DDP then wraps, broadcasts and moves only the JCM weights.
         self._decoder_owner = (decoder_owner,)
 
     def forward(self, items: list[tuple[torch.Tensor, torch.Tensor, DialogueFeatures]]) -> torch.Tensor:
@@ -428,7 +429,7 @@ class _JCMTrainer:
         report = torch.zeros(3, dtype=torch.float64)
         for index, items in enumerate(micro):
             syncing = index == len(micro) - 1
-            context = self.accelerator.no_sync(self.wrapped) if not syncing else _null()
+            context = self.accelerator.no_sync(self.wrapped) if not syncing else contextlib.nullcontext()
             with context, self.accelerator.autocast():
                 sums = self.wrapped(items)
                 loss = (sums.float() * weights.to(sums.device)).sum() * scale
@@ -505,12 +506,6 @@ def write_trained_model(model: Any, folder: Path) -> Path:
     model.config.trainable.jcm = True
     apply_trainability(model)
     return save_checkpoint(model, folder)
-
-
-def _null() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _collect_each(model: Any, samples: list, autocast: Callable[[], Any]) -> list[DialogueFeatures]:
