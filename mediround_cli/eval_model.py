@@ -150,9 +150,12 @@ def evaluate_with_model(
     for problem in evaluation.problems:
         err_console.print(f"problem: {problem.one_line()}", soft_wrap=True, markup=False)
     console.print(summary_table(evaluation.inference))
-    console.print(f"metric rows: {evaluation.out}" + (f"; beta curve: {evaluation.beta_plot}" if evaluation.beta_plot
-                                                      else "") + (f"; round curve: {evaluation.round_plot}"
-                                                                  if evaluation.round_plot else ""), soft_wrap=True)
+    written = [f"metric rows: {evaluation.out}"]
+    if evaluation.beta_plot is not None:
+        written.append(f"beta curve: {evaluation.beta_plot}")
+    if evaluation.round_plot is not None:
+        written.append(f"round curve: {evaluation.round_plot}")
+    console.print("; ".join(written), soft_wrap=True)
     if evaluation.inference.skipped:
         err_console.print(f"[yellow]{evaluation.inference.skipped} dialogue(s) skipped[/yellow]; reasons in "
                           f"{evaluation.inference.errors_file}")
