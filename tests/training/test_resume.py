@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mediround.model.checkpoint import load_checkpoint
@@ -18,6 +19,7 @@ from mediround.training.checkpointing import CHECKPOINT_PATTERN
 from mediround.training.logging import read_events
 from mediround.training.loop import run_training
 from mediround.training.recipe import load_recipe
+from mediround_cli.main import cli
 
 STEPS = 8
 CHECKPOINT_FILES = {"trainer_state.json", "trainable.safetensors", "optimizer.json", "optimizer.safetensors",
@@ -94,3 +96,23 @@ def test_killed_and_interrupted_runs_resume_to_the_same_weights(write_recipe):
     starts = [e for e in events if e["event"] == "start"]
     assert [Path(e["resumed_from"]).name if e["resumed_from"] else None for e in starts] == [
         None, f"step-{killed_at:08d}", "step-00000005"]
+
+
+def test_non_finite_loss_stops_or_skips_and_never_reaches_a_checkpoint(write_recipe):
+    # lr 1e30: step 1 is finite, then the weights are ~1e30 and the loss of step 2 overflows.
+    sections = {"train": {"max_steps": 3, "lr": 1.0e30, "warmup_steps": 0}, "checkpoint": {"every": 1}}
+    stopping = write_recipe("stop", **sections)
+    result = CliRunner().invoke(cli, ["train", str(stopping), "--cpu"])
+    assert result.exit_code == 2
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "non-finite loss or gradient at step 2 (epoch 0, batch 1)" in error[0]
+    assert "synth-train-" in error[0]
+    assert sorted(final_checkpoints(Path(load_recipe(stopping).output) / "checkpoints")) == [1]
+
+    skipping = load_recipe(write_recipe("skip", **sections), ["train.skip_nonfinite=true"])
+    outcome = run_training(skipping, cpu=True)
+    assert outcome.stopped == "finished" and outcome.skipped_steps == 2
+    weights = load_file(str(outcome.checkpoint / "trainable.safetensors"))
+    assert all(torch.isfinite(weight).all() for weight in weights.values())
+    skips = [e for e in read_events(Path(skipping.output) / "train_log.jsonl") if e["event"] == "skip"]
+    assert [e["step"] for e in skips] == [2, 3]
