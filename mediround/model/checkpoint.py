@@ -45,6 +45,8 @@ from mediround.model.mediround import MediRound
 
 FORMAT = "mediround-checkpoint/1"
 HEAD_MODULES = ("seg_projection", "box_encoder", "jcm", "sam.mask_decoder")
+SAM_IN_HEADS = "mask_decoder."
+"""SAM keys that ``heads.safetensors`` holds, so ``base_sam.safetensors`` leaves them out."""
 ADAPTER_MARKERS = ("lora_", "modules_to_save", "trainable_tokens_delta")
 
 
@@ -115,7 +117,10 @@ def save_checkpoint(
         if write_extra is not None:
             write_extra(tmp)
         if config.segmenter.checkpoint is None:
-            save_file({k: v.detach().contiguous() for k, v in model.sam.state_dict().items()}, tmp / "base_sam.safetensors")
+            # The mask decoder is in heads.safetensors already; storing it twice doubled the tiny checkpoint.
+            sam_state = {k: v.detach().contiguous() for k, v in model.sam.state_dict().items()
+                         if not k.startswith(SAM_IN_HEADS)}
+            save_file(sam_state, tmp / "base_sam.safetensors")
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = {"format": FORMAT, "base_vocab": model.base_vocab, "files": {f: _sha256(tmp / f) for f in files}}
         write_json(tmp / "manifest.json", manifest)
@@ -187,7 +192,8 @@ def load_checkpoint(
                 llava.get_output_embeddings().weight[base_vocab:] = rows["lm_head"]
         sam_file = folder / "base_sam.safetensors"
         if sam_file.is_file():
-            reports.append(load_into(sam, _read(sam_file), str(sam_file), allow_partial=allow_partial))
+            reports.append(load_into(sam, _read(sam_file), str(sam_file), expected_missing=f"^{SAM_IN_HEADS}",
+                                     allow_partial=allow_partial))
 
     model = build_model(config, tokenizer=tokenizer, device=device, allow_partial=allow_partial, on_base=load_base)
     adapter = folder / "adapter"
