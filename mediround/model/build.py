@@ -89,7 +89,6 @@ def apply_trainability(model: MediRound) -> None:
             module.requires_grad_(True)
     if not switches.sam_iou_head:
         model.sam.mask_decoder.iou_prediction_head.requires_grad_(False)
-        model.sam.mask_decoder.iou_token.requires_grad_(False)
     if not lm_owned and switches.token_embeddings == "full":
         llava.get_input_embeddings().requires_grad_(True)
         llava.get_output_embeddings().requires_grad_(True)

@@ -27,14 +27,20 @@ def perturb_lora(model, scale: float = 0.2) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
-def image(seed: int = 0, size: int = 128) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+def image(seed: int = 0, size: int = 128, rounds: int = 0) -> np.ndarray:
+    """Dim noise with each round's structure drawn brighter, so the structures are visible."""
+    pixels = np.random.default_rng(seed).integers(0, 80, (size, size, 3), dtype=np.uint8)
+    for index in range(rounds):
+        pixels[box_mask(index, size)] += np.uint8(40 + 30 * (index % 5))
+    return pixels
 
 
 def box_mask(index: int, size: int = 128) -> np.ndarray:
+    """Round ``index``'s structure: a box filling most of quadrant ``index % 4`` (rounds 1-4 never overlap)."""
     mask = np.zeros((size, size), dtype=bool)
-    top = (17 * index) % (size - 40)
-    mask[top : top + 30, 10 + 5 * index : 60 + 5 * index] = True
+    half = size // 2
+    top, left = (index // 2 % 2) * half + half // 8, (index % 2) * half + half // 8
+    mask[top : top + 3 * half // 4, left : left + 3 * half // 4] = True
     return mask
 
 
@@ -45,5 +51,15 @@ def sample(rounds: int, seed: int = 0, size: int = 128) -> DialogueSample:
               ref=i if i > 0 else None)
         for i in range(rounds)
     ]
-    return DialogueSample(Dialogue(id=f"d{rounds}", image="x.png", rounds=items), image(seed, size),
+    return DialogueSample(Dialogue(id=f"d{rounds}", image="x.png", rounds=items), image(seed, size, rounds),
                           [box_mask(i, size) for i in range(rounds)])
+
+
+def quadrant_sample(quadrant: int, seed: int = 0, size: int = 128) -> DialogueSample:
+    """A one-round dialogue whose only structure (drawn brighter) is the box in ``quadrant``."""
+    pixels = np.random.default_rng(seed).integers(0, 80, (size, size, 3), dtype=np.uint8)
+    mask = box_mask(quadrant, size)
+    pixels[mask] += np.uint8(100)
+    dialogue = Dialogue(id=f"q{quadrant}", image="x.png", rounds=[Round(query="Segment the structure.",
+                                                                         answer="It is here [SEG].", mask="m.png")])
+    return DialogueSample(dialogue, pixels, [mask])

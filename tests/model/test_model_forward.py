@@ -1,6 +1,6 @@
 import numpy as np
 import torch
-from model_fixtures import sample, tiny_model
+from model_fixtures import quadrant_sample, sample, tiny_model
 
 from mediround.model import MASK_THRESHOLD
 
@@ -45,26 +45,28 @@ def test_padding_does_not_change_a_dialogue():
 
 
 def test_a_fixed_batch_can_be_overfit():
-    torch.set_num_threads(2)
+    """Two images whose one structure sits in different quadrants: a few AdamW steps on the default
+    trainable split must take Dice above 0.9. (Telling apart rounds of one image from the text alone takes
+    hundreds of steps on the random tiny LM: tiny-learning.md.)"""
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = tiny_model()
-    batch = model.collate([sample(2, seed=5), sample(3, seed=6)])
+    batch = model.collate([quadrant_sample(0, seed=5), quadrant_sample(3, seed=6)])
     targets = torch.cat(batch.target_masks).bool()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(trainable, lr=2e-3)
-    first = None
-    for _ in range(80):
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(20):
         output = model(batch)
-        first = first if first is not None else float(output.loss)
+        losses.append(float(output.loss))
         optimiser.zero_grad()
         output.loss.backward()
         optimiser.step()
     with torch.no_grad():
         output = model(batch)
     predicted = torch.cat(output.mask_logits) > MASK_THRESHOLD
-    dice = (2 * (predicted & targets).flatten(1).sum(1) / (predicted.flatten(1).sum(1) + targets.flatten(1).sum(1))).mean()
-    assert float(output.loss) < first / 2
-    assert float(dice) > 0.9, f"Dice {float(dice):.3f}"
+    dice = 2 * (predicted & targets).flatten(1).sum(1) / (predicted.flatten(1).sum(1) + targets.flatten(1).sum(1))
+    assert float(output.loss) < losses[0] / 2
+    assert float(dice.min()) > 0.9, f"Dice {dice.tolist()}"
 
 
 def test_mask_targets_follow_the_resized_frame():
