@@ -121,9 +121,15 @@ def _run(recipe, resume: bool, cpu: bool, processes: int) -> None:
             state.setdefault("validations", []).append(payload)
             rounds = " ".join(f"r{number}:{dice:.3f}" for number, dice in sorted(payload["rounds"].items()))
             progress.console.print(
-                f"validation step {payload['step']}: Dice {payload['dice']:.4f} gIoU {payload['giou']:.4f} "
-                f"cIoU {payload['ciou']:.4f} loss {payload['loss']:.4f} | per round Dice {rounds}"
+                f"validation step {payload['step']}: teacher-forced Dice {payload['dice']:.4f} gIoU "
+                f"{payload['giou']:.4f} cIoU {payload['ciou']:.4f} loss {payload['loss']:.4f} | per round Dice {rounds}"
             )
+            if "chained_dice" in payload:
+                chained = " ".join(f"r{n}:{d:.3f}" for n, d in sorted(payload["chained_rounds"].items()))
+                progress.console.print(
+                    f"  chained from own masks: Dice {payload['chained_dice']:.4f} gIoU {payload['chained_giou']:.4f} "
+                    f"cIoU {payload['chained_ciou']:.4f} | per round Dice {chained}"
+                )
         elif kind == "checkpoint":
             progress.console.print(f"[dim]checkpoint {payload['path']}[/dim]")
             if "task" in state:
@@ -148,8 +154,12 @@ def _run(recipe, resume: bool, cpu: bool, processes: int) -> None:
         table.add_row("loss (first -> last step)", f"{result.first_loss:.4f} -> {result.last_loss:.4f}")
     validations = [v for v in result.validations if "dice" in v]
     if validations:
-        table.add_row("validation Dice", " -> ".join(f"{v['dice']:.4f} (step {v['step']})"
-                                                      for v in (validations[0], validations[-1])))
+        table.add_row("validation Dice (teacher-forced)", " -> ".join(f"{v['dice']:.4f} (step {v['step']})"
+                                                                       for v in (validations[0], validations[-1])))
+        chained = [v for v in validations if "chained_dice" in v]
+        if chained:
+            table.add_row("validation Dice (chained)", " -> ".join(f"{v['chained_dice']:.4f} (step {v['step']})"
+                                                                 for v in (chained[0], chained[-1])))
     if result.skipped_steps:
         table.add_row("skipped non-finite steps", str(result.skipped_steps))
     if result.data_problems:

@@ -1,5 +1,6 @@
 """The run's logs beside its checkpoints: ``train_log.jsonl`` (one event per line, fsynced) and
-``validation.parquet`` (per-round validation scores, rewritten atomically after every validation).
+``validation.parquet`` (per-round validation scores of the ``teacher_forced`` and ``chained`` tracks,
+rewritten atomically after every validation).
 
 On resume both are cut back to the checkpoint's step, so they read as one uninterrupted run.
 """
@@ -19,10 +20,13 @@ from mediround.atomic import append_jsonl_line, atomic_open, atomic_path
 from mediround.metrics import Scores, aggregate, group_scores
 
 TRAIN_LOG = "train_log.jsonl"
+TEACHER_FORCED = "teacher_forced"
+CHAINED = "chained"
 VALIDATION_LOG = "validation.parquet"
 VALIDATION_SCHEMA = pa.schema(
     [
         ("step", pa.int64()),
+        ("track", pa.string()),
         ("split", pa.string()),
         ("round", pa.int32()),
         ("names_target", pa.bool_()),
@@ -65,14 +69,15 @@ def read_events(path: Path) -> list[dict]:
     return events
 
 
-def score_rows(step: int, mask_rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Validation summary rows of one step: all rounds, each round, and rounds that do / don't name the target."""
-    rows = [_row(step, "all", None, None, aggregate(mask_rows))]
+def score_rows(step: int, mask_rows: Sequence[Mapping[str, Any]], track: str = TEACHER_FORCED) -> list[dict]:
+    """Validation summary rows of one step and track: all rounds, each round, and rounds that do / don't
+    name the target."""
+    rows = [_row(step, track, "all", None, None, aggregate(mask_rows))]
     for round_number, scores in sorted(group_scores(mask_rows, "round").items()):
-        rows.append(_row(step, "round", round_number, None, scores))
+        rows.append(_row(step, track, "round", round_number, None, scores))
     for names_target, scores in group_scores(mask_rows, "names_target").items():
         if names_target is not None:
-            rows.append(_row(step, "names_target", None, bool(names_target), scores))
+            rows.append(_row(step, track, "names_target", None, bool(names_target), scores))
     return rows
 
 
@@ -93,9 +98,11 @@ class ValidationLog:
             pq.write_table(table, tmp)
 
 
-def _row(step: int, split: str, round_number: int | None, names_target: bool | None, scores: Scores) -> dict:
+def _row(step: int, track: str, split: str, round_number: int | None, names_target: bool | None,
+         scores: Scores) -> dict:
     return {
         "step": step,
+        "track": track,
         "split": split,
         "round": round_number,
         "names_target": names_target,

@@ -36,7 +36,7 @@ from mediround.training.data import (
     validation_shard,
 )
 from mediround.training.launch import check_world_size
-from mediround.training.logging import TrainingLog, ValidationLog, score_rows
+from mediround.training.logging import CHAINED, TEACHER_FORCED, TrainingLog, ValidationLog, score_rows
 from mediround.training.recipe import RUN_FILE, Recipe, run_record
 
 EventHandler = Callable[[str, dict], None]
@@ -315,8 +315,10 @@ class _Trainer:
 
     @torch.no_grad()
     def validate(self, step: int) -> dict:
-        """Teacher-forced masks of this process's validation shard, scored with ``mediround.metrics``;
-        the main process writes the per-round summary to ``validation.parquet``."""
+        """Score this process's validation shard with ``mediround.metrics``: the teacher-forced masks of the
+        training forward, and (``validation.chained``) the masks of rounds chained from the model's own
+        earlier masks by ``mediround.inference.chain``, as ``mediround eval`` measures them. The main
+        process writes the per-round summaries to ``validation.parquet``."""
         from accelerate.utils import gather_object
 
         from mediround.metrics import counts
@@ -327,25 +329,34 @@ class _Trainer:
         indices = validation_shard(len(self.val_dialogues), self.world_size, self.rank,
                                    self.recipe.validation.max_dialogues)
         size = self.recipe.validation.batch_size
-        rows, losses = [], []
+        rows: dict[str, list] = {TEACHER_FORCED: [], CHAINED: []}
+        losses = []
         for start in range(0, len(indices), size):
             samples = [load_sample(self.val_dialogues[i]) for i in indices[start : start + size]]
             with self.accelerator.autocast():
                 output = model(model.collate(samples))
-            losses.append(float(output.loss))
-            for sample, logits in zip(samples, output.mask_logits):
-                rows.extend(_mask_rows(sample, logits, MASK_THRESHOLD, counts))
+                losses.append(float(output.loss))
+                for sample, logits in zip(samples, output.mask_logits):
+                    masks = _logits_to_masks(logits, sample.image.shape[:2], MASK_THRESHOLD)
+                    rows[TEACHER_FORCED].extend(_mask_rows(sample, masks, counts))
+                    if self.recipe.validation.chained:
+                        rows[CHAINED].extend(_mask_rows(sample, _chained_masks(model, sample), counts))
         model.train()
-        rows = gather_object(rows)
+        gathered = {track: gather_object(track_rows) for track, track_rows in rows.items()}
         losses = gather_object(losses)
         summary: dict = {"step": step}
-        if self.is_main and rows:
-            table = score_rows(step, rows)
-            self.val_log.add(table)
-            overall = table[0]
-            summary.update(loss=float(np.mean(losses)), dice=overall["dice"], giou=overall["giou"],
-                           ciou=overall["ciou"], masks=overall["count"],
-                           rounds={row["round"]: row["dice"] for row in table if row["split"] == "round"})
+        if self.is_main and gathered[TEACHER_FORCED]:
+            for track, track_rows in gathered.items():
+                if not track_rows:
+                    continue
+                table = score_rows(step, track_rows, track)
+                self.val_log.add(table)
+                prefix = "" if track == TEACHER_FORCED else f"{track}_"
+                overall = table[0]
+                summary.update({f"{prefix}dice": overall["dice"], f"{prefix}giou": overall["giou"],
+                                f"{prefix}ciou": overall["ciou"],
+                                f"{prefix}rounds": {r["round"]: r["dice"] for r in table if r["split"] == "round"}})
+            summary.update(loss=float(np.mean(losses)), masks=len(gathered[TEACHER_FORCED]))
             self.emit("validation", **summary)
         return summary
 
@@ -409,16 +420,28 @@ def _loss_counts(batch: Any) -> tuple[float, float]:
     return tokens, masks
 
 
-def _mask_rows(sample: Any, logits: torch.Tensor, threshold: float, counts: Callable) -> list[dict]:
-    """Metric rows of one dialogue: its teacher-forced mask logits resized to the image, vs ground truth."""
-    height, width = sample.image.shape[:2]
-    full = F.interpolate(logits[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
-    predicted = (full > threshold).cpu().numpy()
+def _logits_to_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float) -> np.ndarray:
+    """(rounds, h, w) teacher-forced logits at the supervision size -> (rounds, H, W) bool masks of the image."""
+    full = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return (full > threshold).cpu().numpy()
+
+
+def _chained_masks(model: Any, sample: Any) -> list[np.ndarray]:
+    """Masks of every round chained from the model's own earlier masks (Algorithm 1, JCM off)."""
+    from mediround.inference.chain import Track, chain_dialogue
+
+    track = Track(beta=None, teacher_forcing=False)
+    predictions = chain_dialogue(model, sample.dialogue, sample.image, [track])[track]
+    return [prediction.mask for prediction in predictions]
+
+
+def _mask_rows(sample: Any, masks: Any, counts: Callable) -> list[dict]:
+    """Metric rows of one dialogue: each round's predicted mask (image size) against its ground truth."""
     rows = []
     for index, (round_, truth) in enumerate(zip(sample.dialogue.rounds, sample.masks)):
         if truth is None:
             continue
-        scored = counts(predicted[index][None], np.asarray(truth, dtype=bool)[None])
+        scored = counts(np.asarray(masks[index], dtype=bool)[None], np.asarray(truth, dtype=bool)[None])
         rows.append({
             "dialogue_id": sample.dialogue.id,
             "round": index + 1,

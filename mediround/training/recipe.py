@@ -65,12 +65,15 @@ class TrainSection:
 
 @dataclass
 class ValidationSection:
-    """Teacher-forced validation every ``every`` optimizer steps (0 = only at the end)."""
+    """Validation every ``every`` optimizer steps (0 = only at the end): teacher-forced masks, and with
+    ``chained`` also the rounds chained from the model's own masks through ``mediround.inference.chain``
+    (the code path ``mediround eval`` scores; JCM off)."""
 
     every: int = 500
     at_start: bool = True
     batch_size: int = 4
     max_dialogues: int | None = None
+    chained: bool = True
 
 
 @dataclass

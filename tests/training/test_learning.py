@@ -46,6 +46,9 @@ def test_tiny_recipe_learns_in_a_short_run(learning_data, tmp_path):
     assert last <= 0.7 * first, (first, last)
 
     rows = pq.read_table(Path(recipe.output) / "validation.parquet").to_pylist()
+    chained = {row["step"]: row for row in rows if row["track"] == "chained" and row["split"] == "all"}
+    assert set(chained) == {0, STEPS} and all(0.0 <= row["dice"] <= 1.0 for row in chained.values())
+    rows = [row for row in rows if row["track"] == "teacher_forced"]
     overall = {row["step"]: row for row in rows if row["split"] == "all"}
     assert set(overall) == {0, STEPS}
     untrained, trained = overall[0]["dice"], overall[STEPS]["dice"]
