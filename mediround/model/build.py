@@ -41,7 +41,8 @@ def build_model(
         torch.manual_seed(config.heads.seed)
         model = MediRound(config, mllm, tokenizer, sam, base_vocab)
     if torch.device(device).type != "meta":
-        model.to(DTYPES[config.precision])
+        # SAM and the small heads stay fp32: SAM's prompt-encoder position encoding is fp32-only.
+        model.mllm.to(DTYPES[config.precision])
     apply_trainability(model)
     if config.gradient_checkpointing:
         model.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -40,8 +40,8 @@ class MemoryEstimate:
 def estimate_training_memory(
     config: MediRoundConfig, model: torch.nn.Module | None = None, batch_size: int = 1, sequence_length: int = 1024
 ) -> MemoryEstimate:
-    """Memory of one training process: weights in ``config.precision``; gradients of trainable parameters
-    in the same precision; AdamW with an fp32 master copy and two fp32 moments (12 bytes per trainable
+    """Memory of one training process: LLaVA weights in ``config.precision``, SAM and heads in fp32;
+    gradients of trainable parameters in their weights' precision; AdamW with an fp32 master copy and two fp32 moments (12 bytes per trainable
     parameter under bf16/fp16, 8 under fp32); activations of the language model (with gradient
     checkpointing: one hidden state per layer plus one layer's working set, else ~34 values per hidden
     unit per layer) and the fp32 logits of the answer positions (bounded by the sequence length).
@@ -56,6 +56,8 @@ def estimate_training_memory(
     width = BYTES[config.precision]
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    mllm = sum(p.numel() for p in model.mllm.parameters())
+    mllm_trainable = sum(p.numel() for p in model.mllm.parameters() if p.requires_grad)
     text = model.llava.config.text_config
     tokens = batch_size * sequence_length
     per_layer = tokens * text.hidden_size * width
@@ -67,8 +69,8 @@ def estimate_training_memory(
     return MemoryEstimate(
         parameters=parameters,
         trainable=trainable,
-        weights=parameters * width,
-        gradients=trainable * width,
+        weights=mllm * width + (parameters - mllm) * 4,
+        gradients=mllm_trainable * width + (trainable - mllm_trainable) * 4,
         optimiser=trainable * (8 + master),
         activations=activations,
         logits=tokens * text.vocab_size * 4,

@@ -2,7 +2,8 @@ import numpy as np
 import torch
 from model_fixtures import quadrant_sample, sample, tiny_model
 
-from mediround.model import MASK_THRESHOLD
+from mediround.model import MASK_THRESHOLD, build_model, preset
+from mediround.model.mediround import DTYPES
 
 
 def test_teacher_forced_batch_of_different_lengths():
@@ -79,3 +80,20 @@ def test_mask_targets_follow_the_resized_frame():
     assert batch.resized_sizes == [(32, 128)]
     assert batch.target_masks[0].shape == (1, 32, 128)
     assert batch.target_masks[0][0, :, :64].all() and not batch.target_masks[0][0, :, 64:].any()
+
+
+def test_bf16_with_gradient_checkpointing_trains_and_matches_fp32_closely():
+    torch.set_num_threads(1)
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        config = preset("tiny")
+        config.precision, config.gradient_checkpointing = precision, True
+        model = build_model(config)
+        assert model.llava.get_input_embeddings().weight.dtype == DTYPES[precision]
+        assert model.sam.mask_decoder.output_upscaling[0].weight.dtype == torch.float32
+        output = model(model.collate([sample(2, seed=9)]))
+        output.loss.backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_A" not in n)
+        outputs[precision] = {k: float(v) for k, v in output.losses.items()}
+    for name in ("ce", "bce", "dice"):
+        assert abs(outputs["bf16"][name] - outputs["fp32"][name]) < 0.05 * max(1.0, outputs["fp32"][name])
