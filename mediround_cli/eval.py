@@ -95,9 +95,13 @@ def eval_command(
                             _print_report, **model_settings)
         return
     if predictions_dir is None:
-        err_console.print("[red]error:[/red] give --predictions DIR (a folder written by `mediround infer`) "
-                          "or --model CKPT", soft_wrap=True)
-        sys.exit(2)
+        from mediround.default_model import default_checkpoint, default_model_notice
+
+        model_path = default_checkpoint()
+        err_console.print(default_model_notice(model_path), soft_wrap=True)
+        evaluate_with_model(data, model_path, out, root, allow_outside_root, baseline, max_drop, plot, per_round,
+                            _print_report, **model_settings)
+        return
     config = EvalConfig(out=out or predictions_dir / "metrics.parquet", baseline=baseline, max_drop=max_drop,
                         plot=plot)
     loaded = load_dialogues(data, root=root, allow_outside_root=allow_outside_root)

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 MODEL_OPTIONS = (
     click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
-                 help="Run this checkpoint on DATA and score its predictions (instead of --predictions)."),
+                 help="Run this checkpoint on DATA and score its predictions (instead of --predictions) "
+                      "[default without --predictions: the shipped tiny model]."),
     click.option("--beta", "betas", metavar="LIST",
                  help="JCM thresholds, comma-separated (e.g. 0.2,0.4,0.6,0.8; 'off' allowed), all in one pass; "
                       "writes a beta-vs-score PNG. [default: 0.6 with trained JCM weights, else off]"),

@@ -9,7 +9,6 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mediround.errors import CheckpointError
 from mediround_cli.common import console, err_console, handle_errors
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ def summary_table(summary: InferenceSummary) -> Table:
 @click.command()
 @click.argument("data", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Checkpoint folder (from `mediround train` / `train-jcm`).")
+              help="Checkpoint folder (from `mediround train` / `train-jcm`) [default: the shipped tiny model].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Predictions folder to write.")
 @click.option("--beta", default=None, metavar="BETA|off",
               help="JCM threshold: q > BETA decodes the raw [SEG], otherwise the refined one; 'off' disables "
@@ -100,7 +99,10 @@ def infer(
     if data is None or out is None:
         raise click.UsageError("DATA and --out are required")
     if model_path is None:
-        raise CheckpointError("--model CKPT is required: no default model is shipped yet")
+        from mediround.default_model import default_checkpoint, default_model_notice
+
+        model_path = default_checkpoint()
+        err_console.print(default_model_notice(model_path), soft_wrap=True)
     device, processes = launch_settings(gpus, cpu, num_processes)
     config = InferenceConfig(
         data=str(data), model=str(model_path), out=str(out),

@@ -92,7 +92,6 @@ def test_untrained_jcm_means_off_by_default_and_refuses_a_threshold(checkpoints,
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ((), "--model CKPT is required"),
         (("--beta", "1.5"), "outside [0, 1]"),
         (("--gpus", "1", "--cpu"), "--gpus and --cpu exclude each other"),
     ],

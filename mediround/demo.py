@@ -1,0 +1,115 @@
+"""``mediround demo`` as a library call: a fresh synthetic test set, the shipped model with JCM, a report.
+
+The demo draws ``n_dialogues`` dialogues of the synthetic benchmark's test split with its own seed (the
+shipped model was trained on the train split of seed 0, so none of them was seen in training), runs
+Algorithm 1 with JCM at ``beta`` (``mediround.inference``), scores every round, and writes::
+
+    OUT/demo.json                the settings and where everything is
+    OUT/data/test.jsonl          the dialogues, images/ and masks/
+    OUT/predictions/             predictions.jsonl, masks/, overlays/ (one PNG per dialogue), metrics.parquet
+    OUT/rounds.parquet           one metric row per round (with the beta and reference columns)
+    OUT/round_curve.png          Dice and cIoU per round
+    OUT/index.html               the summary tables and every dialogue's rounds (query, overlay, Dice)
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mediround.atomic import write_json
+from mediround.errors import DataError
+
+MARKER_FILE = "demo.json"
+DEFAULT_DEMO_SEED = 2026
+"""Any seed draws unseen dialogues (training used the train split); a fixed one makes the demo repeatable."""
+
+
+@dataclass
+class DemoConfig:
+    """What the demo draws and runs. ``model`` None means the shipped checkpoint; ``beta`` None turns JCM off."""
+
+    out: Path
+    n_dialogues: int = 12
+    seed: int = DEFAULT_DEMO_SEED
+    beta: float | None = 0.6
+    model: Path | None = None
+    image_size: int = 128
+    device: str = "cpu"
+
+
+@dataclass
+class DemoResult:
+    """The files the demo wrote and the scored evaluation (``mediround.inference.model_eval``)."""
+
+    config: DemoConfig
+    model: Path
+    data: Path
+    predictions: Path
+    rounds: Path
+    round_plot: Path
+    index: Path
+    evaluation: Any
+
+
+def prepare_output(out: Path) -> None:
+    """Refuse a non-empty folder that no demo wrote; empty one that an earlier demo wrote."""
+    if out.exists() and not out.is_dir():
+        raise DataError(str(out), None, None, "the demo output exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER_FILE).is_file():
+            raise DataError(str(out), None, None, "folder is not empty and holds no earlier demo; choose another --out")
+        for name in ("data", "predictions", "rounds.parquet", "round_curve.png", "index.html", MARKER_FILE):
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_demo(
+    config: DemoConfig,
+    on_plan: Callable[[Any], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> DemoResult:
+    """Generate, predict, score and report into ``config.out`` (see the module docstring)."""
+    from mediround.data.formats import load_dialogues
+    from mediround.data.synth import generate
+    from mediround.default_model import default_checkpoint
+    from mediround.inference.model_eval import evaluate_model
+    from mediround.inference.predictions import read_predictions, safe_name
+    from mediround.inference.runner import InferenceConfig, model_folder
+    from mediround.reports.html import render_report, write_report
+
+    out = Path(config.out)
+    model = model_folder(config.model) if config.model is not None else default_checkpoint()
+    prepare_output(out)
+    data = generate(out / "data", config.n_dialogues, config.seed, split="test",
+                    image_size=config.image_size).files["test"]
+    predictions = out / "predictions"
+    inference = InferenceConfig(data=str(data), model=str(model), out=str(predictions), betas=(config.beta,),
+                                overlays=True, device=config.device)
+    rounds, round_plot = out / "rounds.parquet", out / "round_curve.png"
+    evaluation = evaluate_model(inference, out=rounds, round_plot=round_plot, on_plan=on_plan,
+                                on_progress=on_progress)
+    dialogues = load_dialogues(data).dialogues
+    overlays = {d.id: f"predictions/overlays/{safe_name(d.id)}.png" for d in dialogues
+                if (predictions / "overlays" / f"{safe_name(d.id)}.png").is_file()}
+    jcm = "JCM off" if config.beta is None else f"JCM at beta {config.beta:g}"
+    notes = [
+        (f"Model: {model}. {len(dialogues)} synthetic test dialogues (seed {config.seed}), {jcm}, each round's "
+         "reference mask taken from the model's own earlier prediction (Algorithm 1)."),
+        "Overlays: predicted mask orange, ground truth green. Scores x100.",
+    ]
+    page = render_report("MediRound demo", dialogues, evaluation.rows, read_predictions(predictions), overlays,
+                         notes, figures=[("Dice and cIoU per round", round_plot.name)])
+    index = write_report(out / "index.html", page)
+    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(config).items()}
+    write_json(out / MARKER_FILE, {"settings": settings, "model": str(model), "data": str(data),
+                                   "predictions": str(predictions), "rounds": str(rounds), "index": str(index)})
+    return DemoResult(config, model, Path(data), predictions, rounds, round_plot, index, evaluation)
+
