@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -63,3 +68,32 @@ def quadrant_sample(quadrant: int, seed: int = 0, size: int = 128) -> DialogueSa
     dialogue = Dialogue(id=f"q{quadrant}", image="x.png", rounds=[Round(query="Segment the structure.",
                                                                          answer="It is here [SEG].", mask="m.png")])
     return DialogueSample(dialogue, pixels, [mask])
+
+
+RELOAD = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from safetensors.torch import save_file
+    sys.path.insert(0, sys.argv[3])
+    from model_fixtures import sample
+    from mediround.model.checkpoint import load_checkpoint
+    torch.set_num_threads(1)
+    model = load_checkpoint(sys.argv[1]).eval()
+    with torch.no_grad():
+        output = model(model.collate([sample(int(sys.argv[4]), seed=int(sys.argv[5]))]))
+    save_file({"features": output.seg_features[0], "masks": output.mask_logits[0]}, sys.argv[2])
+    """
+)
+
+
+def outputs_in_fresh_process(folder: Path, work: Path, sample_rounds: int, sample_seed: int) -> dict:
+    """Load the checkpoint in a new Python process and return its [SEG] features and mask logits."""
+    from safetensors.torch import load_file
+
+    script, out = work / "reload.py", work / "reloaded.safetensors"
+    script.write_text(RELOAD)
+    command = [sys.executable, str(script), str(folder), str(out), str(Path(__file__).parent),
+               str(sample_rounds), str(sample_seed)]
+    subprocess.run(command, check=True, timeout=600)
+    return load_file(out)

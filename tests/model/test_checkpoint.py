@@ -1,32 +1,13 @@
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from model_fixtures import perturb_lora, sample, tiny_model
+from model_fixtures import outputs_in_fresh_process, perturb_lora, sample, tiny_model
 from safetensors.torch import load_file, save_file
 
 from mediround.errors import CheckpointError
 from mediround.model import build_model, preset
 from mediround.model.checkpoint import _sha256, load_checkpoint, save_checkpoint
-
-RELOAD = textwrap.dedent(
-    """
-    import sys
-    import torch
-    from safetensors.torch import save_file
-    sys.path.insert(0, sys.argv[3])
-    from model_fixtures import sample
-    from mediround.model.checkpoint import load_checkpoint
-    torch.set_num_threads(1)
-    model = load_checkpoint(sys.argv[1]).eval()
-    with torch.no_grad():
-        output = model(model.collate([sample(3, seed=21)]))
-    save_file({"features": output.seg_features[0], "masks": output.mask_logits[0]}, sys.argv[2])
-    """
-)
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +34,7 @@ def test_checkpoint_reloads_identically_in_a_fresh_process(trained_checkpoint, t
     assert manifest["files"]["heads.safetensors"] == _sha256(folder / "heads.safetensors")
     with torch.no_grad():
         expected = model(model.collate([sample(3, seed=21)]))
-    out = tmp_path / "reloaded.safetensors"
-    script = tmp_path / "reload.py"
-    script.write_text(RELOAD)
-    tests_dir = str(__import__("pathlib").Path(__file__).parent)
-    subprocess.run([sys.executable, str(script), str(folder), str(out), tests_dir], check=True, timeout=300)
-    reloaded = load_file(out)
+    reloaded = outputs_in_fresh_process(folder, tmp_path, sample_rounds=3, sample_seed=21)
     torch.testing.assert_close(reloaded["features"], expected.seg_features[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(reloaded["masks"], expected.mask_logits[0], atol=1e-5, rtol=0)
 
