@@ -101,7 +101,10 @@ class ChatLayout:
         seg_positions = []
         for index, round_ in enumerate(dialogue.rounds):
             piece.extend(self.user(index, round_.query, round_.ref is not None))
-            answer = self.answer(round_.answer)
+            try:
+                answer = self.answer(round_.answer)
+            except ValueError as error:
+                raise DataError(f"dialogue {dialogue.id}", dialogue.item, f"rounds[{index}].answer", str(error)) from None
             seg_positions.append(len(piece.ids) + answer.ids.index(self.seg_id))
             piece.extend(answer)
         return piece, seg_positions
@@ -136,5 +139,5 @@ def check_references(dialogue: Dialogue) -> None:
     """Refs must point to an earlier round (1-based)."""
     for index, round_ in enumerate(dialogue.rounds):
         if round_.ref is not None and not 1 <= round_.ref <= index:
-            raise DataError(dialogue.id, dialogue.item, f"rounds[{index}].ref",
+            raise DataError(f"dialogue {dialogue.id}", dialogue.item, f"rounds[{index}].ref",
                             f"refers to round {round_.ref}, not an earlier round of round {index + 1}")

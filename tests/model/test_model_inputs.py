@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from mediround.data.dialogue import Dialogue, Round
+from mediround.errors import DataError
+from mediround.model.inputs import BOX, CROP, IGNORE, IMAGE, ChatLayout, answer_with_seg, load_sample
+from mediround.model.tokenizer import SEG_TOKEN, train_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return ChatLayout(train_tiny_tokenizer(500), image_tokens=4, crop_tokens=2, system_prompt="Be brief.")
+
+
+def test_layout_places_image_reference_and_answer_tokens(layout):
+    rounds = [Round("Find the liver.", "It is [SEG]."), Round("Segment the one below.", "Here [SEG].", ref=1)]
+    piece, seg_positions = layout.dialogue(Dialogue(id="a", image="x.png", rounds=rounds))
+    kinds = np.array(piece.kinds)
+    assert (kinds == IMAGE).sum() == 4 and (kinds == CROP).sum() == 2 and (kinds == BOX).sum() == 1
+    assert np.flatnonzero(kinds == IMAGE).max() < np.flatnonzero(kinds == CROP).min()  # crop in round 2's turn
+    assert [piece.ids[p] for p in seg_positions] == [layout.seg_id, layout.seg_id]
+    labelled = [i for i, flag in enumerate(piece.labelled) if flag]
+    assert piece.ids.count(layout.eos_id) == 2 and piece.ids[labelled[-1]] == layout.eos_id
+    # Labelled tokens are exactly the two answers: the text decodes back to them.
+    answers = layout.tokenizer.decode([piece.ids[i] for i in labelled])
+    assert answers.replace("</s>", "|") == " It is [SEG].| Here [SEG].|"
+    assert IGNORE == -100
+    # The same ids as the pieces an incremental pass feeds.
+    incremental = layout.prefix().ids + layout.user(0, rounds[0].query, False).ids + layout.answer(rounds[0].answer).ids
+    incremental += layout.user(1, rounds[1].query, True).ids + layout.answer(rounds[1].answer).ids
+    assert incremental == piece.ids
+
+
+def test_answer_gets_exactly_one_seg(layout):
+    assert answer_with_seg("It is the liver.") == f"It is the liver. {SEG_TOKEN}"
+    rounds = [Round("q", "[SEG] and [SEG]")]
+    with pytest.raises(DataError, match=r"rounds\[0\]\.answer"):
+        layout.dialogue(Dialogue(id="b", image="x.png", rounds=rounds))
+
+
+def test_load_sample_reads_image_and_masks(tmp_path):
+    pixels = np.zeros((6, 8), dtype=np.uint8)
+    pixels[1:3, 2:5] = 255
+    Image.fromarray(np.full((6, 8), 90, dtype=np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(pixels).save(tmp_path / "m1.png")
+    rounds = [Round("q1", "a [SEG]", mask="m1.png"), Round("q2", "b [SEG]", ref=1)]
+    item = load_sample(Dialogue(id="c", image="img.png", rounds=rounds, root=tmp_path))
+    assert item.image.shape == (6, 8, 3) and item.image.dtype == np.uint8 and item.image[0, 0, 2] == 90
+    assert item.masks[0].sum() == 6 and item.masks[1] is None
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(tmp_path / "m1.png")
+    with pytest.raises(DataError, match="differs from image size"):
+        load_sample(Dialogue(id="c", image="img.png", rounds=rounds, root=tmp_path))
