@@ -11,7 +11,7 @@ import numpy as np
 
 from mediround.data.dialogue import Dialogue
 from mediround.data.formats import load_dialogues
-from mediround.data.formats.common import dialogue_label
+from mediround.data.formats.common import dialogue_label, mask_field
 from mediround.data.images import check_image, load_mask
 from mediround.errors import DataError
 
@@ -38,12 +38,6 @@ class ValidationReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _round_field(source_format: str, number: int, gpt: bool) -> str:
-    if source_format == "mrmedseg":
-        return f"conversations[{2 * number - 1 if gpt else 2 * number - 2}].value"
-    return f"rounds[{number - 1}].mask" if source_format == "jsonl" else "mask"
 
 
 def check_dialogue_files(
@@ -74,11 +68,11 @@ def check_dialogue_files(
     for number, round_ in enumerate(dialogue.rounds, start=1):
         if round_.mask is None:
             continue
-        mask_field = _round_field(source_format, number, gpt=True)
+        field_name = mask_field(source_format, number)
         try:
             mask = load_mask(dialogue.path(round_.mask))
         except DataError as error:
-            problem(mask_field, error)
+            problem(field_name, error)
             continue
         height, width = mask.shape
         if size is not None and (width, height) != size:
@@ -86,7 +80,7 @@ def check_dialogue_files(
                 DataError(
                     file,
                     label,
-                    mask_field,
+                    field_name,
                     f"mask {round_.mask} is {width}x{height} but the image is {size[0]}x{size[1]}",
                 )
             )
@@ -95,7 +89,7 @@ def check_dialogue_files(
                 DataError(
                     file,
                     label,
-                    mask_field,
+                    field_name,
                     f"mask {round_.mask} is empty but a later round refers to round {number}",
                 )
             )

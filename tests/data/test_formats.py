@@ -147,8 +147,8 @@ def test_broken_jsonl_lines_are_reported_and_good_lines_kept(dataset: Path, tmp_
         jsonl_line("good-2", image="images/s2.png", scenario=None),
     ]
     result = load_dialogues(write_jsonl_lines(dataset / "broken.jsonl", lines))
-    assert [d.id for d in result.dialogues] == ["good-1", "good-2"]
-    assert [d.item for d in result.dialogues] == [1, 15]
+    assert [d.id for d in result.dialogues] == ["good-1", "d13", "good-2"]
+    assert [d.item for d in result.dialogues] == [1, 13, 15]
     assert result.total == 14
     assert all(problem.file == str(dataset / "broken.jsonl") for problem in result.problems)
     found = problems_by_item(result)
@@ -164,7 +164,6 @@ def test_broken_jsonl_lines_are_reported_and_good_lines_kept(dataset: Path, tmp_
         "line 10",
         "line 11: id d11",
         "line 12: id d12",
-        "line 13: id d13",
     }
     assert found["line 2"][0][0] is None and "invalid JSON" in found["line 2"][0][1]
     assert "must be a JSON object, got list" in found["line 3"][0][1]
@@ -184,7 +183,37 @@ def test_broken_jsonl_lines_are_reported_and_good_lines_kept(dataset: Path, tmp_
     assert "not UTF-8" in found["line 10"][0][1]
     assert found["line 11: id d11"][0][0] == "image" and "leaves the root" in found["line 11: id d11"][0][1]
     assert found["line 12: id d12"][0][0] == "rounds[1].ref" and "got bool" in found["line 12: id d12"][0][1]
-    assert found["line 13: id d13"] == [("rounds[1].ref", "ref 1 points to a round without a mask")]
+
+
+def test_ref_to_a_round_without_mask_loads_for_inference_but_not_for_training(dataset: Path) -> None:
+    unlabelled = jsonl_line("unlabelled")
+    for round_ in unlabelled["rounds"]:
+        del round_["mask"]
+    first_only = jsonl_line("first-only")
+    del first_only["rounds"][0]["mask"]
+    path = write_jsonl_lines(dataset / "partly.jsonl", [jsonl_line("good"), unlabelled, first_only])
+    loaded = load_dialogues(path)
+    assert [d.id for d in loaded.dialogues] == ["good", "unlabelled", "first-only"] and not loaded.problems
+    assert loaded.dialogues[2].rounds[1].ref == 1 and loaded.dialogues[2].rounds[0].mask is None
+    training = load_dialogues(path, require_masks=True)
+    assert [d.id for d in training.dialogues] == ["good"]
+    assert [(p.item, p.field) for p in training.problems] == [
+        ("line 2: id unlabelled", "rounds[0].mask"),
+        ("line 3: id first-only", "rounds[0].mask"),
+    ]
+    assert "training needs one for every round" in training.problems[0].reason
+
+
+def test_mrmedseg_cannot_hold_a_ref_to_a_round_without_mask(dataset: Path) -> None:
+    first_only = jsonl_line("first-only")
+    del first_only["rounds"][0]["mask"]
+    path = write_jsonl_lines(dataset / "partly.jsonl", [jsonl_line("good"), first_only])
+    dialogues = load_dialogues(path).dialogues
+    with pytest.raises(DataError, match=r"id first-only: field 'rounds\[1\]\.ref'.*only be written as JSONL"):
+        write_mrmedseg(dialogues, dataset / "out.json")
+    assert not (dataset / "out.json").exists()
+    write_mrmedseg(dialogues[:1], dataset / "good.json")
+    assert [d.id for d in load_dialogues(dataset / "good.json").dialogues] == ["good"]
 
 
 def test_symlinked_folder_leaving_the_root_is_refused(dataset: Path, tmp_path: Path) -> None:

@@ -27,6 +27,13 @@ def dialogue_label(dialogue: Dialogue, source_format: str) -> str:
     return item_label(ITEM_KINDS[source_format], number, dialogue.id)
 
 
+def mask_field(source_format: str, number: int) -> str:
+    """The field that holds the ground-truth mask of the 1-based round ``number`` in a source format."""
+    if source_format == "mrmedseg":
+        return f"conversations[{2 * number - 1}].value"
+    return f"rounds[{number - 1}].mask" if source_format == "jsonl" else "mask"
+
+
 def attach(file: Path, label: str, problems: list[Problem]) -> list[DataError]:
     return [DataError(str(file), label, field, reason) for field, reason in problems]
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from mediround.data.dialogue import Dialogue
 from mediround.data.formats import load_dialogues
+from mediround.data.formats.common import attach, dialogue_label
 from mediround.data.formats.jsonl import write_jsonl
-from mediround.data.formats.mrmedseg import retarget, write_mrmedseg
+from mediround.data.formats.mrmedseg import retarget, unwritable_reason, write_mrmedseg
 from mediround.data.paths import RootGuard, relocate
 from mediround.errors import DataError
 
@@ -73,11 +74,28 @@ def convert(
     loaded = load_dialogues(source, root=root, allow_outside_root=allow_outside_root, format=source_format)
     new_root = output.parent
     dialogues = [moved(dialogue, new_root) for dialogue in loaded.dialogues]
+    problems = list(loaded.problems)
+    if target == "mrmedseg":
+        dialogues = _writable_as_mrmedseg(dialogues, Path(source), loaded.format, problems)
     writer = write_jsonl if target == "jsonl" else write_mrmedseg
     writer(dialogues, output)
     guard = RootGuard(new_root)
     outside = sum(1 for dialogue in dialogues if _leaves_root(dialogue, guard))
-    return ConvertResult(loaded.format, target, len(dialogues), loaded.total, loaded.problems, outside)
+    return ConvertResult(loaded.format, target, len(dialogues), loaded.total, problems, outside)
+
+
+def _writable_as_mrmedseg(
+    dialogues: list[Dialogue], source: Path, source_format: str, problems: list[DataError]
+) -> list[Dialogue]:
+    """The dialogues MR-MedSeg can hold; the others are reported as problems of the source file."""
+    kept = []
+    for dialogue in dialogues:
+        problem = unwritable_reason(dialogue)
+        if problem is None:
+            kept.append(dialogue)
+        else:
+            problems += attach(source, dialogue_label(dialogue, source_format), [problem])
+    return kept
 
 
 def _leaves_root(dialogue: Dialogue, guard: RootGuard) -> bool:

@@ -142,12 +142,6 @@ def record_to_dialogue(
         if ref is not None and not 1 <= ref < number:
             span = "no earlier round exists" if number == 1 else f"allowed 1..{number - 1}"
             problems.append((f"{prefix}ref", f"ref {ref} must point to an earlier round ({span})"))
-        elif (
-            ref is not None
-            and isinstance(record["rounds"][ref - 1], dict)
-            and record["rounds"][ref - 1].get("mask") is None
-        ):
-            problems.append((f"{prefix}ref", f"ref {ref} points to a round without a mask"))
         if entry.get("mask") is not None:
             problems += check_path(guard, entry["mask"], f"{prefix}mask")
         kept = entry.get("mrmedseg")

@@ -275,6 +275,22 @@ def _same_round(kept: tuple[dict, dict], round_: Round, rounds: list[Round], ima
     )
 
 
+def unwritable_reason(dialogue: Dialogue) -> Problem | None:
+    """Why MR-MedSeg cannot hold ``dialogue``, as a (field, reason) problem, or None.
+
+    A human turn refers to an earlier round by the index of its [MASK-DECODE] token, so a ref to a round
+    without a ground-truth mask has no MR-MedSeg form (JSONL holds it).
+    """
+    for index, round_ in enumerate(dialogue.rounds):
+        if round_.ref is not None and dialogue.rounds[round_.ref - 1].mask is None:
+            return (
+                f"rounds[{index}].ref",
+                (f"refers to round {round_.ref}, which has no mask: MR-MedSeg refers to earlier rounds by "
+                "their [MASK-DECODE] token, so this dialogue can only be written as JSONL"),
+            )
+    return None
+
+
 def dialogue_to_item(dialogue: Dialogue, position: int) -> dict:
     """The MR-MedSeg item of the dialogue at ``position``; kept original text is reused where accurate."""
     kept_item = dialogue.extra.get("mrmedseg", {}).get("item")
@@ -360,7 +376,13 @@ def read_mrmedseg(
 
 
 def write_mrmedseg(dialogues: Iterable[Dialogue], path: str | os.PathLike) -> None:
-    """Write dialogues as an MR-MedSeg JSON list, atomically."""
+    """Write dialogues as an MR-MedSeg JSON list, atomically; ``DataError`` (nothing written) for a dialogue
+    MR-MedSeg cannot hold (``unwritable_reason``)."""
+    dialogues = list(dialogues)
+    for position, dialogue in enumerate(dialogues):
+        problem = unwritable_reason(dialogue)
+        if problem is not None:
+            raise DataError(str(path), item_label("dialogue", position, dialogue.id), *problem)
     items = [dialogue_to_item(dialogue, position) for position, dialogue in enumerate(dialogues)]
     with atomic_open(path) as handle:
         json.dump(items, handle, ensure_ascii=False, indent=2)
