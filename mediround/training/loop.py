@@ -454,7 +454,8 @@ def _mask_rows(sample: Any, masks: Any, counts: Callable) -> list[dict]:
 def _load(path: str, recipe: Recipe) -> tuple[list, list]:
     from mediround.data.formats import load_dialogues
 
-    loaded = load_dialogues(path, root=recipe.data.root, allow_outside_root=recipe.data.allow_outside_root)
+    loaded = load_dialogues(path, root=recipe.data.root, allow_outside_root=recipe.data.allow_outside_root,
+                            require_masks=True)
     return loaded.dialogues, loaded.problems
 
 
