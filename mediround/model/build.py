@@ -45,7 +45,7 @@ def build_model(
         model.mllm.to(DTYPES[config.precision])
     apply_trainability(model)
     if config.gradient_checkpointing:
-        model.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.llava.activation_checkpointing_enable({"use_reentrant": False})
     return model
 
 
