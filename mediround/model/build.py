@@ -30,10 +30,12 @@ def build_model(
     ``tokenizer`` overrides the one the config would make (a checkpoint passes its saved tokenizer).
     On ``torch.device("meta")`` nothing is allocated and no weight file is read. ``on_base(llava, sam,
     base_vocab)`` runs on the base models before LoRA is wrapped (a checkpoint loads saved base weights there).
+    The reports of the base weight files are on ``model.load_reports`` (with ``allow_partial``, what was
+    left random).
     """
     config.validate()
-    llava, tokenizer, base_vocab = load_llava(config, tokenizer, device)
-    sam, _ = load_sam(config.segmenter, device, allow_partial=allow_partial)
+    llava, tokenizer, base_vocab, llava_report = load_llava(config, tokenizer, device, allow_partial=allow_partial)
+    sam, sam_report = load_sam(config.segmenter, device, allow_partial=allow_partial)
     if on_base is not None:
         on_base(llava, sam, base_vocab)
     mllm = _wrap_language_model(llava, tokenizer, config)
@@ -44,6 +46,7 @@ def build_model(
         # SAM and the small heads stay fp32: SAM's prompt-encoder position encoding is fp32-only.
         model.mllm.to(DTYPES[config.precision])
     apply_trainability(model)
+    model.load_reports = [r for r in (llava_report, sam_report) if r is not None]
     if config.gradient_checkpointing:
         model.llava.activation_checkpointing_enable({"use_reentrant": False})
     return model

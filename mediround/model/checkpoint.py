@@ -201,7 +201,7 @@ def load_checkpoint(
         reports.append(_load_adapter(model, adapter, allow_partial))
     heads_file = folder / "heads.safetensors"
     reports.append(_load_heads(model, _read(heads_file), str(heads_file), allow_partial))
-    model.load_reports = reports
+    model.load_reports = model.load_reports + reports
     return model
 
 

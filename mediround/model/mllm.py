@@ -24,7 +24,7 @@ from transformers import (
 
 from mediround.errors import CheckpointError
 from mediround.model.config import MediRoundConfig
-from mediround.model.load_report import report_from_lists
+from mediround.model.load_report import LoadReport, report_from_lists
 from mediround.model.tokenizer import IMAGE_TOKEN, add_mediround_tokens, train_tiny_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -67,12 +67,17 @@ def tiny_llava_config(config: MediRoundConfig, tokenizer: PreTrainedTokenizerBas
 
 
 def load_llava(
-    config: MediRoundConfig, tokenizer: PreTrainedTokenizerBase | None = None, device: str | torch.device = "cpu"
-) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, int]:
+    config: MediRoundConfig,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: str | torch.device = "cpu",
+    allow_partial: bool = False,
+) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase, int, LoadReport | None]:
     """Build or load the base LLaVA and its tokenizer with MediRound's tokens added.
 
-    Returns the model, the tokenizer and the vocabulary size before the tokens were added (rows at and
-    above it are new and random). On the meta device nothing is allocated or read but the config.
+    Returns the model, the tokenizer, the vocabulary size before the tokens were added (rows at and
+    above it are new and random) and the load report of a folder's weights (``CheckpointError`` on
+    missing/unexpected/mis-shaped keys unless ``allow_partial``). On the meta device nothing is allocated
+    or read but the config.
     """
     source = config.mllm.source
     if source == "tiny":
@@ -82,30 +87,33 @@ def load_llava(
         with torch.device(device):
             torch.manual_seed(config.mllm.seed)
             model = LlavaForConditionalGeneration(llava_config)
-        return model, tokenizer, len(tokenizer)
+        return model, tokenizer, len(tokenizer), None
     folder = Path(source)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not an HF-format LLaVA folder (no config.json)")
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    report = None
     if torch.device(device).type == "meta":
         llava_config = LlavaConfig.from_pretrained(folder)
         with torch.device("meta"):
             model = LlavaForConditionalGeneration(llava_config)
     else:
         model, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
-        report_from_lists(
+        report = report_from_lists(
             str(folder),
             missing=info.get("missing_keys", []),
             unexpected=info.get("unexpected_keys", []),
             mismatched=[(k, tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys", [])],
-        ).raise_if_bad()
+        )
+        if not allow_partial:
+            report.raise_if_bad()
     base_vocab = model.get_input_embeddings().weight.shape[0]
     add_mediround_tokens(tokenizer)
     if len(tokenizer) > base_vocab:
         torch.manual_seed(config.mllm.seed)
         model.resize_token_embeddings(len(tokenizer), mean_resizing=torch.device(device).type != "meta")
-    return model, tokenizer, base_vocab
+    return model, tokenizer, base_vocab, report
 
 
 class CropEncoder(nn.Module):

@@ -119,15 +119,20 @@ def read_sam_state(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_sam(config: SegmenterConfig, device: str | torch.device = "cpu", allow_partial: bool = False) -> tuple[nn.Module, LoadReport | None]:
-    """Build SAM and, when ``config.checkpoint`` is set, load it (built on meta, loaded with ``assign``)."""
+def load_sam(
+    config: SegmenterConfig, device: str | torch.device = "cpu", allow_partial: bool = False
+) -> tuple[nn.Module, LoadReport | None]:
+    """Build SAM and, when ``config.checkpoint`` is set, load it. Strict loads build on meta and assign the
+    file's tensors (low peak memory); ``allow_partial`` builds a random model first, so whatever the file
+    lacks stays at its (reported) random initialisation."""
     if config.checkpoint is None or torch.device(device).type == "meta":
         return build_sam(config, device), None
+    state = read_sam_state(config.checkpoint)
+    if allow_partial:
+        sam = build_sam(config, "cpu")
+        return sam.to(device), load_into(sam, state, config.checkpoint, allow_partial=True)
     sam = build_sam(config, "meta")
-    report = load_into(sam, read_sam_state(config.checkpoint), config.checkpoint, allow_partial=allow_partial, assign=True)
-    for name, tensor in list(sam.named_buffers()) + list(sam.named_parameters()):
-        if tensor.is_meta:
-            raise CheckpointError(f"{config.checkpoint}: '{name}' left unset (allow_partial cannot fill buffers)")
+    report = load_into(sam, state, config.checkpoint, assign=True)
     return sam.to(device), report
 
 

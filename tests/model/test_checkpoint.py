@@ -123,3 +123,18 @@ def test_export_is_standalone_and_gives_the_same_outputs(trained_checkpoint, tmp
         expected = model(model.collate([item]))
         again = exported(exported.collate([item]))
     torch.testing.assert_close(again.seg_features[0], expected.seg_features[0], atol=1e-4, rtol=0)
+
+
+def test_sam_pth_with_a_missing_key_is_refused_unless_partial(tmp_path):
+    from mediround.model.segmenter import build_sam
+
+    config = preset("tiny")
+    state = build_sam(config.segmenter).state_dict()
+    del state["mask_decoder.output_upscaling.0.weight"]
+    torch.save(state, tmp_path / "sam.pth")
+    config.segmenter.checkpoint = str(tmp_path / "sam.pth")
+    with pytest.raises(CheckpointError, match=r"missing key\(s\): mask_decoder\.output_upscaling\.0\.weight"):
+        build_model(config)
+    model = build_model(config, allow_partial=True)
+    assert model.load_reports[-1].missing == ["mask_decoder.output_upscaling.0.weight"]
+    assert torch.isfinite(model.sam.mask_decoder.output_upscaling[0].weight).all()
