@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import click
 from rich.progress import (
@@ -18,6 +19,8 @@ from rich.table import Table
 
 from mediround.errors import LaunchError
 from mediround_cli.common import _debug_enabled, console, handle_errors
+
+STOP_FILE = ".stop-requested"
 
 
 @click.command()
@@ -81,7 +84,8 @@ def train(
     console.print(f"launching {plan.world_size} process(es) on {'CPU' if plan.cpu else 'GPU'} "
                   f"through accelerate ({plan.num_machines} machine(s))")
     module_args = (["--debug"] if _debug_enabled() else []) + ["train", recipe_path, *overrides]
-    relaunch(plan, module_args + (["--resume"] if resume else []))
+    stop_file = Path(recipe.output) / STOP_FILE
+    relaunch(plan, module_args + (["--resume"] if resume else []), stop_file=stop_file)
 
 
 def _run(recipe, resume: bool, cpu: bool, processes: int) -> None:

@@ -16,12 +16,14 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from mediround.errors import LaunchError
 
 LAUNCHED_ENV = "MEDIROUND_LAUNCHED"
 EXPECTED_ENV = "MEDIROUND_EXPECTED_PROCESSES"
 CPU_ENV = "MEDIROUND_LAUNCH_CPU"
+STOP_FILE_ENV = "MEDIROUND_STOP_FILE"
 
 
 @dataclass(frozen=True)
@@ -149,24 +151,50 @@ def launch_environment(plan: LaunchPlan) -> dict[str, str]:
     return env
 
 
-def relaunch(plan: LaunchPlan, module_args: Sequence[str]) -> None:
+def relaunch(plan: LaunchPlan, module_args: Sequence[str], stop_file: str | os.PathLike | None = None) -> None:
     """Run the command again under Accelerate's launcher and wait; a failed child raises ``LaunchError``.
 
-    Ctrl-C reaches the children directly (same process group); this process keeps waiting so that they
-    can write their interrupt checkpoint.
+    Without ``stop_file``, Ctrl-C reaches the children directly (same process group) and this process
+    keeps waiting. With ``stop_file``, the launcher runs in its own session so that Ctrl-C never reaches
+    torch's elastic agent (which would answer it with a traceback and SIGTERM to the workers): the first
+    Ctrl-C creates ``stop_file`` instead, which the workers poll after every step (``STOP_FILE_ENV``);
+    a second Ctrl-C terminates the launcher.
     """
     command = accelerate_command(plan, module_args)
-    process = subprocess.Popen(command, env=launch_environment(plan))
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    env = launch_environment(plan)
+    if stop_file is not None:
+        Path(stop_file).unlink(missing_ok=True)
+        env[STOP_FILE_ENV] = str(stop_file)
+    process = subprocess.Popen(command, env=env, start_new_session=stop_file is not None)
+    interrupts = 0
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if stop_file is not None and interrupts == 1:
+            Path(stop_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(stop_file).touch()
+        elif stop_file is not None:
+            process.terminate()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         code = process.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
+        if stop_file is not None:
+            Path(stop_file).unlink(missing_ok=True)
     if code != 0:
         raise LaunchError(
             f"training processes exited with code {code} ({plan.world_size} process(es) via accelerate launch); "
             "see their messages above"
         )
+
+
+def stop_requested() -> bool:
+    """True when the launching process asked the workers to checkpoint and stop (its first Ctrl-C)."""
+    path = os.environ.get(STOP_FILE_ENV)
+    return bool(path) and os.path.exists(path)
 
 
 def check_world_size(actual: int, expected: int, rank: int) -> None:

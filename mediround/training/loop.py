@@ -35,7 +35,7 @@ from mediround.training.data import (
     StreamPosition,
     validation_shard,
 )
-from mediround.training.launch import check_world_size
+from mediround.training.launch import check_world_size, stop_requested
 from mediround.training.logging import CHAINED, TEACHER_FORCED, TrainingLog, ValidationLog, score_rows
 from mediround.training.recipe import RUN_FILE, Recipe, run_record
 
@@ -263,7 +263,7 @@ class _Trainer:
                     )
             result.step = step
             self.position = position
-            interrupted = self._any_process(stop.raised)
+            interrupted = self._any_process(stop.raised or stop_requested())
             last = step == steps or interrupted
             every = recipe.validation.every
             if self.val_dialogues and ((every and step % every == 0) or step == steps):
