@@ -41,3 +41,7 @@ class CheckpointError(MediRoundError):
 
 class LaunchError(MediRoundError):
     """A multi-process launch that did not get what it asked for (e.g. fewer processes)."""
+
+
+class InputWarning(UserWarning):
+    """Valid input the library had to change to use (e.g. a query truncated to the model's maximum length)."""

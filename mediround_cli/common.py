@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
-from mediround.errors import MediRoundError
+from mediround.errors import InputWarning, MediRoundError
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -22,17 +24,31 @@ def _debug_enabled() -> bool:
     return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("debug"))
 
 
+def _show_warning(fallback: Callable[..., None], message: Warning | str, category: type[Warning],
+                  *args: Any, **kwargs: Any) -> None:
+    """An ``InputWarning`` is one yellow line on stderr; other warnings keep Python's format."""
+    if issubclass(category, InputWarning):
+        err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", soft_wrap=True)
+    else:
+        fallback(message, category, *args, **kwargs)
+
+
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one red line on stderr and a non-zero exit (full traceback with --debug)."""
+    """Turn library errors into one red line on stderr and a non-zero exit (full traceback with --debug);
+    input warnings into one yellow line each."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("default", InputWarning)
+                previous = warnings.showwarning
+                warnings.showwarning = functools.partial(_show_warning, previous)
+                return func(*args, **kwargs)
         except MediRoundError as error:
             if _debug_enabled():
                 raise
-            err_console.print(f"[red]error:[/red] {error}", soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
             sys.exit(error.exit_code)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/yellow]")

@@ -13,19 +13,23 @@ kind (text, image, crop, box) so features are scattered by layout, never by matc
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from mediround.data.dialogue import Dialogue
-from mediround.errors import DataError
+from mediround.errors import DataError, InputWarning
 from mediround.model.tokenizer import BOX_TOKEN, CROP_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
 TEXT, IMAGE, CROP, BOX = 0, 1, 2, 3
 IGNORE = -100
 USER_OPEN = " [INST]"
 USER_CLOSE = " [/INST]"
+MAX_QUERY_TOKENS = 512
+"""Longest query kept, in tokens: the first ``MAX_QUERY_TOKENS`` are used and an ``InputWarning`` says so.
+Eight rounds of that still fit a 4,096-position LLaVA/Mistral context next to 576 image tokens."""
 
 
 @dataclass
@@ -86,7 +90,21 @@ class ChatLayout:
             piece.add(self.text(USER_OPEN))
         if refers:
             piece.add([self.crop_id] * self.crop_tokens, CROP).add([self.box_id], BOX)
-        return piece.add(self.text(f" {query.strip()}")).add(self.text(USER_CLOSE))
+        return piece.add(self.query(query)).add(self.text(USER_CLOSE))
+
+    def query(self, query: str) -> list[int]:
+        """The query's token ids, cut to ``MAX_QUERY_TOKENS`` (with an ``InputWarning``) so that a huge
+        query costs a bounded sequence instead of overflowing the model's context."""
+        ids = self.text(f" {query.strip()}")
+        if len(ids) > MAX_QUERY_TOKENS:
+            warnings.warn(
+                f"a query of {len(ids)} tokens was truncated to its first {MAX_QUERY_TOKENS} "
+                f"(starts {query.strip()[:40]!r})",
+                InputWarning,
+                stacklevel=2,
+            )
+            ids = ids[:MAX_QUERY_TOKENS]
+        return ids
 
     def answer(self, answer: str) -> Piece:
         """The answer tokens (labelled) ending with </s>; holds exactly one [SEG]."""
