@@ -119,6 +119,8 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class MediRound(nn.Module):
+    """The model; build it with ``mediround.model.build_model(config)``, not directly."""
+
     def __init__(
         self,
         config: MediRoundConfig,
@@ -151,6 +153,7 @@ class MediRound(nn.Module):
             system_prompt=config.mllm.system_prompt,
         )
         self.encoder_calls: Counter[str] = Counter()
+        self.load_reports: list = []
 
     @property
     def llava(self) -> nn.Module:
