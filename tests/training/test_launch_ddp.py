@@ -1,4 +1,5 @@
-"""Two gloo DDP processes on CPU train exactly like one process with the same global batch."""
+"""Two gloo DDP processes on CPU train like one process with the same global batch (and like one process
+with gradient accumulation)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def final_weights(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "checkpoints" / f"step-{STEPS:08d}" / "trainable.safetensors"))
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(write_recipe):
+def test_two_processes_and_accumulation_match_one_process_with_the_same_global_batch(write_recipe):
     common = {"train": {"max_steps": STEPS, "batch_size": 2}, "model": {"preset": "tiny", "lora": {"dropout": 0.0}}}
     two = write_recipe("two", **common)
     completed = subprocess.run(
@@ -37,6 +38,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(write_recipe
     one = load_recipe(write_recipe("one", **common), ["train.batch_size=4"])
     result = run_training(one, cpu=True, expected_processes=1)
     assert result.world_size == 1 and result.step == STEPS
+
+    accumulated = load_recipe(write_recipe("accumulated", **common), ["train.grad_accum=2"])
+    assert run_training(accumulated, cpu=True, expected_processes=1).step == STEPS
+    for name, weight in final_weights(Path(accumulated.output)).items():
+        torch.testing.assert_close(weight, final_weights(Path(one.output))[name], rtol=1e-5, atol=1e-5, msg=name)
 
     two_weights, one_weights = final_weights(two_output), final_weights(Path(one.output))
     assert two_weights.keys() == one_weights.keys()
