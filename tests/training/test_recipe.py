@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -82,6 +83,14 @@ def test_cpu_launch_uses_multi_gpu_gloo_and_checks_world_size():
     with pytest.raises(LaunchError):
         plan_launch(gpus=2, cpu=True, num_processes=None, cuda_available=False)
     assert LaunchPlan(processes_per_machine=4, num_machines=2).world_size == 8
+    nodes = plan_launch(gpus=4, cpu=False, num_processes=None, num_machines=2, machine_rank=1,
+                        main_process_ip="10.0.0.1", main_process_port=29500, cuda_available=True)
+    command = accelerate_command(nodes, ["train", "r.yaml"])
+    flags = dict(itertools.pairwise(command))
+    assert (flags["--num_processes"], flags["--num_machines"], flags["--machine_rank"]) == ("8", "2", "1")
+    assert (flags["--main_process_ip"], flags["--main_process_port"]) == ("10.0.0.1", "29500")
+    with pytest.raises(LaunchError, match="main-process-ip"):
+        plan_launch(gpus=4, cpu=False, num_processes=None, num_machines=2, cuda_available=True)
 
 
 def test_a_child_that_got_fewer_processes_fails_loudly(write_recipe, monkeypatch):
