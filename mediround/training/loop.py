@@ -119,7 +119,7 @@ def run_training(
     """Train one stage-1 run in this process (one of ``expected_processes``); returns on the main process
     and on every other process alike. ``on_event(kind, payload)`` is called on the main process only."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs
 
     if cpu:
         torch.set_num_threads(recipe.train.threads or max(1, (os.cpu_count() or 1) // expected_processes))
@@ -130,7 +130,7 @@ def run_training(
     )
     check_world_size(accelerator.num_processes, expected_processes, accelerator.process_index)
     trainer = _Trainer(recipe, accelerator, on_event)
-    return trainer.run(resume, set_seed)
+    return trainer.run(resume)
 
 
 class _Trainer:
@@ -152,7 +152,9 @@ class _Trainer:
         if self.on_event is not None:
             self.on_event(kind, payload)
 
-    def run(self, resume: bool, set_seed: Callable[[int], None]) -> TrainingResult:
+    def run(self, resume: bool) -> TrainingResult:
+        from accelerate.utils import set_seed
+
         from mediround.model import build_model, load_sample
 
         recipe = self.recipe
