@@ -152,7 +152,7 @@ class MediRoundConfig:
     def from_json(cls, path: str | Path) -> MediRoundConfig:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RecipeError(f"{path}: cannot read model config: {error}") from None
         return cls.from_dict(data)
 
