@@ -187,6 +187,12 @@ def load_checkpoint(
         rows_file = folder / "token_rows.safetensors"
         if rows_file.is_file():
             rows = _read(rows_file)
+            embed = llava.get_input_embeddings().weight
+            wanted = (embed.shape[0] - base_vocab, embed.shape[1])
+            for name in ("embed", "lm_head"):
+                if name not in rows or tuple(rows[name].shape) != wanted:
+                    found = tuple(rows[name].shape) if name in rows else "absent"
+                    raise CheckpointError(f"{rows_file}: '{name}' rows are {found}, the model needs {wanted}")
             with torch.no_grad():
                 llava.get_input_embeddings().weight[base_vocab:] = rows["embed"]
                 llava.get_output_embeddings().weight[base_vocab:] = rows["lm_head"]

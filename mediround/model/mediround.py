@@ -418,4 +418,4 @@ class MediRound(nn.Module):
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) float in [0, 255]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]

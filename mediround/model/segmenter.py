@@ -142,7 +142,7 @@ def sam_input(image: np.ndarray, size: int, normalisation: str) -> tuple[torch.T
     height, width = image.shape[:2]
     scale = size / max(height, width)
     new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
     tensor = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
     if normalisation == "sam":
         tensor = (tensor - torch.tensor(SAM_MEAN).view(1, 3, 1, 1)) / torch.tensor(SAM_STD).view(1, 3, 1, 1)
