@@ -23,15 +23,29 @@ import yaml
 
 
 def checkpoint_from_stage1_step(step_folder: Path, out: Path) -> Path:
-    """A MediRound checkpoint folder from a stage-1 step folder (its run's recipe + trainable weights)."""
+    """A MediRound checkpoint folder from a stage-1 step folder (its run's recipe + trainable weights).
+
+    Every saved tensor is copied by name; parameters the step did not save keep their built values,
+    which are the run's own (the build is seeded), so a step folder written before a trainability
+    change still loads."""
+    import torch
+    from safetensors.torch import load_file
+
     from mediround.model import build_model
     from mediround.model.checkpoint import save_checkpoint
-    from mediround.training.checkpointing import load_trainable
+    from mediround.training.checkpointing import TRAINABLE
     from mediround.training.recipe import recipe_from_dict
 
     run = json.loads((step_folder.parent.parent / "run.json").read_text(encoding="utf-8"))
     model = build_model(recipe_from_dict(run["recipe"]).model)
-    load_trainable(model, step_folder)
+    saved = load_file(str(step_folder / TRAINABLE))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(saved) - set(params))
+    if unknown:
+        raise SystemExit(f"{step_folder}: weights the model does not have (e.g. {unknown[:3]})")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
     return save_checkpoint(model, out)
 
 
