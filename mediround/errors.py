@@ -39,6 +39,15 @@ class CheckpointError(MediRoundError):
     """A checkpoint or weight file that is missing, altered, or does not match the model."""
 
 
+class OutputError(MediRoundError):
+    """An output that could not be written (disk full, read-only folder, no permission); earlier files stay."""
+
+    def __init__(self, path: str, error: OSError):
+        self.path = str(path)
+        self.reason = error.strerror or str(error)
+        super().__init__(f"{self.path}: cannot write: {self.reason}")
+
+
 class LaunchError(MediRoundError):
     """A multi-process launch that did not get what it asked for (e.g. fewer processes)."""
 

@@ -34,8 +34,9 @@ def _show_warning(fallback: Callable[..., None], message: Warning | str, categor
 
 
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one red line on stderr and a non-zero exit (full traceback with --debug);
-    input warnings into one yellow line each."""
+    """Turn library errors, and file system errors that escaped them (disk full, no permission), into one
+    red line on stderr and a non-zero exit (full traceback with --debug); input warnings into one yellow
+    line each."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -50,6 +51,12 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             err_console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
             sys.exit(error.exit_code)
+        except OSError as error:
+            if _debug_enabled():
+                raise
+            where = f"{error.filename}: " if error.filename else ""
+            err_console.print(f"[red]error:[/red] {escape(where + (error.strerror or str(error)))}", soft_wrap=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/yellow]")
             sys.exit(130)
