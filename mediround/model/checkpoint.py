@@ -172,7 +172,7 @@ def load_checkpoint(
     source = Path(config.mllm.source)
     if config.mllm.source != "tiny" and not source.is_absolute() and (folder / source / "config.json").is_file():
         config.mllm.source = str(folder / source)
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     reports: list[LoadReport] = []
 
     def load_base(llava: nn.Module, sam: nn.Module, base_vocab: int) -> None:

@@ -89,17 +89,23 @@ def load_llava(
             model = LlavaForConditionalGeneration(llava_config)
         return model, tokenizer, len(tokenizer), None
     folder = Path(source)
+    if not folder.exists():
+        from mediround.doctor.weights import missing_path_detail
+
+        raise CheckpointError(missing_path_detail(source, "LLaVA folder"))
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not an HF-format LLaVA folder (no config.json)")
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     report = None
     if torch.device(device).type == "meta":
-        llava_config = LlavaConfig.from_pretrained(folder)
+        llava_config = LlavaConfig.from_pretrained(folder, local_files_only=True)
         with torch.device("meta"):
             model = LlavaForConditionalGeneration(llava_config)
     else:
-        model, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            folder, output_loading_info=True, local_files_only=True
+        )
         report = report_from_lists(
             str(folder),
             missing=info.get("missing_keys", []),

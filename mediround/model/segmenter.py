@@ -107,7 +107,9 @@ def read_sam_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A SAM/MedSAM ``.pth`` state dict, read with ``weights_only=True`` (no pickle code runs)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: SAM checkpoint not found")
+        from mediround.doctor.weights import missing_path_detail
+
+        raise CheckpointError(missing_path_detail(str(path), "SAM checkpoint"))
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as error:
