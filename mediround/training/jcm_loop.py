@@ -204,9 +204,12 @@ def _check_values(recipe: JCMRecipe, source: str) -> None:
 
 
 def check_jcm_output(recipe: JCMRecipe, resume: bool, overwrite: bool) -> None:
-    """Stage 1's output rules (``recipe.check_output``): another run's folder is refused."""
+    """Before any launch: the model checkpoint's files match its manifest (``CheckpointError`` naming the
+    file), and stage 1's output rules (``recipe.check_output``: another run's folder is refused)."""
+    from mediround.model.checkpoint import verify_manifest
     from mediround.training.recipe import check_output
 
+    verify_manifest(Path(recipe.model))
     check_output(recipe, resume=resume, overwrite=overwrite)
 
 
