@@ -142,7 +142,12 @@ def verify_manifest(folder: Path) -> dict:
     path = folder / "manifest.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a MediRound checkpoint (no manifest.json)")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable manifest: {error}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path}: not a checkpoint manifest (no 'files' object)")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {manifest.get('format')!r}")
     for name, digest in manifest["files"].items():
