@@ -18,6 +18,7 @@ from rich.table import Table
 from mediround.reports.tables import regression_table
 from mediround_cli.common import console, err_console
 from mediround_cli.infer import launch_settings, parse_beta, summary_table
+from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 if TYPE_CHECKING:
     from mediround.inference.model_eval import ModelEvaluation
@@ -44,6 +45,7 @@ MODEL_OPTIONS = (
                       "[default: ./mediround-eval]."),
     click.option("--beta-plot", type=click.Path(dir_okay=False, path_type=Path),
                  help="Beta-vs-score PNG for a sweep [default: PREDICTIONS_OUT/beta_curve.png]."),
+    allow_partial_load_option,
 )
 
 
@@ -116,6 +118,7 @@ def evaluate_with_model(
     resume: bool = False,
     predictions_out: Path | None = None,
     beta_plot: Path | None = None,
+    allow_partial_load: bool = False,
 ) -> None:
     """Run the checkpoint on DATA, score every track, print the tables and apply the gate (exit 1)."""
     from mediround.inference.model_eval import evaluate_model
@@ -130,6 +133,7 @@ def evaluate_with_model(
         teacher_forcing=(False, True) if compare_tf else (teacher_forcing,), generate=generate,
         use_cache=not no_cache, resume=resume, root=None if root is None else str(root),
         allow_outside_root=allow_outside_root, device=device, num_processes=processes,
+        allow_partial_load=allow_partial_load,
     )
     columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
@@ -140,6 +144,8 @@ def evaluate_with_model(
             on_plan=lambda plan: progress.update(task, total=len(plan.todo)),
             on_progress=lambda finished: progress.update(task, completed=finished),
         )
+    if allow_partial_load and evaluation.inference.load_reports:
+        print_load_reports(evaluation.inference.load_reports)
     primary = evaluation.primary
     references = "ground-truth" if primary.teacher_forcing else "predicted"
     console.print(f"[bold]{primary.label}[/bold] ({references} references)")

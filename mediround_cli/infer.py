@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mediround_cli.common import console, err_console, handle_errors
+from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 if TYPE_CHECKING:
     from mediround.inference.runner import InferenceSummary
@@ -72,6 +73,7 @@ def summary_table(summary: InferenceSummary) -> Table:
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder that image and mask paths are relative to [default: the data file's folder].")
 @click.option("--allow-outside-root", is_flag=True, help="Accept image/mask paths that leave the root.")
+@allow_partial_load_option
 @click.option("--worker-plan", type=click.Path(exists=True, dir_okay=False), hidden=True)
 @handle_errors
 def infer(
@@ -88,13 +90,18 @@ def infer(
     overlays: bool,
     root: Path | None,
     allow_outside_root: bool,
+    allow_partial_load: bool,
     worker_plan: str | None,
 ) -> None:
     """Predict every round of DATA (JSONL, MR-MedSeg JSON or an SA-Med2D folder), chaining predicted masks."""
     from mediround.inference.runner import InferenceConfig, run_inference, run_worker, score_outputs
 
     if worker_plan is not None:
-        run_worker(worker_plan)
+        import os
+
+        reports = run_worker(worker_plan)
+        if allow_partial_load and os.environ.get("RANK", "0") == "0":
+            print_load_reports(reports)
         return
     if data is None or out is None:
         raise click.UsageError("DATA and --out are required")
@@ -109,6 +116,7 @@ def infer(
         betas=() if beta is None else (parse_beta(beta),), generate=generate, use_cache=not no_cache,
         resume=resume, overlays=overlays, root=None if root is None else str(root),
         allow_outside_root=allow_outside_root, device=device, num_processes=processes,
+        allow_partial_load=allow_partial_load,
     )
     columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
@@ -119,6 +127,8 @@ def infer(
             on_progress=lambda finished: progress.update(task, completed=finished),
         )
     config = summary.config
+    if allow_partial_load and summary.load_reports:
+        print_load_reports(summary.load_reports)
     evaluations = score_outputs(config)
     for label, evaluation in evaluations.items():
         from mediround_cli.eval import _print_report

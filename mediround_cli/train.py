@@ -19,6 +19,7 @@ from rich.table import Table
 
 from mediround.errors import LaunchError
 from mediround_cli.common import _debug_enabled, console, handle_errors
+from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 STOP_FILE = ".stop-requested"
 
@@ -37,6 +38,7 @@ STOP_FILE = ".stop-requested"
               help="A DeepSpeed JSON config (recipes/zero2.json); refused for now, see docs/training.md.")
 @click.option("--resume", is_flag=True, help="Continue from the output folder's latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Empty an output folder that holds another run first.")
+@allow_partial_load_option
 @handle_errors
 def train(
     recipe_path: str,
@@ -51,6 +53,7 @@ def train(
     deepspeed_config: str | None,
     resume: bool,
     overwrite: bool,
+    allow_partial_load: bool,
 ) -> None:
     """Train MediRound with teacher forcing from a YAML RECIPE; KEY=VALUE overrides any recipe field
     (e.g. train.lr=1e-3). Multi-process runs re-launch this command through Accelerate."""
@@ -65,7 +68,8 @@ def train(
 
     recipe = load_recipe(recipe_path, overrides)
     if is_launched_child():
-        _run(recipe, resume, cpu=os.environ.get("MEDIROUND_LAUNCH_CPU") == "1", processes=expected_world_size())
+        _run(recipe, resume, cpu=os.environ.get("MEDIROUND_LAUNCH_CPU") == "1", processes=expected_world_size(),
+             allow_partial_load=allow_partial_load)
         return
     if resume and overwrite:
         raise LaunchError("--resume and --overwrite exclude each other")
@@ -79,16 +83,18 @@ def train(
     plan = dataclasses.replace(plan, mixed_precision=recipe.resolved_mixed_precision(on_gpu=not plan.cpu))
     check_output(recipe, resume=resume, overwrite=overwrite)
     if not plan.needs_launcher:
-        _run(recipe, resume, cpu=launched_on_cpu(plan), processes=expected_world_size(plan))
+        _run(recipe, resume, cpu=launched_on_cpu(plan), processes=expected_world_size(plan),
+             allow_partial_load=allow_partial_load)
         return
     console.print(f"launching {plan.world_size} process(es) on {'CPU' if plan.cpu else 'GPU'} "
                   f"through accelerate ({plan.num_machines} machine(s))")
     module_args = (["--debug"] if _debug_enabled() else []) + ["train", recipe_path, *overrides]
     stop_file = Path(recipe.output) / STOP_FILE
-    relaunch(plan, module_args + (["--resume"] if resume else []), stop_file=stop_file)
+    flags = (["--resume"] if resume else []) + (["--allow-partial-load"] if allow_partial_load else [])
+    relaunch(plan, module_args + flags, stop_file=stop_file)
 
 
-def _run(recipe, resume: bool, cpu: bool, processes: int) -> None:
+def _run(recipe, resume: bool, cpu: bool, processes: int, allow_partial_load: bool = False) -> None:
     from mediround.training.loop import run_training
 
     progress = Progress(
@@ -104,7 +110,9 @@ def _run(recipe, resume: bool, cpu: bool, processes: int) -> None:
     state: dict = {}
 
     def on_event(kind: str, payload: dict) -> None:
-        if kind == "start":
+        if kind == "load":
+            print_load_reports(payload["reports"])
+        elif kind == "start":
             console.print(
                 f"world size {payload['world_size']} (checked in every process), global batch "
                 f"{payload['global_batch']}, {payload['train_dialogues']} training / {payload['val_dialogues']} "
@@ -143,7 +151,8 @@ def _run(recipe, resume: bool, cpu: bool, processes: int) -> None:
                                    f"({payload['where']})")
 
     try:
-        result = run_training(recipe, resume=resume, cpu=cpu, expected_processes=processes, on_event=on_event)
+        result = run_training(recipe, resume=resume, cpu=cpu, expected_processes=processes, on_event=on_event,
+                              allow_partial_load=allow_partial_load)
     finally:
         progress.stop()
     from accelerate import PartialState

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from mediround.errors import LaunchError
 from mediround_cli.common import _debug_enabled, console, handle_errors
+from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 
 @click.command()
@@ -37,6 +38,7 @@ from mediround_cli.common import _debug_enabled, console, handle_errors
 @click.option("--main-process-port", type=int, default=None, help="Port of machine rank 0 (multi-node).")
 @click.option("--resume", is_flag=True, help="Continue from the output folder's latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Empty an output folder that holds another run first.")
+@allow_partial_load_option
 @handle_errors
 def train_jcm(
     recipe_path: str,
@@ -52,6 +54,7 @@ def train_jcm(
     main_process_port: int | None,
     resume: bool,
     overwrite: bool,
+    allow_partial_load: bool,
 ) -> None:
     """Train the JCM judge and refine MLPs on a frozen MediRound from a YAML RECIPE and write a new
     checkpoint (<output>/model) that `infer`/`eval` use with --beta. KEY=VALUE overrides any recipe field."""
@@ -67,7 +70,8 @@ def train_jcm(
     flags = ([f"model={model_path}"] if model_path else []) + (["jcm.rollout=true"] if rollout else [])
     recipe = load_jcm_recipe(recipe_path, [*overrides, *flags])
     if is_launched_child():
-        _run(recipe, resume, cpu=os.environ.get("MEDIROUND_LAUNCH_CPU") == "1", processes=expected_world_size())
+        _run(recipe, resume, cpu=os.environ.get("MEDIROUND_LAUNCH_CPU") == "1", processes=expected_world_size(),
+             allow_partial_load=allow_partial_load)
         return
     if resume and overwrite:
         raise LaunchError("--resume and --overwrite exclude each other")
@@ -75,16 +79,18 @@ def train_jcm(
     plan = dataclasses.replace(plan, mixed_precision=recipe.resolved_mixed_precision(on_gpu=not plan.cpu))
     check_jcm_output(recipe, resume=resume, overwrite=overwrite)
     if not plan.needs_launcher:
-        _run(recipe, resume, cpu=launched_on_cpu(plan), processes=expected_world_size(plan))
+        _run(recipe, resume, cpu=launched_on_cpu(plan), processes=expected_world_size(plan),
+             allow_partial_load=allow_partial_load)
         return
     console.print(f"launching {plan.world_size} process(es) on {'CPU' if plan.cpu else 'GPU'} "
                   f"through accelerate ({plan.num_machines} machine(s))")
     module_args = (["--debug"] if _debug_enabled() else []) + ["train-jcm", recipe_path, *overrides]
     module_args += (["--model", model_path] if model_path else []) + (["--rollout"] if rollout else [])
+    module_args += ["--allow-partial-load"] if allow_partial_load else []
     relaunch(plan, module_args + (["--resume"] if resume else []))
 
 
-def _run(recipe, resume: bool, cpu: bool, processes: int) -> None:
+def _run(recipe, resume: bool, cpu: bool, processes: int, allow_partial_load: bool = False) -> None:
     from mediround.training.jcm_loop import run_jcm_training
 
     progress = Progress(TextColumn("[bold]train-jcm[/bold]"), BarColumn(), MofNCompleteColumn(),
@@ -93,7 +99,9 @@ def _run(recipe, resume: bool, cpu: bool, processes: int) -> None:
     state: dict = {}
 
     def on_event(kind: str, payload: dict) -> None:
-        if kind == "start":
+        if kind == "load":
+            print_load_reports(payload["reports"])
+        elif kind == "start":
             source = (f"rollout features ({payload['rollout_fraction']:.0%} of dialogues)" if payload["rollout"]
                       else "teacher-forced features")
             console.print(
@@ -117,7 +125,8 @@ def _run(recipe, resume: bool, cpu: bool, processes: int) -> None:
             progress.console.print(f"[dim]checkpoint {payload['path']}[/dim]")
 
     try:
-        result = run_jcm_training(recipe, resume=resume, cpu=cpu, expected_processes=processes, on_event=on_event)
+        result = run_jcm_training(recipe, resume=resume, cpu=cpu, expected_processes=processes, on_event=on_event,
+                                  allow_partial_load=allow_partial_load)
     finally:
         progress.stop()
     from accelerate import PartialState

@@ -40,6 +40,7 @@ from mediround.inference.predictions import (
     complete_dialogue_ids,
     read_predictions,
 )
+from mediround.model.load_report import LoadReport
 
 ERRORS_FILE = "errors.jsonl"
 PARTS_FOLDER = ".parts"
@@ -56,7 +57,8 @@ class InferenceConfig:
     """Everything one ``mediround infer`` run needs; JSON round trip so re-launched workers read the same.
 
     ``betas`` empty means the default: ``DEFAULT_BETA`` when the checkpoint has trained JCM weights, else
-    JCM off (``resolve_betas``). ``None`` in ``betas`` is a JCM-off track.
+    JCM off (``resolve_betas``). ``None`` in ``betas`` is a JCM-off track. ``allow_partial_load`` loads a
+    checkpoint whose weight files miss or add keys (what was left random is in the summary's load reports).
     """
 
     data: str
@@ -73,6 +75,7 @@ class InferenceConfig:
     device: str = "cpu"
     num_processes: int = 1
     threads_per_process: int | None = None
+    allow_partial_load: bool = False
 
     @property
     def tracks(self) -> list[Track]:
@@ -117,6 +120,7 @@ class InferenceSummary:
     folders: dict[str, str] = field(default_factory=dict)
     errors_file: str = ""
     config: InferenceConfig | None = None
+    load_reports: list[LoadReport] = field(default_factory=list)
 
 
 def error_record(file: str, item: Any, dialogue_id: str | None, field_name: str | None, reason: str) -> dict:
@@ -441,7 +445,7 @@ def load_model(config: InferenceConfig) -> Any:
     """The checkpoint of ``config.model`` on ``config.device``, in eval mode."""
     from mediround.model.checkpoint import load_checkpoint
 
-    return load_checkpoint(config.model, device=config.device).eval()
+    return load_checkpoint(config.model, device=config.device, allow_partial=config.allow_partial_load).eval()
 
 
 def run_inference(
@@ -453,17 +457,20 @@ def run_inference(
     """Predict every dialogue of ``config.data`` into ``config.out`` (one process, or re-launched workers).
 
     ``on_plan`` sees the plan before work starts; ``on_progress`` gets the number of dialogues finished.
+    The summary carries the load reports of the model this process loaded (none when workers loaded it).
     """
     config = resolve_betas(config, None if model is None else model.config)
     plan = load_plan(config)
     if on_plan is not None:
         on_plan(plan)
     _parts_root(config).mkdir(parents=True, exist_ok=True)
+    load_reports: list[LoadReport] = []
     if plan.todo and config.num_processes > 1:
         _launch_workers(config, plan, on_progress)
     elif plan.todo:
-        run_shard(config, plan, model if model is not None else load_model(config),
-                  on_done=None if on_progress is None else _counter(on_progress))
+        model = model if model is not None else load_model(config)
+        load_reports = list(getattr(model, "load_reports", []))
+        run_shard(config, plan, model, on_done=None if on_progress is None else _counter(on_progress))
     skipped = finalize(config, plan.dialogues, plan.problems)
     seg_missing = 0
     folders = {}
@@ -480,6 +487,7 @@ def run_inference(
         folders=folders,
         errors_file=str(Path(config.out) / ERRORS_FILE),
         config=config,
+        load_reports=load_reports,
     )
 
 
@@ -515,15 +523,17 @@ def _launch_workers(config: InferenceConfig, plan: Plan, on_progress: Callable[[
     if watcher is not None:
         watcher.start()
     try:
-        relaunch(launch, ["infer", "--worker-plan", str(plan_file)])
+        relaunch(launch, ["infer", "--worker-plan", str(plan_file)]
+                 + (["--allow-partial-load"] if config.allow_partial_load else []))
     finally:
         stop.set()
         if watcher is not None:
             watcher.join()
 
 
-def run_worker(plan_file: str | os.PathLike) -> None:
-    """The body of one re-launched worker: predict its shard of the plan written by ``_launch_workers``."""
+def run_worker(plan_file: str | os.PathLike) -> list[LoadReport]:
+    """The body of one re-launched worker: predict its shard of the plan written by ``_launch_workers``;
+    returns the load reports of its model."""
     from mediround.data.formats import load_dialogues
     from mediround.training.launch import check_world_size, expected_world_size
 
@@ -537,4 +547,6 @@ def run_worker(plan_file: str | os.PathLike) -> None:
         config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
     plan = Plan(loaded.dialogues, loaded.problems, saved["todo"], 0, loaded.format)
-    run_shard(config, plan, load_model(config), rank=rank, world=world)
+    model = load_model(config)
+    run_shard(config, plan, model, rank=rank, world=world)
+    return list(model.load_reports)

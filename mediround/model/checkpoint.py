@@ -257,14 +257,20 @@ def _load_heads(model: MediRound, state: dict[str, torch.Tensor], source: str, a
     return report
 
 
-def export_checkpoint(folder: str | os.PathLike, out: str | os.PathLike, merge: bool = True) -> Path:
+def export_checkpoint(
+    folder: str | os.PathLike, out: str | os.PathLike, merge: bool = True, allow_partial: bool = False,
+    on_load: Callable[[list[LoadReport]], None] | None = None,
+) -> Path:
     """Write a standalone checkpoint: the base LLaVA as an HF folder inside it (``llava/``), SAM weights,
     heads and tokenizer, so nothing outside the folder is needed. With ``merge`` the LoRA adapter and the
     trained embeddings are merged into ``llava/`` (peft ``merge_and_unload``) and the LM is frozen;
-    without it the adapter is kept beside the base."""
+    without it the adapter is kept beside the base. ``allow_partial`` exports what loaded (the rest stays
+    random); ``on_load`` sees the load reports of ``folder`` before anything is written."""
     from mediround.model.build import apply_trainability
 
-    model = load_checkpoint(folder)
+    model = load_checkpoint(folder, allow_partial=allow_partial)
+    if on_load is not None:
+        on_load(model.load_reports)
     config = model.config
     if merge and hasattr(model.mllm, "peft_config"):
         model.mllm = model.mllm.merge_and_unload()

@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -277,8 +277,11 @@ def run_jcm_training(
     cpu: bool = True,
     expected_processes: int = 1,
     on_event: EventHandler | None = None,
+    allow_partial_load: bool = False,
 ) -> JCMResult:
-    """Train JCM in this process (one of ``expected_processes``); ``on_event`` runs on the main process."""
+    """Train JCM in this process (one of ``expected_processes``); ``on_event`` runs on the main process.
+    ``allow_partial_load`` loads a checkpoint whose weight files miss or add keys (a ``load`` event lists
+    what was left random)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -287,12 +290,14 @@ def run_jcm_training(
     accelerator = Accelerator(cpu=cpu, mixed_precision=recipe.resolved_mixed_precision(on_gpu=not cpu))
     check_world_size(accelerator.num_processes, expected_processes, accelerator.process_index)
     set_seed(recipe.train.seed)
-    return _JCMTrainer(recipe, accelerator, on_event).run(resume)
+    return _JCMTrainer(recipe, accelerator, on_event, allow_partial_load).run(resume)
 
 
 class _JCMTrainer:
-    def __init__(self, recipe: JCMRecipe, accelerator: Any, on_event: EventHandler | None):
+    def __init__(self, recipe: JCMRecipe, accelerator: Any, on_event: EventHandler | None,
+                 allow_partial_load: bool = False):
         self.recipe = recipe
+        self.allow_partial_load = allow_partial_load
         self.accelerator = accelerator
         self.world_size = accelerator.num_processes
         self.rank = accelerator.process_index
@@ -330,7 +335,9 @@ class _JCMTrainer:
         self.accelerator.wait_for_everyone()
         self.log = TrainingLog(self.output, state["step"] if state else None) if self.is_main else None
 
-        model = load_checkpoint(recipe.model, device=self.accelerator.device)
+        model = load_checkpoint(recipe.model, device=self.accelerator.device, allow_partial=self.allow_partial_load)
+        if self.allow_partial_load:
+            self.emit("load", reports=[asdict(report) for report in model.load_reports])
         model.requires_grad_(False)
         model.eval()
         jcm = model.jcm.float().requires_grad_(True)

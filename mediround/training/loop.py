@@ -17,7 +17,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +115,12 @@ def run_training(
     cpu: bool = True,
     expected_processes: int = 1,
     on_event: EventHandler | None = None,
+    allow_partial_load: bool = False,
 ) -> TrainingResult:
     """Train one stage-1 run in this process (one of ``expected_processes``); returns on the main process
-    and on every other process alike. ``on_event(kind, payload)`` is called on the main process only."""
+    and on every other process alike. ``on_event(kind, payload)`` is called on the main process only.
+    ``allow_partial_load`` builds the model even when a base weight file misses or adds keys; a ``load``
+    event then lists what was left random."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -129,13 +132,15 @@ def run_training(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.train.find_unused_parameters)],
     )
     check_world_size(accelerator.num_processes, expected_processes, accelerator.process_index)
-    trainer = _Trainer(recipe, accelerator, on_event)
+    trainer = _Trainer(recipe, accelerator, on_event, allow_partial_load)
     return trainer.run(resume)
 
 
 class _Trainer:
-    def __init__(self, recipe: Recipe, accelerator: Any, on_event: EventHandler | None):
+    def __init__(self, recipe: Recipe, accelerator: Any, on_event: EventHandler | None,
+                 allow_partial_load: bool = False):
         self.recipe = recipe
+        self.allow_partial_load = allow_partial_load
         self.accelerator = accelerator
         self.world_size = accelerator.num_processes
         self.rank = accelerator.process_index
@@ -171,7 +176,9 @@ class _Trainer:
         self.val_log = ValidationLog(self.output, state["step"] if state else None) if self.is_main else None
 
         set_seed(recipe.train.seed)
-        model = build_model(recipe.model)
+        model = build_model(recipe.model, allow_partial=self.allow_partial_load)
+        if self.allow_partial_load:
+            self.emit("load", reports=[asdict(report) for report in model.load_reports])
         model.train()
         if resume_from is not None:
             checkpointing.load_trainable(model, resume_from)
