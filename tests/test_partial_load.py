@@ -127,3 +127,31 @@ def test_train_with_a_sam_pth_missing_a_key(tmp_path):
     [load] = [event for event in events if event["event"] == "load"]
     assert load["reports"][0]["missing"] == [SAM_MISSING]
     assert (tmp_path / "run" / "model" / "manifest.json").is_file()
+
+
+def test_train_jcm_on_a_checkpoint_with_a_renamed_key(renamed_checkpoint, tmp_path):
+    torch.set_num_threads(2)
+    data = generate(tmp_path / "synth", 2, seed=5, split="train").files["train"]
+    recipe = {
+        "output": str(tmp_path / "run"),
+        "model": str(renamed_checkpoint),
+        "data": {"train": str(data), "val": None},
+        "train": {"batch_size": 1, "max_steps": 1, "threads": 2, "warmup_steps": 0},
+        "validation": {"every": 0},
+        "checkpoint": {"every": 0, "keep_last": 1},
+        "log": {"every": 1},
+    }
+    path = tmp_path / "jcm.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    runner = CliRunner()
+
+    refused = runner.invoke(cli, ["train-jcm", str(path), "--cpu"])
+    assert refused.exit_code != 0
+    [line] = _error_lines(refused)
+    assert "heads.safetensors" in line and f"{RENAMED}_renamed" in line
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+    trained = runner.invoke(cli, ["train-jcm", str(path), "--cpu", "--allow-partial-load"])
+    assert trained.exit_code == 0, trained.output
+    assert _row(trained, "1 missing (random)") == ["heads.safetensors", "1 missing (random)", RENAMED]
+    assert (tmp_path / "run" / "model" / "manifest.json").is_file()
