@@ -388,7 +388,7 @@ class _JCMTrainer:
         recipe = self.recipe
         while step < steps:
             started = time.perf_counter()
-            micro = []
+            micro, read_at = [], []
             for _ in range(recipe.train.grad_accum):
                 epoch = stream.position.epoch if stream.position.batch < stream.per_epoch else stream.position.epoch + 1
                 indices = stream.next_indices()
@@ -396,12 +396,14 @@ class _JCMTrainer:
                                           recipe.jcm.rollout_fraction)
                 entries = self.cache.get(indices, sources)
                 micro.append([(e.features[s], e.iou[s], e) for e, s in zip(entries, sources)])
+                read_at.append(stream.position)
             position = stream.position
             losses = self._accumulate(micro)
             grad_norm = float(self.accelerator.clip_grad_norm_(self.jcm.parameters(),
                                                                recipe.train.clip_grad_norm or math.inf))
             if not all(math.isfinite(v) for v in losses.values()) or not math.isfinite(grad_norm):
-                raise TrainingError(f"non-finite JCM loss or gradient at step {step + 1}: {losses}")
+                raise TrainingError(f"non-finite JCM loss or gradient at step {step + 1} (epoch {read_at[0].epoch}, "
+                                    f"batch {read_at[0].batch - 1}); nothing was written for this step: {losses}")
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
