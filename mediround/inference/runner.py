@@ -458,6 +458,7 @@ def run_inference(
 
     ``on_plan`` sees the plan before work starts; ``on_progress`` gets the number of dialogues finished.
     The summary carries the load reports of the model this process loaded (none when workers loaded it).
+    Ctrl-C first merges the dialogues finished so far into ``DIR``, then lets ``KeyboardInterrupt`` go on.
     """
     config = resolve_betas(config, None if model is None else model.config)
     plan = load_plan(config)
@@ -465,12 +466,16 @@ def run_inference(
         on_plan(plan)
     _parts_root(config).mkdir(parents=True, exist_ok=True)
     load_reports: list[LoadReport] = []
-    if plan.todo and config.num_processes > 1:
-        _launch_workers(config, plan, on_progress)
-    elif plan.todo:
-        model = model if model is not None else load_model(config)
-        load_reports = list(getattr(model, "load_reports", []))
-        run_shard(config, plan, model, on_done=None if on_progress is None else _counter(on_progress))
+    try:
+        if plan.todo and config.num_processes > 1:
+            _launch_workers(config, plan, on_progress)
+        elif plan.todo:
+            model = model if model is not None else load_model(config)
+            load_reports = list(getattr(model, "load_reports", []))
+            run_shard(config, plan, model, on_done=None if on_progress is None else _counter(on_progress))
+    except KeyboardInterrupt:
+        finalize(config, plan.dialogues, plan.problems)
+        raise
     skipped = finalize(config, plan.dialogues, plan.problems)
     seg_missing = 0
     folders = {}

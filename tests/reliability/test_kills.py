@@ -205,6 +205,8 @@ def test_ctrl_c_in_infer_keeps_the_finished_dialogues(tmp_path, kill_data, tiny_
     assert process.returncode == 130, process.stderr[-3000:]
     assert "interrupted" in process.stderr and "Traceback" not in process.stderr
     assert_whole(out)
+    finished = [json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert finished == ["d0", "d0"] and not (out / ".parts").exists()
     result = CliRunner().invoke(cli, [*argv, "--resume"])
     assert result.exit_code == 0, result.output
     assert "already complete (--resume) │ 1" in result.output
