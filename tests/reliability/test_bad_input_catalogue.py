@@ -165,7 +165,7 @@ CASES: dict[str, Callable[[Env], Run]] = {
     "missing data file": lambda e: Run(["validate", str(e.data / "nope.jsonl")], 2, ("error:", "nope.jsonl", "not found")),
     # Odd but valid images: they must work.
     "16-bit image works": lambda e: e.validate(e.jsonl(one_round("g", image="images/grey16.png")), 0),
-    "palette image and mask work": lambda e: e.validate(
+    "palette image (and palette mask) works": lambda e: e.validate(
         e.jsonl(one_round("p", image="images/palette.png", mask="masks/palette.png")), 0),
     "1x1 image works": lambda e: e.validate(e.jsonl(one_round("o", image="images/one.png", mask="masks/one.png")), 0),
     # convert: bad dialogues skipped and listed (exit 1); one MR-MedSeg cannot hold is named.
