@@ -19,6 +19,7 @@ Every failure (missing, empty, corrupt, too large) is a ``DataError(file, None, 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,10 @@ def _open(path: str | os.PathLike) -> Image.Image:
     except NotADirectoryError:
         raise DataError(str(path), None, None, "file not found") from None
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():
+            # MAX_PIXELS below decides; Pillow's own warning would only add a second, noisier line.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except Image.DecompressionBombError as error:
         raise DataError(str(path), None, None, f"image too large ({error})") from None
     except UnidentifiedImageError:
