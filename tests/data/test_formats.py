@@ -212,8 +212,16 @@ def test_mrmedseg_cannot_hold_a_ref_to_a_round_without_mask(dataset: Path) -> No
     with pytest.raises(DataError, match=r"id first-only: field 'rounds\[1\]\.ref'.*only be written as JSONL"):
         write_mrmedseg(dialogues, dataset / "out.json")
     assert not (dataset / "out.json").exists()
-    write_mrmedseg(dialogues[:1], dataset / "good.json")
-    assert [d.id for d in load_dialogues(dataset / "good.json").dialogues] == ["good"]
+    unlabelled = jsonl_line("unlabelled")
+    for round_ in unlabelled["rounds"]:
+        del round_["mask"]
+        round_.pop("ref", None)
+    kept = dialogues[:1] + load_dialogues(write_jsonl_lines(dataset / "plain.jsonl", [unlabelled])).dialogues
+    write_mrmedseg(kept, dataset / "good.json")
+    back = load_dialogues(dataset / "good.json").dialogues
+    assert [d.id for d in back] == ["good", "unlabelled"]
+    assert [(r.query, r.answer, r.mask) for r in back[1].rounds] == [
+        (r.query, r.answer, None) for r in kept[1].rounds]
 
 
 def test_symlinked_folder_leaving_the_root_is_refused(dataset: Path, tmp_path: Path) -> None:
