@@ -127,7 +127,6 @@ class PredictionWriter:
         (self.directory / MASKS_FOLDER).mkdir(parents=True, exist_ok=True)
         self.file = self.directory / PREDICTIONS_FILE
         self._truncate_partial_line()
-        self.records = read_predictions(self.directory) if self.file.exists() else {}
         self._handle = open(self.file, "a", encoding="utf-8")  # noqa: SIM115 - held open for the writer's life
 
     def _truncate_partial_line(self) -> None:
@@ -153,12 +152,14 @@ class PredictionWriter:
         save_mask(self.directory / relative, np.asarray(mask, dtype=bool))
         record = {"id": dialogue_id, "round": round_number, "mask": relative, **fields}
         append_jsonl_line(self._handle, record)
-        self.records[(dialogue_id, round_number)] = record
         return record
 
     def complete_ids(self, rounds_per_dialogue: Mapping[str, int]) -> set[str]:
-        """Dialogue ids whose every round is already written (those a resumed run can skip)."""
-        return complete_dialogue_ids(self.records, rounds_per_dialogue)
+        """Dialogue ids whose every round is already written (those a resumed run can skip).
+
+        Read back from the file: the writer keeps no record in memory, so a long run's memory stays flat.
+        """
+        return complete_dialogue_ids(read_predictions(self.directory), rounds_per_dialogue)
 
     def close(self) -> None:
         self._handle.close()
