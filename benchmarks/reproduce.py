@@ -36,6 +36,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
@@ -43,9 +45,10 @@ from mediround.atomic import atomic_open, atomic_path, write_json
 from mediround.data.dialogue import Dialogue
 from mediround.data.formats import load_dialogues
 from mediround.data.formats.jsonl import write_jsonl
+from mediround.data.images import load_mask
 from mediround.inference.model_eval import ModelEvaluation, evaluate_model
 from mediround.inference.runner import InferenceConfig
-from mediround.metrics import Scores, aggregate
+from mediround.metrics import Scores, aggregate, pair_counts
 from mediround.reports.plots import HEIGHT, MARGIN_BOTTOM, MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, WIDTH
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,15 +163,57 @@ def pack(work: Path, target: Path) -> Path:
 
 
 def evaluate(data: Path, model: Path, out: Path, betas: Sequence[float | None],
-             teacher_forcing: bool = False) -> ModelEvaluation:
-    """One inference pass over every beta track (one reference source), scored; rows in OUT/rows.parquet."""
+             teacher_forcing: bool = False, resume: bool = False) -> ModelEvaluation:
+    """One inference pass over every beta track (one reference source), scored; rows in OUT/rows.parquet.
+    ``resume`` keeps the dialogues an interrupted run already predicted (same data, model path and tracks)."""
     config = InferenceConfig(data=str(data), model=str(model), out=str(out), betas=tuple(betas),
-                             teacher_forcing=(teacher_forcing,), device="cpu")
+                             teacher_forcing=(teacher_forcing,), device="cpu", resume=resume)
     started = time.monotonic()
     result = evaluate_model(config, out=out / "rows.parquet")
     print(f"evaluated {data.name} with {len(result.tracks)} track(s) in {time.monotonic() - started:.0f} s",
           flush=True)
     return result
+
+
+def prior_rows(train: Path, data: Path) -> list[dict]:
+    """Rows of a predictor that ignores image and text: the mean training mask, thresholded where it scores the
+    best mean Dice on the training masks. A model at this level has not learned what the query asks for."""
+    masks = [load_mask(d.mask_path(n)) for d in load_dialogues(train).dialogues for n in range(1, len(d.rounds) + 1)]
+    stack = np.stack(masks)
+    mean = stack.mean(axis=0)
+
+    def mean_dice(threshold: float) -> float:
+        prediction = mean > threshold
+        intersection = (stack & prediction).sum(axis=(1, 2))
+        return float(np.mean(2 * intersection / (stack.sum(axis=(1, 2)) + prediction.sum())))
+
+    prediction = mean > max(np.linspace(0.0, mean.max(), 41)[:-1], key=mean_dice)
+    rows = []
+    for dialogue in load_dialogues(data).dialogues:
+        for number, round_ in enumerate(dialogue.rounds, start=1):
+            counts = pair_counts(prediction, load_mask(dialogue.mask_path(number)))
+            rows.append({"dialogue_id": dialogue.id, "round": number, "names_target": round_.names_target,
+                         "difficulty": round_.difficulty or dialogue.difficulty, "intersection": counts.intersection,
+                         "union": counts.union, "iou": counts.iou, "dice": counts.dice})
+    return rows
+
+
+def round_overlap(data: Path, predictions: Path) -> tuple[float, float]:
+    """Mean IoU between the masks of two different rounds of one dialogue: (predicted, ground truth). A
+    model that ignores the query predicts the same mask in every round (predicted overlap near 1)."""
+    from mediround.inference.predictions import read_predictions
+
+    records = read_predictions(predictions)
+    predicted, truth = [], []
+    for dialogue in load_dialogues(data).dialogues:
+        numbers = range(1, len(dialogue.rounds) + 1)
+        masks = {n: load_mask(predictions / records[(dialogue.id, n)]["mask"]) for n in numbers}
+        truths = {n: load_mask(dialogue.mask_path(n)) for n in numbers}
+        for first in numbers:
+            for second in numbers[first:]:
+                predicted.append(pair_counts(masks[first], masks[second]).iou)
+                truth.append(pair_counts(truths[first], truths[second]).iou)
+    return float(np.mean(predicted)), float(np.mean(truth))
 
 
 def track_rows(result: ModelEvaluation, beta: float | None, teacher_forcing: bool = False) -> list[dict]:
@@ -321,7 +366,9 @@ def beta_section(result: ModelEvaluation, figures: Path) -> tuple[str, dict[floa
 def jcm_diagnostics(result: ModelEvaluation) -> str:
     raw, refined = track_rows(result, 0.0), track_rows(result, 1.0)
     judged = [r for r in raw if r.get("jcm_score") is not None]
-    lines = []
+    at_paper_beta = track_rows(result, PAPER_BETA)
+    refined_count = sum(1 for r in at_paper_beta if r["refined"])
+    lines = [f"- Rounds refined at beta {PAPER_BETA:g}: {refined_count} of {len(at_paper_beta)}."]
     if judged:
         rho = spearman([r["jcm_score"] for r in judged], [r["iou"] for r in judged])
         lines.append(f"- Judge: Spearman rank correlation of the judge score with the IoU of the raw mask, over "
@@ -378,13 +425,17 @@ def main() -> None:
                         help="Copy the trained WORK/runs/default-tiny-jcm model into mediround/assets/default-model.")
     parser.add_argument("--model", type=Path, help="MediRound + JCM checkpoint [default: the shipped model].")
     parser.add_argument("--blind-model", type=Path, help="History-blind checkpoint [default: WORK/runs/blind-tiny/model].")
-    parser.add_argument("--eval-dialogues", type=int, default=100, help="Synthetic test dialogues to evaluate on.")
+    parser.add_argument("--resume", action="store_true",
+                        help="Keep predictions of an interrupted run in WORK/reproduce (same models and data).")
+    parser.add_argument("--eval-dialogues", type=int, default=60, help="Synthetic test dialogues to evaluate on.")
     parser.add_argument("--real", type=Path, default=Path("/work/shared/data/sam-med2d-demo/data_demo"),
                         help="SA-Med2D folder for the single-round table (skipped when missing).")
     parser.add_argument("--docs", type=Path, default=REPO / "docs", help="Where results.md and results/ go.")
     args = parser.parse_args()
     from mediround.default_model import default_checkpoint, training_record
 
+    # One thread: on 2 cores shared with other jobs, two threads per process made steps up to 10x slower.
+    torch.set_num_threads(1)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -396,18 +447,19 @@ def main() -> None:
     model = args.model or default_checkpoint()
     blind_model = args.blind_model or work / "runs" / "blind-tiny" / "model"
     out = work / "reproduce"
-    main_eval = evaluate(data, model, out / "mediround", (None, *SWEEP_BETAS))
-    tf_eval = evaluate(data, model, out / "teacher-forced", (None,), teacher_forcing=True)
-    blind_eval = evaluate(blind_data, blind_model, out / "blind", (None,))
+    main_eval = evaluate(data, model, out / "mediround", (None, *SWEEP_BETAS), resume=args.resume)
+    tf_eval = evaluate(data, model, out / "teacher-forced", (None,), teacher_forcing=True, resume=args.resume)
+    blind_eval = evaluate(blind_data, blind_model, out / "blind", (None,), resume=args.resume)
     methods = {
         "(a) history-blind": unsplit(track_rows(blind_eval, None)),
         "(b) MediRound": track_rows(main_eval, None),
         f"(c) MediRound + JCM (beta {PAPER_BETA:g})": track_rows(main_eval, PAPER_BETA),
         "TF: (b) with ground-truth references": track_rows(tf_eval, None, teacher_forcing=True),
+        "prior: mean training mask": prior_rows(work / "data" / "synth" / "train.jsonl", data),
     }
     real = {}
     if args.real.exists():
-        real_eval = evaluate(args.real, model, out / "sa-med2d", (None, PAPER_BETA))
+        real_eval = evaluate(args.real, model, out / "sa-med2d", (None, PAPER_BETA), resume=args.resume)
         real = {"(b) MediRound": track_rows(real_eval, None),
                 f"(c) MediRound + JCM (beta {PAPER_BETA:g})": track_rows(real_eval, PAPER_BETA)}
     figures = args.docs / "results"
@@ -428,12 +480,13 @@ def main() -> None:
     }
     page = RESULTS_TEMPLATE.format(
         **context,
-        table1=overall_tables({k: v for k, v in list(methods.items())[:3]}),
+        table1=overall_tables({k: v for k, v in methods.items() if not k.startswith("TF")}),
         table2=round_tables(methods, figures),
         beta_table=beta_table,
         jcm=jcm_diagnostics(main_eval),
-        table3=single_round_table({k: v for k, v in list(methods.items())[:3]}, real),
+        table3=single_round_table({k: v for k, v in methods.items() if not k.startswith("TF")}, real),
         checks=shape_checks(methods, beta_overall),
+        overlap="(predicted {:.2f}, ground truth {:.2f})".format(*round_overlap(data, out / "mediround" / "jcm-off")),
         discussion=DISCUSSION,
     )
     with atomic_open(args.docs / "results.md") as handle:
@@ -464,7 +517,14 @@ with the committed recipes first). This run: {minutes} minutes of evaluation on 
 
 {checks}
 
+Does the prediction follow the query? Mean IoU between the masks of two different rounds of one
+dialogue, (b) MediRound vs the ground truth: {overlap}. Near 1 for the predictions means the model
+draws about the same mask whatever it is asked.
+
 ## Table 1 analogue: overall scores
+
+"prior" ignores image and text: the mean training mask, thresholded for the best mean Dice on the
+training masks. A model at the prior's level has not learned what the query asks for.
 
 {table1}
 
