@@ -566,7 +566,7 @@ ASSET_README = """# The shipped default model
 
 A tiny MediRound with a trained JCM, used by `mediround infer`, `mediround eval` and `mediround demo`
 when no `--model` is given. It exists for trying the tool and for tests: it was trained from scratch
-on synthetic slices (`mediround synth`), about 4 M parameters, with every weight built from the tiny
+on synthetic slices (`mediround synth`), 5.7 M parameters, with every weight built from the tiny
 preset's config (no pretrained LLaVA or SAM). **Not for clinical or research use**; it knows nothing
 about real images. Its scores are in `docs/results.md`.
 
