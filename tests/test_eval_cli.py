@@ -121,11 +121,11 @@ def test_baseline_may_be_the_file_being_replaced(dataset):
     assert pq.read_table(default_out).to_pylist()[1]["intersection"] == 0
 
 
-def test_without_predictions_the_error_is_one_line_about_model(dataset):
-    result = CliRunner().invoke(cli, ["eval", str(dataset / "data.jsonl")])
-    assert result.exit_code == 2
-    message = result.output.strip()
-    assert "\n" not in message and "--model" in message and "Traceback" not in message
+def test_without_predictions_or_model_the_shipped_model_is_run_and_named(dataset, tmp_path):
+    result = CliRunner().invoke(cli, ["eval", str(dataset / "data.jsonl"), "--predictions-out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "no --model given: using the shipped tiny model" in result.output
+    assert (tmp_path / "p" / "metrics.parquet").is_file()
 
 
 def test_bad_predictions_file_is_one_line_error_naming_line_and_field(dataset):
