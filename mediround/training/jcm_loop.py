@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,8 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mediround.atomic import write_json
-from mediround.errors import DataError, RecipeError
+from mediround.errors import RecipeError
 from mediround.training import checkpointing
 from mediround.training.data import ShardedStream, StreamPosition, validation_shard
 from mediround.training.jcm_data import (
@@ -46,25 +44,23 @@ from mediround.training.jcm_data import (
     spearman,
 )
 from mediround.training.launch import check_world_size
-from mediround.training.logging import TrainingLog
 from mediround.training.loop import (
+    StopFlag,
     TrainingError,
-    _check_resumable,
-    _stop_on_signals,
+    TrainingProcess,
     total_steps,
     warmup_linear_decay,
 )
 from mediround.training.recipe import (
     MIXED_PRECISION,
-    RUN_FILE,
     CheckpointSection,
     DataSection,
     LogSection,
+    TrainingSettings,
     TrainSection,
-    _apply_override,
-    _build,
-    _plain,
-    run_record,
+    build_dataclass,
+    plain_data,
+    read_recipe_file,
 )
 
 EventHandler = Callable[[str, dict], None]
@@ -96,7 +92,7 @@ class JCMValidationSection:
 
 
 @dataclass
-class JCMRecipe:
+class JCMRecipe(TrainingSettings):
     """A stage-2 run. ``model`` is the frozen MediRound checkpoint folder (``--model``). The optimiser
     defaults are stage 1's, as in the paper ("we keep the same hyperparameter settings")."""
 
@@ -111,7 +107,7 @@ class JCMRecipe:
     source: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:
-        data = _plain(self)
+        data = plain_data(self)
         data.pop("source")
         return data
 
@@ -125,34 +121,13 @@ class JCMRecipe:
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
-    def global_batch(self, world_size: int) -> int:
-        return self.train.batch_size * world_size * self.train.grad_accum
-
-    def resolved_mixed_precision(self, on_gpu: bool) -> str:
-        if self.train.mixed_precision == "auto":
-            return "bf16" if on_gpu else "no"
-        return self.train.mixed_precision
-
 
 def load_jcm_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> JCMRecipe:
     """Read a stage-2 recipe YAML, apply ``key=value`` overrides, check every key, type, file and folder."""
-    import yaml
-
     source = str(path)
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{source}: recipe file not found") from None
-    except (OSError, yaml.YAMLError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RecipeError(f"{source}: cannot read recipe: {first_line}") from None
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe is a mapping of sections, got {type(raw).__name__}")
-    for override in overrides:
-        _apply_override(raw, override, source)
+    raw = read_recipe_file(path, overrides)
     known = {f for f in JCMRecipe.__dataclass_fields__} - {"source"}
-    recipe = _build(JCMRecipe, raw, "", source, known=known)
+    recipe = build_dataclass(JCMRecipe, raw, "", source, known=known)
     recipe.source = source
     _check_values(recipe, source)
     return recipe
@@ -293,47 +268,15 @@ def run_jcm_training(
     return _JCMTrainer(recipe, accelerator, on_event, allow_partial_load).run(resume)
 
 
-class _JCMTrainer:
-    def __init__(self, recipe: JCMRecipe, accelerator: Any, on_event: EventHandler | None,
-                 allow_partial_load: bool = False):
-        self.recipe = recipe
-        self.allow_partial_load = allow_partial_load
-        self.accelerator = accelerator
-        self.world_size = accelerator.num_processes
-        self.rank = accelerator.process_index
-        self.is_main = accelerator.is_main_process
-        self.on_event = on_event if self.is_main else None
-        self.output = Path(recipe.output)
-        self.checkpoints = self.output / "checkpoints"
-        self.log: TrainingLog | None = None
-
-    def emit(self, kind: str, **payload: Any) -> None:
-        if self.log is not None:
-            self.log.write(kind, **payload)
-        if self.on_event is not None:
-            self.on_event(kind, payload)
-
+class _JCMTrainer(TrainingProcess):
     def run(self, resume: bool) -> JCMResult:
         from mediround.model import load_sample
         from mediround.model.checkpoint import load_checkpoint
-        from mediround.training.loop import _load
 
         recipe = self.recipe
-        train_dialogues, train_problems = _load(recipe.data.train, recipe)
-        val_dialogues, val_problems = _load(recipe.data.val, recipe) if recipe.data.val else ([], [])
-        if not train_dialogues:
-            raise DataError(recipe.data.train, None, None, "no usable training dialogue")
-        resume_from = checkpointing.latest_checkpoint(self.checkpoints) if resume else None
-        state = checkpointing.read_trainer_state(resume_from) if resume_from else None
-        if state is not None:
-            _check_resumable(state, recipe, self.world_size, resume_from)
-        if self.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            checkpointing.remove_temporary(self.checkpoints)
-            if state is None or not (self.output / RUN_FILE).exists():
-                write_json(self.output / RUN_FILE, run_record(recipe))
-        self.accelerator.wait_for_everyone()
-        self.log = TrainingLog(self.output, state["step"] if state else None) if self.is_main else None
+        start = self.begin(resume)
+        train_dialogues, val_dialogues, resume_from, state = (start.train_dialogues, start.val_dialogues,
+                                                              start.resume_from, start.state)
 
         model = load_checkpoint(recipe.model, device=self.accelerator.device, allow_partial=self.allow_partial_load)
         if self.allow_partial_load:
@@ -349,42 +292,27 @@ class _JCMTrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(recipe.train.warmup_steps, steps))
         objective = JCMObjective(jcm, model)
         wrapped, optimizer = self.accelerator.prepare(objective, optimizer)
-        step, position = 0, StreamPosition()
-        if state is not None:
-            optimizer.load_state_dict(checkpointing.load_state(resume_from, "optimizer"))
-            scheduler.load_state_dict(checkpointing.load_state(resume_from, "scheduler"))
-            checkpointing.restore_rng_state(checkpointing.load_state(resume_from, f"rng-rank{self.rank}"))
-            step, position = state["step"], StreamPosition(**state["position"])
+        step, position = self.restore(start, optimizer, scheduler)
         self.model, self.jcm, self.wrapped, self.optimizer, self.scheduler = model, jcm, wrapped, optimizer, scheduler
         self.val_dialogues = val_dialogues
         self.val_cache: list[tuple[Any, DialogueFeatures]] | None = None
         autocast = self.accelerator.autocast
         self.cache = FeatureCache(model, lambda i: load_sample(train_dialogues[i]), recipe.jcm.cache_features,
                                   autocast)
-        try:
-            stream = ShardedStream(len(train_dialogues), recipe.train.batch_size, self.world_size, self.rank,
-                                   recipe.train.seed, position)
-        except ValueError as error:
-            raise DataError(recipe.data.train, None, None, str(error)) from None
+        stream = self.stream(len(train_dialogues), position)
         result = JCMResult(self.output, step, steps, self.world_size, "finished", None, None,
-                           data_problems=len(train_problems) + len(val_problems))
+                           data_problems=len(start.problems))
         self.emit("start", step=step, total_steps=steps, world_size=self.world_size,
                   global_batch=recipe.global_batch(self.world_size), recipe_hash=recipe.hash,
                   resumed_from=str(resume_from) if resume_from else None, train_dialogues=len(train_dialogues),
                   val_dialogues=len(val_dialogues), rollout=recipe.jcm.rollout,
                   rollout_fraction=recipe.jcm.rollout_fraction if recipe.jcm.rollout else 0.0,
-                  data_problems=[p.one_line() for p in (train_problems + val_problems)[:20]])
+                  data_problems=[p.one_line() for p in start.problems[:20]])
         if state is None and recipe.validation.at_start and val_dialogues:
             result.validations.append(self.validate(0))
-        try:
-            with _stop_on_signals() as stop:
-                result = self._loop(result, stream, stop, step, steps)
-        finally:
-            if self.log is not None:
-                self.log.close()
-        return result
+        return self.run_loop(lambda stop: self._loop(result, stream, stop, step, steps))
 
-    def _loop(self, result: JCMResult, stream: ShardedStream, stop: Any, step: int, steps: int) -> JCMResult:
+    def _loop(self, result: JCMResult, stream: ShardedStream, stop: StopFlag, step: int, steps: int) -> JCMResult:
         recipe = self.recipe
         while step < steps:
             started = time.perf_counter()
@@ -415,7 +343,7 @@ class _JCMTrainer:
                           samples_per_s=recipe.global_batch(self.world_size) / (time.perf_counter() - started),
                           epoch=position.epoch)
             result.step = step
-            interrupted = self._any_process(stop.raised)
+            interrupted = self.any_process(stop.raised)
             every = recipe.validation.every
             if self.val_dialogues and ((every and step % every == 0) or step == steps):
                 result.validations.append(self.validate(step))
@@ -452,10 +380,6 @@ class _JCMTrainer:
         losses["loss"] = float((total.float() * weights).sum())
         return losses
 
-    def _any_process(self, flag: bool) -> bool:
-        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(value, "sum").item() > 0)
-
     def validate(self, step: int) -> dict:
         """``evaluate_jcm`` on this process's share of the validation dialogues, gathered on the main process."""
         from accelerate.utils import gather_object
@@ -475,29 +399,7 @@ class _JCMTrainer:
 
     def save(self, step: int, position: StreamPosition) -> Path:
         """The JCM weights, optimizer, scheduler, RNG and stream position (stage 1's checkpoint files)."""
-        temporary = checkpointing.temporary_folder(self.checkpoints, step)
-        final = self.checkpoints / checkpointing.checkpoint_name(step)
-        if self.is_main:
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        checkpointing.write_checkpoint_files(
-            temporary, model=self.jcm if self.is_main else None,
-            optimizer_state=self.optimizer.state_dict() if self.is_main else None,
-            scheduler_state=self.scheduler.state_dict() if self.is_main else None, rank=self.rank,
-        )
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            checkpointing.write_trainer_state(temporary, {
-                "step": step, "position": {"epoch": position.epoch, "batch": position.batch},
-                "world_size": self.world_size, "recipe_hash": self.recipe.hash,
-                "global_batch": self.recipe.global_batch(self.world_size),
-            })
-            checkpointing.publish(temporary, final)
-            checkpointing.prune(self.checkpoints, self.recipe.checkpoint.keep_last)
-            self.emit("checkpoint", step=step, path=str(final))
-        self.accelerator.wait_for_everyone()
-        return final
+        return self.write_checkpoint(step, position, self.jcm)
 
     def save_model(self) -> Path:
         """The frozen MediRound with the trained JCM as a new checkpoint, config flag ``trainable.jcm``."""

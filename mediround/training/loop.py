@@ -87,15 +87,16 @@ def total_steps(recipe: Recipe, num_dialogues: int, world_size: int) -> int:
 
 
 @dataclass
-class _StopFlag:
+class StopFlag:
     """Set by SIGINT/SIGTERM during training: checkpoint at the end of the current step, then stop."""
 
     raised: bool = False
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[_StopFlag]:
-    flag = _StopFlag()
+def stop_on_signals() -> Iterator[StopFlag]:
+    """A ``StopFlag`` raised by SIGINT/SIGTERM while the block runs; the previous handlers come back after."""
+    flag = StopFlag()
 
     def handle(signum: int, frame: Any) -> None:
         flag.raised = True
@@ -136,8 +137,24 @@ def run_training(
     return trainer.run(resume)
 
 
-class _Trainer:
-    def __init__(self, recipe: Recipe, accelerator: Any, on_event: EventHandler | None,
+@dataclass
+class RunStart:
+    """What a run knows before it builds a model: the usable dialogues, the problems of the skipped ones
+    (training file first), and the checkpoint it resumes from with that checkpoint's trainer state."""
+
+    train_dialogues: list
+    val_dialogues: list
+    problems: list
+    resume_from: Path | None
+    state: dict | None
+
+
+class TrainingProcess:
+    """One process's part of a training run, common to stage 1 and stage 2: events, the output folder,
+    resuming, the sharded data stream and checkpoint folders. ``recipe`` is a ``Recipe`` or a ``JCMRecipe``;
+    a subclass sets ``optimizer`` and ``scheduler`` before it writes a checkpoint."""
+
+    def __init__(self, recipe: Any, accelerator: Any, on_event: EventHandler | None,
                  allow_partial_load: bool = False):
         self.recipe = recipe
         self.allow_partial_load = allow_partial_load
@@ -149,7 +166,6 @@ class _Trainer:
         self.output = Path(recipe.output)
         self.checkpoints = self.output / "checkpoints"
         self.log: TrainingLog | None = None
-        self.val_log: ValidationLog | None = None
 
     def emit(self, kind: str, **payload: Any) -> None:
         if self.log is not None:
@@ -157,22 +173,109 @@ class _Trainer:
         if self.on_event is not None:
             self.on_event(kind, payload)
 
+    def begin(self, resume: bool) -> RunStart:
+        """Load the dialogues, find the checkpoint to resume from (checked against this run), prepare the
+        output folder and open the training log."""
+        recipe = self.recipe
+        train_dialogues, train_problems = load_training_dialogues(recipe.data.train, recipe)
+        val_dialogues, val_problems = (load_training_dialogues(recipe.data.val, recipe) if recipe.data.val
+                                       else ([], []))
+        if not train_dialogues:
+            raise DataError(recipe.data.train, None, None, "no usable training dialogue")
+        resume_from = checkpointing.latest_checkpoint(self.checkpoints) if resume else None
+        state = checkpointing.read_trainer_state(resume_from) if resume_from else None
+        if state is not None:
+            check_resumable(state, recipe, self.world_size, resume_from)
+        if self.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            checkpointing.remove_temporary(self.checkpoints)
+            if state is None or not (self.output / RUN_FILE).exists():
+                write_json(self.output / RUN_FILE, run_record(recipe))
+        self.accelerator.wait_for_everyone()
+        self.log = TrainingLog(self.output, state["step"] if state else None) if self.is_main else None
+        return RunStart(train_dialogues, val_dialogues, train_problems + val_problems, resume_from, state)
+
+    def restore(self, start: RunStart, optimizer: Any, scheduler: Any) -> tuple[int, StreamPosition]:
+        """The step and stream position to go on from; optimizer, scheduler and RNG state loaded when resuming."""
+        if start.state is None:
+            return 0, StreamPosition()
+        optimizer.load_state_dict(checkpointing.load_state(start.resume_from, "optimizer"))
+        scheduler.load_state_dict(checkpointing.load_state(start.resume_from, "scheduler"))
+        checkpointing.restore_rng_state(checkpointing.load_state(start.resume_from, f"rng-rank{self.rank}"))
+        return start.state["step"], StreamPosition(**start.state["position"])
+
+    def stream(self, count: int, position: StreamPosition) -> ShardedStream:
+        """This process's share of ``count`` training dialogues, from ``position`` on."""
+        recipe = self.recipe
+        try:
+            return ShardedStream(count, recipe.train.batch_size, self.world_size, self.rank, recipe.train.seed,
+                                 position)
+        except ValueError as error:
+            raise DataError(recipe.data.train, None, None, str(error)) from None
+
+    def run_loop(self, loop: Callable[[StopFlag], Any]) -> Any:
+        """``loop(stop)`` with SIGINT/SIGTERM caught into ``stop``; the training log is closed after."""
+        try:
+            with stop_on_signals() as stop:
+                return loop(stop)
+        finally:
+            if self.log is not None:
+                self.log.close()
+
+    def any_process(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, "sum").item() > 0)
+
+    def write_checkpoint(self, step: int, position: StreamPosition, trainable: torch.nn.Module,
+                         write_extra: Callable[[Path], Any] | None = None) -> Path:
+        """Write a checkpoint under a hidden name, then rename it; every process takes part. ``write_extra``
+        adds files to the hidden folder on the main process before the trainer state is written."""
+        temporary = checkpointing.temporary_folder(self.checkpoints, step)
+        final = self.checkpoints / checkpointing.checkpoint_name(step)
+        if self.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        checkpointing.write_checkpoint_files(
+            temporary,
+            model=trainable if self.is_main else None,
+            optimizer_state=self.optimizer.state_dict() if self.is_main else None,
+            scheduler_state=self.scheduler.state_dict() if self.is_main else None,
+            rank=self.rank,
+        )
+        if self.is_main and write_extra is not None:
+            write_extra(temporary)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            checkpointing.write_trainer_state(temporary, {
+                "step": step,
+                "position": {"epoch": position.epoch, "batch": position.batch},
+                "world_size": self.world_size,
+                "recipe_hash": self.recipe.hash,
+                "global_batch": self.recipe.global_batch(self.world_size),
+            })
+            checkpointing.publish(temporary, final)
+            checkpointing.prune(self.checkpoints, self.recipe.checkpoint.keep_last)
+            self.emit("checkpoint", step=step, path=str(final))
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+class _Trainer(TrainingProcess):
+    def __init__(self, recipe: Recipe, accelerator: Any, on_event: EventHandler | None,
+                 allow_partial_load: bool = False):
+        super().__init__(recipe, accelerator, on_event, allow_partial_load)
+        self.val_log: ValidationLog | None = None
+
     def run(self, resume: bool) -> TrainingResult:
         from accelerate.utils import set_seed
 
         from mediround.model import build_model, load_sample
 
         recipe = self.recipe
-        train_dialogues, train_problems = _load(recipe.data.train, recipe)
-        val_dialogues, val_problems = _load(recipe.data.val, recipe) if recipe.data.val else ([], [])
-        if not train_dialogues:
-            raise DataError(recipe.data.train, None, None, "no usable training dialogue")
-        resume_from = checkpointing.latest_checkpoint(self.checkpoints) if resume else None
-        state = checkpointing.read_trainer_state(resume_from) if resume_from else None
-        if state is not None:
-            _check_resumable(state, recipe, self.world_size, resume_from)
-        self._prepare_output(state)
-        self.log = TrainingLog(self.output, state["step"] if state else None) if self.is_main else None
+        start = self.begin(resume)
+        train_dialogues, val_dialogues, resume_from, state = (start.train_dialogues, start.val_dialogues,
+                                                              start.resume_from, start.state)
         self.val_log = ValidationLog(self.output, state["step"] if state else None) if self.is_main else None
 
         set_seed(recipe.train.seed)
@@ -191,50 +294,27 @@ class _Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(recipe.train.warmup_steps, steps))
         wrapped, optimizer = self.accelerator.prepare(model, optimizer)
         self.model, self.wrapped, self.optimizer, self.scheduler, self.params = model, wrapped, optimizer, scheduler, params
-        step, position = 0, StreamPosition()
-        if state is not None:
-            optimizer.load_state_dict(checkpointing.load_state(resume_from, "optimizer"))
-            scheduler.load_state_dict(checkpointing.load_state(resume_from, "scheduler"))
-            checkpointing.restore_rng_state(checkpointing.load_state(resume_from, f"rng-rank{self.rank}"))
-            step, position = state["step"], StreamPosition(**state["position"])
+        step, position = self.restore(start, optimizer, scheduler)
 
         dataset = DialogueDataset(train_dialogues, load_sample)
         self.val_dialogues = val_dialogues
-        try:
-            stream = ShardedStream(len(dataset), recipe.train.batch_size, self.world_size, self.rank,
-                                   recipe.train.seed, position)
-        except ValueError as error:
-            raise DataError(recipe.data.train, None, None, str(error)) from None
+        stream = self.stream(len(dataset), position)
         loader = BatchLoader(dataset, model.collate, recipe.train.num_workers)
         batches = _micro_batches(stream, loader, dataset)
         result = TrainingResult(self.output, step, steps, self.world_size, "finished", None,
-                                data_problems=len(train_problems) + len(val_problems))
+                                data_problems=len(start.problems))
         self.emit(
             "start", step=step, total_steps=steps, world_size=self.world_size,
             global_batch=recipe.global_batch(self.world_size), recipe_hash=recipe.hash,
             resumed_from=str(resume_from) if resume_from else None,
             train_dialogues=len(train_dialogues), val_dialogues=len(val_dialogues),
-            data_problems=[p.one_line() for p in (train_problems + val_problems)[:20]],
+            data_problems=[p.one_line() for p in start.problems[:20]],
         )
         if state is None and recipe.validation.at_start and val_dialogues:
             result.validations.append(self.validate(0))
-        try:
-            with _stop_on_signals() as stop:
-                result = self._loop(result, batches, stop, step, steps)
-        finally:
-            if self.log is not None:
-                self.log.close()
-        return result
+        return self.run_loop(lambda stop: self._loop(result, batches, stop, step, steps))
 
-    def _prepare_output(self, state: dict | None) -> None:
-        if self.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            checkpointing.remove_temporary(self.checkpoints)
-            if state is None or not (self.output / RUN_FILE).exists():
-                write_json(self.output / RUN_FILE, run_record(self.recipe))
-        self.accelerator.wait_for_everyone()
-
-    def _loop(self, result: TrainingResult, batches: Iterator, stop: _StopFlag, step: int, steps: int) -> TrainingResult:
+    def _loop(self, result: TrainingResult, batches: Iterator, stop: StopFlag, step: int, steps: int) -> TrainingResult:
         recipe = self.recipe
         global_batch = recipe.global_batch(self.world_size)
         while step < steps:
@@ -243,7 +323,7 @@ class _Trainer:
             report, nonfinite = self._accumulate(micro)
             grad_norm = self.accelerator.clip_grad_norm_(self.params, recipe.train.clip_grad_norm or math.inf)
             grad_norm = float(grad_norm)
-            bad = self._any_process(nonfinite or not math.isfinite(grad_norm))
+            bad = self.any_process(nonfinite or not math.isfinite(grad_norm))
             position = micro[-1][1]
             if bad:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -272,7 +352,7 @@ class _Trainer:
                     )
             result.step = step
             self.position = position
-            interrupted = self._any_process(stop.raised or stop_requested())
+            interrupted = self.any_process(stop.raised or stop_requested())
             last = step == steps or interrupted
             every = recipe.validation.every
             if self.val_dialogues and ((every and step % every == 0) or step == steps):
@@ -317,10 +397,6 @@ class _Trainer:
             report += torch.tensor([float(loss.detach()), *(float(p.detach()) for p in parts)], dtype=torch.float64)
         total = self.accelerator.reduce(report.to(self.accelerator.device), "sum").cpu() / self.world_size
         return [float(v) for v in total], nonfinite
-
-    def _any_process(self, flag: bool) -> bool:
-        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(value, "sum").item() > 0)
 
     @torch.no_grad()
     def validate(self, step: int) -> dict:
@@ -377,35 +453,8 @@ class _Trainer:
         for parameter in self.params:
             if not torch.isfinite(parameter.detach()).all():
                 raise TrainingError(f"refusing to write a checkpoint at step {step}: non-finite weights")
-        temporary = checkpointing.temporary_folder(self.checkpoints, step)
-        final = self.checkpoints / checkpointing.checkpoint_name(step)
-        if self.is_main:
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        checkpointing.write_checkpoint_files(
-            temporary,
-            model=self.model if self.is_main else None,
-            optimizer_state=self.optimizer.state_dict() if self.is_main else None,
-            scheduler_state=self.scheduler.state_dict() if self.is_main else None,
-            rank=self.rank,
-        )
-        if self.is_main:
-            save_checkpoint(self.model, temporary / MODEL_FOLDER)
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            checkpointing.write_trainer_state(temporary, {
-                "step": step,
-                "position": {"epoch": position.epoch, "batch": position.batch},
-                "world_size": self.world_size,
-                "recipe_hash": self.recipe.hash,
-                "global_batch": self.recipe.global_batch(self.world_size),
-            })
-            checkpointing.publish(temporary, final)
-            checkpointing.prune(self.checkpoints, self.recipe.checkpoint.keep_last)
-            self.emit("checkpoint", step=step, path=str(final))
-        self.accelerator.wait_for_everyone()
-        return final
+        return self.write_checkpoint(step, position, self.model,
+                                     lambda folder: save_checkpoint(self.model, folder / MODEL_FOLDER))
 
 
 def _micro_batches(stream: ShardedStream, loader: BatchLoader, dataset: DialogueDataset,
@@ -460,7 +509,8 @@ def _mask_rows(sample: Any, masks: Any, counts: Callable) -> list[dict]:
     return rows
 
 
-def _load(path: str, recipe: Recipe) -> tuple[list, list]:
+def load_training_dialogues(path: str, recipe: Any) -> tuple[list, list]:
+    """The dialogues of a recipe's data file that have every mask, and the problems of those skipped."""
     from mediround.data.formats import load_dialogues
 
     loaded = load_dialogues(path, root=recipe.data.root, allow_outside_root=recipe.data.allow_outside_root,
@@ -468,7 +518,8 @@ def _load(path: str, recipe: Recipe) -> tuple[list, list]:
     return loaded.dialogues, loaded.problems
 
 
-def _check_resumable(state: dict, recipe: Recipe, world_size: int, folder: Path) -> None:
+def check_resumable(state: dict, recipe: Any, world_size: int, folder: Path) -> None:
+    """Refuse (``CheckpointError``) a checkpoint written by another recipe or another number of processes."""
     if state.get("recipe_hash") != recipe.hash:
         raise CheckpointError(f"{folder}: written by recipe {state.get('recipe_hash')}, not this one ({recipe.hash})")
     if state.get("world_size") != world_size:

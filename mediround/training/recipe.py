@@ -91,8 +91,24 @@ class LogSection:
     every: int = 10
 
 
+class TrainingSettings:
+    """What follows from a recipe's ``train`` section, for stage 1's ``Recipe`` and stage 2's ``JCMRecipe``."""
+
+    train: TrainSection
+
+    def global_batch(self, world_size: int) -> int:
+        """Dialogues per optimizer step over all processes."""
+        return self.train.batch_size * world_size * self.train.grad_accum
+
+    def resolved_mixed_precision(self, on_gpu: bool) -> str:
+        """``auto`` is bf16 on GPU and off on CPU (CPU autocast buys nothing on these models)."""
+        if self.train.mixed_precision == "auto":
+            return "bf16" if on_gpu else "no"
+        return self.train.mixed_precision
+
+
 @dataclass
-class Recipe:
+class Recipe(TrainingSettings):
     """A whole run. ``model_preset`` names the ``MediRoundConfig`` preset the ``model`` section starts from."""
 
     output: str = ""
@@ -107,7 +123,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (the ``model`` section in full, preset included)."""
-        data = _plain(self)
+        data = plain_data(self)
         data.pop("source")
         data["model"] = {"preset": data.pop("model_preset"), **data["model"]}
         return data
@@ -120,19 +136,14 @@ class Recipe:
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
-    def global_batch(self, world_size: int) -> int:
-        """Dialogues per optimizer step over all processes."""
-        return self.train.batch_size * world_size * self.train.grad_accum
-
-    def resolved_mixed_precision(self, on_gpu: bool) -> str:
-        """``auto`` is bf16 on GPU and off on CPU (CPU autocast buys nothing on these models)."""
-        if self.train.mixed_precision == "auto":
-            return "bf16" if on_gpu else "no"
-        return self.train.mixed_precision
-
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read a recipe YAML, apply ``key=value`` overrides, check every key, type and file."""
+    return recipe_from_dict(read_recipe_file(path, overrides), str(path))
+
+
+def read_recipe_file(path: str | Path, overrides: typing.Sequence[str] = ()) -> dict:
+    """The sections of a recipe YAML as plain data, with ``key=value`` overrides applied (not yet checked)."""
     source = str(path)
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -147,7 +158,7 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
         raise RecipeError(f"{source}: a recipe is a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         _apply_override(raw, override, source)
-    return recipe_from_dict(raw, source)
+    return raw
 
 
 def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
@@ -161,7 +172,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     if not isinstance(preset_name, str):
         raise RecipeError(f"{source}: key 'model.preset': expected a string, got {preset_name!r}")
     recipe_fields = {f.name for f in dataclasses.fields(Recipe)} - {"model_preset", "source"}
-    recipe = _build(Recipe, {k: v for k, v in raw.items()}, "", source, known=recipe_fields)
+    recipe = build_dataclass(Recipe, {k: v for k, v in raw.items()}, "", source, known=recipe_fields)
     recipe.model_preset = preset_name
     recipe.model = _model_config(preset_name, model_raw, source)
     recipe.source = source
@@ -225,9 +236,9 @@ def _model_config(preset_name: str, overrides: dict, source: str) -> MediRoundCo
     except RecipeError as error:
         raise RecipeError(f"{source}: key 'model.preset': {error}") from None
     merged = _deep_merge(base, overrides)
-    checked = _build(MediRoundConfig, merged, "model", source)
+    checked = build_dataclass(MediRoundConfig, merged, "model", source)
     try:
-        return MediRoundConfig.from_dict(_plain(checked))
+        return MediRoundConfig.from_dict(plain_data(checked))
     except RecipeError as error:
         raise RecipeError(f"{source}: key 'model': {error}") from None
 
@@ -302,7 +313,8 @@ def _apply_override(raw: dict, override: str, source: str) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, data: Any, where: str, source: str, known: set[str] | None = None) -> Any:
+def build_dataclass(cls: type, data: Any, where: str, source: str, known: set[str] | None = None) -> Any:
+    """An instance of dataclass ``cls`` from a mapping, each key and type checked (``RecipeError`` naming ``where``)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: key '{where}': expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if known is None or f.name in known}
@@ -331,7 +343,7 @@ def _closest(name: str, candidates: list[str]) -> list[str]:
 
 def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key, source)
+        return build_dataclass(hint, value, key, source)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -400,13 +412,14 @@ def _type_name(hint: Any) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
-def _plain(obj: Any) -> Any:
+def plain_data(obj: Any) -> Any:
+    """Dataclasses, sequences and mappings as nested dicts and lists (what YAML and JSON hold)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: plain_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
-        return [_plain(item) for item in obj]
+        return [plain_data(item) for item in obj]
     if isinstance(obj, dict):
-        return {key: _plain(value) for key, value in obj.items()}
+        return {key: plain_data(value) for key, value in obj.items()}
     return obj
 
 
