@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 
 import click
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
-from mediround.errors import LaunchError
-from mediround_cli.common import _debug_enabled, console, handle_errors
-from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
+from mediround_cli.common import console, handle_errors
+from mediround_cli.launch_options import (
+    LaunchOptions,
+    launch_options,
+    print_skipped_dialogues,
+    print_summary,
+    run_or_relaunch,
+    summary_table,
+    training_progress,
+)
+from mediround_cli.partial_load import print_load_reports
 
 
 @click.command()
@@ -29,73 +26,25 @@ from mediround_cli.partial_load import allow_partial_load_option, print_load_rep
               help="The frozen MediRound checkpoint folder (from `mediround train`); overrides the recipe's.")
 @click.option("--rollout", is_flag=True,
               help="Train on [SEG] features of chains of the model's own masks (jcm.rollout=true).")
-@click.option("--gpus", type=int, default=None, help="Train on N GPUs of this machine (N processes).")
-@click.option("--cpu", is_flag=True, help="Train on CPU (gloo DDP when --num-processes > 1).")
-@click.option("--num-processes", type=int, default=None, help="Processes per machine (with --cpu, or = --gpus).")
-@click.option("--num-machines", type=int, default=1, show_default=True, help="Machines taking part.")
-@click.option("--machine-rank", type=int, default=0, show_default=True, help="This machine's rank.")
-@click.option("--main-process-ip", default=None, help="Address of machine rank 0 (multi-node).")
-@click.option("--main-process-port", type=int, default=None, help="Port of machine rank 0 (multi-node).")
-@click.option("--resume", is_flag=True, help="Continue from the output folder's latest checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Empty an output folder that holds another run first.")
-@allow_partial_load_option
+@launch_options()
 @handle_errors
-def train_jcm(
-    recipe_path: str,
-    overrides: tuple[str, ...],
-    model_path: str | None,
-    rollout: bool,
-    gpus: int | None,
-    cpu: bool,
-    num_processes: int | None,
-    num_machines: int,
-    machine_rank: int,
-    main_process_ip: str | None,
-    main_process_port: int | None,
-    resume: bool,
-    overwrite: bool,
-    allow_partial_load: bool,
-) -> None:
+def train_jcm(recipe_path: str, overrides: tuple[str, ...], model_path: str | None, rollout: bool,
+              launch: LaunchOptions) -> None:
     """Train the JCM judge and refine MLPs on a frozen MediRound from a YAML RECIPE and write a new
     checkpoint (<output>/model) that `infer`/`eval` use with --beta. KEY=VALUE overrides any recipe field."""
     from mediround.training.jcm_loop import check_jcm_output, load_jcm_recipe
-    from mediround.training.launch import (
-        expected_world_size,
-        is_launched_child,
-        launched_on_cpu,
-        plan_launch,
-        relaunch,
-    )
 
     flags = ([f"model={model_path}"] if model_path else []) + (["jcm.rollout=true"] if rollout else [])
     recipe = load_jcm_recipe(recipe_path, [*overrides, *flags])
-    if is_launched_child():
-        _run(recipe, resume, cpu=os.environ.get("MEDIROUND_LAUNCH_CPU") == "1", processes=expected_world_size(),
-             allow_partial_load=allow_partial_load)
-        return
-    if resume and overwrite:
-        raise LaunchError("--resume and --overwrite exclude each other")
-    plan = plan_launch(gpus, cpu, num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
-    plan = dataclasses.replace(plan, mixed_precision=recipe.resolved_mixed_precision(on_gpu=not plan.cpu))
-    check_jcm_output(recipe, resume=resume, overwrite=overwrite)
-    if not plan.needs_launcher:
-        _run(recipe, resume, cpu=launched_on_cpu(plan), processes=expected_world_size(plan),
-             allow_partial_load=allow_partial_load)
-        return
-    console.print(f"launching {plan.world_size} process(es) on {'CPU' if plan.cpu else 'GPU'} "
-                  f"through accelerate ({plan.num_machines} machine(s))")
-    module_args = (["--debug"] if _debug_enabled() else []) + ["train-jcm", recipe_path, *overrides]
-    module_args += (["--model", model_path] if model_path else []) + (["--rollout"] if rollout else [])
-    module_args += ["--allow-partial-load"] if allow_partial_load else []
-    relaunch(plan, module_args + (["--resume"] if resume else []))
+    command_args = [*overrides, *(["--model", model_path] if model_path else []), *(["--rollout"] if rollout else [])]
+    run_or_relaunch("train-jcm", recipe_path, command_args, recipe, launch, check_jcm_output,
+                    lambda cpu, processes: _run(recipe, launch.resume, cpu, processes, launch.allow_partial_load))
 
 
 def _run(recipe, resume: bool, cpu: bool, processes: int, allow_partial_load: bool = False) -> None:
     from mediround.training.jcm_loop import run_jcm_training
 
-    progress = Progress(TextColumn("[bold]train-jcm[/bold]"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console)
+    progress = training_progress("train-jcm")
     state: dict = {}
 
     def on_event(kind: str, payload: dict) -> None:
@@ -110,8 +59,7 @@ def _run(recipe, resume: bool, cpu: bool, processes: int, allow_partial_load: bo
                 f"{payload['total_steps']} steps, {source}"
                 + (f", resumed from {payload['resumed_from']}" if payload["resumed_from"] else "")
             )
-            for problem in payload["data_problems"]:
-                console.print(f"[yellow]skipped:[/yellow] {problem}", soft_wrap=True)
+            print_skipped_dialogues(payload["data_problems"])
             progress.start()
             state["task"] = progress.add_task("jcm", total=payload["total_steps"], completed=payload["step"],
                                               status="computing features")
@@ -133,10 +81,7 @@ def _run(recipe, resume: bool, cpu: bool, processes: int, allow_partial_load: bo
 
     if not PartialState().is_main_process:
         return
-    table = Table(title="train-jcm", show_header=False)
-    table.add_row("stopped", result.stopped)
-    table.add_row("steps", f"{result.step} / {result.total_steps}")
-    table.add_row("processes", str(result.world_size))
+    table = summary_table("train-jcm", result)
     if result.first_loss is not None:
         for key in ("judge", "refine_bce", "refine_dice"):
             table.add_row(f"{key} (first -> last step)", f"{result.first_loss[key]:.4f} -> {result.last_loss[key]:.4f}")
@@ -150,9 +95,7 @@ def _run(recipe, resume: bool, cpu: bool, processes: int, allow_partial_load: bo
         table.add_row("skipped dialogues", str(result.data_problems))
     table.add_row("checkpoint", str(result.checkpoint))
     table.add_row("model (use with infer/eval --beta)", str(result.model))
-    console.print(table)
-    if result.stopped == "interrupted":
-        console.print("[yellow]interrupted:[/yellow] checkpoint written; continue with --resume")
+    print_summary(table, result)
 
 
 def _number(value: float) -> str:
