@@ -1,9 +1,10 @@
-"""PNG plots drawn with pillow: the per-round curve (score x100 against the round number)."""
+"""PNG plots drawn with pillow: the per-round curve (score x100 against the round number), and the line
+chart that it and the beta curve are drawn with."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -19,6 +20,76 @@ def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+def score_chart(
+    path: str | os.PathLike,
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    *,
+    x_extent: float,
+    x_ticks: Sequence[tuple[float, str]],
+    x_label: str,
+    y_label: str,
+    title: str,
+    y_tick_marks: bool = False,
+    note: tuple[float, float, str] | None = None,
+) -> None:
+    """Write a PNG line chart of scores x100 (y from 0 to 100) with grid, axes, a legend and a title.
+
+    ``curves`` maps a metric to its (x, points) pairs, x an offset in [0, ``x_extent``] from the left end
+    (an extent of 0: one point, drawn in the middle); ``x_ticks`` are (x, label) pairs; ``note`` writes a
+    text above the point (x, points), after the curves.
+    """
+    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    label_font, title_font = _font(14), _font(18)
+    left, right = MARGIN_LEFT, WIDTH - MARGIN_RIGHT
+    top, bottom = MARGIN_TOP, HEIGHT - MARGIN_BOTTOM
+
+    def x_of(offset: float) -> float:
+        if x_extent == 0:
+            return (left + right) / 2
+        return left + 20 + (right - left - 40) * offset / x_extent
+
+    def y_of(points: float) -> float:
+        return bottom - (bottom - top) * points / 100.0
+
+    for tick in range(0, 101, 20):
+        y = y_of(tick)
+        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+        if y_tick_marks:
+            draw.line([(left - 5, y), (left, y)], fill="black")
+        draw.text((left - 9, y), str(tick), fill="black", font=label_font, anchor="rm")
+    for offset, label in x_ticks:
+        x = x_of(offset)
+        draw.line([(x, bottom), (x, bottom + 5)], fill="black")
+        draw.text((x, bottom + 9), label, fill="black", font=label_font, anchor="mt")
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=2)
+    draw.text(((left + right) / 2, HEIGHT - 20), x_label, fill="black", font=label_font, anchor="mm")
+    draw.text((left, top - 10), y_label, fill="black", font=label_font, anchor="lb")
+    draw.text((WIDTH / 2, 22), title, fill="black", font=title_font, anchor="mm")
+
+    for metric, curve in curves.items():
+        colour = CURVE_COLOURS[metric]
+        points = [(x_of(offset), y_of(value)) for offset, value in curve]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=3)
+        for x, y in points:
+            draw.ellipse([(x - 4, y - 4), (x + 4, y + 4)], fill=colour)
+    if note is not None:
+        offset, value, text = note
+        draw.text((x_of(offset), y_of(value) - 10), text, fill="black", font=label_font, anchor="mb")
+
+    legend_x, legend_y = right - 130, top + 10
+    draw.rectangle([(legend_x - 10, legend_y - 8), (right - 10, legend_y + 22 * len(curves))],
+                   fill="white", outline=(150, 150, 150))
+    for index, metric in enumerate(curves):
+        y = legend_y + 6 + 22 * index
+        draw.line([(legend_x, y), (legend_x + 30, y)], fill=CURVE_COLOURS[metric], width=3)
+        draw.text((legend_x + 40, y), METRIC_LABELS[metric], fill="black", font=label_font, anchor="lm")
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
 def round_curve(
     round_scores: Mapping[int, Scores],
     path: str | os.PathLike,
@@ -32,49 +103,8 @@ def round_curve(
     if not round_scores:
         raise ValueError("no rounds to plot")
     rounds = sorted(round_scores)
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    label_font, title_font = _font(14), _font(18)
-    left, right = MARGIN_LEFT, WIDTH - MARGIN_RIGHT
-    top, bottom = MARGIN_TOP, HEIGHT - MARGIN_BOTTOM
-
-    def x_of(round_number: int) -> float:
-        if len(rounds) == 1:
-            return (left + right) / 2
-        return left + 20 + (right - left - 40) * (round_number - rounds[0]) / (rounds[-1] - rounds[0])
-
-    def y_of(points: float) -> float:
-        return bottom - (bottom - top) * points / 100.0
-
-    for tick in range(0, 101, 20):
-        y = y_of(tick)
-        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
-        draw.line([(left - 5, y), (left, y)], fill="black")
-        draw.text((left - 9, y), str(tick), fill="black", font=label_font, anchor="rm")
-    for number in rounds:
-        x = x_of(number)
-        draw.line([(x, bottom), (x, bottom + 5)], fill="black")
-        draw.text((x, bottom + 9), str(number), fill="black", font=label_font, anchor="mt")
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=2)
-    draw.text(((left + right) / 2, HEIGHT - 20), "round", fill="black", font=label_font, anchor="mm")
-    draw.text((left, top - 10), "score (x100)", fill="black", font=label_font, anchor="lb")
-    draw.text((WIDTH / 2, 22), title, fill="black", font=title_font, anchor="mm")
-
-    for metric in metrics:
-        colour = CURVE_COLOURS[metric]
-        points = [(x_of(number), y_of(round_scores[number].points(metric))) for number in rounds]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=3)
-        for x, y in points:
-            draw.ellipse([(x - 4, y - 4), (x + 4, y + 4)], fill=colour)
-
-    legend_x, legend_y = right - 130, top + 10
-    draw.rectangle([(legend_x - 10, legend_y - 8), (right - 10, legend_y + 22 * len(metrics))],
-                   fill="white", outline=(150, 150, 150))
-    for index, metric in enumerate(metrics):
-        y = legend_y + 6 + 22 * index
-        draw.line([(legend_x, y), (legend_x + 30, y)], fill=CURVE_COLOURS[metric], width=3)
-        draw.text((legend_x + 40, y), METRIC_LABELS[metric], fill="black", font=label_font, anchor="lm")
-
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    curves = {metric: [(number - rounds[0], round_scores[number].points(metric)) for number in rounds]
+              for metric in metrics}
+    score_chart(path, curves, x_extent=rounds[-1] - rounds[0],
+                x_ticks=[(number - rounds[0], str(number)) for number in rounds], x_label="round",
+                y_label="score (x100)", title=title, y_tick_marks=True)
