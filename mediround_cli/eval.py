@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,10 @@ from mediround.reports.tables import (
     group_table,
     missing_table,
     overall_table,
-    regression_table,
     round_table,
 )
 from mediround_cli.common import console, err_console, handle_errors
-from mediround_cli.eval_model import evaluate_with_model, model_options
+from mediround_cli.eval_model import evaluate_with_model, model_options, print_gate
 
 
 def _has_known_groups(evaluation: Evaluation, grouping: str) -> bool:
@@ -117,9 +115,4 @@ def eval_command(
         err_console.print(f"problem: {problem.one_line()}", soft_wrap=True, markup=False)
     console.print(_summary_table(len(loaded.dialogues), evaluation, len(problems)))
     if baseline is not None:
-        if evaluation.regressions:
-            console.print(regression_table(evaluation.regressions, max_drop))
-            err_console.print(f"[red]gate failed:[/red] {len(evaluation.regressions)} scores fell by more than "
-                              f"{max_drop:g} points against {baseline}")
-            sys.exit(1)
-        console.print(f"[green]gate passed:[/green] no score fell by more than {max_drop:g} points against {baseline}")
+        print_gate(evaluation.regressions, max_drop, baseline)

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mediround.reports.tables import regression_table
 from mediround_cli.common import console, err_console
-from mediround_cli.infer import launch_settings, parse_beta, summary_table
+from mediround_cli.infer import launch_settings, parse_beta, prediction_progress, summary_table
 from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 if TYPE_CHECKING:
@@ -135,14 +134,10 @@ def evaluate_with_model(
         allow_outside_root=allow_outside_root, device=device, num_processes=processes,
         allow_partial_load=allow_partial_load,
     )
-    columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("eval", total=None)
+    with prediction_progress("eval") as (on_plan, on_progress):
         evaluation = evaluate_model(
             config, out=out, baseline=baseline, max_drop=max_drop, round_plot=plot,
-            beta_plot=beta_plot or predictions_out / "beta_curve.png",
-            on_plan=lambda plan: progress.update(task, total=len(plan.todo)),
-            on_progress=lambda finished: progress.update(task, completed=finished),
+            beta_plot=beta_plot or predictions_out / "beta_curve.png", on_plan=on_plan, on_progress=on_progress,
         )
     if allow_partial_load and evaluation.inference.load_reports:
         print_load_reports(evaluation.inference.load_reports)
@@ -167,12 +162,18 @@ def evaluate_with_model(
         err_console.print(f"[yellow]{evaluation.inference.skipped} dialogue(s) skipped[/yellow]; reasons in "
                           f"{evaluation.inference.errors_file}")
     if baseline is not None:
-        if evaluation.regressions:
-            console.print(regression_table(evaluation.regressions, max_drop))
-            err_console.print(f"[red]gate failed:[/red] {len(evaluation.regressions)} scores of {primary.label} fell "
-                              f"by more than {max_drop:g} points against {baseline}")
-            sys.exit(1)
-        console.print(f"[green]gate passed:[/green] no score fell by more than {max_drop:g} points against {baseline}")
+        print_gate(evaluation.regressions, max_drop, baseline, scores=f"scores of {primary.label}")
+
+
+def print_gate(regressions: list, max_drop: float, baseline: Path, scores: str = "scores") -> None:
+    """Say whether the regression gate passed against ``baseline``; exit 1, after the table of the
+    ``scores`` that fell by more than ``max_drop`` points, when it failed."""
+    if regressions:
+        console.print(regression_table(regressions, max_drop))
+        err_console.print(f"[red]gate failed:[/red] {len(regressions)} {scores} fell by more than {max_drop:g} "
+                          f"points against {baseline}")
+        sys.exit(1)
+    console.print(f"[green]gate passed:[/green] no score fell by more than {max_drop:g} points against {baseline}")
 
 
 class _PrimaryView:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -35,6 +37,17 @@ def launch_settings(gpus: int | None, cpu: bool, num_processes: int | None) -> t
 
     plan = plan_launch(gpus=gpus, cpu=cpu, num_processes=num_processes)
     return ("cpu" if plan.cpu else "cuda"), plan.world_size
+
+
+@contextlib.contextmanager
+def prediction_progress(name: str) -> Iterator[tuple[Callable[[Any], None], Callable[[int], None]]]:
+    """A transient "predicting" bar on stderr; yields the ``on_plan`` and ``on_progress`` callbacks that
+    ``run_inference`` takes."""
+    columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task(name, total=None)
+        yield (lambda plan: progress.update(task, total=len(plan.todo)),
+               lambda finished: progress.update(task, completed=finished))
 
 
 def summary_table(summary: InferenceSummary) -> Table:
@@ -118,14 +131,8 @@ def infer(
         allow_outside_root=allow_outside_root, device=device, num_processes=processes,
         allow_partial_load=allow_partial_load,
     )
-    columns = (TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("infer", total=None)
-        summary = run_inference(
-            config,
-            on_plan=lambda plan: progress.update(task, total=len(plan.todo)),
-            on_progress=lambda finished: progress.update(task, completed=finished),
-        )
+    with prediction_progress("infer") as (on_plan, on_progress):
+        summary = run_inference(config, on_plan=on_plan, on_progress=on_progress)
     config = summary.config
     if allow_partial_load and summary.load_reports:
         print_load_reports(summary.load_reports)
