@@ -133,6 +133,18 @@ def training_progress(label: str) -> Progress:
                     console=console)
 
 
+def train_with_progress(progress: Progress, train: Callable[[], Any]) -> Any | None:
+    """``train()`` with the progress bar stopped after it, even on an error; its result on the main
+    process, None on the others (which print nothing)."""
+    try:
+        result = train()
+    finally:
+        progress.stop()
+    from accelerate import PartialState
+
+    return result if PartialState().is_main_process else None
+
+
 def print_skipped_dialogues(problems: Sequence[str]) -> None:
     for problem in problems:
         console.print(f"[yellow]skipped:[/yellow] {problem}", soft_wrap=True)

@@ -14,6 +14,7 @@ from mediround_cli.launch_options import (
     print_summary,
     run_or_relaunch,
     summary_table,
+    train_with_progress,
     training_progress,
 )
 from mediround_cli.partial_load import print_load_reports
@@ -72,14 +73,10 @@ def _run(recipe, resume: bool, cpu: bool, processes: int, allow_partial_load: bo
         elif kind == "checkpoint":
             progress.console.print(f"[dim]checkpoint {payload['path']}[/dim]")
 
-    try:
-        result = run_jcm_training(recipe, resume=resume, cpu=cpu, expected_processes=processes, on_event=on_event,
-                                  allow_partial_load=allow_partial_load)
-    finally:
-        progress.stop()
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    result = train_with_progress(progress, lambda: run_jcm_training(
+        recipe, resume=resume, cpu=cpu, expected_processes=processes, on_event=on_event,
+        allow_partial_load=allow_partial_load))
+    if result is None:
         return
     table = summary_table("train-jcm", result)
     if result.first_loss is not None:
