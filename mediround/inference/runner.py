@@ -74,7 +74,6 @@ class InferenceConfig:
     allow_outside_root: bool = False
     device: str = "cpu"
     num_processes: int = 1
-    threads_per_process: int | None = None
     allow_partial_load: bool = False
 
     @property
