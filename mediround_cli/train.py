@@ -60,8 +60,9 @@ def _run(recipe, resume: bool, cpu: bool, processes: int, allow_partial_load: bo
             state["task"] = progress.add_task("train", total=payload["total_steps"], completed=payload["step"],
                                               status="")
         elif kind == "step":
+            entity = f" entity {payload['entity']:.3f}" if payload["entity"] else ""
             status = (f"loss {payload['loss']:.4f} (ce {payload['ce']:.3f} bce {payload['bce']:.3f} "
-                      f"dice {payload['dice']:.3f}) lr {payload['lr']:.2e} {payload['samples_per_s']:.1f} samples/s")
+                      f"dice {payload['dice']:.3f}{entity}) lr {payload['lr']:.2e} {payload['samples_per_s']:.1f} samples/s")
             state["last_step"] = payload
             progress.update(state["task"], completed=payload["step"], status=status)
         elif kind == "validation":

@@ -88,6 +88,8 @@ def apply_trainability(model: MediRound) -> None:
         (switches.seg_projection, model.seg_projection),
         (switches.jcm, model.jcm),
     ]
+    if model.entity_head is not None:
+        groups.append((switches.entity_head, model.entity_head))
     for flag, module in groups:
         if flag:
             module.requires_grad_(True)

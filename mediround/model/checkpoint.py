@@ -44,7 +44,7 @@ from mediround.model.load_report import LoadReport, load_into, report_from_lists
 from mediround.model.mediround import MediRound
 
 FORMAT = "mediround-checkpoint/1"
-HEAD_MODULES = ("seg_projection", "box_encoder", "jcm", "sam.mask_decoder")
+HEAD_MODULES = ("seg_projection", "box_encoder", "jcm", "sam.mask_decoder", "entity_head")
 SAM_IN_HEADS = "mask_decoder."
 """SAM keys that ``heads.safetensors`` holds, so ``base_sam.safetensors`` leaves them out."""
 ADAPTER_MARKERS = ("lora_", "modules_to_save", "trainable_tokens_delta")
@@ -70,6 +70,8 @@ def head_state(model: MediRound) -> dict[str, torch.Tensor]:
     """Trained weights outside the adapter: the head modules plus every other trainable parameter."""
     state = {}
     for prefix in HEAD_MODULES:
+        if getattr(model, prefix.split(".")[0]) is None:
+            continue  # the entity head exists only when the config names entities
         module = model.get_submodule(prefix)
         state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
     for name, param in model.named_parameters():

@@ -85,6 +85,10 @@ class HeadsConfig:
     seg_dim: int = 256
     jcm_hidden: int = 512
     seed: int = 2
+    box_fourier_features: int = 0
+    """0: the paper's ``Linear(4, hidden)`` box token; n > 0: also n random Fourier features of the box."""
+    entity_names: list[str] = field(default_factory=list)
+    """Classes of the entity head (``loss.entity``); filled from the training data when left empty."""
 
 
 @dataclass
@@ -99,9 +103,17 @@ class LoraSettings:
 
 @dataclass
 class LossWeights:
+    """Weights of the answer CE and the mask BCE/Dice (the paper's 1 / 2 / 0.5), and of the entity loss.
+
+    ``entity`` is not in the paper (0 there): a cross-entropy that asks a linear head on the [SEG] hidden
+    state to name the round's target entity (``Round.entity``). It gives the [SEG] state a direct signal
+    to identify the target, including through the reference tokens; docs/training.md measures it.
+    """
+
     ce: float = 1.0
     bce: float = 2.0
     dice: float = 0.5
+    entity: float = 0.0
 
 
 @dataclass
@@ -118,6 +130,7 @@ class Trainability:
     token_embeddings: str = "full"
     box_encoder: bool = True
     seg_projection: bool = True
+    entity_head: bool = True
     jcm: bool = False
 
 

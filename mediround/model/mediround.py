@@ -85,17 +85,19 @@ class DialogueBatch:
     original_sizes: list[tuple[int, int]]
     target_masks: list[torch.Tensor]
     target_valid: list[torch.Tensor]
+    entity_labels: list[torch.Tensor]
 
     def to(self, device: torch.device) -> DialogueBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         moved["target_masks"] = [m.to(device) for m in self.target_masks]
         moved["target_valid"] = [m.to(device) for m in self.target_valid]
+        moved["entity_labels"] = [m.to(device) for m in self.entity_labels]
         return DialogueBatch(**moved)
 
 
 @dataclass
 class MediRoundOutput:
-    """``loss`` (weighted sum), ``losses`` (ce, bce, dice), per-dialogue ``seg_features`` (n_rounds, 256)
+    """``loss`` (weighted sum), ``losses`` (ce, bce, dice, entity), per-dialogue ``seg_features`` (n_rounds, 256)
     and ``mask_logits`` (n_rounds, h, w) at the supervision size: the image resized so its longest side is
     the SAM input size (SAM's low-res logits upsampled, padding cropped)."""
 
@@ -140,7 +142,10 @@ class MediRound(nn.Module):
         self.seg_projection = nn.Sequential(
             nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, config.heads.seg_dim)
         )
-        self.box_encoder = BoxEncoder(hidden)
+        self.box_encoder = BoxEncoder(hidden, config.heads.box_fourier_features, config.heads.seed)
+        names = config.heads.entity_names
+        self.entity_head = nn.Linear(hidden, len(names)) if names else None
+        self.entity_index = {name: index for index, name in enumerate(names)}
         self.jcm = JCM(config.heads.seg_dim, config.heads.jcm_hidden)
         self.crop_encoder = CropEncoder(llava, config.mllm.vision_feature_layer, config.mllm.crop_tokens)
         vision = llava.config.vision_config
@@ -231,6 +236,7 @@ class MediRound(nn.Module):
         """Token layout, encoder inputs, reference crops/boxes (from GT masks) and targets of B dialogues."""
         pieces, seg_positions, crops, boxes = [], [], [], []
         sam_pixels, clip_pixels, resized, originals, targets, valid = [], [], [], [], [], []
+        entity_labels = []
         size = self.config.segmenter.image_size
         for sample in samples:
             dialogue = sample.dialogue
@@ -255,6 +261,7 @@ class MediRound(nn.Module):
                     masks[index] = F.interpolate(full, size=resized_size, mode="nearest-exact")[0, 0]
             targets.append(masks)
             valid.append(torch.tensor([m is not None for m in sample.masks]))
+            entity_labels.append(torch.tensor([self.entity_index.get(r.entity, IGNORE) for r in dialogue.rounds]))
         length = max(len(p.ids) for p in pieces)
         input_ids = torch.full((len(pieces), length), self.layout.pad_id, dtype=torch.long)
         attention = torch.zeros((len(pieces), length), dtype=torch.long)
@@ -281,10 +288,12 @@ class MediRound(nn.Module):
             original_sizes=originals,
             target_masks=targets,
             target_valid=valid,
+            entity_labels=entity_labels,
         )
 
     def forward(self, batch: DialogueBatch) -> MediRoundOutput:
-        """Teacher-forced pass over whole dialogues: CE on answers, BCE + Dice on every round's mask."""
+        """Teacher-forced pass over whole dialogues: CE on answers, BCE + Dice on every round's mask, and
+        (``loss.entity``) the entity head's CE on every round's [SEG] state."""
         batch = batch.to(self.device)
         embeddings = self._sam_embed(batch.sam_pixels)
         image_features = self._clip_features(batch.clip_pixels)
@@ -301,9 +310,12 @@ class MediRound(nn.Module):
             ce = F.cross_entropy(logits.float(), next_labels[selected])
 
         seg_features, mask_logits, all_logits, all_targets = [], [], [], []
+        seg_states, entity_labels = [], []
         size = self.config.segmenter.image_size
         for row, positions in enumerate(batch.seg_positions):
-            features = self._project(hidden[row, positions])
+            seg_states.append(hidden[row, positions])
+            entity_labels.append(batch.entity_labels[row])
+            features = self._project(seg_states[-1])
             low_res = self._decode_low_res(embeddings[row : row + 1], features)
             resized = batch.resized_sizes[row]
             logits = upsample_logits(low_res, size, resized, resized)
@@ -316,8 +328,13 @@ class MediRound(nn.Module):
         if all_logits:
             bce = torch.stack([bce_loss(lg[None], tg[None]) for lg, tg in zip(all_logits, all_targets)]).mean()
             dice = torch.stack([dice_loss(lg[None], tg[None]) for lg, tg in zip(all_logits, all_targets)]).mean()
-        loss = weights.ce * ce + weights.bce * bce + weights.dice * dice
-        return MediRoundOutput(loss, {"ce": ce, "bce": bce, "dice": dice}, seg_features, mask_logits)
+        entity = zero
+        labels = torch.cat(entity_labels) if entity_labels else None
+        if weights.entity and self.entity_head is not None and labels is not None and bool((labels != IGNORE).any()):
+            head_logits = self.entity_head(torch.cat(seg_states).to(self.entity_head.weight.dtype))
+            entity = F.cross_entropy(head_logits.float(), labels, ignore_index=IGNORE)
+        loss = weights.ce * ce + weights.bce * bce + weights.dice * dice + weights.entity * entity
+        return MediRoundOutput(loss, {"ce": ce, "bce": bce, "dice": dice, "entity": entity}, seg_features, mask_logits)
 
     @torch.no_grad()
     def encode_image(self, image: np.ndarray) -> ImageContext:

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 MIN_REFERENCE_PIXELS = 9
+FOURIER_SCALE = 3.0
+"""Standard deviation of the random frequencies (per unit of the [-1, 1] box coordinates)."""
 
 
 @dataclass
@@ -52,11 +54,22 @@ def reference_from_mask(image: np.ndarray, mask: np.ndarray | None) -> Reference
 
 
 class BoxEncoder(nn.Module):
-    """``Linear(4, hidden)`` of the normalised box: the box token's embedding."""
+    """The box token's embedding: ``Linear(4, hidden)`` of the normalised box (the paper), or with
+    ``fourier_features = n > 0`` a linear map of the box and of the sine and cosine of ``n`` fixed random
+    projections of its corners, as SAM's prompt encoder encodes points: positions a small language model
+    can tell apart without first learning a non-linear map of four numbers."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, fourier_features: int = 0, seed: int = 0):
         super().__init__()
-        self.linear = nn.Linear(4, hidden)
+        frequencies = None
+        if fourier_features:
+            generator = torch.Generator().manual_seed(seed)
+            frequencies = torch.randn(4, fourier_features, generator=generator) * FOURIER_SCALE
+        self.register_buffer("frequencies", frequencies)
+        self.linear = nn.Linear(4 + 2 * fourier_features, hidden)
 
     def forward(self, boxes: torch.Tensor) -> torch.Tensor:
-        return self.linear(boxes)
+        if self.frequencies is None:
+            return self.linear(boxes)
+        angles = 2 * torch.pi * (2 * boxes - 1) @ self.frequencies.to(boxes.dtype)
+        return self.linear(torch.cat([boxes, angles.sin(), angles.cos()], dim=-1))

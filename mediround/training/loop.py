@@ -11,6 +11,7 @@ processes or accumulation steps.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import shutil
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from mediround.atomic import write_json
-from mediround.errors import CheckpointError, DataError, MediRoundError
+from mediround.errors import CheckpointError, DataError, MediRoundError, RecipeError
+from mediround.model.config import MediRoundConfig
 from mediround.training import checkpointing
 from mediround.training.data import (
     BatchLoader,
@@ -40,7 +42,7 @@ from mediround.training.logging import CHAINED, TEACHER_FORCED, TrainingLog, Val
 from mediround.training.recipe import RUN_FILE, Recipe, run_record
 
 EventHandler = Callable[[str, dict], None]
-LOSS_KEYS = ("ce", "bce", "dice")
+LOSS_KEYS = ("ce", "bce", "dice", "entity")
 MODEL_FOLDER = "model"
 
 
@@ -279,7 +281,7 @@ class _Trainer(TrainingProcess):
         self.val_log = ValidationLog(self.output, state["step"] if state else None) if self.is_main else None
 
         set_seed(recipe.train.seed)
-        model = build_model(recipe.model, allow_partial=self.allow_partial_load)
+        model = build_model(with_entity_names(recipe.model, train_dialogues), allow_partial=self.allow_partial_load)
         if self.allow_partial_load:
             self.emit("load", reports=[asdict(report) for report in model.load_reports])
         model.train()
@@ -377,20 +379,22 @@ class _Trainer(TrainingProcess):
         local_counts = torch.tensor([_loss_counts(batch) for batch, _, _ in micro], dtype=torch.float64).sum(0)
         global_counts = self.accelerator.reduce(local_counts.to(self.accelerator.device), "sum").cpu()
         weights = self.recipe.model.loss
-        report = torch.zeros(4, dtype=torch.float64)
+        report = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64)
         nonfinite = False
         for index, (batch, _, _) in enumerate(micro):
-            tokens, masks = _loss_counts(batch)
+            tokens, masks, entities = _loss_counts(batch)
             scale_tokens = tokens * self.world_size / max(1.0, float(global_counts[0]))
             scale_masks = masks * self.world_size / max(1.0, float(global_counts[1]))
+            scale_entities = entities * self.world_size / max(1.0, float(global_counts[2]))
             syncing = index == len(micro) - 1
             context = contextlib.nullcontext() if syncing else self.accelerator.no_sync(self.wrapped)
             with context:
                 with self.accelerator.autocast():
                     output = self.wrapped(batch)
                 parts = [output.losses["ce"] * scale_tokens, output.losses["bce"] * scale_masks,
-                         output.losses["dice"] * scale_masks]
-                loss = weights.ce * parts[0] + weights.bce * parts[1] + weights.dice * parts[2]
+                         output.losses["dice"] * scale_masks, output.losses["entity"] * scale_entities]
+                loss = (weights.ce * parts[0] + weights.bce * parts[1] + weights.dice * parts[2]
+                        + weights.entity * parts[3])
                 if not torch.isfinite(loss.detach()):
                     nonfinite = True
                 self.accelerator.backward(loss)
@@ -457,6 +461,19 @@ class _Trainer(TrainingProcess):
                                      lambda folder: save_checkpoint(self.model, folder / MODEL_FOLDER))
 
 
+def with_entity_names(config: MediRoundConfig, dialogues: list) -> MediRoundConfig:
+    """``config`` with ``heads.entity_names`` filled (sorted) from the training rounds' ``entity`` fields
+    when the entity loss is on and the recipe names none; a copy, so the recipe and its hash stay as written."""
+    if not config.loss.entity or config.heads.entity_names:
+        return config
+    names = sorted({round_.entity for dialogue in dialogues for round_ in dialogue.rounds if round_.entity})
+    if not names:
+        raise RecipeError("recipe: field 'model.loss.entity': is > 0 but no training round has an 'entity'")
+    filled = copy.deepcopy(config)
+    filled.heads.entity_names = names
+    return filled
+
+
 def _micro_batches(stream: ShardedStream, loader: BatchLoader, dataset: DialogueDataset,
                    chunk: int = 64) -> Iterator[tuple[Any, StreamPosition, list[str]]]:
     """Endless (batch, stream position after it, dialogue ids) triples of this process."""
@@ -469,13 +486,15 @@ def _micro_batches(stream: ShardedStream, loader: BatchLoader, dataset: Dialogue
             yield batch, position, [dataset.dialogues[i].id for i in indices]
 
 
-def _loss_counts(batch: Any) -> tuple[float, float]:
-    """What the model's loss averages over in this batch: answer tokens (CE) and supervised masks (BCE, Dice)."""
+def _loss_counts(batch: Any) -> tuple[float, float, float]:
+    """What the model's loss averages over in this batch: answer tokens (CE), supervised masks (BCE, Dice)
+    and rounds with a known entity (entity loss)."""
     from mediround.model.inputs import IGNORE
 
     tokens = float((batch.labels[:, 1:] != IGNORE).sum())
     masks = float(sum(int(valid.sum()) for valid in batch.target_valid))
-    return tokens, masks
+    entities = float(sum(int((labels != IGNORE).sum()) for labels in batch.entity_labels))
+    return tokens, masks, entities
 
 
 def _logits_to_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float) -> np.ndarray:

@@ -29,3 +29,21 @@ def test_tiny_or_missing_mask_means_whole_image():
     ten = nine.copy()
     ten[5, 7] = True
     assert not reference_from_mask(image, ten).whole_image
+
+
+def test_fourier_box_encoder_is_the_linear_map_of_box_sines_and_cosines():
+    import math
+
+    import torch
+
+    from mediround.model.references import BoxEncoder
+
+    encoder = BoxEncoder(hidden=6, fourier_features=3, seed=4)
+    box = torch.tensor([[0.25, 0.5, 0.75, 1.0]])
+    angles = [2 * math.pi * sum((2 * box[0, i].item() - 1) * encoder.frequencies[i, j].item() for i in range(4))
+              for j in range(3)]
+    inputs = torch.tensor([[*box[0].tolist(), *map(math.sin, angles), *map(math.cos, angles)]])
+    torch.testing.assert_close(encoder(box), encoder.linear(inputs))
+    assert "frequencies" in encoder.state_dict()
+    assert torch.equal(BoxEncoder(6, 3, seed=4).frequencies, encoder.frequencies)
+    assert "frequencies" not in BoxEncoder(hidden=6).state_dict()
