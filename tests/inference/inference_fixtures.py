@@ -52,7 +52,8 @@ def tiny_model(jcm_trained: bool = True):
     """A random tiny MediRound in eval mode (one CPU thread keeps results reproducible and cheap).
 
     ``jcm_trained`` marks the JCM weights as trained in the config (as ``train-jcm`` does), so that
-    numeric thresholds are accepted; the weights stay random.
+    numeric thresholds are accepted; the weights stay random, the refine MLP's last layer included (it is
+    built as zeros, an identity refine), so refined masks differ from raw ones.
     """
     import torch
 
@@ -61,6 +62,10 @@ def tiny_model(jcm_trained: bool = True):
     torch.set_num_threads(1)
     model = build_model(preset("tiny")).eval()
     model.config.trainable.jcm = jcm_trained
+    last = model.jcm.refine_mlp[-1]
+    with torch.no_grad():
+        last.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(5))
+        last.bias.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(6))
     return model
 
 
