@@ -1,7 +1,7 @@
 """Small-scale reproduction of the paper's findings with the shipped tiny model; writes docs/results.md.
 
     python benchmarks/reproduce.py --work /work/runs            # evaluate (about 10-20 min on 2 cores)
-    python benchmarks/reproduce.py --work /work/runs --train    # first train the three models (~1.5 h)
+    python benchmarks/reproduce.py --work /work/runs --train    # first train the three models (~1 h)
 
 Everything runs in ``--work`` (outside the repository): the synthetic benchmark
 (``mediround synth data/synth --dialogues 500 --seed 0``), its history-blind copies, the training runs
@@ -12,9 +12,12 @@ test split of seed 0, never seen in training):
 
 - (a) history-blind baseline: the same architecture, recipe and number of optimizer steps, trained and
   evaluated on every round as a dialogue of its own with no reference (no history text, no reference
-  crop/box tokens). Each step sees as many rounds as a MediRound step (17 rounds = 4 dialogues of 4.2
+  crop/box tokens). Each step sees as many rounds as a MediRound step (34 rounds = 8 dialogues of 4.2
   rounds on average), so both models get the same supervision; the blind run costs more compute per step
-  because every round re-encodes its image. ``--blind-model`` (default WORK/runs/blind-tiny/model).
+  because every round re-encodes its image. ``--blind-model`` (default WORK/runs/history-blind-s0/model).
+
+The runs are those of seed 0 of ``benchmarks/learning.py`` (same folders, same commands), so one
+training serves both scripts.
 - (b) MediRound: the shipped model with JCM off, each round's reference from its own earlier prediction.
 - (c) MediRound + JCM at beta 0.6 (the shipped model's default).
 - TF: (b) with ground-truth reference masks (teacher forcing): the upper bound for chained references.
@@ -54,9 +57,9 @@ from mediround.reports.plots import HEIGHT, MARGIN_BOTTOM, MARGIN_LEFT, MARGIN_R
 REPO = Path(__file__).resolve().parents[1]
 SYNTH_DIALOGUES, SYNTH_SEED = 500, 0
 BLIND_SUFFIX = "-r"
-BLIND_OVERRIDES = ("output=runs/blind-tiny", "data.train=data/synth/train-blind.jsonl",
-                   "data.val=data/synth/val-blind.jsonl", "train.batch_size=17", "validation.max_dialogues=126",
-                   "validation.batch_size=32")
+STAGE1_RUN, BLIND_RUN, JCM_RUN = "runs/mediround-s0", "runs/history-blind-s0", "runs/jcm-s0"
+BLIND_OVERRIDES = (f"output={BLIND_RUN}", "data.train=data/synth/train-blind.jsonl",
+                   "data.val=data/synth/val-blind.jsonl", "train.batch_size=34")
 SWEEP_BETAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 PAPER_BETA = 0.6
 MAX_ROUND = 8
@@ -119,9 +122,9 @@ def prepare_data(work: Path, eval_dialogues: int) -> tuple[Path, Path]:
 def train(work: Path) -> None:
     """Stage 1 of MediRound and of the blind baseline, then JCM, with the committed recipes."""
     recipe, jcm_recipe = str(REPO / "recipes" / "default-tiny.yaml"), str(REPO / "recipes" / "default-tiny-jcm.yaml")
-    mediround(["train", recipe, "--cpu"], work)
+    mediround(["train", recipe, "--cpu", f"output={STAGE1_RUN}"], work)
     mediround(["train", recipe, "--cpu", *BLIND_OVERRIDES], work)
-    mediround(["train-jcm", jcm_recipe, "--cpu"], work)
+    mediround(["train-jcm", jcm_recipe, "--cpu", "--model", f"{STAGE1_RUN}/model", f"output={JCM_RUN}"], work)
 
 
 def run_facts(run: Path) -> dict:
@@ -140,21 +143,23 @@ def pack(work: Path, target: Path) -> Path:
 
     from mediround.model.checkpoint import load_checkpoint, save_checkpoint
 
-    stage1, jcm = work / "runs" / "default-tiny", work / "runs" / "default-tiny-jcm"
+    stage1, jcm = work / STAGE1_RUN, work / JCM_RUN
     save_checkpoint(load_checkpoint(jcm / "model"), target)
     recipes = {"stage1": "recipes/default-tiny.yaml", "jcm": "recipes/default-tiny-jcm.yaml"}
     record = {
         "seed": 0,
         "data": f"mediround synth data/synth --dialogues {SYNTH_DIALOGUES} --seed {SYNTH_SEED}",
-        "commands": ["mediround train recipes/default-tiny.yaml --cpu",
-                     "mediround train-jcm recipes/default-tiny-jcm.yaml --cpu"],
+        "commands": [f"mediround train recipes/default-tiny.yaml --cpu output={STAGE1_RUN}",
+                     (f"mediround train-jcm recipes/default-tiny-jcm.yaml --cpu --model {STAGE1_RUN}/model "
+                      f"output={JCM_RUN}")],
         "software": {name: importlib.metadata.version(name) for name in ("mediround", "torch", "transformers", "peft")},
     }
     for stage, run in (("stage1", stage1), ("jcm", jcm)):
         record[stage] = {"recipe": recipes[stage], "settings": yaml.safe_load((REPO / recipes[stage]).read_text()),
                          **run_facts(run)}
     record["summary"] = (
-        f"Tiny preset trained from scratch on CPU: stage 1 {record['stage1']['steps']} steps of 4 dialogues "
+        f"Tiny preset trained from scratch on CPU: stage 1 {record['stage1']['steps']} steps of "
+        f"{record['stage1']['settings']['train']['batch_size']} dialogues "
         f"({record['stage1']['wall_minutes']} min), JCM {record['jcm']['steps']} steps of 8 dialogues on "
         f"teacher-forced features ({record['jcm']['wall_minutes']} min), 2 shared CPU cores, seed 0.")
     write_json(target / "TRAINING.json", record)
@@ -440,9 +445,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="Folder for data, runs and evaluation outputs.")
     parser.add_argument("--train", action="store_true", help="Train the three models first (committed recipes).")
     parser.add_argument("--pack", action="store_true",
-                        help="Copy the trained WORK/runs/default-tiny-jcm model into mediround/assets/default-model.")
+                        help=f"Copy the trained WORK/{JCM_RUN} model into mediround/assets/default-model.")
     parser.add_argument("--model", type=Path, help="MediRound + JCM checkpoint [default: the shipped model].")
-    parser.add_argument("--blind-model", type=Path, help="History-blind checkpoint [default: WORK/runs/blind-tiny/model].")
+    parser.add_argument("--blind-model", type=Path,
+                        help=f"History-blind checkpoint [default: WORK/{BLIND_RUN}/model].")
     parser.add_argument("--resume", action="store_true",
                         help="Keep predictions of an interrupted run in WORK/reproduce (same models and data).")
     parser.add_argument("--eval-dialogues", type=int, default=60, help="Synthetic test dialogues to evaluate on.")
@@ -463,7 +469,7 @@ def main() -> None:
     if args.pack:
         pack(work, REPO / "mediround" / "assets" / "default-model")
     model = args.model or default_checkpoint()
-    blind_model = args.blind_model or work / "runs" / "blind-tiny" / "model"
+    blind_model = args.blind_model or work / BLIND_RUN / "model"
     out = work / "reproduce"
     main_eval = evaluate(data, model, out / "mediround", (None, *SWEEP_BETAS), resume=args.resume)
     tf_eval = evaluate(data, model, out / "teacher-forced", (None,), teacher_forcing=True, resume=args.resume)
@@ -522,8 +528,8 @@ with the committed recipes first). This run: {minutes} minutes of evaluation on 
 - MediRound + JCM: {model}. {training}
 - History-blind baseline (a): {blind_model}: `recipes/default-tiny.yaml` with
   `{blind_overrides}`: the same architecture, recipe and optimizer steps, every round a dialogue of its
-  own without reference (no history text, no reference crop/box tokens), 17 rounds per step (as many as
-  4 MediRound dialogues hold on average).
+  own without reference (no history text, no reference crop/box tokens), 34 rounds per step (as many as
+  8 MediRound dialogues hold on average).
 - Evaluation data: {data}, never seen in training. Metrics x100: Dice and gIoU are means over masks,
   cIoU is total intersection over total union (`mediround.metrics`).
 - **One training seed per model** (seed 0): the issue asks for means over at least 3 seeds for the

@@ -1,0 +1,258 @@
+"""Learning benchmark of the tiny recipe (issue: train really learns); writes docs/learning.md and PNG curves.
+
+    python benchmarks/learning.py --work /work/bench --jcm            # 3 seeds x 3 settings + JCM
+    python benchmarks/learning.py --work /work/bench --seeds 0 --settings mediround history-blind
+
+Each setting trains ``recipes/default-tiny.yaml`` (the shipped model's recipe; seed 0 of ``mediround`` is
+the shipped model's stage 1) with ``mediround train`` on the synthetic benchmark (``mediround synth
+data/synth --dialogues 500 --seed 0``), changing only the output folder and the seed (``--steps``
+overrides the recipe's step count), and validating teacher-forced on the whole validation split as the
+recipe says:
+
+- ``mediround``: the recipe as committed (answer CE 0.2, BCE 2, Dice 2, entity loss 1).
+- ``history-blind``: the same recipe and steps on every round as a dialogue of its own without its
+  reference (no history text, no crop/box tokens); each step sees as many rounds as a MediRound step.
+- ``paper-losses``: MediRound without the entity loss (``model.loss.entity=0``), the paper's objective.
+
+Scores are split by ``names_target``: "named" rounds name their target in the query or answer, "ref-only"
+rounds can only be resolved through the referenced round. For every MediRound run the final model is also
+scored with each reference replaced by the whole image (crop = image, box = [0, 0, 1, 1]): the drop on
+ref-only rounds is what the reference tokens contribute. With ``--jcm``, ``mediround train-jcm`` trains the
+JCM of every ``mediround`` run and the judge's Spearman correlation with the true IoU is reported.
+Runs whose model folder exists are reused, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import SYNTH_DIALOGUES, SYNTH_SEED, line_chart, markdown_table, write_blind
+
+from mediround.atomic import atomic_open
+from mediround.data.formats import load_dialogues
+from mediround.metrics import aggregate, counts
+from mediround.model import MASK_THRESHOLD, load_sample
+from mediround.model.checkpoint import load_checkpoint
+from mediround.model.mllm import clip_normalise
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "default-tiny.yaml"
+JCM_RECIPE = REPO / "recipes" / "default-tiny-jcm.yaml"
+SETTINGS = ("mediround", "history-blind", "paper-losses")
+SPLITS = {"all": None, "named": True, "ref-only": False}
+
+
+def run_command(args: Sequence[str], work: Path, log: Path) -> subprocess.Popen:
+    """Start ``mediround ARGS`` in ``work``, its output to ``log``."""
+    with open(log, "w") as handle:
+        return subprocess.Popen([sys.executable, "-m", "mediround_cli.main", *args], cwd=work, stdout=handle,
+                                stderr=subprocess.STDOUT)
+
+
+def run_all(commands: Sequence[tuple[list[str], Path]], work: Path, parallel: int) -> None:
+    """Run ``(args, log)`` commands, ``parallel`` at a time; stop the benchmark if one fails."""
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            args, log = pending.pop(0)
+            print("$ mediround " + " ".join(args), flush=True)
+            running.append((run_command(args, work, log), args, log))
+        time.sleep(5)
+        for item in list(running):
+            process, args, log = item
+            if process.poll() is not None:
+                running.remove(item)
+                if process.returncode != 0:
+                    raise SystemExit(f"failed ({log}): mediround {' '.join(args)}")
+
+
+def training_commands(work: Path, settings: Sequence[str], seeds: Sequence[int], steps: int | None,
+                      blind_batch: int) -> list[tuple[list[str], Path]]:
+    """Blind runs first: they cost the most per step, so they are started early."""
+    commands = []
+    for setting in sorted(settings, key=lambda name: name != "history-blind"):
+        for seed in seeds:
+            output = work / "runs" / f"{setting}-s{seed}"
+            if (output / "model").is_dir():
+                continue
+            overrides = [f"output=runs/{setting}-s{seed}", f"train.seed={seed}", "--resume"]
+            if steps is not None:
+                overrides.append(f"train.max_steps={steps}")
+            if setting == "history-blind":
+                overrides += ["data.train=data/synth/train-blind.jsonl", "data.val=data/synth/val-blind.jsonl",
+                              f"train.batch_size={blind_batch}"]
+            if setting == "paper-losses":
+                overrides.append("model.loss.entity=0")
+            commands.append((["train", str(RECIPE), "--cpu", *overrides], work / "runs" / f"{setting}-s{seed}.log"))
+    return commands
+
+
+def jcm_commands(work: Path, seeds: Sequence[int]) -> list[tuple[list[str], Path]]:
+    commands = []
+    for seed in seeds:
+        output = work / "runs" / f"jcm-s{seed}"
+        if (output / "model").is_dir():
+            continue
+        commands.append((["train-jcm", str(JCM_RECIPE), "--cpu", "--model", f"runs/mediround-s{seed}/model",
+                          f"output=runs/jcm-s{seed}", f"train.seed={seed}", "--resume"],
+                         work / "runs" / f"jcm-s{seed}.log"))
+    return commands
+
+
+def curves(run: Path) -> dict[str, dict[int, float]]:
+    """Teacher-forced validation Dice per step, per split."""
+    rows = [r for r in pq.read_table(run / "validation.parquet").to_pylist() if r["track"] == "teacher_forced"]
+    result: dict[str, dict[int, float]] = {name: {} for name in SPLITS}
+    for row in rows:
+        for name, named in SPLITS.items():
+            if (named is None and row["split"] == "all") or (row["split"] == "names_target" and row["names_target"] is named):
+                result[name][row["step"]] = row["dice"]
+    return result
+
+
+@torch.no_grad()
+def whole_image_reference_dice(model_folder: Path, val: Path) -> dict[str, float]:
+    """Teacher-forced Dice with every reference replaced by the whole image: what is left without it."""
+    model = load_checkpoint(model_folder)
+    model.eval()
+    samples = [load_sample(d) for d in load_dialogues(val).dialogues]
+    rows = {name: [] for name in SPLITS}
+    for start in range(0, len(samples), 10):
+        chunk = samples[start : start + 10]
+        batch = model.collate(chunk)
+        images = [clip_normalise(torch.from_numpy(s.image.astype(np.float32)).permute(2, 0, 1)[None], model.crop_size)
+                  for s in chunk for r in s.dialogue.rounds if r.ref is not None]
+        if images:
+            batch.crop_pixels = torch.cat(images)
+            batch.boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(len(images), 4).clone()
+        output = model(batch)
+        for row, (sample, logits) in enumerate(zip(chunk, output.mask_logits)):
+            mask_counts = counts((logits > MASK_THRESHOLD).numpy(), batch.target_masks[row].numpy() > 0.5)
+            for index, round_ in enumerate(sample.dialogue.rounds):
+                for name, named in SPLITS.items():
+                    if named is None or round_.names_target is named:
+                        rows[name].append({key: values[index] for key, values in mask_counts.items()})
+    return {name: aggregate(split_rows).dice for name, split_rows in rows.items() if split_rows}
+
+
+def jcm_spearman(run: Path) -> dict[str, float]:
+    events = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    last = [e for e in events if e["event"] == "validation"][-1]
+    return {k: v for k, v in last.items() if k.startswith("spearman")}
+
+
+def mean_sd(values: Sequence[float]) -> str:
+    values = [100 * v for v in values if not math.isnan(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="Folder for data and runs (outside the repository).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per run [default: the recipe's].")
+    parser.add_argument("--parallel", type=int, default=2, help="Runs at a time (one thread each).")
+    parser.add_argument("--jcm", action="store_true", help="Also train the JCM of every mediround run.")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    work = args.work.resolve()
+    synth = work / "data" / "synth"
+    if not (synth / "train.jsonl").is_file():
+        run_all([(["synth", "data/synth", "--dialogues", str(SYNTH_DIALOGUES), "--seed", str(SYNTH_SEED)],
+                  work / "synth.log")], work, 1)
+    for split in ("train", "val"):
+        if not (synth / f"{split}-blind.jsonl").is_file():
+            write_blind(synth / f"{split}.jsonl", synth / f"{split}-blind.jsonl")
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    train = load_dialogues(synth / "train.jsonl").dialogues
+    rounds_per_dialogue = sum(len(d.rounds) for d in train) / len(train)
+    batch = int(RECIPE.read_text().split("batch_size:")[1].split()[0])
+    blind_batch = round(batch * rounds_per_dialogue)
+    started = time.monotonic()
+    run_all(training_commands(work, args.settings, args.seeds, args.steps, blind_batch), work, args.parallel)
+    if args.jcm and "mediround" in args.settings:
+        run_all(jcm_commands(work, args.seeds), work, args.parallel)
+
+    results: dict[str, list[dict]] = {}
+    for setting in args.settings:
+        for seed in args.seeds:
+            run = work / "runs" / f"{setting}-s{seed}"
+            entry = {"seed": seed, "curves": curves(run)}
+            if setting != "history-blind":
+                entry["whole_image"] = whole_image_reference_dice(run / "model", synth / "val.jsonl")
+            if setting == "mediround" and args.jcm:
+                entry["jcm"] = jcm_spearman(work / "runs" / f"jcm-s{seed}")
+            results.setdefault(setting, []).append(entry)
+    figures = args.docs / "learning"
+    figures.mkdir(parents=True, exist_ok=True)
+    write_page(results, args, blind_batch, figures, (time.monotonic() - started) / 60)
+    print(json.dumps({setting: [{"seed": e["seed"], **{k: e["curves"][k][max(e["curves"][k])] for k in SPLITS}}
+                                for e in entries] for setting, entries in results.items()}))
+
+
+def final(entries: Sequence[dict], split: str) -> list[float]:
+    return [e["curves"][split][max(e["curves"][split])] for e in entries]
+
+
+def write_page(results: Mapping[str, list[dict]], args: argparse.Namespace, blind_batch: int, figures: Path,
+               minutes: float) -> None:
+    steps = max(max(e["curves"]["all"]) for entries in results.values() for e in entries)
+    header = ["setting", "seeds", "all", "named", "ref-only", "ref-only, reference replaced by the whole image"]
+    rows = []
+    for setting, entries in results.items():
+        whole = [e["whole_image"]["ref-only"] for e in entries if "whole_image" in e]
+        rows.append([setting, str(len(entries)), *(mean_sd(final(entries, s)) for s in SPLITS),
+                     mean_sd(whole) if whole else "–"])
+    for split in SPLITS:
+        series = {}
+        for setting, entries in results.items():
+            shared = sorted(set.intersection(*(set(e["curves"][split]) for e in entries)))
+            series[setting] = {s: 100 * float(np.mean([e["curves"][split][s] for e in entries])) for s in shared}
+        line_chart(series, figures / f"dice-{split}.png", f"teacher-forced validation Dice, {split} rounds "
+                   f"(mean of {len(args.seeds)} seed(s))", "optimizer step")
+    jcm = ""
+    if "mediround" in results and all("jcm" in e for e in results["mediround"]):
+        spearmans = [e["jcm"] for e in results["mediround"]]
+        jcm = "\n".join(f"- seed {e['seed']}: " + ", ".join(f"{k} {v:.3f}" for k, v in e["jcm"].items())
+                        for e in results["mediround"])
+        jcm = f"JCM judge vs true IoU (Spearman, `mediround train-jcm` with {JCM_RECIPE.name}):\n\n{jcm}\n"
+        jcm += f"\nMean over seeds: {np.mean([v for s in spearmans for k, v in s.items() if 'teacher' in k]):.3f} (teacher-forced features)\n"
+    page = f"""# Learning benchmark of the tiny recipe
+
+Regenerated by `python benchmarks/learning.py --work DIR --seeds {' '.join(map(str, args.seeds))}{' --jcm' if args.jcm else ''}`
+({minutes:.0f} min of training and scoring on 2 CPU cores, {args.parallel} runs at a time). Recipe:
+`recipes/{RECIPE.name}`, {steps} optimizer steps per run; history-blind runs see {blind_batch} single-round
+dialogues per step (as many rounds as a MediRound step). Teacher-forced validation Dice x100 on the
+whole validation split at the last step, mean ± standard deviation over seeds.
+
+{markdown_table(header, rows)}
+
+![Dice, all rounds](learning/dice-all.png)
+![Dice, named rounds](learning/dice-named.png)
+![Dice, reference-only rounds](learning/dice-ref-only.png)
+
+{jcm}"""
+    with atomic_open(args.docs / "learning.md") as handle:
+        handle.write(page)
+
+
+if __name__ == "__main__":
+    main()
