@@ -30,10 +30,17 @@ from mediround_cli.main import cli
 DRIVER = Path(__file__).with_name("reliability_kill_driver.py")
 
 
+def _deliver_sigint() -> None:
+    """A child of a shell that runs pytest in the background inherits an ignored SIGINT; a terminal's Ctrl-C
+    reaches a foreground program, which is what these tests simulate."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_killed(mode: str, suffix: str, count: int, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, str(DRIVER), mode, suffix, str(count), *args],
-                          check=False, env=env, capture_output=True, text=True, timeout=300)
+                          check=False, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_deliver_sigint)
 
 
 def _assert_killed(process: subprocess.CompletedProcess) -> None:

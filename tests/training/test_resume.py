@@ -71,10 +71,11 @@ def test_killed_and_interrupted_runs_resume_to_the_same_weights(write_recipe):
         if kind == "step" and payload["step"] == 5:
             os.kill(os.getpid(), signal.SIGINT)
 
+    handler_before = signal.getsignal(signal.SIGINT)
     interrupted = run_training(recipe, resume=True, cpu=True, on_event=interrupt_at_step_5)
     assert interrupted.stopped == "interrupted" and interrupted.step == 5
     assert 5 in final_checkpoints(checkpoints)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
     finished = run_training(recipe, resume=True, cpu=True)
     assert finished.stopped == "finished" and finished.step == STEPS
