@@ -78,37 +78,6 @@ def kill_data(tmp_path_factory, dataset) -> Path:
     return write_lines(dataset / "kills.jsonl", [record(f"d{i}") for i in range(3)])
 
 
-def _train_recipe(folder: Path, name: str, train_data: Path) -> Path:
-    recipe = {
-        "output": str(folder / f"out-{name}"),
-        "model": {"preset": "tiny"},
-        "data": {"train": str(train_data), "val": None},
-        "train": {"batch_size": 1, "max_steps": 4, "threads": 1, "mixed_precision": "no", "lr": 1.0e-3,
-                  "warmup_steps": 1},
-        "validation": {"every": 0, "at_start": False},
-        "checkpoint": {"every": 1, "keep_last": 2},
-        "log": {"every": 1},
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
-
-
-def _jcm_recipe(folder: Path, name: str, train_data: Path, model: Path) -> Path:
-    recipe = {
-        "output": str(folder / f"out-{name}"),
-        "model": str(model),
-        "data": {"train": str(train_data), "val": None},
-        "train": {"batch_size": 1, "max_steps": 4, "threads": 1, "lr": 1.0e-3, "warmup_steps": 1},
-        "validation": {"every": 0, "at_start": False},
-        "checkpoint": {"every": 1, "keep_last": 2},
-        "log": {"every": 1},
-    }
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    return path
-
-
 def _model_files(output: Path) -> dict[str, str]:
     """The sha256 of every file of the finished run's model checkpoint, from its manifest."""
     return json.loads((output / "model" / "manifest.json").read_text())["files"]
@@ -135,9 +104,23 @@ def training_references(tmp_path_factory, kill_data, tiny_checkpoint):
 
 
 def _recipe(command: str, folder: Path, name: str, train_data: Path, model: Path) -> Path:
-    if command == "train":
-        return _train_recipe(folder, name, train_data)
-    return _jcm_recipe(folder, name, train_data, model)
+    """4 steps with a checkpoint after each: stage 1 of the tiny preset (``train``) or JCM on ``model``."""
+    stage1 = command == "train"
+    train = {"batch_size": 1, "max_steps": 4, "threads": 1, "lr": 1.0e-3, "warmup_steps": 1}
+    if stage1:
+        train["mixed_precision"] = "no"
+    recipe = {
+        "output": str(folder / f"out-{name}"),
+        "model": {"preset": "tiny"} if stage1 else str(model),
+        "data": {"train": str(train_data), "val": None},
+        "train": train,
+        "validation": {"every": 0, "at_start": False},
+        "checkpoint": {"every": 1, "keep_last": 2},
+        "log": {"every": 1},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
 
 
 @pytest.mark.parametrize(("command", "point"), [(c, p) for c in ("train", "train-jcm") for p in TRAIN_POINTS],
