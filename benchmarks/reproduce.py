@@ -58,8 +58,11 @@ REPO = Path(__file__).resolve().parents[1]
 SYNTH_DIALOGUES, SYNTH_SEED = 500, 0
 BLIND_SUFFIX = "-r"
 STAGE1_RUN, BLIND_RUN, JCM_RUN = "runs/mediround-s0", "runs/history-blind-s0", "runs/jcm-s0"
-BLIND_OVERRIDES = (f"output={BLIND_RUN}", "data.train=data/synth/train-blind.jsonl",
-                   "data.val=data/synth/val-blind.jsonl", "train.batch_size=34")
+BLIND_BATCH = 34
+"""Single-round dialogues per history-blind step: the recipe's 8 dialogues x 4.2 rounds on average."""
+BLIND_DATA_OVERRIDES = ("data.train=data/synth/train-blind.jsonl", "data.val=data/synth/val-blind.jsonl",
+                        f"train.batch_size={BLIND_BATCH}")
+BLIND_OVERRIDES = (f"output={BLIND_RUN}", *BLIND_DATA_OVERRIDES)
 SWEEP_BETAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 PAPER_BETA = 0.6
 MAX_ROUND = 8
