@@ -209,7 +209,7 @@ def prior_rows(train: Path, data: Path) -> list[dict]:
 def round_overlap(data: Path, predictions: Path) -> tuple[float, float]:
     """Mean IoU between the masks of two different rounds of one dialogue: (predicted, ground truth). A
     model that ignores the query predicts the same mask in every round (predicted overlap near 1)."""
-    from mediround.inference.predictions import read_predictions
+    from mediround.data.predictions import read_predictions
 
     records = read_predictions(predictions)
     predicted, truth = [], []
@@ -226,7 +226,7 @@ def round_overlap(data: Path, predictions: Path) -> tuple[float, float]:
 
 def changed_masks(first: Path, second: Path) -> tuple[int, int, int]:
     """(masks, masks that differ, pixels that differ) between two predictions folders of the same data."""
-    from mediround.inference.predictions import read_predictions
+    from mediround.data.predictions import read_predictions
 
     records = read_predictions(first)
     other = read_predictions(second)

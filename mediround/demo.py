@@ -81,7 +81,7 @@ def run_demo(
     from mediround.data.synth import generate
     from mediround.default_model import default_checkpoint
     from mediround.inference.model_eval import evaluate_model
-    from mediround.inference.predictions import read_predictions, safe_name
+    from mediround.data.predictions import read_predictions, safe_name
     from mediround.inference.runner import InferenceConfig, model_folder
     from mediround.reports.html import render_report, write_report
 

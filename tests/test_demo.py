@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from mediround.data.formats import load_dialogues
-from mediround.inference.predictions import safe_name
+from mediround.data.predictions import safe_name
 from mediround.reports.rows import read_rows
 from mediround_cli.main import cli
 

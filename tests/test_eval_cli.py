@@ -17,7 +17,7 @@ from mediround.data.dialogue import Dialogue, Round
 from mediround.data.formats import load_dialogues
 from mediround.data.formats.jsonl import write_jsonl
 from mediround.data.images import load_mask, save_mask
-from mediround.inference.predictions import PREDICTIONS_FILE, PredictionWriter
+from mediround.data.predictions import PREDICTIONS_FILE, PredictionWriter
 from mediround.reports.scoring import EvalConfig, evaluate_predictions
 from mediround_cli.main import cli
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mediround.errors import DataError
-from mediround.inference.predictions import (
+from mediround.data.predictions import (
     PREDICTIONS_FILE,
     PredictionWriter,
     mask_relative_path,

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from mediround.data.dialogue import Dialogue, Round
 from mediround.errors import DataError
-from mediround.inference.predictions import PredictionWriter
+from mediround.data.predictions import PredictionWriter
 from mediround.reports.plots import round_curve
 from mediround.reports.rows import ROW_SCHEMA, read_rows, write_rows
 from mediround.reports.scoring import EvalConfig, evaluate_predictions, score_predictions

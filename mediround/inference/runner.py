@@ -33,7 +33,7 @@ from mediround.atomic import append_jsonl_line, atomic_open, write_json
 from mediround.data.dialogue import Dialogue
 from mediround.errors import CheckpointError, DataError
 from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_dialogue
-from mediround.inference.predictions import (
+from mediround.data.predictions import (
     MASKS_FOLDER,
     PREDICTIONS_FILE,
     PredictionWriter,
@@ -289,7 +289,7 @@ def run_shard(
 def _write_overlay(
     config: InferenceConfig, dialogue: Dialogue, image: np.ndarray, results: dict[Track, list[RoundPrediction]]
 ) -> None:
-    from mediround.inference.predictions import safe_name
+    from mediround.data.predictions import safe_name
     from mediround.reports.overlays import write_overlay
 
     for track, rounds in results.items():

@@ -11,7 +11,7 @@ from inference_fixtures import write_dialogues
 from mediround.data.images import load_mask
 from mediround.errors import DataError
 from mediround.inference.chain import Track
-from mediround.inference.predictions import read_predictions
+from mediround.data.predictions import read_predictions
 from mediround.inference.runner import (
     ERRORS_FILE,
     PARTS_FOLDER,
