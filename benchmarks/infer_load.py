@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from mediround.data.synth import generate
+from mediround.inference.events import InferenceEvents
 from mediround.inference.runner import InferenceConfig, run_inference
 from mediround.model import build_model, preset
 from mediround.model.checkpoint import save_checkpoint
@@ -62,7 +63,7 @@ def main() -> None:
     samples: list[tuple[int, float, float, float]] = []
     last = {"done": 0, "wall": time.perf_counter(), "cpu": time.process_time()}
 
-    def on_progress(done: int) -> None:
+    def sample(done: int) -> None:
         if done % args.every and done != args.dialogues:
             return
         wall, cpu = time.perf_counter(), time.process_time()
@@ -71,8 +72,12 @@ def main() -> None:
         last.update(done=done, wall=wall, cpu=cpu)
         print(f"{done:>6} {samples[-1][1]:>9.1f} {samples[-1][2]:>11.3f} {samples[-1][3]:>10.3f}", flush=True)
 
+    class Sampler(InferenceEvents):
+        def progressed(self, finished: int) -> None:
+            sample(finished)
+
     config = InferenceConfig(data=str(data), model=str(checkpoint), out=str(out), betas=(None,))
-    summary = run_inference(config, on_progress=on_progress)
+    summary = run_inference(config, events=Sampler())
     print(f"load average after: {os.getloadavg()}", flush=True)
     after_warmup = [s for s in samples if s[0] > args.warmup]
     at_warmup = next(s for s in samples if s[0] >= args.warmup)

@@ -49,9 +49,11 @@ from mediround.data.dialogue import Dialogue
 from mediround.data.formats import load_dialogues
 from mediround.data.formats.jsonl import write_jsonl
 from mediround.data.images import load_mask
-from mediround.inference.model_eval import ModelEvaluation, evaluate_model
+from mediround.data.predictions import read_predictions
+from mediround.inference.model_eval import ModelEvalConfig, ModelEvaluation, evaluate_model
 from mediround.inference.runner import InferenceConfig
 from mediround.metrics import Scores, aggregate, pair_counts
+from mediround.reports.scoring import EvalConfig
 from mediround.reports.plots import HEIGHT, MARGIN_BOTTOM, MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, WIDTH
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +179,7 @@ def evaluate(data: Path, model: Path, out: Path, betas: Sequence[float | None],
     config = InferenceConfig(data=str(data), model=str(model), out=str(out), betas=tuple(betas),
                              teacher_forcing=(teacher_forcing,), device="cpu", resume=resume)
     started = time.monotonic()
-    result = evaluate_model(config, out=out / "rows.parquet")
+    result = evaluate_model(ModelEvalConfig(config, EvalConfig(out=out / "rows.parquet")))
     print(f"evaluated {data.name} with {len(result.tracks)} track(s) in {time.monotonic() - started:.0f} s",
           flush=True)
     return result
@@ -209,8 +211,6 @@ def prior_rows(train: Path, data: Path) -> list[dict]:
 def round_overlap(data: Path, predictions: Path) -> tuple[float, float]:
     """Mean IoU between the masks of two different rounds of one dialogue: (predicted, ground truth). A
     model that ignores the query predicts the same mask in every round (predicted overlap near 1)."""
-    from mediround.data.predictions import read_predictions
-
     records = read_predictions(predictions)
     predicted, truth = [], []
     for dialogue in load_dialogues(data).dialogues:
@@ -226,8 +226,6 @@ def round_overlap(data: Path, predictions: Path) -> tuple[float, float]:
 
 def changed_masks(first: Path, second: Path) -> tuple[int, int, int]:
     """(masks, masks that differ, pixels that differ) between two predictions folders of the same data."""
-    from mediround.data.predictions import read_predictions
-
     records = read_predictions(first)
     other = read_predictions(second)
     differing = [int((load_mask(first / r["mask"]) != load_mask(second / other[key]["mask"])).sum())

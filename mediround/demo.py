@@ -15,13 +15,21 @@ Algorithm 1 with JCM at ``beta`` (``mediround.inference``), scores every round, 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from mediround.atomic import write_json
+from mediround.data.formats import load_dialogues
+from mediround.data.predictions import read_predictions, safe_name
+from mediround.data.synth import generate
+from mediround.default_model import default_checkpoint
 from mediround.errors import DataError
+from mediround.inference import DEFAULT_BETA
+from mediround.inference.events import InferenceEvents
+from mediround.inference.model_eval import ModelEvalConfig, ModelEvaluation, evaluate_model
+from mediround.inference.runner import InferenceConfig, model_folder
+from mediround.reports.html import render_report, write_report
+from mediround.reports.scoring import EvalConfig
 
 MARKER_FILE = "demo.json"
 DEFAULT_DEMO_SEED = 2026
@@ -35,7 +43,7 @@ class DemoConfig:
     out: Path
     n_dialogues: int = 12
     seed: int = DEFAULT_DEMO_SEED
-    beta: float | None = 0.6
+    beta: float | None = DEFAULT_BETA
     model: Path | None = None
     image_size: int = 128
     device: str = "cpu"
@@ -52,7 +60,7 @@ class DemoResult:
     rounds: Path
     round_plot: Path
     index: Path
-    evaluation: Any
+    evaluation: ModelEvaluation
 
 
 def prepare_output(out: Path) -> None:
@@ -71,20 +79,9 @@ def prepare_output(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_demo(
-    config: DemoConfig,
-    on_plan: Callable[[Any], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
-) -> DemoResult:
-    """Generate, predict, score and report into ``config.out`` (see the module docstring)."""
-    from mediround.data.formats import load_dialogues
-    from mediround.data.synth import generate
-    from mediround.default_model import default_checkpoint
-    from mediround.inference.model_eval import evaluate_model
-    from mediround.data.predictions import read_predictions, safe_name
-    from mediround.inference.runner import InferenceConfig, model_folder
-    from mediround.reports.html import render_report, write_report
-
+def run_demo(config: DemoConfig, events: InferenceEvents | None = None) -> DemoResult:
+    """Generate, predict, score and report into ``config.out`` (see the module docstring); ``events``
+    follows the inference run."""
     out = Path(config.out)
     model = model_folder(config.model) if config.model is not None else default_checkpoint()
     prepare_output(out)
@@ -94,8 +91,8 @@ def run_demo(
     inference = InferenceConfig(data=str(data), model=str(model), out=str(predictions), betas=(config.beta,),
                                 overlays=True, device=config.device)
     rounds, round_plot = out / "rounds.parquet", out / "round_curve.png"
-    evaluation = evaluate_model(inference, out=rounds, round_plot=round_plot, on_plan=on_plan,
-                                on_progress=on_progress)
+    evaluation = evaluate_model(ModelEvalConfig(inference, EvalConfig(out=rounds, plot=round_plot)),
+                                events=events)
     dialogues = load_dialogues(data).dialogues
     overlays = {d.id: f"predictions/overlays/{safe_name(d.id)}.png" for d in dialogues
                 if (predictions / "overlays" / f"{safe_name(d.id)}.png").is_file()}

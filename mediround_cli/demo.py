@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mediround.default_model import default_checkpoint, default_model_notice
+from mediround.inference import DEFAULT_BETA
+from mediround.reports.tables import group_table, overall_table, round_table
 from mediround_cli.common import console, err_console, handle_errors
-from mediround_cli.infer import parse_beta
+from mediround_cli.output import parse_beta, prediction_progress
 
 
 @click.command()
@@ -18,25 +20,21 @@ from mediround_cli.infer import parse_beta
 @click.option("--dialogues", "n_dialogues", type=click.IntRange(min=1), default=12, show_default=True,
               help="Number of synthetic test dialogues to draw.")
 @click.option("--seed", type=int, default=2026, show_default=True, help="Seed of the synthetic test dialogues.")
-@click.option("--beta", default="0.6", show_default=True, metavar="BETA|off",
+@click.option("--beta", default=f"{DEFAULT_BETA:g}", show_default=True, metavar="BETA|off",
               help="JCM threshold ('off' disables JCM).")
 @click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Checkpoint folder [default: the shipped tiny model].")
 @handle_errors
 def demo(out: Path, n_dialogues: int, seed: int, beta: str, model_path: Path | None) -> None:
     """Draw synthetic test dialogues, segment them round by round with JCM, and write an HTML report."""
-    from mediround.default_model import default_checkpoint, default_model_notice
+    # The demo runs the model (torch): imported here so that `mediround demo --help` stays fast.
     from mediround.demo import DemoConfig, run_demo
-    from mediround.reports.tables import group_table, overall_table, round_table
 
     if model_path is None:
         err_console.print(default_model_notice(default_checkpoint()), soft_wrap=True)
     config = DemoConfig(out=out, n_dialogues=n_dialogues, seed=seed, beta=parse_beta(beta), model=model_path)
-    columns = (TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task("demo", total=None)
-        result = run_demo(config, on_plan=lambda plan: progress.update(task, total=len(plan.todo)),
-                          on_progress=lambda finished: progress.update(task, completed=finished))
+    with prediction_progress("demo", label="segmenting") as events:
+        result = run_demo(config, events=events)
     summary = result.evaluation.summaries[result.evaluation.primary]
     console.print(overall_table(summary))
     console.print(round_table(summary))

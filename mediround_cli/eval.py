@@ -6,24 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mediround.data.formats import load_dialogues
+from mediround.default_model import default_checkpoint, default_model_notice
 from mediround.reports.scoring import EvalConfig, Evaluation, evaluate_predictions
-from mediround.reports.tables import (
-    difficulty_table,
-    group_table,
-    missing_table,
-    overall_table,
-    round_table,
-)
 from mediround_cli.common import console, err_console, handle_errors
-from mediround_cli.eval_model import evaluate_with_model, model_options, print_gate
-
-
-def _has_known_groups(evaluation: Evaluation, grouping: str) -> bool:
-    return any(value is not None for value in evaluation.summary[grouping])
+from mediround_cli.eval_model import ModelOptions, evaluate_with_model, model_options
+from mediround_cli.output import print_gate, print_report, progress_bar
 
 
 def _summary_table(n_dialogues: int, evaluation: Evaluation, n_problems: int) -> Table:
@@ -41,18 +31,6 @@ def _summary_table(n_dialogues: int, evaluation: Evaluation, n_problems: int) ->
     if evaluation.plot is not None:
         table.add_row("per-round curve", str(evaluation.plot))
     return table
-
-
-def _print_report(evaluation: Evaluation, per_round: bool) -> None:
-    console.print(difficulty_table(evaluation.summary) if _has_known_groups(evaluation, "difficulty")
-                  else overall_table(evaluation.summary))
-    if per_round:
-        console.print(round_table(evaluation.summary))
-    for grouping in ("scenario", "modality", "names_target"):
-        if _has_known_groups(evaluation, grouping):
-            console.print(group_table(evaluation.summary, grouping))
-    if evaluation.missing:
-        console.print(missing_table(evaluation.missing))
 
 
 @click.command("eval")
@@ -86,30 +64,25 @@ def eval_command(
     **model_settings: Any,
 ) -> None:
     """Score predicted masks against the ground truth of DATA (JSONL, MR-MedSeg JSON or an SA-Med2D folder)."""
-    if model_path is not None:
-        if predictions_dir is not None:
-            raise click.UsageError("--predictions and --model exclude each other")
-        evaluate_with_model(data, model_path, out, root, allow_outside_root, baseline, max_drop, plot, per_round,
-                            _print_report, **model_settings)
-        return
+    if model_path is not None and predictions_dir is not None:
+        raise click.UsageError("--predictions and --model exclude each other")
     if predictions_dir is None:
-        from mediround.default_model import default_checkpoint, default_model_notice
-
-        model_path = default_checkpoint()
-        err_console.print(default_model_notice(model_path), soft_wrap=True)
-        evaluate_with_model(data, model_path, out, root, allow_outside_root, baseline, max_drop, plot, per_round,
-                            _print_report, **model_settings)
+        if model_path is None:
+            model_path = default_checkpoint()
+            err_console.print(default_model_notice(model_path), soft_wrap=True)
+        scoring = EvalConfig(out=out, baseline=baseline, max_drop=max_drop, plot=plot)
+        options = ModelOptions(**model_settings)
+        evaluate_with_model(options.evaluation_config(data, model_path, root, allow_outside_root, scoring), per_round)
         return
     config = EvalConfig(out=out or predictions_dir / "metrics.parquet", baseline=baseline, max_drop=max_drop,
                         plot=plot)
     loaded = load_dialogues(data, root=root, allow_outside_root=allow_outside_root)
-    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as progress:
+    with progress_bar("scoring") as progress:
         task = progress.add_task("scoring", total=len(loaded.dialogues))
         evaluation = evaluate_predictions(loaded.dialogues, predictions_dir, config,
                                           advance=lambda: progress.advance(task))
 
-    _print_report(evaluation, per_round)
+    print_report(evaluation.summary, evaluation.missing, per_round)
     problems = [*loaded.problems, *evaluation.problems]
     for problem in problems:
         err_console.print(f"problem: {problem.one_line()}", soft_wrap=True, markup=False)

@@ -1,26 +1,34 @@
 """The model-running side of ``mediround eval``: ``--model CKPT`` runs inference and scores it in one command.
 
-``model_options`` adds the options to the ``eval`` command; ``evaluate_with_model`` is what ``eval`` calls
-when ``--model`` is given.
+``model_options`` adds the options to the ``eval`` command, which gathers their values in ``ModelOptions``,
+turns them into a ``ModelEvalConfig`` and calls ``evaluate_with_model``.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
 
-from mediround.reports.tables import regression_table
+from mediround.inference import DEFAULT_BETA
+from mediround.reports.scoring import EvalConfig
 from mediround_cli.common import console, err_console
-from mediround_cli.infer import launch_settings, parse_beta, prediction_progress, summary_table
+from mediround_cli.output import (
+    inference_summary_table,
+    launch_settings,
+    parse_betas,
+    prediction_progress,
+    print_gate,
+    print_report,
+)
 from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 if TYPE_CHECKING:
-    from mediround.inference.model_eval import ModelEvaluation
+    from mediround.inference.model_eval import ModelEvalConfig, ModelEvaluation
 
 MODEL_OPTIONS = (
     click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -28,7 +36,7 @@ MODEL_OPTIONS = (
                       "[default without --predictions: the shipped tiny model]."),
     click.option("--beta", "betas", metavar="LIST",
                  help="JCM thresholds, comma-separated (e.g. 0.2,0.4,0.6,0.8; 'off' allowed), all in one pass; "
-                      "writes a beta-vs-score PNG. [default: 0.6 with trained JCM weights, else off]"),
+                      f"writes a beta-vs-score PNG. [default: {DEFAULT_BETA:g} with trained JCM weights, else off]"),
     click.option("--teacher-forcing", is_flag=True,
                  help="Chain ground-truth reference masks instead of the model's own."),
     click.option("--compare-tf", is_flag=True,
@@ -55,19 +63,8 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def parse_betas(text: str | None) -> tuple[float | None, ...]:
-    """``"0.2,0.4,off"`` -> ``(0.2, 0.4, None)``; empty means the checkpoint's default."""
-    if text is None:
-        return ()
-    values = tuple(parse_beta(part) for part in text.split(",") if part.strip())
-    if not values:
-        raise click.BadParameter("give at least one threshold", param_hint="--beta")
-    if len(set(values)) != len(values):
-        raise click.BadParameter(f"'{text}' repeats a threshold", param_hint="--beta")
-    return values
-
-
 def tracks_table(evaluation: ModelEvaluation) -> Table:
+    # model_eval pulls in torch: imported here so that `mediround eval --predictions` stays light.
     from mediround.inference.model_eval import references_name
 
     table = Table(title="Overall per track (x100)")
@@ -95,63 +92,63 @@ def gap_table(evaluation: ModelEvaluation) -> Table:
     return table
 
 
-def evaluate_with_model(
-    data: Path,
-    model_path: Path,
-    out: Path | None,
-    root: Path | None,
-    allow_outside_root: bool,
-    baseline: Path | None,
-    max_drop: float,
-    plot: Path | None,
-    per_round: bool,
-    print_report: Callable[[Any, bool], None],
-    betas: str | None = None,
-    teacher_forcing: bool = False,
-    compare_tf: bool = False,
-    generate: bool = False,
-    no_cache: bool = False,
-    gpus: int | None = None,
-    cpu: bool = False,
-    num_processes: int | None = None,
-    resume: bool = False,
-    predictions_out: Path | None = None,
-    beta_plot: Path | None = None,
-    allow_partial_load: bool = False,
-) -> None:
-    """Run the checkpoint on DATA, score every track, print the tables and apply the gate (exit 1)."""
-    from mediround.inference.model_eval import evaluate_model
-    from mediround.inference.runner import InferenceConfig
+@dataclass
+class ModelOptions:
+    """The values of ``MODEL_OPTIONS`` as click passes them (``--model`` aside)."""
 
-    if teacher_forcing and compare_tf:
-        raise click.UsageError("--teacher-forcing and --compare-tf exclude each other (--compare-tf runs both)")
-    device, processes = launch_settings(gpus, cpu, num_processes)
-    predictions_out = predictions_out or Path("mediround-eval")
-    config = InferenceConfig(
-        data=str(data), model=str(model_path), out=str(predictions_out), betas=parse_betas(betas),
-        teacher_forcing=(False, True) if compare_tf else (teacher_forcing,), generate=generate,
-        use_cache=not no_cache, resume=resume, root=None if root is None else str(root),
-        allow_outside_root=allow_outside_root, device=device, num_processes=processes,
-        allow_partial_load=allow_partial_load,
-    )
-    with prediction_progress("eval") as (on_plan, on_progress):
-        evaluation = evaluate_model(
-            config, out=out, baseline=baseline, max_drop=max_drop, round_plot=plot,
-            beta_plot=beta_plot or predictions_out / "beta_curve.png", on_plan=on_plan, on_progress=on_progress,
-        )
-    if allow_partial_load and evaluation.inference.load_reports:
+    betas: str | None = None
+    teacher_forcing: bool = False
+    compare_tf: bool = False
+    generate: bool = False
+    no_cache: bool = False
+    gpus: int | None = None
+    cpu: bool = False
+    num_processes: int | None = None
+    resume: bool = False
+    predictions_out: Path | None = None
+    beta_plot: Path | None = None
+    allow_partial_load: bool = False
+
+    def evaluation_config(self, data: Path, model_path: Path, root: Path | None, allow_outside_root: bool,
+                          scoring: EvalConfig) -> ModelEvalConfig:
+        """The checked settings of a model-based evaluation of ``data`` with these options."""
+        from mediround.inference.model_eval import ModelEvalConfig
+        from mediround.inference.runner import InferenceConfig
+
+        if self.teacher_forcing and self.compare_tf:
+            raise click.UsageError("--teacher-forcing and --compare-tf exclude each other (--compare-tf runs both)")
+        device, processes = launch_settings(self.gpus, self.cpu, self.num_processes)
+        predictions_out = self.predictions_out or Path("mediround-eval")
+        inference = InferenceConfig.from_dict({
+            "data": str(data), "model": str(model_path), "out": str(predictions_out),
+            "betas": parse_betas(self.betas),
+            "teacher_forcing": (False, True) if self.compare_tf else (self.teacher_forcing,),
+            "generate": self.generate, "use_cache": not self.no_cache, "resume": self.resume,
+            "root": None if root is None else str(root), "allow_outside_root": allow_outside_root,
+            "device": device, "num_processes": processes, "allow_partial_load": self.allow_partial_load,
+        }, "the command line")
+        return ModelEvalConfig(inference, scoring, self.beta_plot or predictions_out / "beta_curve.png")
+
+
+def evaluate_with_model(config: ModelEvalConfig, per_round: bool) -> None:
+    """Run the checkpoint, score every track, print the tables and apply the gate (exit 1)."""
+    from mediround.inference.model_eval import evaluate_model
+
+    with prediction_progress("eval") as events:
+        evaluation = evaluate_model(config, events=events)
+    if config.inference.allow_partial_load and evaluation.inference.load_reports:
         print_load_reports(evaluation.inference.load_reports)
     primary = evaluation.primary
     references = "ground-truth" if primary.teacher_forcing else "predicted"
     console.print(f"[bold]{primary.label}[/bold] ({references} references)")
-    print_report(_PrimaryView(evaluation), per_round)
+    print_report(evaluation.summaries[primary], evaluation.missing, per_round)
     if len(evaluation.tracks) > 1:
         console.print(tracks_table(evaluation))
     if evaluation.tf_gap:
         console.print(gap_table(evaluation))
     for problem in evaluation.problems:
         err_console.print(f"problem: {problem.one_line()}", soft_wrap=True, markup=False)
-    console.print(summary_table(evaluation.inference))
+    console.print(inference_summary_table(evaluation.inference))
     written = [f"metric rows: {evaluation.out}"]
     if evaluation.beta_plot is not None:
         written.append(f"beta curve: {evaluation.beta_plot}")
@@ -161,24 +158,6 @@ def evaluate_with_model(
     if evaluation.inference.skipped:
         err_console.print(f"[yellow]{evaluation.inference.skipped} dialogue(s) skipped[/yellow]; reasons in "
                           f"{evaluation.inference.errors_file}")
-    if baseline is not None:
-        print_gate(evaluation.regressions, max_drop, baseline, scores=f"scores of {primary.label}")
-
-
-def print_gate(regressions: list, max_drop: float, baseline: Path, scores: str = "scores") -> None:
-    """Say whether the regression gate passed against ``baseline``; exit 1, after the table of the
-    ``scores`` that fell by more than ``max_drop`` points, when it failed."""
-    if regressions:
-        console.print(regression_table(regressions, max_drop))
-        err_console.print(f"[red]gate failed:[/red] {len(regressions)} {scores} fell by more than {max_drop:g} "
-                          f"points against {baseline}")
-        sys.exit(1)
-    console.print(f"[green]gate passed:[/green] no score fell by more than {max_drop:g} points against {baseline}")
-
-
-class _PrimaryView:
-    """The primary track's summary and missing rounds, shaped as ``eval``'s report printer expects."""
-
-    def __init__(self, evaluation: ModelEvaluation):
-        self.summary = evaluation.summaries[evaluation.primary]
-        self.missing = evaluation.missing
+    scoring = config.scoring
+    if scoring.baseline is not None:
+        print_gate(evaluation.regressions, scoring.max_drop, scoring.baseline, scores=f"scores of {primary.label}")

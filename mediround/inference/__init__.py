@@ -1,0 +1,7 @@
+"""Algorithm 1 over dialogues: chaining (``chain``), whole runs (``runner``), model-based evaluation.
+
+Kept free of torch imports so that light commands can read ``DEFAULT_BETA`` and ``InferenceEvents``.
+"""
+
+DEFAULT_BETA = 0.6
+"""The paper's JCM threshold (Figure 7): the default wherever a threshold is chosen for the user."""

@@ -15,7 +15,7 @@ rows of the same beta and references when the baseline has those columns, else w
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,14 @@ import pyarrow.parquet as pq
 from mediround.atomic import atomic_path
 from mediround.errors import DataError
 from mediround.inference.chain import Track
+from mediround.inference.events import InferenceEvents
 from mediround.inference.runner import InferenceConfig, InferenceSummary, run_inference, score_outputs
 from mediround.metrics import Scores, aggregate, group_scores, summarize
+from mediround.reports.beta_curve import beta_curve
 from mediround.reports.gate import Regression, compare_rows
+from mediround.reports.plots import round_curve
 from mediround.reports.rows import ROW_SCHEMA, read_rows
+from mediround.reports.scoring import EvalConfig
 
 TRACK_COLUMNS = [("beta", pa.float64()), ("references", pa.string())]
 SWEEP_SCHEMA = pa.schema([*ROW_SCHEMA, *TRACK_COLUMNS])
@@ -37,6 +41,17 @@ SWEEP_SCHEMA = pa.schema([*ROW_SCHEMA, *TRACK_COLUMNS])
 
 def references_name(track: Track) -> str:
     return "ground-truth" if track.teacher_forcing else "predicted"
+
+
+@dataclass
+class ModelEvalConfig:
+    """A model-based evaluation: the inference run (every track in one pass), then what to do with the
+    scores (``scoring.out``: the rows of every track; ``scoring.plot``: the primary track's per-round
+    curve; ``scoring.baseline``/``max_drop``: the gate), and where to draw the beta-vs-score curve."""
+
+    inference: InferenceConfig
+    scoring: EvalConfig = field(default_factory=EvalConfig)
+    beta_plot: Path | None = None
 
 
 @dataclass
@@ -101,24 +116,19 @@ def _matching_rows(rows: list[dict], path: Path, track: Track) -> list[dict]:
 
 
 def evaluate_model(
-    config: InferenceConfig,
-    out: str | os.PathLike | None = None,
-    baseline: str | os.PathLike | None = None,
-    max_drop: float = 0.0,
-    round_plot: str | os.PathLike | None = None,
-    beta_plot: str | os.PathLike | None = None,
-    model: Any = None,
-    on_plan: Callable[[Any], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
+    settings: ModelEvalConfig, model: Any = None, events: InferenceEvents | None = None
 ) -> ModelEvaluation:
-    """Predict with every track of ``config`` (one pass), score, write rows and plots, gate the primary track.
+    """Predict with every track of ``settings.inference`` (one pass), score, write rows and plots, gate the
+    primary track.
 
-    ``out`` defaults to ``config.out/metrics.parquet`` (for a single track it is that track's own file).
-    ``beta_plot`` is drawn when at least two numeric betas ran with predicted references. The baseline is
-    read before anything is written, so it may be the file this run replaces.
+    ``settings.scoring.out`` defaults to ``inference.out/metrics.parquet`` (for a single track it is that
+    track's own file). The beta plot is drawn when at least two numeric betas ran with predicted
+    references. The baseline is read before anything is written, so it may be the file this run replaces.
     """
+    scoring = settings.scoring
+    baseline = scoring.baseline
     baseline_rows = read_rows(baseline) if baseline is not None else None
-    summary = run_inference(config, model=model, on_plan=on_plan, on_progress=on_progress)
+    summary = run_inference(settings.inference, model=model, events=events)
     config = summary.config
     evaluations = score_outputs(config)
     if not evaluations:
@@ -132,7 +142,7 @@ def evaluate_model(
         summaries[track] = evaluation.summary
         rows.extend({**row, "beta": track.beta, "references": references_name(track)} for row in evaluation.rows)
         problems.extend(evaluation.problems)
-    out_path = Path(out) if out is not None else Path(config.out) / "metrics.parquet"
+    out_path = Path(scoring.out) if scoring.out is not None else Path(config.out) / "metrics.parquet"
     write_sweep_rows(out_path, rows)
     primary = primary_track(tracks)
     result = ModelEvaluation(summary, tracks, primary, summaries, rows, out_path, problems,
@@ -141,18 +151,14 @@ def evaluate_model(
     forced = Track(primary.beta, teacher_forcing=True)
     if not primary.teacher_forcing and forced in tracks:
         result.tf_gap = round_gaps(primary_rows, evaluations[forced.label].rows)
-    if round_plot is not None:
-        from mediround.reports.plots import round_curve
-
-        round_curve(summarize(primary_rows)["round"], round_plot, title=f"Score per round ({primary.label})")
-        result.round_plot = Path(round_plot)
+    if scoring.plot is not None:
+        round_curve(summarize(primary_rows)["round"], scoring.plot, title=f"Score per round ({primary.label})")
+        result.round_plot = Path(scoring.plot)
     swept = [t for t in tracks if t.beta is not None and not t.teacher_forcing]
-    if beta_plot is not None and len(swept) >= 2:
-        from mediround.reports.beta_curve import beta_curve
-
-        beta_curve({t.beta: aggregate(evaluations[t.label].rows) for t in swept}, beta_plot)
-        result.beta_plot = Path(beta_plot)
+    if settings.beta_plot is not None and len(swept) >= 2:
+        beta_curve({t.beta: aggregate(evaluations[t.label].rows) for t in swept}, settings.beta_plot)
+        result.beta_plot = Path(settings.beta_plot)
     if baseline_rows is not None:
         result.regressions = compare_rows(primary_rows, _matching_rows(baseline_rows, Path(baseline), primary),
-                                          max_drop)
+                                          scoring.max_drop)
     return result

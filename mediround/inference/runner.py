@@ -20,27 +20,39 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import AfterValidator, Field
 
 from mediround.atomic import append_jsonl_line, atomic_open, write_json
 from mediround.data.dialogue import Dialogue
-from mediround.errors import CheckpointError, DataError
-from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_dialogue
+from mediround.data.formats import load_dialogues
+from mediround.data.images import load_image, load_mask
 from mediround.data.predictions import (
     MASKS_FOLDER,
     PREDICTIONS_FILE,
     PredictionWriter,
     complete_dialogue_ids,
     read_predictions,
+    safe_name,
 )
+from mediround.errors import CheckpointError, DataError, RecipeError
+from mediround.inference import DEFAULT_BETA
+from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_dialogue
+from mediround.inference.events import InferenceEvents
+from mediround.model.checkpoint import load_checkpoint
+from mediround.model.config import MediRoundConfig
 from mediround.model.load_report import LoadReport
+from mediround.reports.overlays import write_overlay
+from mediround.reports.scoring import EvalConfig, evaluate_predictions
+from mediround.typed import load_typed, typed_config
 
 ERRORS_FILE = "errors.jsonl"
 PARTS_FOLDER = ".parts"
@@ -48,10 +60,25 @@ PROGRESS_FILE = "progress.jsonl"
 WORKER_PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.parquet"
 RUN_FILE = "run.json"
-DEFAULT_BETA = 0.6
-"""The paper's JCM threshold (Figure 7)."""
 
 
+def _distinct(values: tuple) -> tuple:
+    if len(set(values)) != len(values):
+        raise ValueError(f"repeats a value: {list(values)}")
+    return values
+
+
+def _device_name(name: str) -> str:
+    if re.fullmatch(r"cpu|cuda(:\d+)?", name) is None:
+        raise ValueError("expected 'cpu', 'cuda' or 'cuda:N'")
+    return name
+
+
+Beta = Annotated[float, Field(ge=0.0, le=1.0)]
+"""A JCM threshold: q > beta decodes the raw [SEG], otherwise the refined one."""
+
+
+@typed_config
 @dataclass
 class InferenceConfig:
     """Everything one ``mediround infer`` run needs; JSON round trip so re-launched workers read the same.
@@ -59,21 +86,22 @@ class InferenceConfig:
     ``betas`` empty means the default: ``DEFAULT_BETA`` when the checkpoint has trained JCM weights, else
     JCM off (``resolve_betas``). ``None`` in ``betas`` is a JCM-off track. ``allow_partial_load`` loads a
     checkpoint whose weight files miss or add keys (what was left random is in the summary's load reports).
+    Build it from outside input with ``from_dict``, which checks every value.
     """
 
     data: str
     model: str
     out: str
-    betas: tuple[float | None, ...] = ()
-    teacher_forcing: tuple[bool, ...] = (False,)
+    betas: Annotated[tuple[Beta | None, ...], AfterValidator(_distinct)] = ()
+    teacher_forcing: Annotated[tuple[bool, ...], Field(min_length=1), AfterValidator(_distinct)] = (False,)
     generate: bool = False
     use_cache: bool = True
     resume: bool = False
     overlays: bool = False
     root: str | None = None
     allow_outside_root: bool = False
-    device: str = "cpu"
-    num_processes: int = 1
+    device: Annotated[str, AfterValidator(_device_name)] = "cpu"
+    num_processes: Annotated[int, Field(ge=1)] = 1
     allow_partial_load: bool = False
 
     @property
@@ -89,11 +117,10 @@ class InferenceConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> InferenceConfig:
-        data = dict(data)
-        data["betas"] = tuple(data["betas"])
-        data["teacher_forcing"] = tuple(data["teacher_forcing"])
-        return cls(**data)
+    def from_dict(cls, data: dict, source: str) -> InferenceConfig:
+        """The checked settings of ``data`` (lists for tuples, as JSON writes them); ``source`` names
+        where they came from in the one-line ``RecipeError`` about a bad value."""
+        return load_typed(cls, data, source)
 
 
 @dataclass
@@ -141,8 +168,6 @@ def _part_folder(config: InferenceConfig, part: Path, track: Track) -> Path:
 
 def load_plan(config: InferenceConfig) -> Plan:
     """Load the dialogues and decide which still need predicting (merging a killed run's parts first)."""
-    from mediround.data.formats import load_dialogues
-
     loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
     out = Path(config.out)
     existing = [config.track_folder(t) / PREDICTIONS_FILE for t in config.tracks]
@@ -192,8 +217,6 @@ def _read_or_empty(folder: Path) -> dict[tuple[str, int], dict]:
 
 def _reference_truth(dialogue: Dialogue, file: str, shape: tuple[int, ...]) -> dict[int, np.ndarray]:
     """Ground-truth masks of every referred round (for teacher-forcing tracks), checked against the image."""
-    from mediround.data.images import load_mask
-
     truth = {}
     for number, round_ in enumerate(dialogue.rounds, start=1):
         if round_.ref is None or round_.ref in truth:
@@ -222,8 +245,6 @@ def predict_dialogue(
     model: Any, dialogue: Dialogue, config: InferenceConfig
 ) -> tuple[dict[Track, list[RoundPrediction]], np.ndarray]:
     """Decode the image, check the references and chain the rounds for every track of ``config``."""
-    from mediround.data.images import load_image
-
     check_dialogue(dialogue, config.data, generate=config.generate)
     try:
         image = load_image(dialogue.image_path)
@@ -289,9 +310,6 @@ def run_shard(
 def _write_overlay(
     config: InferenceConfig, dialogue: Dialogue, image: np.ndarray, results: dict[Track, list[RoundPrediction]]
 ) -> None:
-    from mediround.data.predictions import safe_name
-    from mediround.reports.overlays import write_overlay
-
     for track, rounds in results.items():
         path = config.track_folder(track) / "overlays" / f"{safe_name(dialogue.id)}.png"
         write_overlay(path, dialogue, image, [p.mask for p in rounds])
@@ -384,9 +402,6 @@ def score_outputs(config: InferenceConfig) -> dict[str, Any]:
     Only dialogues that were predicted are scored (skipped ones are in ``errors.jsonl``). Returns
     ``{track label: Evaluation}``; empty when no predicted dialogue carries a ground-truth mask.
     """
-    from mediround.data.formats import load_dialogues
-    from mediround.reports.scoring import EvalConfig, evaluate_predictions
-
     loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
     with_truth = [d for d in loaded.dialogues if any(r.mask is not None for r in d.rounds)]
     evaluations = {}
@@ -419,9 +434,6 @@ def resolve_betas(config: InferenceConfig, model_config: Any | None = None) -> I
     run's output folder stands for its ``model/`` checkpoint.
     """
     if model_config is None:
-        from mediround.errors import RecipeError
-        from mediround.model.config import MediRoundConfig
-
         config = replace(config, model=str(model_folder(config.model)))
         path = Path(config.model) / "config.json"
         if not path.is_file():
@@ -442,36 +454,31 @@ def resolve_betas(config: InferenceConfig, model_config: Any | None = None) -> I
 
 def load_model(config: InferenceConfig) -> Any:
     """The checkpoint of ``config.model`` on ``config.device``, in eval mode."""
-    from mediround.model.checkpoint import load_checkpoint
-
     return load_checkpoint(config.model, device=config.device, allow_partial=config.allow_partial_load).eval()
 
 
 def run_inference(
-    config: InferenceConfig,
-    model: Any = None,
-    on_plan: Callable[[Plan], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
+    config: InferenceConfig, model: Any = None, events: InferenceEvents | None = None
 ) -> InferenceSummary:
     """Predict every dialogue of ``config.data`` into ``config.out`` (one process, or re-launched workers).
 
-    ``on_plan`` sees the plan before work starts; ``on_progress`` gets the number of dialogues finished.
+    ``events`` hears of the plan before work starts and of each finished dialogue.
     The summary carries the load reports of the model this process loaded (none when workers loaded it).
     Ctrl-C first merges the dialogues finished so far into ``DIR``, then lets ``KeyboardInterrupt`` go on.
     """
     config = resolve_betas(config, None if model is None else model.config)
+    events = events or InferenceEvents()
     plan = load_plan(config)
-    if on_plan is not None:
-        on_plan(plan)
+    events.planned(plan)
     _parts_root(config).mkdir(parents=True, exist_ok=True)
     load_reports: list[LoadReport] = []
     try:
         if plan.todo and config.num_processes > 1:
-            _launch_workers(config, plan, on_progress)
+            _launch_workers(config, plan, events)
         elif plan.todo:
             model = model if model is not None else load_model(config)
             load_reports = list(getattr(model, "load_reports", []))
-            run_shard(config, plan, model, on_done=None if on_progress is None else _counter(on_progress))
+            run_shard(config, plan, model, on_done=_counter(events.progressed))
     except KeyboardInterrupt:
         finalize(config, plan.dialogues, plan.problems)
         raise
@@ -502,11 +509,11 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
-def _launch_workers(config: InferenceConfig, plan: Plan, on_progress: Callable[[int], None] | None) -> None:
+def _launch_workers(config: InferenceConfig, plan: Plan, events: InferenceEvents) -> None:
     """Re-launch ``mediround infer --worker-plan`` as ``config.num_processes`` Accelerate processes and wait.
 
     The workers read the plan written here (config and the indices to predict), so they never re-plan or
-    merge; this process merges after they exit. ``on_progress`` gets the number of finished dialogues.
+    merge; this process merges after they exit. ``events`` hears the number of finished dialogues.
     """
     from mediround.training.launch import plan_launch, relaunch
 
@@ -521,29 +528,26 @@ def _launch_workers(config: InferenceConfig, plan: Plan, on_progress: Callable[[
 
     def poll() -> None:
         while not stop.wait(0.5):
-            on_progress(sum(_count_lines(p / PROGRESS_FILE) for p in _parts_root(config).glob("rank-*")))
+            events.progressed(sum(_count_lines(p / PROGRESS_FILE) for p in _parts_root(config).glob("rank-*")))
 
-    watcher = threading.Thread(target=poll, daemon=True) if on_progress is not None else None
-    if watcher is not None:
-        watcher.start()
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
     try:
         relaunch(launch, ["infer", "--worker-plan", str(plan_file)]
                  + (["--allow-partial-load"] if config.allow_partial_load else []))
     finally:
         stop.set()
-        if watcher is not None:
-            watcher.join()
+        watcher.join()
 
 
 def run_worker(plan_file: str | os.PathLike) -> list[LoadReport]:
     """The body of one re-launched worker: predict its shard of the plan written by ``_launch_workers``;
     returns the load reports of its model."""
-    from mediround.data.formats import load_dialogues
     from mediround.training.launch import check_world_size, expected_world_size
 
     with open(plan_file, encoding="utf-8") as handle:
         saved = json.load(handle)
-    config = InferenceConfig.from_dict(saved["config"])
+    config = InferenceConfig.from_dict(saved["config"], str(plan_file))
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_world_size(world, expected_world_size(), rank)

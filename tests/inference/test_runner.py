@@ -9,7 +9,7 @@ import pytest
 from inference_fixtures import write_dialogues
 
 from mediround.data.images import load_mask
-from mediround.errors import DataError
+from mediround.errors import DataError, RecipeError
 from mediround.inference.chain import Track
 from mediround.data.predictions import read_predictions
 from mediround.inference.runner import (
@@ -137,3 +137,24 @@ def test_teacher_forcing_skips_dialogues_whose_reference_truth_is_unusable(model
     assert error["id"] == "dlg-1" and error["field"] == "rounds[0].mask"
     assert "differs from the image's 48x48" in error["reason"]
     assert summary.skipped == 1
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"betas": [1.5]}, "key 'betas[0]': Input should be less than or equal to 1"),
+    ({"betas": [0.2, 0.2]}, "key 'betas': Value error, repeats a value"),
+    ({"teacher_forcing": []}, "key 'teacher_forcing'"),
+    ({"num_processes": 0}, "key 'num_processes': Input should be greater than or equal to 1"),
+    ({"device": "gpu"}, "key 'device': Value error, expected 'cpu', 'cuda' or 'cuda:N'"),
+    ({"beta": 0.5}, "unknown key 'beta' (did you mean 'betas'?)"),
+])
+def test_inference_settings_refuse_bad_values_in_one_line(change, message):
+    settings = {"data": "d.jsonl", "model": "m", "out": "o", **change}
+    with pytest.raises(RecipeError) as caught:
+        InferenceConfig.from_dict(settings, "plan.json")
+    assert str(caught.value).startswith("plan.json: ") and message in str(caught.value)
+
+
+def test_inference_settings_round_trip_through_json():
+    config = InferenceConfig(data="d.jsonl", model="m", out="o", betas=(0.2, None), teacher_forcing=(False, True),
+                             device="cuda:1", num_processes=2)
+    assert InferenceConfig.from_dict(json.loads(json.dumps(config.to_dict())), "plan.json") == config

@@ -1,0 +1,137 @@
+"""What several commands print or parse alike: report tables, the gate verdict, progress bars, the JCM
+threshold and launch options. Commands import from here, never from one another.
+
+Light on purpose: ``mediround eval --predictions`` imports this module and must not load torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mediround.inference.events import InferenceEvents
+from mediround.metrics import Scores
+from mediround.reports.gate import Regression
+from mediround.reports.tables import (
+    difficulty_table,
+    group_table,
+    missing_table,
+    overall_table,
+    regression_table,
+    round_table,
+)
+from mediround.training.launch import plan_launch
+from mediround_cli.common import console, err_console
+
+if TYPE_CHECKING:
+    from mediround.inference.runner import InferenceSummary, Plan
+
+
+def parse_beta(text: str) -> float | None:
+    """A JCM threshold in [0, 1], or None for ``off``/``none``."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not a number in [0, 1] or 'off'", param_hint="--beta") from None
+    if not 0.0 <= value <= 1.0:
+        raise click.BadParameter(f"{value:g} is outside [0, 1]", param_hint="--beta")
+    return value
+
+
+def parse_betas(text: str | None) -> tuple[float | None, ...]:
+    """``"0.2,0.4,off"`` -> ``(0.2, 0.4, None)``; empty means the checkpoint's default."""
+    if text is None:
+        return ()
+    values = tuple(parse_beta(part) for part in text.split(",") if part.strip())
+    if not values:
+        raise click.BadParameter("give at least one threshold", param_hint="--beta")
+    if len(set(values)) != len(values):
+        raise click.BadParameter(f"'{text}' repeats a threshold", param_hint="--beta")
+    return values
+
+
+def launch_settings(gpus: int | None, cpu: bool, num_processes: int | None) -> tuple[str, int]:
+    """(device, processes) from the launch flags, with the training launcher's rules for contradictions."""
+    plan = plan_launch(gpus=gpus, cpu=cpu, num_processes=num_processes)
+    return ("cpu" if plan.cpu else "cuda"), plan.world_size
+
+
+def progress_bar(label: str) -> Progress:
+    """A transient bar on stderr: ``label``, bar, done/total, elapsed time."""
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=err_console, transient=True)
+
+
+class _BarEvents(InferenceEvents):
+    """Moves a progress bar as an inference run plans and finishes dialogues."""
+
+    def __init__(self, progress: Progress, name: str):
+        self.progress = progress
+        self.task = progress.add_task(name, total=None)
+
+    def planned(self, plan: Plan) -> None:
+        self.progress.update(self.task, total=len(plan.todo))
+
+    def progressed(self, finished: int) -> None:
+        self.progress.update(self.task, completed=finished)
+
+
+@contextlib.contextmanager
+def prediction_progress(name: str, label: str = "predicting") -> Iterator[InferenceEvents]:
+    """A transient ``label`` bar on stderr; yields the events object that ``run_inference`` takes."""
+    with progress_bar(label) as progress:
+        yield _BarEvents(progress, name)
+
+
+def inference_summary_table(summary: InferenceSummary) -> Table:
+    """Counts and folders of one inference run."""
+    table = Table(title="mediround infer", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("dialogues in data", str(summary.total))
+    table.add_row("predicted now", str(summary.predicted))
+    table.add_row("already complete (--resume)", str(summary.resumed))
+    table.add_row("skipped (see errors.jsonl)", str(summary.skipped), style="yellow" if summary.skipped else None)
+    if summary.seg_missing:
+        table.add_row("generated answers without [SEG]", str(summary.seg_missing), style="yellow")
+    for label, folder in summary.folders.items():
+        table.add_row(f"predictions ({label})", folder)
+    return table
+
+
+def _has_known_groups(summary: Mapping[str, Mapping[Any, Scores]], grouping: str) -> bool:
+    return any(value is not None for value in summary[grouping])
+
+
+def print_report(summary: Mapping[str, Mapping[Any, Scores]], missing: Sequence[tuple[str, int]],
+                 per_round: bool) -> None:
+    """The score tables of one scored predictions folder: overall (by difficulty when known), per round,
+    per known grouping, and the rounds that had no usable prediction."""
+    console.print(difficulty_table(summary) if _has_known_groups(summary, "difficulty") else overall_table(summary))
+    if per_round:
+        console.print(round_table(summary))
+    for grouping in ("scenario", "modality", "names_target"):
+        if _has_known_groups(summary, grouping):
+            console.print(group_table(summary, grouping))
+    if missing:
+        console.print(missing_table(missing))
+
+
+def print_gate(regressions: Sequence[Regression], max_drop: float, baseline: Path, scores: str = "scores") -> None:
+    """Say whether the regression gate passed against ``baseline``; exit 1, after the table of the
+    ``scores`` that fell by more than ``max_drop`` points, when it failed."""
+    if regressions:
+        console.print(regression_table(list(regressions), max_drop))
+        err_console.print(f"[red]gate failed:[/red] {len(regressions)} {scores} fell by more than {max_drop:g} "
+                          f"points against {baseline}")
+        sys.exit(1)
+    console.print(f"[green]gate passed:[/green] no score fell by more than {max_drop:g} points against {baseline}")
