@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from mediround.inference import DEFAULT_BETA
+
 
 def checkpoint_from_stage1_step(step_folder: Path, out: Path) -> Path:
     """A MediRound checkpoint folder from a stage-1 step folder (its run's recipe + trainable weights).
@@ -119,7 +121,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--beta", type=float, default=0.6)
+    parser.add_argument("--beta", type=float, default=DEFAULT_BETA)
     parser.add_argument("--val-dialogues", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

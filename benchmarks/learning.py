@@ -38,13 +38,13 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import (
+from synthetic_benchmark import (
     BLIND_BATCH,
     BLIND_DATA_OVERRIDES,
     SYNTH_DIALOGUES,
     SYNTH_SEED,
-    line_chart,
     markdown_table,
+    score_lines,
     write_blind,
 )
 
@@ -257,7 +257,7 @@ def write_page(results: Mapping[str, list[dict]], args: argparse.Namespace, figu
             shared = sorted(set.intersection(*(set(e["curves"][split]) for e in entries)))
             label = f"{setting} ({len(entries)} seed{'s' if len(entries) > 1 else ''})"
             series[label] = {s: 100 * float(np.mean([e["curves"][split][s] for e in entries])) for s in shared}
-        line_chart(series, figures / f"dice-{split}.png", f"teacher-forced validation Dice, {split} rounds "
+        score_lines(series, figures / f"dice-{split}.png", f"teacher-forced validation Dice, {split} rounds "
                    "(mean over seeds)", "optimizer step")
     jcm = ""
     with_jcm = [e for e in results.get("mediround", []) if "jcm" in e]

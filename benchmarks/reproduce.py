@@ -30,66 +30,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from PIL import Image, ImageDraw, ImageFont
+from synthetic_benchmark import (
+    BLIND_DATA_OVERRIDES,
+    BLIND_SUFFIX,
+    SYNTH_DIALOGUES,
+    SYNTH_SEED,
+    markdown_table,
+    score_lines,
+    write_blind,
+)
 
-from mediround.atomic import atomic_open, atomic_path, write_json
-from mediround.data.dialogue import Dialogue
+from mediround.atomic import atomic_open, write_json
 from mediround.data.formats import load_dialogues
-from mediround.data.formats.jsonl import write_jsonl
 from mediround.data.images import load_mask
 from mediround.data.predictions import read_predictions
+from mediround.inference import DEFAULT_BETA
 from mediround.inference.model_eval import ModelEvalConfig, ModelEvaluation, evaluate_model
 from mediround.inference.runner import InferenceConfig
-from mediround.metrics import Scores, aggregate, pair_counts
+from mediround.metrics import Scores, aggregate, pair_counts, spearman
 from mediround.reports.scoring import EvalConfig
-from mediround.reports.plots import HEIGHT, MARGIN_BOTTOM, MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, WIDTH
 
 REPO = Path(__file__).resolve().parents[1]
-SYNTH_DIALOGUES, SYNTH_SEED = 500, 0
-BLIND_SUFFIX = "-r"
 STAGE1_RUN, BLIND_RUN, JCM_RUN = "runs/mediround-s0", "runs/history-blind-s0", "runs/jcm-s0"
-BLIND_BATCH = 34
-"""Single-round dialogues per history-blind step: the recipe's 8 dialogues x 4.2 rounds on average."""
-BLIND_DATA_OVERRIDES = ("data.train=data/synth/train-blind.jsonl", "data.val=data/synth/val-blind.jsonl",
-                        f"train.batch_size={BLIND_BATCH}")
 BLIND_OVERRIDES = (f"output={BLIND_RUN}", *BLIND_DATA_OVERRIDES)
 SWEEP_BETAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-PAPER_BETA = 0.6
+PAPER_BETA = DEFAULT_BETA
 MAX_ROUND = 8
 SPLITS: dict[str, Callable[[Mapping[str, Any]], bool]] = {
     "all rounds": lambda row: True,
     "target named": lambda row: row["names_target"] is True,
     "reference only": lambda row: row["names_target"] is False,
 }
-LEGEND_WIDTH = 250
-SERIES_COLOURS = [(120, 120, 120), (31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-
-
-def history_blind(dialogue: Dialogue) -> list[Dialogue]:
-    """Each round as a dialogue of its own (id ``<id>-r<k>``) without its reference: no history can be used."""
-    return [replace(dialogue, id=f"{dialogue.id}{BLIND_SUFFIX}{number}", rounds=[replace(round_, ref=None)])
-            for number, round_ in enumerate(dialogue.rounds, start=1)]
-
-
-def write_blind(source: Path, target: Path) -> Path:
-    """The history-blind copy of a JSONL file, beside it (image and mask paths stay valid)."""
-    loaded = load_dialogues(source)
-    if loaded.problems:
-        raise SystemExit(f"{source}: {loaded.problems[0].one_line()}")
-    write_jsonl([blind for dialogue in loaded.dialogues for blind in history_blind(dialogue)], target)
-    return target
 
 
 def unsplit(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -247,76 +228,6 @@ def cell(scores: Scores | None, metric: str) -> str:
     return "–" if scores is None else f"{scores.points(metric):.1f}"
 
 
-def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Rank correlation (ties averaged), numpy-free for a few hundred values."""
-    def ranks(values: Sequence[float]) -> list[float]:
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        result = [0.0] * len(values)
-        start = 0
-        while start < len(order):
-            end = start
-            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-                end += 1
-            for position in range(start, end + 1):
-                result[order[position]] = (start + end) / 2
-            start = end + 1
-        return result
-
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    spread = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / spread if spread else float("nan")
-
-
-def line_chart(series: Mapping[str, Mapping[float, float]], path: Path, title: str, x_label: str,
-               x_format: Callable[[float], str] = lambda x: f"{x:g}") -> None:
-    """Several named curves of x100 scores against x, y axis fitted to the data, legend top right."""
-    values = [y for points in series.values() for y in points.values()]
-    low, high = max(0, 10 * math.floor(min(values) / 10 - 0.5)), min(100, 10 * math.ceil(max(values) / 10 + 0.5))
-    xs = sorted({x for points in series.values() for x in points})
-    image = Image.new("RGB", (WIDTH + LEGEND_WIDTH // 2, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    font, title_font = ImageFont.load_default(size=14), ImageFont.load_default(size=18)
-    left, right, top, bottom = MARGIN_LEFT, WIDTH + LEGEND_WIDTH // 2 - MARGIN_RIGHT, MARGIN_TOP, HEIGHT - MARGIN_BOTTOM
-
-    def x_of(x: float) -> float:
-        return left + 20 + (right - left - LEGEND_WIDTH - 30) * (x - xs[0]) / ((xs[-1] - xs[0]) or 1)
-
-    def y_of(y: float) -> float:
-        return bottom - (bottom - top) * (y - low) / (high - low)
-
-    for tick in range(int(low), int(high) + 1, 10):
-        draw.line([(left, y_of(tick)), (right, y_of(tick))], fill=(225, 225, 225))
-        draw.text((left - 9, y_of(tick)), str(tick), fill="black", font=font, anchor="rm")
-    for x in xs:
-        draw.line([(x_of(x), bottom), (x_of(x), bottom + 5)], fill="black")
-        draw.text((x_of(x), bottom + 9), x_format(x), fill="black", font=font, anchor="mt")
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill="black", width=2)
-    draw.text(((left + right) / 2, HEIGHT - 20), x_label, fill="black", font=font, anchor="mm")
-    draw.text((left, top - 10), "score (x100)", fill="black", font=font, anchor="lb")
-    draw.text(((left + right) / 2, 22), title, fill="black", font=title_font, anchor="mm")
-    for index, (label, points) in enumerate(series.items()):
-        colour = SERIES_COLOURS[index % len(SERIES_COLOURS)]
-        line = [(x_of(x), y_of(points[x])) for x in sorted(points)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=3)
-        for x, y in line:
-            draw.ellipse([(x - 4, y - 4), (x + 4, y + 4)], fill=colour)
-        legend_y = top + 10 + 22 * index
-        draw.line([(right - LEGEND_WIDTH, legend_y), (right - LEGEND_WIDTH + 24, legend_y)], fill=colour, width=3)
-        draw.text((right - LEGEND_WIDTH + 30, legend_y), label, fill="black", font=ImageFont.load_default(size=12),
-                  anchor="lm")
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def overall_tables(methods: Mapping[str, Sequence[dict]]) -> str:
     by_difficulty = []
     by_target = []
@@ -355,7 +266,7 @@ def round_tables(methods: Mapping[str, Sequence[dict]], figures: Path) -> str:
             rows.append([label, *(cell(per_round.get(n), "ciou") for n in range(1, MAX_ROUND + 1))])
             series[label] = {float(n): s.points("ciou") for n, s in per_round.items()}
         name = "rounds-" + split.replace(" ", "-") + ".png"
-        line_chart(series, figures / name, f"cIoU per round ({split})", "round", lambda x: str(int(x)))
+        score_lines(series, figures / name, f"cIoU per round ({split})", "round", lambda x: str(int(x)))
         parts.append(f"**{split}** (cIoU x100; n = masks per round)\n\n" + markdown_table(header, rows)
                      + f"\n\n![cIoU per round, {split}](results/{name})")
     return "\n\n".join(parts)
@@ -375,7 +286,7 @@ def beta_section(result: ModelEvaluation, figures: Path) -> tuple[str, dict[floa
             for split, value in scores.items():
                 if value is not None:
                     series[split][beta] = value.points("ciou")
-    line_chart(series, figures / "beta.png", "cIoU against the JCM threshold beta", "beta")
+    score_lines(series, figures / "beta.png", "cIoU against the JCM threshold beta", "beta")
     table = markdown_table(["beta", "Dice", "gIoU", "cIoU", "named cIoU", "ref-only cIoU", "refined"], rows)
     return table + "\n\n![cIoU against beta](results/beta.png)", overall
 

@@ -149,3 +149,22 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[Any, Scores]]
     for grouping in GROUPINGS:
         summary[grouping] = group_scores(rows, grouping)
     return summary
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """0-based ranks, ties sharing the mean of the ranks they span."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(len(values), dtype=np.float64)
+    _, groups, sizes = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.bincount(groups, weights=ranks) / sizes)[groups]
+
+
+def spearman(first: Sequence[float], second: Sequence[float]) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks); NaN when either side is constant."""
+    a, b = average_ranks(np.asarray(first)), average_ranks(np.asarray(second))
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))

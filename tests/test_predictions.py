@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mediround.errors import DataError
 from mediround.data.predictions import (
     PREDICTIONS_FILE,
     PredictionWriter,
@@ -16,6 +15,7 @@ from mediround.data.predictions import (
     read_predictions,
     safe_name,
 )
+from mediround.errors import DataError
 
 
 def test_safe_names_keep_plain_ids_and_hash_sanitised_ones():

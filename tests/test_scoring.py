@@ -9,8 +9,8 @@ from PIL import Image
 from rich.console import Console
 
 from mediround.data.dialogue import Dialogue, Round
-from mediround.errors import DataError
 from mediround.data.predictions import PredictionWriter
+from mediround.errors import DataError
 from mediround.reports.plots import round_curve
 from mediround.reports.rows import ROW_SCHEMA, read_rows, write_rows
 from mediround.reports.scoring import EvalConfig, evaluate_predictions, score_predictions

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 
 from mediround.metrics import METRIC_LABELS, Scores
-from mediround.reports.plots import score_chart
+from mediround.reports.plots import line_chart, metric_curves
 
 
 def beta_curve(
@@ -21,6 +21,6 @@ def beta_curve(
     betas = sorted(beta_scores)
     curves = {metric: [(beta, beta_scores[beta].points(metric)) for beta in betas] for metric in metrics}
     best = max(betas, key=lambda beta: beta_scores[beta].points(metrics[0]))
-    score_chart(path, curves, x_extent=1, x_ticks=[(tenth / 10, f"{tenth / 10:.1f}") for tenth in range(0, 11, 2)],
+    line_chart(path, metric_curves(curves), x_extent=1, x_ticks=[(tenth / 10, f"{tenth / 10:.1f}") for tenth in range(0, 11, 2)],
                 x_label="beta", y_label="overall score (x100)", title=title,
                 note=(best, beta_scores[best].points(metrics[0]), f"best {METRIC_LABELS[metrics[0]]}: beta={best:g}"))

@@ -16,8 +16,8 @@ import numpy as np
 
 from mediround.data.dialogue import Dialogue
 from mediround.data.images import load_mask
-from mediround.errors import DataError
 from mediround.data.predictions import PREDICTIONS_FILE, read_predictions
+from mediround.errors import DataError
 from mediround.metrics import Scores, pair_counts, summarize
 from mediround.reports.gate import Regression, compare
 from mediround.reports.plots import round_curve

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mediround.errors import RecipeError
+from mediround.metrics import spearman
 from mediround.training import checkpointing
 from mediround.training.data import ShardedStream, StreamPosition, validation_shard
 from mediround.training.jcm_data import (
@@ -41,7 +42,6 @@ from mediround.training.jcm_data import (
     collect_features,
     decode_at_supervision_size,
     rollout_sources,
-    spearman,
 )
 from mediround.training.launch import check_world_size
 from mediround.training.loop import (

@@ -9,9 +9,9 @@ import pytest
 from inference_fixtures import write_dialogues
 
 from mediround.data.images import load_mask
+from mediround.data.predictions import read_predictions
 from mediround.errors import DataError, RecipeError
 from mediround.inference.chain import Track
-from mediround.data.predictions import read_predictions
 from mediround.inference.runner import (
     ERRORS_FILE,
     PARTS_FOLDER,

@@ -16,15 +16,14 @@ from safetensors.torch import load_file
 
 from mediround.data.formats import load_dialogues
 from mediround.errors import RecipeError
+from mediround.metrics import average_ranks, spearman
 from mediround.model import build_model, load_sample, preset
 from mediround.model.checkpoint import load_checkpoint, save_checkpoint
 from mediround.training.jcm_data import (
     ROLLOUT,
     TEACHER_FORCED,
-    average_ranks,
     collect_features,
     rollout_sources,
-    spearman,
 )
 from mediround.training.jcm_loop import MODEL_FOLDER, jcm_losses, load_jcm_recipe, run_jcm_training
 from mediround.training.logging import read_events
