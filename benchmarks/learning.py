@@ -1,7 +1,7 @@
 """Learning benchmark of the tiny recipe (issue: train really learns); writes docs/learning.md and PNG curves.
 
-    python benchmarks/learning.py --work /work/bench --jcm            # 3 seeds x 3 settings + JCM
-    python benchmarks/learning.py --work /work/bench --seeds 0 --settings mediround history-blind
+    python benchmarks/learning.py --work ../bench --jcm            # 3 seeds x 3 settings + JCM
+    python benchmarks/learning.py --work ../bench --seeds 0 --settings mediround history-blind
 
 Each setting trains ``recipes/default-tiny.yaml`` (the shipped model's recipe; seed 0 of ``mediround`` is
 the shipped model's stage 1) with ``mediround train`` on the synthetic benchmark (``mediround synth

@@ -1,7 +1,7 @@
 """Small-scale reproduction of the paper's findings with the shipped tiny model; writes docs/results.md.
 
-    python benchmarks/reproduce.py --work /work/runs            # evaluate (about 10-20 min on 2 cores)
-    python benchmarks/reproduce.py --work /work/runs --train    # first train the three models (~1 h)
+    python benchmarks/reproduce.py --work ../runs            # evaluate (about 10-20 min on 2 cores)
+    python benchmarks/reproduce.py --work ../runs --train    # first train the three models (~1 h)
 
 Everything runs in ``--work`` (outside the repository): the synthetic benchmark
 (``mediround synth data/synth --dialogues 500 --seed 0``), its history-blind copies, the training runs
@@ -364,7 +364,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="Keep predictions of an interrupted run in WORK/reproduce (same models and data).")
     parser.add_argument("--eval-dialogues", type=int, default=60, help="Synthetic test dialogues to evaluate on.")
-    parser.add_argument("--real", type=Path, default=Path("/work/shared/data/sam-med2d-demo/data_demo"),
+    parser.add_argument("--real", type=Path, default=REPO.parent / "shared" / "data" / "sam-med2d-demo" / "data_demo",
                         help="SA-Med2D folder for the single-round table (skipped when missing).")
     parser.add_argument("--docs", type=Path, default=REPO / "docs", help="Where results.md and results/ go.")
     args = parser.parse_args()
@@ -407,7 +407,7 @@ def main() -> None:
     n_reference_only = sum(1 for d in loaded for r in d.rounds if r.names_target is False)
     context = {
         "model": str(args.model or "mediround/assets/default-model (the shipped model)"),
-        "blind_model": str(blind_model),
+        "blind_model": str(args.blind_model or f"WORK/{BLIND_RUN}/model"),
         "data": f"{len(loaded)} dialogues, {n_rounds} rounds ({n_reference_only} reference-only) of the synthetic "
                 f"test split (seed {SYNTH_SEED})",
         "minutes": f"{(time.monotonic() - started) / 60:.0f} minutes of evaluation"
@@ -489,7 +489,7 @@ JCM diagnostics:
 ## Table 3 analogue: single-round referring segmentation
 
 Round 1 of every synthetic dialogue (no reference, the target is named or uniquely described), and the
-real SA-Med2D demo slices (`/work/shared/data/sam-med2d-demo`, one round per mask, CT/MRI) for the
+real SA-Med2D demo slices (`../shared/data/sam-med2d-demo` beside the repository, one round per mask, CT/MRI) for the
 model with and without JCM. The tiny model has only seen synthetic slices: the real-slice row is an
 out-of-distribution check, not a benchmark.
 

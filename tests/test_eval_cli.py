@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -143,12 +142,8 @@ def test_scoring_path_does_not_import_torch():
     assert done.stdout.strip() == "False"
 
 
-REAL_SAMED2D = Path("/work/shared/data/sam-med2d-demo/data_demo")
-
-
-@pytest.mark.skipif(not REAL_SAMED2D.exists(), reason="real SA-Med2D demo slices not available")
-def test_real_ct_masks_score_as_computed_by_hand(tmp_path):
-    loaded = load_dialogues(REAL_SAMED2D)
+def test_real_ct_masks_score_as_computed_by_hand(tmp_path, shared_data):
+    loaded = load_dialogues(shared_data("sam-med2d-demo", "data_demo"))
     dialogues = [d for d in loaded.dialogues if d.mask_path(1) is not None][:3]
     expected_i = expected_u = 0
     with PredictionWriter(tmp_path / "predictions") as writer:

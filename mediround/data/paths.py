@@ -37,11 +37,6 @@ class RootGuard:
         return None
 
 
-def outside_root_reason(root: Path, relative: str) -> str | None:
-    """``RootGuard(root).reason(relative)`` for a single path."""
-    return RootGuard(root).reason(relative)
-
-
 def relocate(relative: str, old_root: Path, new_root: Path) -> str:
     """The file ``relative`` under ``old_root``, written relative to ``new_root`` (POSIX separators)."""
     if Path(os.path.abspath(old_root)) == Path(os.path.abspath(new_root)):

@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-SAM_MED2D_DEMO = SHARED_DATA / "sam-med2d-demo"
 WIDTH, HEIGHT = 6, 4
 
 

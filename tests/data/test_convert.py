@@ -5,19 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
-from dialogue_files import MR_ITEMS, SAM_MED2D_DEMO, jsonl_line, write_jsonl_lines
+from dialogue_files import MR_ITEMS, jsonl_line, write_jsonl_lines
 
 from mediround.data.formats import load_dialogues
 from mediround.data.formats.convert import convert
 from mediround.data.formats.samed2d import class_from_mask_name, modality_from_name
 from mediround.data.validate import validate
 from mediround_cli.main import cli
-
-needs_demo = pytest.mark.skipif(
-    not SAM_MED2D_DEMO.is_dir(), reason=f"shared SA-Med2D demo data absent at {SAM_MED2D_DEMO}"
-)
 
 
 def test_cli_round_trip_through_another_folder_restores_the_file(dataset: Path, tmp_path: Path) -> None:
@@ -105,11 +100,11 @@ def test_mask_names_give_class_and_modality() -> None:
     assert modality_from_name("s0114_111") is None
 
 
-@needs_demo
-def test_sa_med2d_demo_becomes_single_round_dialogues(tmp_path: Path) -> None:
-    loaded = load_dialogues(SAM_MED2D_DEMO)
+def test_sa_med2d_demo_becomes_single_round_dialogues(tmp_path: Path, shared_data) -> None:
+    demo = shared_data("sam-med2d-demo")
+    loaded = load_dialogues(demo)
     assert loaded.format == "sa-med2d" and loaded.problems == []
-    masks = {path.name for path in (SAM_MED2D_DEMO / "data_demo" / "masks").glob("*.png")}
+    masks = {path.name for path in (demo / "data_demo" / "masks").glob("*.png")}
     assert {Path(d.rounds[0].mask).name for d in loaded.dialogues} == masks
     by_id = {d.id: d for d in loaded.dialogues}
     liver = by_id["amos_0004_75_liver_000"]
@@ -121,7 +116,7 @@ def test_sa_med2d_demo_becomes_single_round_dialogues(tmp_path: Path) -> None:
     )
     assert by_id["s0114_111_heart_atrium_left_000"].rounds[0].query == "Segment the heart atrium left."
     output = tmp_path / "samed2d.jsonl"
-    result = CliRunner().invoke(cli, ["convert", str(SAM_MED2D_DEMO), str(output), "--from", "sa-med2d"])
+    result = CliRunner().invoke(cli, ["convert", str(demo), str(output), "--from", "sa-med2d"])
     assert result.exit_code == 0, result.output
     report = validate(output, allow_outside_root=True)
     assert report.ok, [p.one_line() for p in report.problems]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dialogue_files import SHARED_DATA, write_png
+from dialogue_files import write_png
 from PIL import Image
 
 from mediround.data import images
@@ -129,12 +129,9 @@ def test_oversized_images_are_refused_before_decoding(
         load_mask(path)
 
 
-@pytest.mark.skipif(
-    not (SHARED_DATA / "biomedparse-demo").is_dir(), reason="shared biomedparse demo data absent"
-)
-def test_real_rgba_slice_and_mask() -> None:
-    image = SHARED_DATA / "biomedparse-demo" / "demo" / "01_CT_lung.png"
-    mask = SHARED_DATA / "biomedparse-demo" / "demo_mask" / "01_CT_lung_nodule.png"
+def test_real_rgba_slice_and_mask(shared_data) -> None:
+    image = shared_data("biomedparse-demo", "demo", "01_CT_lung.png")
+    mask = shared_data("biomedparse-demo", "demo_mask", "01_CT_lung_nodule.png")
     rgb = load_image(image)
     foreground = load_mask(mask)
     assert rgb.shape == (1024, 1024, 3) and foreground.shape == (1024, 1024)

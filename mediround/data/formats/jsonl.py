@@ -20,7 +20,6 @@ from mediround.data.formats.common import Problem, attach, check_path, guard_for
 from mediround.data.paths import RootGuard
 from mediround.errors import DataError
 
-DIALOGUE_FIELDS = ("id", "image", "modality", "scenario", "difficulty", "rounds")
 ROUND_FIELDS = ("query", "answer", "mask", "ref", "entity", "difficulty", "names_target")
 
 

@@ -90,10 +90,3 @@ def split_by_line(
     x, y = grid(mask.shape[0])
     above = y < point[1] + slope * (x - point[0])
     return mask & above, mask & ~above
-
-
-def centroid(mask: np.ndarray) -> tuple[float, float]:
-    """Normalised (x, y) centre of mass of a non-empty mask."""
-    ys, xs = np.nonzero(mask)
-    size = mask.shape[0]
-    return (float(xs.mean()) + 0.5) / size, (float(ys.mean()) + 0.5) / size
