@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mediround.doctor import stack
 from mediround.doctor.checks import FAIL, OK, WARN, CheckResult, any_failed
 from mediround.errors import RecipeError
 
@@ -41,8 +42,6 @@ class DoctorConfig:
 
 def run_doctor(config: DoctorConfig, on_check: Callable[[CheckResult], None] | None = None) -> list[CheckResult]:
     """Run every check that applies and return the rows in order; ``on_check`` sees each row as it comes."""
-    from mediround.doctor import stack
-
     results: list[CheckResult] = []
 
     def add(*rows: CheckResult) -> None:
@@ -57,6 +56,8 @@ def run_doctor(config: DoctorConfig, on_check: Callable[[CheckResult], None] | N
     if config.recipe is None:
         add(stack.check_bf16(gpus, None))
         return results
+    # Recipes and the weight/memory checks import torch: loaded only when a recipe is checked, so that
+    # `mediround doctor --help` and the stack-only check stay fast.
     from mediround.training.recipe import load_recipe
 
     try:

@@ -15,9 +15,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from mediround.data.formats import load_dialogues
 from mediround.doctor.checks import FAIL, OK, WARN, CheckResult
+from mediround.doctor.files import sample_indices
 from mediround.doctor.stack import GpuInfo
 from mediround.errors import MediRoundError
+from mediround.model.build import build_model
 from mediround.model.memory import MemoryEstimate, estimate_training_memory
 from mediround.training.recipe import Recipe
 
@@ -49,9 +52,6 @@ def zero_stage(deepspeed_config: str | None) -> int:
 
 def longest_sequence(recipe: Recipe, model, sample: int) -> int | None:
     """Tokens of the longest sampled training dialogue under the model's own chat layout (None: no dialogue)."""
-    from mediround.data.formats import load_dialogues
-    from mediround.doctor.files import sample_indices
-
     data = recipe.data
     try:
         dialogues = load_dialogues(data.train, root=data.root, allow_outside_root=data.allow_outside_root).dialogues
@@ -98,8 +98,6 @@ def check_memory(
     deepspeed_config: str | None, sample: int,
 ) -> MemoryFit:
     """One row: the estimated peak per process against the GPU memory, with a remedy when it will not fit."""
-    from mediround.model.build import build_model
-
     try:
         stage = zero_stage(deepspeed_config)
     except ValueError as error:
