@@ -293,6 +293,7 @@ def test_train_and_eval_run_on_built_dialogues(tmp_path: Path) -> None:
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     trained = run("train", tmp_path / "recipe.yaml", "--cpu")
     assert trained.exit_code == 0, trained.output
-    evaluated = run("eval", out / "test.jsonl", "--predictions-out", tmp_path / "predictions")
+    model = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1] / "model"
+    evaluated = run("eval", out / "test.jsonl", "--model", model, "--predictions-out", tmp_path / "predictions")
     assert evaluated.exit_code == 0, evaluated.output
     assert "gIoU" in evaluated.output or "Dice" in evaluated.output
