@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from mediround.data.build import BuildOptions, SliceOptions, SliceRule, build, merge
+from mediround.data.build import BuildOptions, SliceOptions, SliceRule, build
 from mediround.data.build.dialogues import SHAPE_LINKS, Planner, direction_links, image_rng
 from mediround.data.build.relations import (
     Structure,
@@ -61,8 +61,8 @@ def write_nnunet(root: Path, cases: int = 2) -> Path:
     kidney sits at low x voxel indices, i.e. towards the patient's left in RAS+."""
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
-    json.dump({"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": cases, "file_ending": ".nii.gz"},
-              open(root / "dataset.json", "w"))
+    meta = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": cases, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta))
     rng = np.random.default_rng(0)
     for case in range(cases):
         labels = np.zeros((48, 40, 6), np.uint8)
@@ -234,14 +234,16 @@ def test_dicom_series_hounsfield_units_slice_order_and_orientation(tmp_path: Pat
     labels[26:38, 4:20, 1:3] = 3
     labels[10:30, 22:30, 1:3] = 1
     nibabel.save(nibabel.Nifti1Image(labels, np.diag([-1.0, -1.0, 5.0, 1.0])), tmp_path / "src" / "case1" / "labels.nii.gz")
-    json.dump({"labels": LABELS}, open(tmp_path / "src" / "dataset.json", "w"))
+    (tmp_path / "src" / "dataset.json").write_text(json.dumps({"labels": LABELS}))
     result = run("build-dialogues", tmp_path / "src", tmp_path / "out", "--from", "dicom", "--min-labels", "3")
     assert result.exit_code == 0, result.output
     dialogues = all_rounds(tmp_path / "out")
     assert [d.id for d in dialogues] == ["case1_axial_0001", "case1_axial_0002"]
     for dialogue in dialogues:
         for number, round_ in enumerate(dialogue.rounds, start=1):
-            if round_.entity == "left kidney":  # LPS column index 2..12 = patient's right... labelled left
+            # value 2 sits at low column indices: towards the patient's right (LPS +x is the patient's
+            # left), so the radiological display puts it on the image's left whatever its name says.
+            if round_.entity == "left kidney":
                 mask = load_mask(dialogue.mask_path(number))
                 assert np.nonzero(mask)[1].mean() < mask.shape[1] / 2
 
@@ -260,7 +262,7 @@ def test_output_is_the_same_for_any_workers_and_shards(tmp_path: Path) -> None:
         build(SAM_MED2D, tmp_path / f"shard{i}", options=BuildOptions(seed=5), shard=(i, 2))
     assert run("build-dialogues", "--merge", tmp_path / "shard1", tmp_path / "shard2", tmp_path / "merged").exit_code == 0
     assert set(one.files) == set(two.files)
-    for split, path in one.files.items():
+    for path in one.files.values():
         expected = path.read_bytes()
         assert (tmp_path / "two" / path.name).read_bytes() == expected
         assert (tmp_path / "merged" / path.name).read_bytes() == expected
@@ -293,7 +295,7 @@ def test_train_and_eval_run_on_built_dialogues(tmp_path: Path) -> None:
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     trained = run("train", tmp_path / "recipe.yaml", "--cpu")
     assert trained.exit_code == 0, trained.output
-    model = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1] / "model"
+    model = max((tmp_path / "run" / "checkpoints").glob("step-*")) / "model"
     evaluated = run("eval", out / "test.jsonl", "--model", model, "--predictions-out", tmp_path / "predictions")
     assert evaluated.exit_code == 0, evaluated.output
     assert "gIoU" in evaluated.output or "Dice" in evaluated.output
