@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -10,26 +11,32 @@ from rich.table import Table
 
 from mediround.data.build import KINDS, BuildOptions, BuildSummary, SliceOptions, SliceRule, build, merge
 from mediround.data.build.dialogues import SIDE_MODES
+from mediround.data.build.shards import DEFAULT_SPLIT
 from mediround.data.build.volumes import AXES, INTENSITY_MAPS, SLICE_RULES
-from mediround_cli.common import console, err_console, handle_errors
+from mediround_cli.common import (
+    SKIPPED_EXIT_CODE,
+    add_count_rows,
+    console,
+    count_table,
+    err_console,
+    handle_errors,
+)
 
 
 def summary_table(summary: BuildSummary) -> Table:
-    table = Table(title=f"dialogues in {summary.out_dir}")
-    table.add_column("", style="bold")
-    table.add_column("count", justify="right")
+    table = count_table(f"dialogues in {summary.out_dir}")
     for split in summary.files:
         table.add_row(f"{split}: cases / dialogues", f"{summary.cases[split]} / {summary.dialogues[split]}")
     if summary.images:
         table.add_row("images read / without a dialogue", f"{summary.images} / {summary.skipped_images}")
+    if summary.errors:
+        table.add_row("unreadable cases/images skipped", str(len(summary.errors)), style="yellow")
     table.add_row("rounds", str(summary.rounds))
-    for title, counter in (
+    add_count_rows(table, (
         ("rounds by scenario", summary.round_scenarios),
         ("rounds by reference use", summary.reference_use),
         ("rounds by modality", summary.modalities),
-    ):
-        for name, count in sorted(counter.items()):
-            table.add_row(f"{title}: {name}", str(count))
+    ))
     if summary.images:
         table.add_row("images/s", f"{summary.images_per_second:.1f}")
     return table
@@ -41,6 +48,15 @@ def parse_range(text: str, option: str) -> tuple[int, int]:
     if match is None:
         raise click.BadParameter(f"expected two numbers like 2..6 or 1/4, got {text!r}", param_hint=option)
     return int(match.group(1)), int(match.group(2))
+
+
+def parse_split(text: str) -> tuple[int, int, int]:
+    """``80/10/10`` -> (80, 10, 10): train/val/test percentages of the cases, summing to 100."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None or sum(int(group) for group in match.groups()) != 100:
+        raise click.BadParameter(f"expected train/val/test percentages summing to 100 like 80/10/10, got {text!r}",
+                                 param_hint="--split")
+    return tuple(int(group) for group in match.groups())
 
 
 @click.command(name="build-dialogues")
@@ -62,12 +78,14 @@ def parse_range(text: str, option: str) -> tuple[int, int]:
 @click.option("--label", help="Volumes, with --slices largest: only this label's largest slice.")
 @click.option("--window", "intensities", type=click.Choice(["auto", *INTENSITY_MAPS]), default="auto", show_default=True,
               help="Volumes: CT window preset or percentile scaling (auto: abdomen for CT, percentile otherwise).")
+@click.option("--split", "split", default="/".join(map(str, DEFAULT_SPLIT)), show_default=True,
+              help="train/val/test percentages of the cases (a case's split depends only on its id and these).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
 @click.option("--shard", default="1/1", show_default=True, help="Build only shard i of N (cases split deterministically).")
 @handle_errors
 def build_dialogues(paths: tuple[str, ...], kind: str | None, merging: bool, seed: int, rounds: str,
                     output_format: str, sides: str, axis: str, slice_rule: str, step: int, min_labels: int,
-                    label: str | None, intensities: str, workers: int, shard: str) -> None:
+                    label: str | None, intensities: str, split: str, workers: int, shard: str) -> None:
     """Build multi-round dialogues from labelled data: SRC OUT, or --merge OUT_1 ... OUT_N OUT."""
     if merging:
         if len(paths) < 2:
@@ -82,6 +100,7 @@ def build_dialogues(paths: tuple[str, ...], kind: str | None, merging: bool, see
         options = BuildOptions(
             seed=seed, min_rounds=min_rounds, max_rounds=max_rounds, sides=sides, format=output_format,
             slices=SliceOptions(axis, SliceRule(slice_rule, step, min_labels, label), intensities),
+            split=parse_split(split),
         )
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err_console, transient=True) as progress:
@@ -91,5 +110,9 @@ def build_dialogues(paths: tuple[str, ...], kind: str | None, merging: bool, see
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
     console.print(summary_table(summary))
-    for split, path in summary.files.items():
-        console.print(f"{split}: {path}")
+    for name, path in summary.files.items():
+        console.print(f"{name}: {path}")
+    if summary.errors:
+        err_console.print(f"[yellow]{len(summary.errors)} unreadable case(s) or image(s) skipped[/yellow]; "
+                          f"reasons in {summary.errors_file}")
+        sys.exit(SKIPPED_EXIT_CODE)

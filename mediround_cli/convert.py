@@ -12,6 +12,7 @@ from mediround.data.build.shards import BuildOptions, build_file
 from mediround.data.formats import detect
 from mediround.data.formats.convert import convert as convert_data
 from mediround.data.formats.convert import target_format_for
+from mediround.errors import DataError
 from mediround_cli.build_dialogues import summary_table
 from mediround_cli.common import console, handle_errors
 
@@ -59,7 +60,12 @@ def convert(
     An SA-Med2D folder becomes multi-round dialogues (images and masks written beside OUTPUT)."""
     if not single_round and (source_format == "sa-med2d" or (source_format == "auto" and detect(source) == "sa-med2d")):
         summary = build_file(source, output, "sa-med2d", target_format or target_format_for(output), BuildOptions(seed=seed))
+        for record in summary.errors:
+            console.print(DataError(**record).one_line(), soft_wrap=True, markup=False)
         console.print(summary_table(summary))
+        if summary.errors:
+            console.print(f"[red]{len(summary.errors)} unreadable image(s) skipped[/red]")
+            sys.exit(1)
         return
     result = convert_data(source, output, source_format, target_format, root, allow_outside_root)
     for problem in result.problems:

@@ -4,6 +4,7 @@ geometry, the ambiguity guarantee, case-level splits, workers/shards/merge, trai
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pydicom
 import pytest
 import yaml
 from click.testing import CliRunner
+from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -29,10 +31,17 @@ from mediround.data.build.relations import (
     touching,
     towards,
 )
-from mediround.data.build.volumes import display_slice, load_dicom_series, map_intensities
+from mediround.data.build.volumes import (
+    display_slice,
+    load_dicom_seg,
+    load_dicom_series,
+    map_intensities,
+    read_dicom_series,
+)
 from mediround.data.formats import load_dialogues
 from mediround.data.images import load_image, load_mask
 from mediround.data.validate import validate
+from mediround_cli.common import SKIPPED_EXIT_CODE
 from mediround_cli.main import cli
 
 DATA = Path("/work/shared/data")
@@ -194,18 +203,23 @@ def test_largest_slice_rule_and_percentile_scaling(tmp_path: Path) -> None:
     assert map_intensities(np.array([-1000.0, 40.0, 240.0, 3000.0]), "abdomen").tolist() == [0, 128, 255, 255]
 
 
+def dicom_file(sop_class: str) -> pydicom.Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
 def write_dicom_series(folder: Path, planes: list[np.ndarray], slope: float, intercept: float) -> None:
     """Axial CT slices 5 mm apart, written in reverse order with scrambled InstanceNumbers."""
     folder.mkdir(parents=True)
     series = generate_uid()
     for order, (z, plane) in enumerate(reversed(list(enumerate(planes)))):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds = dicom_file("1.2.840.10008.5.1.4.1.1.2")
         ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", series, (order * 7) % 5 + 1
         ds.ImagePositionPatient = [0.0, 0.0, 5.0 * z]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
@@ -299,3 +313,121 @@ def test_train_and_eval_run_on_built_dialogues(tmp_path: Path) -> None:
     evaluated = run("eval", out / "test.jsonl", "--model", model, "--predictions-out", tmp_path / "predictions")
     assert evaluated.exit_code == 0, evaluated.output
     assert "gIoU" in evaluated.output or "Dice" in evaluated.output
+
+
+def write_dicom_seg(path: Path, series: Path, frames: list[tuple[int, int, np.ndarray]], kind: str, placed_by: str) -> None:
+    """A DICOM-SEG object over ``series``: (segment, slice index, (rows, columns) mask) per frame, BINARY
+    (1 bit, packed) or FRACTIONAL (8 bits, 0..255), frames placed by PlanePositionSequence or by
+    DerivationImageSequence."""
+    slices = sorted((pydicom.dcmread(f) for f in series.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    ds = dicom_file("1.2.840.10008.5.1.4.1.1.66.4")
+    ds.Modality, ds.SegmentationType = "SEG", kind
+    ds.Rows, ds.Columns, ds.NumberOfFrames = slices[0].Rows, slices[0].Columns, len(frames)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.ImageOrientationPatient, ds.PixelSpacing = slices[0].ImageOrientationPatient, slices[0].PixelSpacing
+    ds.SegmentSequence = [pydicom.Dataset() for _ in range(2)]
+    for number, (item, label) in enumerate(zip(ds.SegmentSequence, ("liver", "left kidney")), start=1):
+        item.SegmentNumber, item.SegmentLabel = number, label
+    per_frame = []
+    for segment, index, _ in frames:
+        groups, identification = pydicom.Dataset(), pydicom.Dataset()
+        identification.ReferencedSegmentNumber = segment
+        groups.SegmentIdentificationSequence = [identification]
+        if placed_by == "position":
+            position = pydicom.Dataset()
+            position.ImagePositionPatient = slices[index].ImagePositionPatient
+            groups.PlanePositionSequence = [position]
+        else:
+            source, derivation = pydicom.Dataset(), pydicom.Dataset()
+            source.ReferencedSOPInstanceUID = slices[index].SOPInstanceUID
+            derivation.SourceImageSequence = [source]
+            groups.DerivationImageSequence = [derivation]
+        per_frame.append(groups)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    masks = np.stack([mask for _, _, mask in frames])
+    if kind == "BINARY":
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+        ds.PixelData = np.packbits(masks.astype(np.uint8).ravel(), bitorder="little").tobytes()
+    else:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.MaximumFractionalValue = 8, 8, 7, 255
+        # 0.6 of the maximum is foreground, 0.3 is not: the reader thresholds at half.
+        ds.PixelData = np.where(masks, 153, 76).astype(np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(("kind", "placed_by"), [("BINARY", "position"), ("FRACTIONAL", "derivation")])
+def test_dicom_seg_label_volume_lies_on_the_series_grid(tmp_path: Path, kind: str, placed_by: str) -> None:
+    """3 CT slices 16x16 whose stored values encode the label the test draws there (1000 + 100 * label);
+    the SEG holds 2 segments, frames out of slice order, one slice without any: the label volume read
+    from the SEG must equal the one the intensities encode, voxel for voxel."""
+    drawn = np.zeros((3, 16, 16), np.int64)  # (slice, row, column)
+    drawn[0:2, 2:8, 3:11] = 1
+    drawn[1:3, 10:14, 9:14] = 2
+    case = tmp_path / "src" / "case1"
+    write_dicom_series(case, [1000 + 100 * plane for plane in drawn], slope=1.0, intercept=0.0)
+    frames = [(2, 2, drawn[2] == 2), (1, 0, drawn[0] == 1), (2, 1, drawn[1] == 2), (1, 1, drawn[1] == 1)]
+    write_dicom_seg(case / "seg.dcm", case, frames, kind, placed_by)
+    series = read_dicom_series(case)
+    labels, names = load_dicom_seg(case / "seg.dcm", series)
+    assert names == {1: "liver", 2: "left kidney"}
+    assert labels.dtype.kind == "i" and np.array_equal(labels, np.rint((series.intensities() - 1000) / 100))
+    assert np.array_equal(display_slice(labels, "axial", 1), drawn[1])  # shown as the scanner stores the slice
+    # The SEG sits beside the slices, no dataset.json: names come from its SegmentLabels.
+    result = run("build-dialogues", tmp_path / "src", tmp_path / "out", "--from", "dicom", "--min-labels", "2")
+    assert result.exit_code == 0, result.output
+    (dialogue,) = all_rounds(tmp_path / "out")
+    assert dialogue.id == "case1_axial_0001" and {r.entity for r in dialogue.rounds} == {"liver", "left kidney"}
+
+
+def copy_sa_med2d_demo(root: Path) -> Path:
+    """The SA-Med2D demo with one corrupt mask (amos_0006_90's spleen) and one mask of the wrong size
+    (s0619_32's colon)."""
+    shutil.copytree(SAM_MED2D, root)
+    masks = root / "data_demo" / "masks"
+    (masks / "amos_0006_90_spleen_000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(masks / "s0619_32_colon_000.png")
+    return root
+
+
+def test_bad_masks_skip_their_image_are_listed_and_the_rest_is_built(tmp_path: Path) -> None:
+    source = copy_sa_med2d_demo(tmp_path / "demo")
+    result = run("build-dialogues", source, tmp_path / "out", "--seed", "3")
+    assert result.exit_code == SKIPPED_EXIT_CODE, result.output
+    assert "2 unreadable case(s) or image(s) skipped" in result.output and "errors.jsonl" in result.output
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [(Path(e["file"]).name, e["item"], e["field"]) for e in errors] == [
+        ("amos_0006_90_spleen_000.png", "case amos_0006: image amos_0006_90.png", "mask"),
+        ("s0619_32_colon_000.png", "case s0619: image s0619_32.png", "mask"),
+    ]
+    assert "corrupt image" in errors[0]["reason"] and "mask is 12x10" in errors[1]["reason"]
+    assert sorted(d.id for d in all_rounds(tmp_path / "out")) == ["amos_0004_75", "s0114_111"]
+    # Shards carry their errors (of 3 shards, the 1st holds s0619, the 2nd amos_0006); merging
+    # concatenates them in the order the shards are given.
+    shards = [tmp_path / f"shard{i}" for i in (1, 2, 3)]
+    for i, shard in enumerate(shards, start=1):
+        built = run("build-dialogues", source, shard, "--seed", "3", "--shard", f"{i}/3")
+        assert built.exit_code == (0 if i == 3 else SKIPPED_EXIT_CODE), built.output
+    shard_errors = [(shard / "errors.jsonl").read_text() for shard in shards[:2]]
+    assert "s0619" in shard_errors[0] and "amos_0006" in shard_errors[1] and not (shards[2] / "errors.jsonl").exists()
+    merged = run("build-dialogues", "--merge", *shards, tmp_path / "merged")
+    assert merged.exit_code == SKIPPED_EXIT_CODE, merged.output
+    assert (tmp_path / "merged" / "errors.jsonl").read_text() == "".join(shard_errors)
+    assert (tmp_path / "merged" / "train.jsonl").read_bytes() == (tmp_path / "out" / "train.jsonl").read_bytes()
+
+
+def test_label_volume_of_another_shape_skips_its_case(tmp_path: Path) -> None:
+    source = write_nnunet(tmp_path / "Dataset004_Toy", cases=2)
+    nibabel.save(nibabel.Nifti1Image(np.zeros((8, 8, 2), np.uint8), np.eye(4)), source / "labelsTr" / "case_001.nii.gz")
+    summary = build(source, tmp_path / "out", options=BuildOptions(min_rounds=1))
+    (error,) = summary.errors
+    assert error["item"] == "case case_001" and error["field"] == "labels" and "(8, 8, 2)" in error["reason"]
+    assert summary.dialogues.total() > 0 and {d.id.split("_axial")[0] for d in all_rounds(tmp_path / "out")} == {"case_000"}
+
+
+def test_split_percentages_choose_the_split_and_are_checked(tmp_path: Path) -> None:
+    result = run("build-dialogues", SAM_MED2D, tmp_path / "out", "--split", "0/0/100")
+    assert result.exit_code == 0, result.output
+    assert [f.name for f in (tmp_path / "out").glob("*.jsonl")] == ["test.jsonl"]  # no errors.jsonl: none skipped
+    bad = run("build-dialogues", SAM_MED2D, tmp_path / "bad", "--split", "80/10/5")
+    assert bad.exit_code == 2 and "--split" in bad.output and "summing to 100" in bad.output
+    assert not (tmp_path / "bad").exists()
