@@ -1,21 +1,41 @@
-"""Shared CLI plumbing: one-line errors, exit codes, the console."""
+"""Shared CLI plumbing: one-line errors, exit codes, the console, summary tables."""
 
 from __future__ import annotations
 
 import functools
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from mediround.errors import InputWarning, MediRoundError
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+SKIPPED_EXIT_CODE = 3
+"""A batch finished but skipped bad input (listed in its errors.jsonl): distinct from 1, which is also
+what an unexpected crash (a Python traceback) exits with, and from 2, a fatal input error."""
+
+
+def count_table(title: str) -> Table:
+    """The empty (what, count) table a batch command's summary fills."""
+    table = Table(title=title)
+    table.add_column("", style="bold")
+    table.add_column("count", justify="right")
+    return table
+
+
+def add_count_rows(table: Table, groups: Iterable[tuple[str, Mapping[str, int]]]) -> None:
+    """A ``title: name`` row per name of each (title, counts) group, names in order."""
+    for title, counter in groups:
+        for name, count in sorted(counter.items()):
+            table.add_row(f"{title}: {name}", str(count))
 
 
 def _debug_enabled() -> bool:

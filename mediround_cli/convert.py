@@ -8,7 +8,12 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from mediround.data.build.shards import BuildOptions, build_file
+from mediround.data.formats import detect
 from mediround.data.formats.convert import convert as convert_data
+from mediround.data.formats.convert import target_format_for
+from mediround.errors import DataError
+from mediround_cli.build_dialogues import summary_table
 from mediround_cli.common import console, handle_errors
 
 
@@ -36,6 +41,9 @@ from mediround_cli.common import console, handle_errors
     help="Folder the input's paths are relative to (default: its folder).",
 )
 @click.option("--allow-outside-root", is_flag=True, help="Accept absolute paths and paths leaving the root.")
+@click.option("--single-round", is_flag=True,
+              help="SA-Med2D: one single-round dialogue per mask (default: multi-round, as build-dialogues).")
+@click.option("--seed", type=int, default=0, show_default=True, help="SA-Med2D multi-round: dialogue seed.")
 @handle_errors
 def convert(
     source: str,
@@ -44,8 +52,21 @@ def convert(
     target_format: str | None,
     root: str | None,
     allow_outside_root: bool,
+    single_round: bool,
+    seed: int,
 ) -> None:
-    """Convert SOURCE to OUTPUT, paths rewritten relative to OUTPUT's folder; bad dialogues are skipped."""
+    """Convert SOURCE to OUTPUT, paths rewritten relative to OUTPUT's folder; bad dialogues are skipped.
+
+    An SA-Med2D folder becomes multi-round dialogues (images and masks written beside OUTPUT)."""
+    if not single_round and (source_format == "sa-med2d" or (source_format == "auto" and detect(source) == "sa-med2d")):
+        summary = build_file(source, output, "sa-med2d", target_format or target_format_for(output), BuildOptions(seed=seed))
+        for record in summary.errors:
+            console.print(DataError(**record).one_line(), soft_wrap=True, markup=False)
+        console.print(summary_table(summary))
+        if summary.errors:
+            console.print(f"[red]{len(summary.errors)} unreadable image(s) skipped[/red]")
+            sys.exit(1)
+        return
     result = convert_data(source, output, source_format, target_format, root, allow_outside_root)
     for problem in result.problems:
         console.print(problem.one_line(), soft_wrap=True, markup=False)

@@ -7,24 +7,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mediround.data.synth import SPLITS, SynthSummary, generate, split_sizes
-from mediround_cli.common import console, err_console, handle_errors
+from mediround_cli.common import add_count_rows, console, count_table, err_console, handle_errors
 
 
 def summary_table(summary: SynthSummary) -> Table:
-    table = Table(title=f"synthetic benchmark in {summary.out_dir}")
-    table.add_column("", style="bold")
-    table.add_column("count", justify="right")
+    table = count_table(f"synthetic benchmark in {summary.out_dir}")
     for split, count in summary.dialogues.items():
         table.add_row(f"dialogues: {split}", str(count))
     table.add_row("rounds", str(summary.rounds))
     table.add_row("reference-only rounds", str(summary.reference_only_rounds))
-    for title, counter in (
-        ("scenario", summary.scenarios),
-        ("modality", summary.modalities),
-        ("difficulty", summary.difficulties),
-    ):
-        for name, count in sorted(counter.items()):
-            table.add_row(f"{title}: {name}", str(count))
+    add_count_rows(
+        table,
+        (("scenario", summary.scenarios), ("modality", summary.modalities), ("difficulty", summary.difficulties)),
+    )
     table.add_row("median mask area", f"{100 * summary.median_mask_fraction:.1f}% of the image")
     return table
 

@@ -43,6 +43,7 @@ from mediround.data.predictions import (
     read_predictions,
     safe_name,
 )
+from mediround.error_log import ERRORS_FILE, read_error_log, write_error_log
 from mediround.errors import CheckpointError, DataError, RecipeError
 from mediround.inference import DEFAULT_BETA
 from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_dialogue
@@ -54,7 +55,6 @@ from mediround.reports.overlays import write_overlay
 from mediround.reports.scoring import EvalConfig, evaluate_predictions
 from mediround.typed import load_typed, typed_config
 
-ERRORS_FILE = "errors.jsonl"
 PARTS_FOLDER = ".parts"
 PROGRESS_FILE = "progress.jsonl"
 WORKER_PLAN_FILE = "plan.json"
@@ -330,25 +330,16 @@ def finalize(config: InferenceConfig, dialogues: Sequence[Dialogue], problems: S
         complete_everywhere = complete if complete_everywhere is None else complete_everywhere & complete
     runtime: dict[str, dict] = {}
     for part in parts:
-        for record in _read_error_lines(part / ERRORS_FILE):
+        for record in read_error_log(part / ERRORS_FILE):
             runtime[record["id"]] = record
     if not parts:
-        for record in _read_error_lines(Path(config.out) / ERRORS_FILE):
+        for record in read_error_log(Path(config.out) / ERRORS_FILE):
             if record.get("id") is not None:
                 runtime[record["id"]] = record
     failed = [runtime[d.id] for d in dialogues if d.id in runtime and d.id not in (complete_everywhere or set())]
-    with atomic_open(Path(config.out) / ERRORS_FILE) as handle:
-        for record in [_problem_record(p) for p in problems] + failed:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+    write_error_log(Path(config.out) / ERRORS_FILE, [_problem_record(p) for p in problems] + failed)
     shutil.rmtree(_parts_root(config), ignore_errors=True)
     return len(problems) + len(failed)
-
-
-def _read_error_lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    lines = path.read_bytes().split(b"\n")[:-1]
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _merge_track(

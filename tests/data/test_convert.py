@@ -116,7 +116,7 @@ def test_sa_med2d_demo_becomes_single_round_dialogues(tmp_path: Path, shared_dat
     )
     assert by_id["s0114_111_heart_atrium_left_000"].rounds[0].query == "Segment the heart atrium left."
     output = tmp_path / "samed2d.jsonl"
-    result = CliRunner().invoke(cli, ["convert", str(demo), str(output), "--from", "sa-med2d"])
+    result = CliRunner().invoke(cli, ["convert", str(demo), str(output), "--from", "sa-med2d", "--single-round"])
     assert result.exit_code == 0, result.output
     report = validate(output, allow_outside_root=True)
     assert report.ok, [p.one_line() for p in report.problems]

@@ -99,6 +99,23 @@ def _root_for(map_path: Path, pairs: dict[str, list[str]]) -> Path:
     return map_path.parent
 
 
+def image_masks(folder: Path) -> list[tuple[Path, Path, str, list[str]]]:
+    """(map file, root, image, masks) of every image an SA-Med2D folder's maps list, paths relative to root."""
+    maps = _maps(folder)
+    if not maps:
+        raise DataError(
+            str(folder), None, None, "no image2label*.json or label2image*.json found (not an SA-Med2D folder)"
+        )
+    found: dict[tuple[Path, str], tuple[Path, list[str]]] = {}
+    for map_path in maps:
+        pairs = _read_map(map_path)
+        root = _root_for(map_path, pairs)
+        for image, masks in pairs.items():
+            listed = found.setdefault((root, image), (map_path, []))[1]
+            listed += [mask for mask in masks if mask not in listed]
+    return [(map_path, root, image, masks) for (root, image), (map_path, masks) in found.items()]
+
+
 def read_samed2d(
     folder: str | os.PathLike, allow_outside_root: bool = False
 ) -> tuple[list[Dialogue], list[DataError], int]:

@@ -1,0 +1,274 @@
+"""3-D label volumes to 2-D slices: NIfTI and DICOM reading, display orientation, windowing, slice rules.
+
+Every volume is reoriented to RAS+ (nibabel's closest canonical orientation) and sliced for display in
+the radiological convention: axial and coronal slices show the patient's right on the image's left,
+axial slices have anterior at the top, coronal and sagittal slices superior at the top, sagittal slices
+anterior on the image's left. nibabel and pydicom are optional (the ``volumes`` extra) and imported
+only here, when a volume is read.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mediround.data.images import window
+from mediround.errors import DataError
+
+EXTRA_HINT = 'pip install "mediround[volumes]"'
+AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+CT_WINDOWS = {"abdomen": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0), "brain": (40.0, 80.0)}
+"""Named CT windows as (level, width) in Hounsfield units."""
+INTENSITY_MAPS = (*CT_WINDOWS, "percentile")
+SLICE_RULES = ("every", "largest")
+
+
+def optional_module(name: str, file: str):
+    """Import one of the ``volumes`` extra's libraries, or say which extra to install."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise DataError(file, None, None, f"reading this source needs {name}: {EXTRA_HINT}") from None
+
+
+@dataclass(frozen=True)
+class SliceRule:
+    """Which slices of a case become images: every ``step``-th slice holding at least ``min_labels``
+    labels, or, with ``rule == "largest"``, the slice with the largest area of each label (of ``label``
+    only when given)."""
+
+    rule: str = "every"
+    step: int = 1
+    min_labels: int = 2
+    label: str | None = None
+
+
+@dataclass
+class Volume:
+    """An intensity volume and its label volume on the same RAS+ grid; ``labels`` maps values to names."""
+
+    intensities: np.ndarray
+    labels: np.ndarray
+    names: dict[int, str]
+
+
+def canonical(image, file: str) -> np.ndarray:
+    """The voxel array of a nibabel image reoriented to RAS+."""
+    nibabel = optional_module("nibabel", file)
+    try:
+        return np.asanyarray(nibabel.as_closest_canonical(image).dataobj)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(file, None, None, f"unreadable volume: {error}") from None
+
+
+def load_nifti(path: Path) -> np.ndarray:
+    """A NIfTI file's voxels in RAS+ (4-D files: the first volume)."""
+    nibabel = optional_module("nibabel", str(path))
+    try:
+        image = nibabel.load(str(path))
+    except (FileNotFoundError, nibabel.filebasedimages.ImageFileError, OSError, EOFError) as error:
+        raise DataError(str(path), None, None, f"not a readable NIfTI volume: {error}") from None
+    data = canonical(image, str(path))
+    return data[..., 0] if data.ndim == 4 else data
+
+
+@dataclass
+class DicomSeries:
+    """The image slices of a DICOM series, ordered along the slice normal, and the series' RAS affine
+    (voxel axes: columns, rows, slices)."""
+
+    folder: Path
+    slices: list
+    affine: np.ndarray
+    modality: str | None
+
+    def volume(self, planes: list[np.ndarray]) -> np.ndarray:
+        """One (rows, columns) plane per slice, in slice order, as a RAS+ volume."""
+        nibabel = optional_module("nibabel", str(self.folder))
+        # pixel_array is (row, column); voxel axis 0 follows the columns (the row cosine) as in NIfTI.
+        voxels = np.stack([plane.T for plane in planes], axis=-1)
+        return canonical(nibabel.Nifti1Image(voxels, self.affine), str(self.folder))
+
+    def intensities(self) -> np.ndarray:
+        """Rescaled (Hounsfield for CT) values in RAS+, each slice with its own slope and intercept."""
+        return self.volume([
+            d.pixel_array.astype(np.float64) * float(getattr(d, "RescaleSlope", 1) or 1)
+            + float(getattr(d, "RescaleIntercept", 0) or 0)
+            for d in self.slices
+        ])
+
+    def slice_at(self, position: np.ndarray) -> int | None:
+        """The slice whose ImagePositionPatient is ``position`` (to a tenth of the smallest spacing)."""
+        spacing = [abs(float(v)) for v in self.slices[0].PixelSpacing] + [float(np.linalg.norm(self.affine[:3, 2]))]
+        distances = np.linalg.norm(self.positions() - position, axis=1)
+        index = int(np.argmin(distances))
+        return index if distances[index] <= 0.1 * min(v for v in spacing if v > 0) else None
+
+    def positions(self) -> np.ndarray:
+        return np.array([d.ImagePositionPatient for d in self.slices], dtype=float)
+
+
+def read_dicom_series(folder: Path) -> DicomSeries:
+    """The image slices of the DICOM series in ``folder`` (DICOM-SEG objects and other files skipped).
+
+    Slices are ordered by their position along the slice normal (ImagePositionPatient projected on the
+    cross product of the ImageOrientationPatient cosines), never by file name or InstanceNumber.
+    """
+    pydicom = optional_module("pydicom", str(folder))
+    slices = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            dataset = pydicom.dcmread(str(path))
+        except pydicom.errors.InvalidDicomError:
+            continue
+        if "PixelData" not in dataset or getattr(dataset, "Modality", "") == "SEG":
+            continue
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if keyword not in dataset:
+                raise DataError(str(path), None, keyword, "missing: the slice cannot be placed in the volume")
+        slices.append(dataset)
+    if not slices:
+        raise DataError(str(folder), None, None, "no DICOM image slices found")
+    orientation = np.array(slices[0].ImageOrientationPatient, dtype=float)
+    row_cosine, column_cosine = orientation[:3], orientation[3:]
+    normal = np.cross(row_cosine, column_cosine)
+    slices.sort(key=lambda d: float(np.dot(normal, np.array(d.ImagePositionPatient, dtype=float))))
+    row_spacing, column_spacing = (float(v) for v in slices[0].PixelSpacing)
+    first = np.array(slices[0].ImagePositionPatient, dtype=float)
+    step = (
+        (np.array(slices[-1].ImagePositionPatient, dtype=float) - first) / (len(slices) - 1)
+        if len(slices) > 1
+        else normal * float(getattr(slices[0], "SliceThickness", 1) or 1)
+    )
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_cosine * column_spacing
+    affine_lps[:3, 1] = column_cosine * row_spacing
+    affine_lps[:3, 2] = step
+    affine_lps[:3, 3] = first
+    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps
+    modality = {"MR": "MRI"}.get(str(getattr(slices[0], "Modality", "")), getattr(slices[0], "Modality", None))
+    return DicomSeries(folder, slices, affine_ras, modality)
+
+
+def load_dicom_series(folder: Path) -> tuple[np.ndarray, str | None]:
+    """A DICOM series' rescaled values in RAS+, and its modality (CT, MRI, ...)."""
+    series = read_dicom_series(folder)
+    return series.intensities(), series.modality
+
+
+def find_dicom_seg(folder: Path) -> Path | None:
+    """The one DICOM-SEG object (Modality SEG) among the files of a series folder, or None."""
+    pydicom = optional_module("pydicom", str(folder))
+    found = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            header = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["Modality"])
+        except (pydicom.errors.InvalidDicomError, OSError):
+            continue
+        if getattr(header, "Modality", "") == "SEG":
+            found.append(path)
+    if len(found) > 1:
+        raise DataError(str(folder), None, None, f"{len(found)} DICOM-SEG objects ({', '.join(p.name for p in found)}): keep one per case")
+    return found[0] if found else None
+
+
+def _frame_group(groups, shared, keyword: str):
+    """The first item of a functional group macro for one frame: its own, else the shared one."""
+    for source in (groups, shared):
+        if source is not None and getattr(source, keyword, None):
+            return getattr(source, keyword)[0]
+    return None
+
+
+def load_dicom_seg(path: Path, series: DicomSeries) -> tuple[np.ndarray, dict[int, str]]:
+    """The label volume (RAS+, on ``series``' grid) of a DICOM-SEG object, and segment number -> label.
+
+    Each frame belongs to the segment its SegmentIdentificationSequence names and lies on the slice at
+    its PlanePositionSequence position, or, without one, on the slice its DerivationImageSequence names.
+    BINARY frames are foreground where 1, FRACTIONAL ones where at least half MaximumFractionalValue.
+    Where segments overlap the higher segment number wins, so a lesion segment drawn inside its organ's
+    stays a label of its own (the organ's mask then has the lesion's hole, as in nnU-Net label maps).
+    """
+    pydicom = optional_module("pydicom", str(path))
+    file = str(path)
+    try:
+        seg = pydicom.dcmread(file)
+    except (pydicom.errors.InvalidDicomError, OSError) as error:
+        raise DataError(file, None, None, f"not a readable DICOM-SEG object: {error}") from None
+    for keyword in ("SegmentSequence", "PerFrameFunctionalGroupsSequence", "PixelData"):
+        if keyword not in seg:
+            raise DataError(file, None, keyword, "missing: not a DICOM-SEG object this reader can place")
+    names = {int(segment.SegmentNumber): str(segment.SegmentLabel) for segment in seg.SegmentSequence}
+    rows, columns = series.slices[0].Rows, series.slices[0].Columns
+    if (seg.Rows, seg.Columns) != (rows, columns):
+        raise DataError(file, None, "Rows", f"frames are {seg.Columns}x{seg.Rows} but the series' slices {columns}x{rows}")
+    try:
+        frames = seg.pixel_array.reshape(-1, rows, columns)  # one frame comes back 2-D
+    except (ValueError, AttributeError, NotImplementedError, RuntimeError) as error:
+        raise DataError(file, None, "PixelData", f"cannot decode the frames: {error}") from None
+    if str(getattr(seg, "SegmentationType", "BINARY")) == "FRACTIONAL":
+        foreground = frames >= float(seg.MaximumFractionalValue) / 2
+    else:
+        foreground = frames > 0
+    per_frame = seg.PerFrameFunctionalGroupsSequence
+    if len(per_frame) != len(foreground):
+        raise DataError(file, None, "PerFrameFunctionalGroupsSequence", f"{len(per_frame)} items for {len(foreground)} frames")
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
+    uids = {str(d.SOPInstanceUID): index for index, d in enumerate(series.slices) if "SOPInstanceUID" in d}
+    planes = [np.zeros((rows, columns), np.int32) for _ in series.slices]  # nibabel refuses int64 data
+    for number, (groups, mask) in enumerate(zip(per_frame, foreground), start=1):
+        identification = _frame_group(groups, shared, "SegmentIdentificationSequence")
+        segment = None if identification is None else int(identification.ReferencedSegmentNumber)
+        if segment not in names:
+            raise DataError(file, f"frame {number}", "ReferencedSegmentNumber", f"segment {segment} is not in SegmentSequence")
+        plane = _frame_group(groups, shared, "PlanePositionSequence")
+        derivation = _frame_group(groups, None, "DerivationImageSequence")
+        if plane is not None:
+            index = series.slice_at(np.array(plane.ImagePositionPatient, dtype=float))
+        elif derivation is not None and "SourceImageSequence" in derivation:
+            index = uids.get(str(derivation.SourceImageSequence[0].ReferencedSOPInstanceUID))
+        else:
+            raise DataError(file, f"frame {number}", "PlanePositionSequence", "missing, and no DerivationImageSequence either")
+        if index is None:
+            raise DataError(file, f"frame {number}", "PlanePositionSequence", f"the frame lies on no slice of {series.folder}")
+        planes[index][mask] = np.maximum(planes[index][mask], segment)
+    return series.volume(planes), names
+
+
+def map_intensities(values: np.ndarray, mapping: str) -> np.ndarray:
+    """uint8 display values: a named CT window (level/width in HU) or 0.5-99.5 percentile scaling."""
+    if mapping == "percentile":
+        return window(values)
+    level, width = CT_WINDOWS[mapping]
+    low = level - width / 2
+    scaled = np.clip((values.astype(np.float64) - low) / width, 0.0, 1.0) * 255.0
+    return np.rint(scaled).astype(np.uint8)
+
+
+def display_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
+    """Slice ``index`` of a RAS+ volume along ``axis``, flipped and transposed for radiological display."""
+    if axis == "axial":
+        plane = volume[:, :, index]  # (x: towards patient right, y: towards anterior)
+        return plane[::-1, ::-1].T
+    if axis == "coronal":
+        plane = volume[:, index, :]  # (x, z: towards superior)
+        return plane[::-1, ::-1].T
+    plane = volume[index, :, :]  # (y, z)
+    return plane[::-1, ::-1].T
+
+
+def choose_slices(labels: np.ndarray, axis: str, rule: SliceRule, names: dict[int, str]) -> list[int]:
+    """Indices along ``axis`` selected by ``rule`` (sorted, unique)."""
+    moved = np.moveaxis(labels, AXES[axis], 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    values = [value for value in sorted(names) if value != 0]
+    areas = np.stack([(flat == value).sum(axis=1) for value in values], axis=1) if values else np.zeros((len(flat), 0))
+    if rule.rule == "largest":
+        wanted = [i for i, value in enumerate(values) if rule.label in (None, names[value])]
+        chosen = {int(np.argmax(areas[:, i])) for i in wanted if areas[:, i].max() > 0}
+        return sorted(chosen)
+    present = (areas > 0).sum(axis=1)
+    return [index for index in range(0, len(flat), rule.step) if present[index] >= rule.min_labels]
