@@ -13,8 +13,9 @@ What they share: the decoded image and both image encoders (``encode_image`` run
 one ``DialogueSession`` (the text model's state) for as long as the tracks have fed it identical
 reference masks. Tracks split when their references differ (one track refined the referred round's [SEG]
 and another did not, or one uses ground truth); the split forks the session (a copy of its KV cache), so
-every track computes exactly what a run with that track alone computes. Within a shared state, ``h_c``, ``q`` and each of the two decodes (raw, refined)
-are computed once per round.
+every track computes exactly what a run with that track alone computes. Within a shared session,
+``h_c`` with its raw decode, ``q`` and (when a track refines) the refined decode are computed once per
+round.
 """
 
 from __future__ import annotations
