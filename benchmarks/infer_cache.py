@@ -31,7 +31,7 @@ from mediround.data.formats import load_dialogues, write_jsonl
 from mediround.data.images import load_image
 from mediround.data.synth import generate
 from mediround.inference.chain import Track, chain_dialogue
-from mediround.model import build_model, preset
+from mediround.model import DialogueSession, build_model, preset
 from mediround.model.checkpoint import save_checkpoint
 
 ROUNDS = 8
@@ -50,29 +50,22 @@ def eight_round_dialogues(folder: Path, wanted: int, seed: int) -> list:
 
 
 def timed_rounds(model, dialogue, image) -> dict[int, float]:
-    """Seconds of ``step`` + ``decode`` per round number in the cached path."""
+    """Seconds of ``DialogueSession.step`` (which also decodes the round's mask) per round number in the
+    cached path."""
     costs: dict[int, float] = {}
-    step, decode = model.step, model.decode
-    current = {"round": 0}
+    step = DialogueSession.step
 
-    def timed_step(state, *args, **kwargs):
-        current["round"] = state.rounds + 1
+    def timed_step(session, *args, **kwargs):
         start = time.perf_counter()
-        output = step(state, *args, **kwargs)
-        costs[current["round"]] = time.perf_counter() - start
-        return output
+        result = step(session, *args, **kwargs)
+        costs[session.rounds] = time.perf_counter() - start
+        return result
 
-    def timed_decode(context, features):
-        start = time.perf_counter()
-        logits = decode(context, features)
-        costs[current["round"]] += time.perf_counter() - start
-        return logits
-
-    model.step, model.decode = timed_step, timed_decode
+    DialogueSession.step = timed_step
     try:
         chain_dialogue(model, dialogue, image, [Track(None)])
     finally:
-        del model.step, model.decode
+        DialogueSession.step = step
     return costs
 
 

@@ -137,8 +137,8 @@ def whole_image_reference_dice(model_folder: Path, val: Path) -> dict[str, float
     rows = {name: [] for name in SPLITS}
     for start in range(0, len(samples), 10):
         chunk = samples[start : start + 10]
-        batch = model.collate(chunk)
-        images = [clip_normalise(torch.from_numpy(s.image.astype(np.float32)).permute(2, 0, 1)[None], model.crop_size)
+        batch = model.processor.collate(chunk)
+        images = [clip_normalise(torch.from_numpy(s.image.astype(np.float32)).permute(2, 0, 1)[None], model.processor.crop_size)
                   for s in chunk for r in s.dialogue.rounds if r.ref is not None]
         if images:
             batch.crop_pixels = torch.cat(images)

@@ -60,7 +60,7 @@ def longest_sequence(recipe: Recipe, model, sample: int) -> int | None:
     lengths = []
     for index in sample_indices(len(dialogues), sample):
         try:
-            lengths.append(len(model.layout.dialogue(dialogues[index])[0].ids))
+            lengths.append(len(model.processor.layout.dialogue(dialogues[index])[0].ids))
         except ValueError:
             continue
     return max(lengths, default=None)

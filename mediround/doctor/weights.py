@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 import struct
 from pathlib import Path
 
@@ -19,10 +18,9 @@ from mediround.model.config import SegmenterConfig
 from mediround.model.load_report import load_into, report_from_lists
 from mediround.model.segmenter import VIT_LAYOUTS, build_sam, read_sam_state
 from mediround.model.tokenizer import IMAGE_TOKEN, MEDIROUND_TOKENS
+from mediround.model.weight_sources import missing_path_detail
 
 GIB = 1024**3
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024**2
 SAM_PATCH_KEY = "image_encoder.patch_embed.proj.weight"
 
@@ -61,26 +59,6 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[int, ...]]:
             f"{path}: truncated: the header needs {8 + length + end} bytes, the file has {size} (download again)"
         )
     return shapes
-
-
-def looks_like_hub_name(source: str) -> bool:
-    """``owner/name`` whose owner is no local folder and whose name is no weight file."""
-    return (
-        HUB_NAME.match(source) is not None
-        and not Path(source).parent.is_dir()
-        and Path(source).suffix not in WEIGHT_SUFFIXES
-    )
-
-
-def missing_path_detail(source: str, what: str) -> str:
-    """Why a weight path is not there; a hub name gets the download instructions (nothing is downloaded)."""
-    if looks_like_hub_name(source):
-        local = f"weights/{source.split('/')[-1]}"
-        return (
-            f"{source}: looks like a model hub name, not a local path; nothing is downloaded: download it "
-            f"first (huggingface-cli download {source} --local-dir {local}) and point the recipe at {local}"
-        )
-    return f"{source}: {what} not found"
 
 
 def is_original_llava(config: dict) -> bool:

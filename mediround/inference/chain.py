@@ -4,17 +4,18 @@ For every round ``t`` the model reads the query (and, unless it generates, the d
 together with the crop and box of the mask of the round ``t`` refers to. That mask is the model's own
 prediction for that round (``Track.teacher_forcing`` uses the ground truth instead); the crop/box rule,
 including "a predicted mask of <= 9 pixels means the whole image", lives in ``mediround.model.references``
-and is applied inside ``MediRound.step``. The [SEG] feature ``h_c`` then goes through JCM: with score
+and is applied inside ``DialogueSession.step``. The [SEG] feature ``h_c`` then goes through JCM: with score
 ``q = judge(h_c)``, the round's mask is ``decode(h_c)`` when ``q > beta`` and ``decode(refine(h_c))``
 otherwise. ``beta=None`` turns JCM off (always ``decode(h_c)``).
 
 Several tracks (JCM thresholds, predicted or ground-truth references) run in one pass over a dialogue.
 What they share: the decoded image and both image encoders (``encode_image`` runs once per dialogue), and
-the text model's state for as long as the tracks have fed it identical reference masks. Tracks split when
-their references differ (one track refined the referred round's [SEG] and another did not, or one uses
-ground truth); the split copies the KV cache, so every track computes exactly what a run with that
-track alone computes. Within a shared state, ``h_c``, ``q`` and each of the two decodes (raw, refined)
-are computed once per round.
+one ``DialogueSession`` (the text model's state) for as long as the tracks have fed it identical
+reference masks. Tracks split when their references differ (one track refined the referred round's [SEG]
+and another did not, or one uses ground truth); the split forks the session (a copy of its KV cache), so
+every track computes exactly what a run with that track alone computes. Within a shared session,
+``h_c`` with its raw decode, ``q`` and (when a track refines) the refined decode are computed once per
+round.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import torch
 
 from mediround.data.dialogue import Dialogue
 from mediround.errors import DataError
+from mediround.model import MASK_THRESHOLD, DialogueSession, ImageContext, MediRound, RoundResult
+from mediround.model.processor import answer_with_seg
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class Track:
 
 @dataclass
 class RoundPrediction:
-    """What one track predicted for one (1-based) round."""
+    """What one track predicted for one (1-based) round, and the round's [SEG] feature ``h_c`` (256,),
+    before any refinement."""
 
     round: int
     mask: np.ndarray
@@ -56,6 +60,7 @@ class RoundPrediction:
     jcm_score: float | None
     refined: bool
     seg_found: bool
+    seg_feature: torch.Tensor
 
     def record_fields(self) -> dict[str, Any]:
         """The fields of this round's line in predictions.jsonl (besides id, round and mask)."""
@@ -71,8 +76,6 @@ class RoundPrediction:
 def check_dialogue(dialogue: Dialogue, file: str, generate: bool = False) -> None:
     """Raise ``DataError`` for what would stop the chain mid-way: a reference to a round that is not an
     earlier one, or (unless the model generates its answers) an answer with more than one [SEG]."""
-    from mediround.model.inputs import answer_with_seg
-
     item = dialogue.item if dialogue.item is not None else dialogue.id
     for number, round_ in enumerate(dialogue.rounds, start=1):
         if round_.ref is not None and not 1 <= round_.ref < number:
@@ -85,39 +88,27 @@ def check_dialogue(dialogue: Dialogue, file: str, generate: bool = False) -> Non
                 raise DataError(file, item, f"rounds[{number - 1}].answer", str(error)) from None
 
 
-class _CachedSession:
-    """The incremental path: one KV-cached dialogue state; earlier rounds are never re-encoded."""
-
-    def __init__(self, model: Any, context: Any):
-        self.model = model
-        self.context = context
-        self.state = model.begin(context)
-
-    def step(self, query: str, answer: str | None, reference: np.ndarray | None, refers: bool) -> tuple[Any, Any]:
-        return self.model.step(self.state, query, answer, reference, refers=refers), self.context
-
-    def fork(self) -> _CachedSession:
-        twin = copy.copy(self)
-        twin.state = copy.deepcopy(self.state, memo={id(self.context): self.context, id(self.model): self.model})
-        return twin
-
-
 class _ReplaySession:
-    """The authors' path (``--no-cache``): every round re-runs the image encoders and the whole history."""
+    """The authors' path (``--no-cache``): every round re-runs the image encoders and the whole history in
+    a fresh ``DialogueSession``; the latest one decodes the round's refined feature."""
 
-    def __init__(self, model: Any, image: np.ndarray):
+    def __init__(self, model: MediRound, image: np.ndarray):
         self.model = model
         self.image = image
         self.history: list[tuple[str, str, np.ndarray | None, bool]] = []
+        self.latest: DialogueSession | None = None
 
-    def step(self, query: str, answer: str | None, reference: np.ndarray | None, refers: bool) -> tuple[Any, Any]:
-        context = self.model.encode_image(self.image)
-        state = self.model.begin(context)
+    def step(self, query: str, answer: str | None, reference: np.ndarray | None, refers: bool) -> RoundResult:
+        session = DialogueSession.for_image(self.model, self.image)
         for past_query, past_answer, past_reference, past_refers in self.history:
-            self.model.step(state, past_query, past_answer, past_reference, refers=past_refers)
-        output = self.model.step(state, query, answer, reference, refers=refers)
-        self.history.append((query, _answer_text(self.model, output), reference, refers))
-        return output, context
+            session.step(past_query, past_answer, past_reference, refers=past_refers)
+        result = session.step(query, answer, reference, refers=refers)
+        self.history.append((query, _answer_text(self.model, result), reference, refers))
+        self.latest = session
+        return result
+
+    def decode(self, features: torch.Tensor) -> torch.Tensor:
+        return self.latest.decode(features)
 
     def fork(self) -> _ReplaySession:
         twin = copy.copy(self)
@@ -129,7 +120,7 @@ class _ReplaySession:
 class _Group:
     """Tracks that have fed the model identical inputs so far and therefore share one session."""
 
-    session: _CachedSession | _ReplaySession
+    session: DialogueSession | _ReplaySession
     tracks: list[Track]
 
 
@@ -144,21 +135,19 @@ def _reference_key(track: Track, ref: int, results: Mapping[Track, list[RoundPre
     return ("predicted", results[track][ref - 1].refined)
 
 
-def _answer_text(model: Any, output: Any) -> str:
+def _answer_text(model: MediRound, result: RoundResult) -> str:
     """The round's answer as text, without the end-of-turn token the model appends."""
     eos = getattr(model.tokenizer, "eos_token", None)
-    text = output.answer.strip()
+    text = result.answer.strip()
     return text[: -len(eos)].rstrip() if eos and text.endswith(eos) else text
 
 
 def _mask_from_logits(logits: torch.Tensor) -> np.ndarray:
-    from mediround.model.mediround import MASK_THRESHOLD
-
     return (logits.detach().float().cpu().reshape(logits.shape[-2:]) > MASK_THRESHOLD).numpy()
 
 
 def chain_dialogue(
-    model: Any,
+    model: MediRound,
     dialogue: Dialogue,
     image: np.ndarray,
     tracks: Sequence[Track],
@@ -166,19 +155,26 @@ def chain_dialogue(
     generate: bool = False,
     use_cache: bool = True,
     reference_truth: Mapping[int, np.ndarray] | None = None,
+    context: ImageContext | None = None,
 ) -> dict[Track, list[RoundPrediction]]:
     """Predict every round of ``dialogue`` for each track (Algorithm 1); returns the rounds per track.
 
     ``generate`` lets the model write its answers (greedy) and keeps them in the history; otherwise the
     dialogue's own answers are fed. ``use_cache=False`` re-runs the whole model for every round.
     ``reference_truth`` maps referred round numbers to ground-truth masks; teacher-forcing tracks need it.
+    ``context`` is ``image`` already encoded (``encode_image``); the cached path then encodes nothing.
     """
     tracks = list(dict.fromkeys(tracks))
     if not tracks:
         raise ValueError("chain_dialogue needs at least one track")
     results: dict[Track, list[RoundPrediction]] = {track: [] for track in tracks}
     with torch.no_grad():
-        root = _CachedSession(model, model.encode_image(image)) if use_cache else _ReplaySession(model, image)
+        if not use_cache:
+            root = _ReplaySession(model, image)
+        elif context is None:
+            root = DialogueSession.for_image(model, image)
+        else:
+            root = DialogueSession(model, context)
         groups = [_Group(root, tracks)]
         for number, round_ in enumerate(dialogue.rounds, start=1):
             next_groups: list[_Group] = []
@@ -222,7 +218,7 @@ def _reference(
 
 
 def _run_round(
-    model: Any,
+    model: MediRound,
     group: _Group,
     number: int,
     query: str,
@@ -231,18 +227,19 @@ def _run_round(
     reference: np.ndarray | None,
     results: dict[Track, list[RoundPrediction]],
 ) -> None:
-    """One round for one group: one model step, one JCM score, each needed decode once."""
-    output, context = group.session.step(query, answer, reference, ref is not None)
-    feature = output.seg_feature
+    """One round for one group: one session step (which decodes the raw feature), one JCM score, the
+    refined feature decoded once when a track needs it."""
+    result = group.session.step(query, answer, reference, ref is not None)
+    feature = result.seg_feature
     uses_jcm = any(track.beta is not None for track in group.tracks)
     score = float(model.jcm.judge(feature).reshape(-1)[0]) if uses_jcm else None
-    answer_text = _answer_text(model, output)
+    answer_text = _answer_text(model, result)
     decoded: dict[bool, np.ndarray] = {}
     for track in group.tracks:
         refined = track.beta is not None and not score > track.beta
         if refined not in decoded:
-            chosen = model.jcm.refine(feature) if refined else feature
-            decoded[refined] = _mask_from_logits(model.decode(context, chosen))
+            logits = group.session.decode(model.jcm.refine(feature)) if refined else result.mask_logits
+            decoded[refined] = _mask_from_logits(logits)
         results[track].append(
             RoundPrediction(
                 round=number,
@@ -251,6 +248,7 @@ def _run_round(
                 ref_round=ref,
                 jcm_score=score if track.beta is not None else None,
                 refined=refined,
-                seg_found=not output.seg_fed,
+                seg_found=not result.seg_fed,
+                seg_feature=feature,
             )
         )

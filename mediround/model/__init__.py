@@ -1,19 +1,23 @@
-"""The MediRound model: config, build, forward over dialogues, incremental rounds, checkpoints."""
+"""The MediRound model: config, build, processor, forward over dialogues, sessions over rounds, checkpoints."""
 
 from mediround.model.build import build_model, trainable_parameters
 from mediround.model.config import MediRoundConfig, preset
-from mediround.model.inputs import DialogueSample, load_sample
-from mediround.model.mediround import MASK_THRESHOLD, DialogueState, ImageContext, MediRound, RoundOutput
+from mediround.model.mediround import MediRound
+from mediround.model.processor import DialogueProcessor, DialogueSample, load_sample
+from mediround.model.segmenter import MASK_THRESHOLD
+from mediround.model.session import DialogueSession, ImageContext, RoundResult, encode_image
 
 __all__ = [
     "MASK_THRESHOLD",
+    "DialogueProcessor",
     "DialogueSample",
-    "DialogueState",
+    "DialogueSession",
     "ImageContext",
     "MediRound",
     "MediRoundConfig",
-    "RoundOutput",
+    "RoundResult",
     "build_model",
+    "encode_image",
     "load_sample",
     "preset",
     "trainable_parameters",

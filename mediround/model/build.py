@@ -12,10 +12,13 @@ from transformers import PreTrainedTokenizerBase
 
 from mediround.errors import RecipeError
 from mediround.model.config import MediRoundConfig
-from mediround.model.mediround import DTYPES, MediRound
+from mediround.model.mediround import MediRound
 from mediround.model.mllm import load_llava
 from mediround.model.segmenter import load_sam
 from mediround.model.tokenizer import MEDIROUND_TOKENS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The torch dtype of each ``precision`` setting."""
 
 
 def build_model(

@@ -38,7 +38,7 @@ from transformers import AutoTokenizer
 
 from mediround.atomic import write_json
 from mediround.errors import CheckpointError, RecipeError
-from mediround.model.build import build_model
+from mediround.model.build import apply_trainability, build_model
 from mediround.model.config import MediRoundConfig
 from mediround.model.load_report import LoadReport, load_into, report_from_lists
 from mediround.model.mediround import MediRound
@@ -268,8 +268,6 @@ def export_checkpoint(
     trained embeddings are merged into ``llava/`` (peft ``merge_and_unload``) and the LM is frozen;
     without it the adapter is kept beside the base. ``allow_partial`` exports what loaded (the rest stays
     random); ``on_load`` sees the load reports of ``folder`` before anything is written."""
-    from mediround.model.build import apply_trainability
-
     model = load_checkpoint(folder, allow_partial=allow_partial)
     if on_load is not None:
         on_load(model.load_reports)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mediround.model.build import build_model
 from mediround.model.config import MediRoundConfig
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -50,8 +51,6 @@ def estimate_training_memory(
     ``config`` (reads only the LLaVA config.json, no weights).
     """
     if model is None:
-        from mediround.model.build import build_model
-
         model = build_model(config, device="meta")
     width = BYTES[config.precision]
     parameters = sum(p.numel() for p in model.parameters())

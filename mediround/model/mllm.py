@@ -26,6 +26,7 @@ from mediround.errors import CheckpointError
 from mediround.model.config import MediRoundConfig
 from mediround.model.load_report import LoadReport, report_from_lists
 from mediround.model.tokenizer import IMAGE_TOKEN, add_mediround_tokens, train_tiny_tokenizer
+from mediround.model.weight_sources import missing_path_detail
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -90,8 +91,6 @@ def load_llava(
         return model, tokenizer, len(tokenizer), None
     folder = Path(source)
     if not folder.exists():
-        from mediround.doctor.weights import missing_path_detail
-
         raise CheckpointError(missing_path_detail(source, "LLaVA folder"))
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not an HF-format LLaVA folder (no config.json)")

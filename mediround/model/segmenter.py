@@ -21,10 +21,13 @@ from torch import nn
 from mediround.errors import CheckpointError
 from mediround.model.config import SegmenterConfig
 from mediround.model.load_report import LoadReport, load_into
+from mediround.model.weight_sources import missing_path_detail
 
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
 PROMPT_DIM = 256
+MASK_THRESHOLD = 0.0
+"""A pixel is foreground when its mask logit is above this (logit > 0, probability > 0.5)."""
 VIT_LAYOUTS = {
     "vit_b": {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11)},
     "vit_l": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": (5, 11, 17, 23)},
@@ -107,8 +110,6 @@ def read_sam_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A SAM/MedSAM ``.pth`` state dict, read with ``weights_only=True`` (no pickle code runs)."""
     path = Path(path)
     if not path.is_file():
-        from mediround.doctor.weights import missing_path_detail
-
         raise CheckpointError(missing_path_detail(str(path), "SAM checkpoint"))
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)

@@ -1,7 +1,7 @@
 """Tokenizers: the added MediRound tokens, and an offline byte-level BPE tokenizer for the tiny preset.
 
-The tiny tokenizer is trained on the project's own text (``mediround.data.synth.text_corpus`` when it
-exists, plus a built-in set of medical-dialogue phrases), so nothing is downloaded. Training is
+The tiny tokenizer is trained on the project's own text (``mediround.data.synth.text_corpus`` plus a
+built-in set of medical-dialogue phrases), so nothing is downloaded. Training is
 deterministic for a given corpus and the result is saved with every checkpoint.
 """
 
@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from mediround.data.synth import text_corpus
 
 SEG_TOKEN = "[SEG]"
 CROP_TOKEN = "[REF_CROP]"
@@ -54,20 +57,13 @@ BUILTIN_CORPUS = (
 
 def tokenizer_corpus() -> list[str]:
     """The text the tiny tokenizer is trained on: the synthetic generator's phrases plus built-ins."""
-    lines = list(BUILTIN_CORPUS)
-    try:
-        from mediround.data.synth import text_corpus
-    except ImportError:
-        return lines
-    return lines + [str(line) for line in text_corpus()]
+    return list(BUILTIN_CORPUS) + [str(line) for line in text_corpus()]
 
 
 def train_tiny_tokenizer(
     vocab_size: int, corpus: Iterable[str] | None = None, with_mediround_tokens: bool = True
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained offline, with LLaVA's ``<image>`` (and MediRound's tokens) added."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

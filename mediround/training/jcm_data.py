@@ -24,6 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mediround.inference.chain import Track, chain_dialogue
+from mediround.metrics import counts
+from mediround.model import MASK_THRESHOLD, ImageContext, MediRound, encode_image
+from mediround.model.processor import DialogueSample
+from mediround.model.segmenter import decode_masks, upsample_logits
+
 TEACHER_FORCED = "teacher-forced"
 ROLLOUT = "rollout"
 SOURCES = (TEACHER_FORCED, ROLLOUT)
@@ -51,14 +57,12 @@ def decode_at_supervision_size(model: Any, embedding: torch.Tensor, features: to
 
     Gradients flow to ``features`` (the refine MLP's output), never into the decoder's frozen weights.
     """
-    from mediround.model.segmenter import decode_masks, upsample_logits
-
     low_res = decode_masks(model.sam, embedding, features)
     return upsample_logits(low_res, model.config.segmenter.image_size, size, size)
 
 
 def supervision_targets(masks: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
-    """Ground-truth masks resized to the supervision size exactly as stage-1 ``collate`` does (bool)."""
+    """Ground-truth masks resized to the supervision size exactly as ``DialogueProcessor.collate`` does (bool)."""
     if not masks:
         return torch.zeros(0, *size, dtype=torch.bool)
     stacked = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) for m in masks]))[:, None]
@@ -67,45 +71,16 @@ def supervision_targets(masks: Sequence[np.ndarray], size: tuple[int, int]) -> t
 
 def raw_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """IoU of (logits > 0) with the targets, per mask, by ``mediround.metrics`` (1.0 when both are empty)."""
-    from mediround.metrics import counts
-    from mediround.model import MASK_THRESHOLD
-
     predicted = (logits.detach().float() > MASK_THRESHOLD).cpu().numpy()
     return torch.from_numpy(counts(predicted, targets.cpu().numpy())["iou"]).float()
 
 
-class _FeatureRecorder:
-    """The model as ``chain_dialogue`` sees it: the image is encoded once by the caller, and the [SEG]
-    feature of every ``step`` is kept. Everything else is the model itself."""
-
-    def __init__(self, model: Any, context: Any):
-        self._model = model
-        self._context = context
-        self.features: list[torch.Tensor] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-    def encode_image(self, image: np.ndarray) -> Any:
-        return self._context
-
-    def step(self, state: Any, *args: Any, **kwargs: Any) -> Any:
-        output = self._model.step(state, *args, **kwargs)
-        self.features.append(output.seg_feature.reshape(-1))
-        return output
-
-
-def rollout_features(model: Any, sample: Any, context: Any) -> torch.Tensor:
+def rollout_features(model: MediRound, sample: DialogueSample, context: ImageContext) -> torch.Tensor:
     """The [SEG] features of every round when the dialogue is chained with JCM off: each reference is the
     model's own mask of the referred round (Algorithm 1). (rounds, 256)."""
-    from mediround.inference.chain import Track, chain_dialogue
-
-    recorder = _FeatureRecorder(model, context)
-    chain_dialogue(recorder, sample.dialogue, sample.image, [Track(beta=None)])
-    rounds = len(sample.dialogue.rounds)
-    if len(recorder.features) != rounds:
-        raise RuntimeError(f"chain produced {len(recorder.features)} [SEG] features for {rounds} rounds")
-    return torch.stack(recorder.features)
+    track = Track(beta=None)
+    predictions = chain_dialogue(model, sample.dialogue, sample.image, [track], context=context)[track]
+    return torch.stack([prediction.seg_feature for prediction in predictions])
 
 
 @torch.no_grad()
@@ -116,8 +91,8 @@ def collect_features(model: Any, samples: Sequence[Any], sources: Sequence[str],
     autocast = autocast or contextlib.nullcontext
     entries = []
     with autocast():
-        contexts = [model.encode_image(sample.image) for sample in samples]
-        forced = model(model.collate(list(samples))).seg_features if TEACHER_FORCED in sources else None
+        contexts = [encode_image(model, sample.image) for sample in samples]
+        forced = model(model.processor.collate(list(samples))).seg_features if TEACHER_FORCED in sources else None
         for index, (sample, context) in enumerate(zip(samples, contexts)):
             valid = [i for i, mask in enumerate(sample.masks) if mask is not None]
             targets = supervision_targets([sample.masks[i] for i in valid], context.resized_size)

@@ -199,7 +199,7 @@ class JCMObjective(nn.Module):
         self._decoder_owner = (decoder_owner,)
 
     def forward(self, items: list[tuple[torch.Tensor, torch.Tensor, DialogueFeatures]]) -> torch.Tensor:
-        from mediround.model.mediround import bce_loss, dice_loss
+        from mediround.model.losses import bce_loss, dice_loss
 
         model = self._decoder_owner[0]
         dtype = next(self.jcm.parameters()).dtype

@@ -301,7 +301,7 @@ class _Trainer(TrainingProcess):
         dataset = DialogueDataset(train_dialogues, load_sample)
         self.val_dialogues = val_dialogues
         stream = self.stream(len(dataset), position)
-        loader = BatchLoader(dataset, model.collate, recipe.train.num_workers)
+        loader = BatchLoader(dataset, model.processor.collate, recipe.train.num_workers)
         batches = _micro_batches(stream, loader, dataset)
         result = TrainingResult(self.output, step, steps, self.world_size, "finished", None,
                                 data_problems=len(start.problems))
@@ -423,7 +423,7 @@ class _Trainer(TrainingProcess):
         for start in range(0, len(indices), size):
             samples = [load_sample(self.val_dialogues[i]) for i in indices[start : start + size]]
             with self.accelerator.autocast():
-                output = model(model.collate(samples))
+                output = model(model.processor.collate(samples))
                 losses.append(float(output.loss))
                 for sample, logits in zip(samples, output.mask_logits):
                     masks = _logits_to_masks(logits, sample.image.shape[:2], MASK_THRESHOLD)
@@ -489,7 +489,7 @@ def _micro_batches(stream: ShardedStream, loader: BatchLoader, dataset: Dialogue
 def _loss_counts(batch: Any) -> tuple[float, float, float]:
     """What the model's loss averages over in this batch: answer tokens (CE), supervised masks (BCE, Dice)
     and rounds with a known entity (entity loss)."""
-    from mediround.model.inputs import IGNORE
+    from mediround.model.processor import IGNORE
 
     tokens = float((batch.labels[:, 1:] != IGNORE).sum())
     masks = float(sum(int(valid.sum()) for valid in batch.target_valid))

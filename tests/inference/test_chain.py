@@ -9,11 +9,12 @@ import pytest
 import torch
 from inference_fixtures import SIZE, rect, set_judge_score, write_dialogues
 
-import mediround.model.mediround as mediround_module
+import mediround.model.session as session_module
 from mediround.data.formats import load_dialogues
 from mediround.data.images import load_image, load_mask
 from mediround.errors import DataError
 from mediround.inference.chain import Track, chain_dialogue, check_dialogue
+from mediround.model import DialogueSession
 
 
 @pytest.fixture
@@ -34,30 +35,30 @@ def jcm_model(model):
 def _spy_references(monkeypatch) -> list:
     """Record every (reference mask, crop, box) the model builds in ``step``."""
     seen = []
-    original = mediround_module.reference_from_mask
+    original = session_module.reference_from_mask
 
     def spy(image, mask):
         reference = original(image, mask)
         seen.append((None if mask is None else np.array(mask), reference.crop.copy(), reference.box.copy()))
         return reference
 
-    monkeypatch.setattr(mediround_module, "reference_from_mask", spy)
+    monkeypatch.setattr(session_module, "reference_from_mask", spy)
     return seen
 
 
-def _force_first_mask(monkeypatch, model, mask: np.ndarray) -> None:
-    """Make the first ``decode`` call of the run return logits whose foreground is exactly ``mask``."""
-    original = model.decode
+def _force_first_mask(monkeypatch, mask: np.ndarray) -> None:
+    """Make the first session ``decode`` call of the run return logits whose foreground is exactly ``mask``."""
+    original = DialogueSession.decode
     calls = {"n": 0}
 
-    def decode(context, features):
+    def decode(session, features):
         calls["n"] += 1
-        logits = original(context, features)
+        logits = original(session, features)
         if calls["n"] == 1:
             return torch.where(torch.from_numpy(mask), 5.0, -5.0).to(logits.dtype)[None]
         return logits
 
-    monkeypatch.setattr(model, "decode", decode)
+    monkeypatch.setattr(DialogueSession, "decode", decode)
 
 
 def test_round_references_come_from_the_predicted_mask(model, dialogue, monkeypatch):
@@ -68,7 +69,7 @@ def test_round_references_come_from_the_predicted_mask(model, dialogue, monkeypa
 
     seen.clear()
     forced = rect(4, 8, 14, 28)
-    _force_first_mask(monkeypatch, model, forced)
+    _force_first_mask(monkeypatch, forced)
     chained = chain_dialogue(model, dialogue, image, [Track(None)])[Track(None)]
     np.testing.assert_array_equal(chained[0].mask, forced)
     reference_mask, crop, box = seen[0]
@@ -88,7 +89,7 @@ def _box_of(mask: np.ndarray) -> np.ndarray:
 def test_tiny_predicted_mask_falls_back_to_the_whole_image(model, dialogue, monkeypatch):
     dialogue, image = dialogue
     seen = _spy_references(monkeypatch)
-    _force_first_mask(monkeypatch, model, rect(0, 0, 3, 3))
+    _force_first_mask(monkeypatch, rect(0, 0, 3, 3))
     chain_dialogue(model, dialogue, image, [Track(None)])
     _, crop, box = seen[0]
     np.testing.assert_allclose(box, [0, 0, 1, 1])
@@ -106,11 +107,10 @@ def test_teacher_forcing_feeds_the_ground_truth_reference(model, dialogue, monke
 
 
 def _manual_round_one(model, dialogue, image):
-    context = model.encode_image(image)
-    state = model.begin(context)
-    feature = model.step(state, dialogue.rounds[0].query, dialogue.rounds[0].answer).seg_feature
-    raw = (model.decode(context, feature)[0] > 0).numpy()
-    refined = (model.decode(context, model.jcm.refine(feature))[0] > 0).numpy()
+    session = DialogueSession.for_image(model, image)
+    result = session.step(dialogue.rounds[0].query, dialogue.rounds[0].answer)
+    raw = (result.mask_logits[0] > 0).numpy()
+    refined = (session.decode(model.jcm.refine(result.seg_feature))[0] > 0).numpy()
     return raw, refined
 
 

@@ -81,7 +81,7 @@ RELOAD = textwrap.dedent(
     torch.set_num_threads(1)
     model = load_checkpoint(sys.argv[1]).eval()
     with torch.no_grad():
-        output = model(model.collate([sample(int(sys.argv[4]), seed=int(sys.argv[5]))]))
+        output = model(model.processor.collate([sample(int(sys.argv[4]), seed=int(sys.argv[5]))]))
     save_file({"features": output.seg_features[0], "masks": output.mask_logits[0]}, sys.argv[2])
     """
 )

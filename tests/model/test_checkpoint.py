@@ -33,7 +33,7 @@ def test_checkpoint_reloads_identically_in_a_fresh_process(trained_checkpoint, t
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["files"]["heads.safetensors"] == _sha256(folder / "heads.safetensors")
     with torch.no_grad():
-        expected = model(model.collate([sample(3, seed=21)]))
+        expected = model(model.processor.collate([sample(3, seed=21)]))
     reloaded = outputs_in_fresh_process(folder, tmp_path, sample_rounds=3, sample_seed=21)
     torch.testing.assert_close(reloaded["features"], expected.seg_features[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(reloaded["masks"], expected.mask_logits[0], atol=1e-5, rtol=0)
@@ -120,8 +120,8 @@ def test_export_is_standalone_and_gives_the_same_outputs(trained_checkpoint, tmp
     assert hasattr(exported.mllm, "peft_config") != merge
     item = sample(3, seed=22)
     with torch.no_grad():
-        expected = model(model.collate([item]))
-        again = exported(exported.collate([item]))
+        expected = model(model.processor.collate([item]))
+        again = exported(exported.processor.collate([item]))
     torch.testing.assert_close(again.seg_features[0], expected.seg_features[0], atol=1e-4, rtol=0)
 
 

@@ -37,7 +37,7 @@ def test_a_zero_head_gives_the_uniform_cross_entropy_and_unknown_entities_are_ig
     with torch.no_grad():
         model.entity_head.weight.zero_()
         model.entity_head.bias.zero_()
-    batch = model.collate([named_sample(["liver", "not-a-class", "heart"])])
+    batch = model.processor.collate([named_sample(["liver", "not-a-class", "heart"])])
     assert batch.entity_labels[0].tolist() == [2, -100, 0]
     output = model(batch)
     assert math.isclose(float(output.losses["entity"].detach()), math.log(3), rel_tol=1e-6)
@@ -47,7 +47,7 @@ def test_a_zero_head_gives_the_uniform_cross_entropy_and_unknown_entities_are_ig
 def test_the_entity_loss_alone_trains_the_language_model_and_the_head():
     torch.set_num_threads(1)
     model = entity_model()
-    batch = model.collate([named_sample(["liver", "heart"])])
+    batch = model.processor.collate([named_sample(["liver", "heart"])])
     model(batch).loss.backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_grads and all(g is not None and float(g.abs().sum()) > 0 for g in lora_grads)
@@ -70,7 +70,7 @@ def test_entity_head_round_trips_through_a_checkpoint(tmp_path):
 def test_without_names_there_is_no_head_and_no_entity_loss():
     model = build_model(preset("tiny"))
     assert model.entity_head is None
-    output = model(model.collate([named_sample(["liver", "heart"])]))
+    output = model(model.processor.collate([named_sample(["liver", "heart"])]))
     assert float(output.losses["entity"]) == 0.0
 
 

@@ -3,13 +3,13 @@ import torch
 from model_fixtures import quadrant_sample, sample, tiny_model
 
 from mediround.model import MASK_THRESHOLD, build_model, preset
-from mediround.model.mediround import DTYPES
+from mediround.model.build import DTYPES
 
 
 def test_teacher_forced_batch_of_different_lengths():
     torch.set_num_threads(2)
     model = tiny_model()
-    batch = model.collate([sample(1, seed=0), sample(3, seed=1), sample(5, seed=2)])
+    batch = model.processor.collate([sample(1, seed=0), sample(3, seed=1), sample(5, seed=2)])
     assert batch.attention_mask.sum(1).tolist()[0] < batch.attention_mask.sum(1).tolist()[2]
     assert batch.crop_pixels.shape[0] == 0 + 2 + 4  # one crop per referring round
     output = model(batch)
@@ -39,8 +39,8 @@ def test_padding_does_not_change_a_dialogue():
     torch.set_num_threads(2)
     model = tiny_model().eval()
     with torch.no_grad():
-        alone = model(model.collate([sample(2, seed=3)]))
-        padded = model(model.collate([sample(2, seed=3), sample(5, seed=4)]))
+        alone = model(model.processor.collate([sample(2, seed=3)]))
+        padded = model(model.processor.collate([sample(2, seed=3), sample(5, seed=4)]))
     torch.testing.assert_close(alone.seg_features[0], padded.seg_features[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(alone.mask_logits[0], padded.mask_logits[0], atol=1e-4, rtol=0)
 
@@ -52,7 +52,7 @@ def test_a_fixed_batch_can_be_overfit():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = tiny_model()
-    batch = model.collate([quadrant_sample(0, seed=5), quadrant_sample(3, seed=6)])
+    batch = model.processor.collate([quadrant_sample(0, seed=5), quadrant_sample(3, seed=6)])
     targets = torch.cat(batch.target_masks).bool()
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
@@ -76,7 +76,7 @@ def test_mask_targets_follow_the_resized_frame():
     wide.image = np.zeros((64, 256, 3), dtype=np.uint8)
     wide.masks = [np.zeros((64, 256), dtype=bool)]
     wide.masks[0][:, :128] = True
-    batch = model.collate([wide])
+    batch = model.processor.collate([wide])
     assert batch.resized_sizes == [(32, 128)]
     assert batch.target_masks[0].shape == (1, 32, 128)
     assert batch.target_masks[0][0, :, :64].all() and not batch.target_masks[0][0, :, 64:].any()
@@ -91,7 +91,7 @@ def test_bf16_with_gradient_checkpointing_trains_and_matches_fp32_closely():
         model = build_model(config)
         assert model.llava.get_input_embeddings().weight.dtype == DTYPES[precision]
         assert model.sam.mask_decoder.output_upscaling[0].weight.dtype == torch.float32
-        output = model(model.collate([sample(2, seed=9)]))
+        output = model(model.processor.collate([sample(2, seed=9)]))
         output.loss.backward()
         assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_A" not in n)
         outputs[precision] = {k: float(v) for k, v in output.losses.items()}

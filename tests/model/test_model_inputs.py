@@ -4,7 +4,7 @@ from PIL import Image
 
 from mediround.data.dialogue import Dialogue, Round
 from mediround.errors import DataError
-from mediround.model.inputs import BOX, CROP, IGNORE, IMAGE, ChatLayout, answer_with_seg, load_sample
+from mediround.model.processor import BOX, CROP, IGNORE, IMAGE, ChatLayout, answer_with_seg, load_sample
 from mediround.model.tokenizer import SEG_TOKEN, train_tiny_tokenizer
 
 

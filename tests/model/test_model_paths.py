@@ -47,7 +47,7 @@ def test_build_from_paths_and_round_trip(tmp_path):
     model.eval()
     item = sample(2, seed=31)
     with torch.no_grad():
-        expected = model(model.collate([item]))
+        expected = model(model.processor.collate([item]))
     assert expected.mask_logits[0].shape == (2, SAM_SIZE, SAM_SIZE)
     save_checkpoint(model, tmp_path / "ckpt")
     names = {p.name for p in (tmp_path / "ckpt").iterdir()}

@@ -1,9 +1,11 @@
-"""The chat template and token layout, in one place; dialogues -> token ids, labels and batches.
+"""Dialogue samples -> model inputs, outside the ``nn.Module`` (as transformers keeps a processor beside
+its model): the chat template and token layout in one place (``ChatLayout``), image and reference-crop
+pixels, and padded training batches (``DialogueProcessor.collate`` -> ``DialogueBatch``).
 
 Layout of a dialogue (each text piece tokenized on its own, ids concatenated, so training and
 incremental inference see the same tokens)::
 
-    <s> {system prompt} [INST] <image> x N \\n                        <- prefix (DialogueState.begin)
+    <s> {system prompt} [INST] <image> x N \\n                        <- prefix (DialogueSession prefill)
     {crop x k}{box} {query 1} [/INST]  {answer 1 with one [SEG]} </s>   <- round 1 (no reference)
      [INST] {crop x k}{box} {query r} [/INST]  {answer r} </s>         <- round r (crop/box if it refers)
 
@@ -17,10 +19,17 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
+import torch
+import torch.nn.functional as F
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from mediround.data.dialogue import Dialogue
+from mediround.data.images import load_image, load_mask
 from mediround.errors import DataError, InputWarning
+from mediround.model.config import MediRoundConfig
+from mediround.model.mllm import clip_normalise
+from mediround.model.references import Reference, reference_from_mask
+from mediround.model.segmenter import sam_input
 from mediround.model.tokenizer import BOX_TOKEN, CROP_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
 TEXT, IMAGE, CROP, BOX = 0, 1, 2, 3
@@ -139,8 +148,6 @@ class DialogueSample:
 
 def load_sample(dialogue: Dialogue) -> DialogueSample:
     """Read a dialogue's image and ground-truth masks (``mediround.data.images``); errors are ``DataError``."""
-    from mediround.data.images import load_image, load_mask
-
     image = load_image(dialogue.image_path)
     masks: list[np.ndarray | None] = []
     for number in range(1, len(dialogue.rounds) + 1):
@@ -159,3 +166,124 @@ def check_references(dialogue: Dialogue) -> None:
         if round_.ref is not None and not 1 <= round_.ref <= index:
             raise DataError(f"dialogue {dialogue.id}", dialogue.item, f"rounds[{index}].ref",
                             f"refers to round {round_.ref}, not an earlier round of round {index + 1}")
+
+
+@dataclass
+class DialogueBatch:
+    """Padded token layout of B dialogues plus their encoder inputs and targets."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    kinds: torch.Tensor
+    seg_positions: list[list[int]]
+    sam_pixels: torch.Tensor
+    clip_pixels: torch.Tensor
+    crop_pixels: torch.Tensor
+    boxes: torch.Tensor
+    resized_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]]
+    target_masks: list[torch.Tensor]
+    target_valid: list[torch.Tensor]
+    entity_labels: list[torch.Tensor]
+
+    def to(self, device: torch.device) -> DialogueBatch:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        moved["target_masks"] = [m.to(device) for m in self.target_masks]
+        moved["target_valid"] = [m.to(device) for m in self.target_valid]
+        moved["entity_labels"] = [m.to(device) for m in self.entity_labels]
+        return DialogueBatch(**moved)
+
+
+class DialogueProcessor:
+    """Everything between a dialogue sample and the model's tensors for one model configuration: the chat
+    layout, SAM and CLIP pixels of an image, reference crops and boxes, and collated training batches."""
+
+    def __init__(self, config: MediRoundConfig, tokenizer: PreTrainedTokenizerBase, vision: PretrainedConfig):
+        self.segmenter = config.segmenter
+        self.clip_size = vision.image_size
+        self.crop_size = config.mllm.crop_size or vision.image_size
+        self.entity_index = {name: index for index, name in enumerate(config.heads.entity_names)}
+        self.layout = ChatLayout(
+            tokenizer,
+            image_tokens=(vision.image_size // vision.patch_size) ** 2,
+            crop_tokens=config.mllm.crop_tokens,
+            system_prompt=config.mllm.system_prompt,
+        )
+
+    def sam_pixels(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """SAM's (1, 3, size, size) input of an (H, W, 3) uint8 image and the size it was resized to."""
+        return sam_input(image, self.segmenter.image_size, self.segmenter.normalisation)
+
+    def clip_pixels(self, image: np.ndarray) -> torch.Tensor:
+        """CLIP's (1, 3, s, s) input of an (H, W, 3) uint8 image (the image tokens)."""
+        return clip_normalise(_to_tensor(image), self.clip_size)
+
+    def reference_inputs(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The crops' CLIP pixels (n, 3, s, s) and the boxes (n, 4) of ``references``, in order."""
+        if not references:
+            return torch.zeros(0, 3, self.crop_size, self.crop_size), torch.zeros(0, 4)
+        crops = torch.cat([clip_normalise(_to_tensor(r.crop), self.crop_size) for r in references])
+        return crops, torch.from_numpy(np.stack([r.box for r in references]))
+
+    def collate(self, samples: list[DialogueSample]) -> DialogueBatch:
+        """Token layout, encoder inputs, reference crops/boxes (from GT masks) and targets of B dialogues."""
+        pieces, seg_positions, references = [], [], []
+        sam_pixels, clip_pixels, resized, originals, targets, valid = [], [], [], [], [], []
+        entity_labels = []
+        for sample in samples:
+            dialogue = sample.dialogue
+            check_references(dialogue)
+            piece, positions = self.layout.dialogue(dialogue)
+            pieces.append(piece)
+            seg_positions.append(positions)
+            for round_ in dialogue.rounds:
+                if round_.ref is not None:
+                    references.append(reference_from_mask(sample.image, sample.masks[round_.ref - 1]))
+            pixels, resized_size = self.sam_pixels(sample.image)
+            sam_pixels.append(pixels)
+            clip_pixels.append(self.clip_pixels(sample.image))
+            resized.append(resized_size)
+            originals.append(tuple(sample.image.shape[:2]))
+            masks = torch.zeros(len(dialogue.rounds), *resized_size)
+            for index, mask in enumerate(sample.masks):
+                if mask is not None:
+                    full = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+                    masks[index] = F.interpolate(full, size=resized_size, mode="nearest-exact")[0, 0]
+            targets.append(masks)
+            valid.append(torch.tensor([m is not None for m in sample.masks]))
+            entity_labels.append(torch.tensor([self.entity_index.get(r.entity, IGNORE) for r in dialogue.rounds]))
+        length = max(len(p.ids) for p in pieces)
+        input_ids = torch.full((len(pieces), length), self.layout.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(pieces), length), dtype=torch.long)
+        labels = torch.full((len(pieces), length), IGNORE, dtype=torch.long)
+        kinds = torch.zeros((len(pieces), length), dtype=torch.long)
+        for row, piece in enumerate(pieces):
+            n = len(piece.ids)
+            ids = torch.tensor(piece.ids)
+            input_ids[row, :n] = ids
+            attention[row, :n] = 1
+            labels[row, :n] = torch.where(torch.tensor(piece.labelled), ids, torch.tensor(IGNORE))
+            kinds[row, :n] = torch.tensor(piece.kinds)
+        crop_pixels, boxes = self.reference_inputs(references)
+        return DialogueBatch(
+            input_ids=input_ids,
+            attention_mask=attention,
+            labels=labels,
+            kinds=kinds,
+            seg_positions=seg_positions,
+            sam_pixels=torch.cat(sam_pixels),
+            clip_pixels=torch.cat(clip_pixels),
+            crop_pixels=crop_pixels,
+            boxes=boxes,
+            resized_sizes=resized,
+            original_sizes=originals,
+            target_masks=targets,
+            target_valid=valid,
+            entity_labels=entity_labels,
+        )
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float in [0, 255]."""
+    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]

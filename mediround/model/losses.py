@@ -1,0 +1,42 @@
+"""MediRound's training losses as functions: answer cross-entropy, per-mask BCE and Dice, the entity
+head's cross-entropy, and their weighted sum (``LossWeights``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mediround.model.config import LossWeights
+from mediround.model.processor import IGNORE
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice on sigmoid probabilities, per mask, averaged over masks. (n, h, w) each."""
+    probs = torch.sigmoid(logits).flatten(1)
+    targets = targets.flatten(1)
+    intersection = (probs * targets).sum(-1)
+    return (1 - (2 * intersection + 1.0) / (probs.sum(-1) + targets.sum(-1) + 1.0)).mean()
+
+
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits averaged over pixels of each mask, then over masks."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).mean(-1).mean()
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (n, vocab) logits, computed in float32, against (n,) labels (``IGNORE`` skipped)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+
+
+def mask_losses(logits: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE and Dice of each (h, w) mask against its target, each averaged over the masks (at least one)."""
+    pairs = list(zip(logits, targets))
+    bce = torch.stack([bce_loss(lg[None], tg[None]) for lg, tg in pairs]).mean()
+    dice = torch.stack([dice_loss(lg[None], tg[None]) for lg, tg in pairs]).mean()
+    return bce, dice
+
+
+def weighted_loss(weights: LossWeights, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``ce * CE + bce * BCE + dice * Dice + entity * entity`` (the training objective of stage 1)."""
+    return (weights.ce * losses["ce"] + weights.bce * losses["bce"] + weights.dice * losses["dice"]
+            + weights.entity * losses["entity"])
