@@ -33,7 +33,7 @@ def parse_beta(text: str) -> float | None:
 
 def launch_settings(gpus: int | None, cpu: bool, num_processes: int | None) -> tuple[str, int]:
     """(device, processes) from the launch flags, with the training launcher's rules for contradictions."""
-    from mediround.training.launch import plan_launch
+    from mediround.launch import plan_launch
 
     plan = plan_launch(gpus=gpus, cpu=cpu, num_processes=num_processes)
     return ("cpu" if plan.cpu else "cuda"), plan.world_size

@@ -95,7 +95,7 @@ def run_or_relaunch(
     """Run ``run(cpu, processes)`` in this process when it is a launched child or one process is enough;
     otherwise check the output folder (``check_output(recipe, resume=, overwrite=)``) and re-launch
     ``mediround COMMAND RECIPE COMMAND_ARGS...`` over the planned processes through Accelerate."""
-    from mediround.training.launch import (
+    from mediround.launch import (
         expected_world_size,
         is_launched_child,
         launched_on_cpu,

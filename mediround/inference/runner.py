@@ -508,7 +508,7 @@ def _launch_workers(config: InferenceConfig, plan: Plan, on_progress: Callable[[
     The workers read the plan written here (config and the indices to predict), so they never re-plan or
     merge; this process merges after they exit. ``on_progress`` gets the number of finished dialogues.
     """
-    from mediround.training.launch import plan_launch, relaunch
+    from mediround.launch import plan_launch, relaunch
 
     launch = plan_launch(
         gpus=None if config.device == "cpu" else config.num_processes,
@@ -539,7 +539,7 @@ def run_worker(plan_file: str | os.PathLike) -> list[LoadReport]:
     """The body of one re-launched worker: predict its shard of the plan written by ``_launch_workers``;
     returns the load reports of its model."""
     from mediround.data.formats import load_dialogues
-    from mediround.training.launch import check_world_size, expected_world_size
+    from mediround.launch import check_world_size, expected_world_size
 
     with open(plan_file, encoding="utf-8") as handle:
         saved = json.load(handle)

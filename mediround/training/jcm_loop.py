@@ -43,7 +43,7 @@ from mediround.training.jcm_data import (
     rollout_sources,
     spearman,
 )
-from mediround.training.launch import check_world_size
+from mediround.launch import check_world_size
 from mediround.training.loop import (
     StopFlag,
     TrainingError,

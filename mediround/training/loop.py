@@ -37,7 +37,7 @@ from mediround.training.data import (
     StreamPosition,
     validation_shard,
 )
-from mediround.training.launch import check_world_size, stop_requested
+from mediround.launch import check_world_size, stop_requested
 from mediround.training.logging import CHAINED, TEACHER_FORCED, TrainingLog, ValidationLog, score_rows
 from mediround.training.recipe import RUN_FILE, Recipe, run_record
 

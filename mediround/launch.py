@@ -1,4 +1,4 @@
-"""Multi-process launch: the ``train`` command re-launches itself through Accelerate's launcher.
+"""Multi-process launch: ``train``, ``train-jcm`` and ``infer`` re-launch themselves through Accelerate's launcher.
 
 The user never writes ``accelerate launch``. The parent process validates the recipe, then starts
 ``python -m accelerate.commands.launch ... -m mediround_cli.main <same arguments>`` with two environment
