@@ -9,8 +9,8 @@ import pytest
 
 from mediround.data.synth.generator import generate
 from mediround.training.logging import read_events
-from mediround.training.loop import run_training
 from mediround.training.recipe import load_recipe
+from mediround.training.stage1 import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 120
