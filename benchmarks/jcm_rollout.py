@@ -52,8 +52,9 @@ def checkpoint_from_stage1_step(step_folder: Path, out: Path) -> Path:
 
 
 def run_variant(args: argparse.Namespace, model: Path, rollout: bool) -> dict:
-    from mediround.training.jcm_loop import load_jcm_recipe, run_jcm_training
     from mediround.training.logging import read_events
+    from mediround.training.recipe import load_jcm_recipe
+    from mediround.training.stage2 import run_jcm_training
 
     name = "rollout" if rollout else "teacher-forced"
     recipe = {
@@ -78,10 +79,10 @@ def run_variant(args: argparse.Namespace, model: Path, rollout: bool) -> dict:
     return {
         "variant": name,
         "seconds": time.perf_counter() - started,
-        "judge_loss_first_last": (result.first_loss["judge"], result.last_loss["judge"]),
+        "judge_loss_first_last": (result.first_step.components["judge"], result.last_step.components["judge"]),
         "samples_per_s_epoch0": float(np.median(first_epoch)) if first_epoch else None,
         "samples_per_s_cached": float(np.median(cached)) if cached else None,
-        **result.validations[-1],
+        **result.validations[-1].record(),
     }
 
 

@@ -1,5 +1,6 @@
-"""What ``train`` and ``train-jcm`` share: the launch flags, the run-here-or-relaunch flow, the progress bar
-and the first and last rows of the summary table."""
+"""What ``train`` and ``train-jcm`` share: the launch flags, the run-here-or-relaunch flow, the progress
+display of the training events and the summary table. A command supplies a ``StageView``: how its own
+events and results read."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
+from accelerate import PartialState
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,8 +24,31 @@ from rich.progress import (
 from rich.table import Table
 
 from mediround.errors import LaunchError
+from mediround.launch import (
+    CPU_ENV,
+    expected_world_size,
+    is_launched_child,
+    launched_on_cpu,
+    plan_launch,
+    relaunch,
+)
+from mediround.training.engine import TrainingResult
+from mediround.training.events import (
+    CheckpointSaved,
+    Event,
+    JCMValidated,
+    RunStarted,
+    StepLogged,
+    StepSkipped,
+    Validated,
+    WeightsLoaded,
+)
+from mediround.training.recipe import RunRecipe
 from mediround_cli.common import _debug_enabled, console
-from mediround_cli.partial_load import allow_partial_load_option
+from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
+
+# Created in the output folder by the launching process's first Ctrl-C; the workers stop at the next step.
+STOP_FILE = ".stop-requested"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +106,49 @@ def launch_options(*between: Callable[[Callable], Callable]) -> Callable[[Callab
     return decorate
 
 
+@dataclasses.dataclass(frozen=True)
+class StageView:
+    """How one training command shows its run: its name (progress label, table title), the first status,
+    what its start line adds, the status of a logged step, the lines of a validation, its own summary rows
+    and the label of the model row."""
+
+    command: str
+    first_status: str
+    start_detail: Callable[[RunStarted], str]
+    step_status: Callable[[StepLogged], str]
+    validation_lines: Callable[[Any], list[str]]
+    summary_rows: Callable[[TrainingResult], list[tuple[str, str]]]
+    model_row: str
+
+
+def run_training_command(
+    view: StageView,
+    train: Callable[..., TrainingResult],
+    command_args: Sequence[str],
+    recipe_path: str,
+    recipe: RunRecipe,
+    launch: LaunchOptions,
+    check_output: Callable[..., None],
+    *,
+    deepspeed_config: str | None = None,
+) -> None:
+    """Run ``train`` (``run_training`` or ``run_jcm_training``) here, or re-launch the command over the
+    planned processes (``run_or_relaunch``), and print its progress and summary."""
+
+    def run(cpu: bool, processes: int) -> None:
+        display = TrainingDisplay(view)
+        try:
+            result = train(recipe, resume=launch.resume, cpu=cpu, expected_processes=processes, on_event=display,
+                           allow_partial_load=launch.allow_partial_load)
+        finally:
+            display.progress.stop()
+        if PartialState().is_main_process:
+            print_summary(view, result)
+
+    run_or_relaunch(view.command, recipe_path, command_args, recipe, launch, check_output, run,
+                    deepspeed_config=deepspeed_config)
+
+
 def run_or_relaunch(
     command: str,
     recipe_path: str,
@@ -90,21 +159,13 @@ def run_or_relaunch(
     run: Callable[[bool, int], None],
     *,
     deepspeed_config: str | None = None,
-    stop_file: str | os.PathLike | None = None,
 ) -> None:
     """Run ``run(cpu, processes)`` in this process when it is a launched child or one process is enough;
     otherwise check the output folder (``check_output(recipe, resume=, overwrite=)``) and re-launch
-    ``mediround COMMAND RECIPE COMMAND_ARGS...`` over the planned processes through Accelerate."""
-    from mediround.training.launch import (
-        expected_world_size,
-        is_launched_child,
-        launched_on_cpu,
-        plan_launch,
-        relaunch,
-    )
-
+    ``mediround COMMAND RECIPE COMMAND_ARGS...`` over the planned processes through Accelerate, with the
+    output folder's stop file for the first Ctrl-C."""
     if is_launched_child():
-        run(os.environ.get("MEDIROUND_LAUNCH_CPU") == "1", expected_world_size())
+        run(os.environ.get(CPU_ENV) == "1", expected_world_size())
         return
     if launch.resume and launch.overwrite:
         raise LaunchError("--resume and --overwrite exclude each other")
@@ -123,44 +184,67 @@ def run_or_relaunch(
     console.print(f"launching {plan.world_size} process(es) on {'CPU' if plan.cpu else 'GPU'} "
                   f"through accelerate ({plan.num_machines} machine(s))")
     module_args = (["--debug"] if _debug_enabled() else []) + [command, recipe_path, *command_args]
-    relaunch(plan, module_args + launch.child_flags(), stop_file=stop_file)
+    relaunch(plan, module_args + launch.child_flags(), stop_file=Path(recipe.output) / STOP_FILE)
 
 
-def training_progress(label: str) -> Progress:
-    """The progress bar of a training command: steps done of all, a status line, elapsed and remaining time."""
-    return Progress(TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console)
+class TrainingDisplay:
+    """The event handler of a training command: a progress bar with the step status, and a line for the
+    start, each validation, checkpoint and skipped step."""
+
+    def __init__(self, view: StageView):
+        self.view = view
+        self.progress = Progress(TextColumn(f"[bold]{view.command}[/bold]"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console)
+        self.task: Any = None
+
+    def __call__(self, event: Event) -> None:
+        match event:
+            case WeightsLoaded():
+                print_load_reports(event.reports)
+            case RunStarted():
+                console.print(
+                    f"world size {event.world_size} (checked in every process), global batch {event.global_batch}, "
+                    f"{event.train_dialogues} training / {event.val_dialogues} validation dialogues, "
+                    f"{event.total_steps} steps{self.view.start_detail(event)}"
+                    + (f", resumed from {event.resumed_from}" if event.resumed_from else "")
+                )
+                for problem in event.data_problems:
+                    console.print(f"[yellow]skipped:[/yellow] {problem}", soft_wrap=True)
+                self.progress.start()
+                self.task = self.progress.add_task(self.view.command, total=event.total_steps, completed=event.step,
+                                                   status=self.view.first_status)
+            case StepLogged():
+                self.progress.update(self.task, completed=event.step, status=self.view.step_status(event))
+            case Validated() | JCMValidated():
+                for line in self.view.validation_lines(event):
+                    self.progress.console.print(line)
+            case CheckpointSaved():
+                self.progress.console.print(f"[dim]checkpoint {event.path}[/dim]")
+                if self.task is not None:
+                    self.progress.update(self.task, completed=event.step)
+            case StepSkipped():
+                self.progress.console.print(f"[yellow]skipped step {event.step}:[/yellow] {event.reason} "
+                                            f"({event.where})")
 
 
-def train_with_progress(progress: Progress, train: Callable[[], Any]) -> Any | None:
-    """``train()`` with the progress bar stopped after it, even on an error; its result on the main
-    process, None on the others (which print nothing)."""
-    try:
-        result = train()
-    finally:
-        progress.stop()
-    from accelerate import PartialState
-
-    return result if PartialState().is_main_process else None
-
-
-def print_skipped_dialogues(problems: Sequence[str]) -> None:
-    for problem in problems:
-        console.print(f"[yellow]skipped:[/yellow] {problem}", soft_wrap=True)
-
-
-def summary_table(title: str, result: Any) -> Table:
-    """The summary table of a training run, opened with how it stopped, its steps and processes."""
-    table = Table(title=title, show_header=False)
+def print_summary(view: StageView, result: TrainingResult) -> None:
+    """The summary table of a run (how it stopped, its steps, processes, the stage's rows, what it wrote)
+    and, for an interrupted run, how to continue it."""
+    table = Table(title=view.command, show_header=False)
     table.add_row("stopped", result.stopped)
     table.add_row("steps", f"{result.step} / {result.total_steps}")
     table.add_row("processes", str(result.world_size))
-    return table
-
-
-def print_summary(table: Table, result: Any) -> None:
-    """Print ``table`` and, for an interrupted run, how to continue it."""
+    for name, value in view.summary_rows(result):
+        table.add_row(name, value)
+    if result.skipped_steps:
+        table.add_row("skipped non-finite steps", str(result.skipped_steps))
+    if result.data_problems:
+        table.add_row("skipped dialogues", str(result.data_problems))
+    table.add_row("checkpoint", str(result.checkpoint))
+    if result.model is not None:
+        table.add_row(view.model_row, str(result.model))
+    table.add_row("output", str(result.output))
     console.print(table)
     if result.stopped == "interrupted":
         console.print("[yellow]interrupted:[/yellow] checkpoint written; continue with --resume")

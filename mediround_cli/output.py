@@ -27,7 +27,7 @@ from mediround.reports.tables import (
     regression_table,
     round_table,
 )
-from mediround.training.launch import plan_launch
+from mediround.launch import plan_launch
 from mediround_cli.common import console, err_console
 
 if TYPE_CHECKING:

@@ -48,6 +48,7 @@ from mediround.errors import CheckpointError, DataError, RecipeError
 from mediround.inference import DEFAULT_BETA
 from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_dialogue
 from mediround.inference.events import InferenceEvents
+from mediround.launch import check_world_size, expected_world_size, plan_launch, relaunch
 from mediround.model.checkpoint import load_checkpoint
 from mediround.model.config import MediRoundConfig
 from mediround.model.load_report import LoadReport
@@ -506,8 +507,6 @@ def _launch_workers(config: InferenceConfig, plan: Plan, events: InferenceEvents
     The workers read the plan written here (config and the indices to predict), so they never re-plan or
     merge; this process merges after they exit. ``events`` hears the number of finished dialogues.
     """
-    from mediround.training.launch import plan_launch, relaunch
-
     launch = plan_launch(
         gpus=None if config.device == "cpu" else config.num_processes,
         cpu=config.device == "cpu",
@@ -534,8 +533,6 @@ def _launch_workers(config: InferenceConfig, plan: Plan, events: InferenceEvents
 def run_worker(plan_file: str | os.PathLike) -> list[LoadReport]:
     """The body of one re-launched worker: predict its shard of the plan written by ``_launch_workers``;
     returns the load reports of its model."""
-    from mediround.training.launch import check_world_size, expected_world_size
-
     with open(plan_file, encoding="utf-8") as handle:
         saved = json.load(handle)
     config = InferenceConfig.from_dict(saved["config"], str(plan_file))

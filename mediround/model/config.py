@@ -1,8 +1,8 @@
 """One dataclass tree that describes a MediRound model, its trainability, losses and precision.
 
 Every component is built from this config and nothing else, so a checkpoint's ``config.json`` is enough
-to rebuild the model. ``MediRoundConfig.to_dict``/``from_dict`` round-trip through JSON; unknown keys are
-refused with a ``RecipeError`` naming them.
+to rebuild the model. ``MediRoundConfig.to_dict``/``from_dict`` round-trip through JSON;
+``mediround.typed`` checks every key and type (one ``RecipeError`` line naming the dotted key).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mediround.atomic import write_json
 from mediround.errors import RecipeError
+from mediround.typed import load_typed, typed_config
 
 SAM_VARIANTS = ("tiny", "vit_b", "vit_l", "vit_h")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -22,6 +24,7 @@ LM_MODES = ("lora", "full", "frozen")
 EMBEDDING_MODES = ("full", "rows", "frozen")
 
 
+@typed_config
 @dataclass
 class TinyVisionConfig:
     """A CLIP-style vision tower small enough for CPU training."""
@@ -34,6 +37,7 @@ class TinyVisionConfig:
     num_heads: int = 4
 
 
+@typed_config
 @dataclass
 class TinyTextConfig:
     """A Mistral-style decoder small enough for CPU training."""
@@ -47,6 +51,7 @@ class TinyTextConfig:
     vocab_size: int = 2000
 
 
+@typed_config
 @dataclass
 class MLLMConfig:
     """The LLaVA model: ``source`` is ``"tiny"`` (built from config) or an HF-format LLaVA folder."""
@@ -61,6 +66,7 @@ class MLLMConfig:
     seed: int = 0
 
 
+@typed_config
 @dataclass
 class SegmenterConfig:
     """The SAM/MedSAM backbone: ``variant`` picks the layout, ``checkpoint`` an optional .pth state dict."""
@@ -78,6 +84,7 @@ class SegmenterConfig:
     seed: int = 1
 
 
+@typed_config
 @dataclass
 class HeadsConfig:
     """Sizes of the heads added on top of LLaVA and SAM."""
@@ -91,6 +98,7 @@ class HeadsConfig:
     """Classes of the entity head (``loss.entity``); filled from the training data when left empty."""
 
 
+@typed_config
 @dataclass
 class LoraSettings:
     """LoRA on the language model only (the regex keeps CLIP's q_proj/v_proj out)."""
@@ -101,6 +109,7 @@ class LoraSettings:
     target_modules: str = r".*language_model.*\.(q_proj|v_proj)"
 
 
+@typed_config
 @dataclass
 class LossWeights:
     """Weights of the answer CE and the mask BCE/Dice (the paper's 1 / 2 / 0.5), and of the entity loss.
@@ -116,6 +125,7 @@ class LossWeights:
     entity: float = 0.0
 
 
+@typed_config
 @dataclass
 class Trainability:
     """Which parts receive gradients. Defaults follow the authors' split (reference-facts.md)."""
@@ -134,6 +144,7 @@ class Trainability:
     jcm: bool = False
 
 
+@typed_config
 @dataclass
 class MediRoundConfig:
     """The whole model description."""
@@ -151,14 +162,13 @@ class MediRoundConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> MediRoundConfig:
-        config = _from_dict(cls, data, "config")
+    def from_dict(cls, data: dict, source: str = "model config") -> MediRoundConfig:
+        """The config of plain data (a ``config.json``); ``source`` names where it came from in errors."""
+        config = load_typed(cls, data, source)
         config.validate()
         return config
 
     def to_json(self, path: str | Path) -> None:
-        from mediround.atomic import write_json
-
         write_json(path, self.to_dict())
 
     @classmethod
@@ -167,7 +177,7 @@ class MediRoundConfig:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RecipeError(f"{path}: cannot read model config: {error}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, str(path))
 
     def validate(self) -> None:
         """Refuse values no component can be built from, naming the field."""
@@ -187,23 +197,6 @@ class MediRoundConfig:
                 "model config: field 'mllm.crop_tokens': must be 1 (CLS) or 1 + g*g (CLS plus a g x g "
                 f"grid of pooled patches), got {self.mllm.crop_tokens}"
             )
-
-
-def _from_dict(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise RecipeError(f"model config: field '{where}': expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise RecipeError(f"model config: field '{where}': unknown key(s) {unknown}")
-    values = {}
-    for name, value in data.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default):
-            values[name] = _from_dict(type(default), value, f"{where}.{name}" if where != "config" else name)
-        else:
-            values[name] = value
-    return cls(**values)
 
 
 def tiny_config() -> MediRoundConfig:

@@ -18,10 +18,9 @@ import pyarrow.parquet as pq
 
 from mediround.atomic import append_jsonl_line, atomic_open, atomic_path
 from mediround.metrics import Scores, aggregate, group_scores
+from mediround.training.events import TEACHER_FORCED_TRACK, Event
 
 TRAIN_LOG = "train_log.jsonl"
-TEACHER_FORCED = "teacher_forced"
-CHAINED = "chained"
 VALIDATION_LOG = "validation.parquet"
 VALIDATION_SCHEMA = pa.schema(
     [
@@ -39,7 +38,8 @@ VALIDATION_SCHEMA = pa.schema(
 
 
 class TrainingLog:
-    """Append-only JSONL events (``start``, ``step``, ``validation``, ``checkpoint``, ``skip``, ``end``)."""
+    """Append-only JSONL events (``mediround.training.events``): one ``{"event": kind, "time": ..., **record}``
+    line each."""
 
     def __init__(self, folder: Path, resume_step: int | None = None):
         self.path = folder / TRAIN_LOG
@@ -51,8 +51,8 @@ class TrainingLog:
         # Open for the whole run: every event is appended and fsynced as it happens.
         self.handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
-    def write(self, event: str, **fields: Any) -> None:
-        append_jsonl_line(self.handle, {"event": event, "time": round(time.time(), 3), **fields})
+    def write(self, event: Event) -> None:
+        append_jsonl_line(self.handle, {"event": event.kind, "time": round(time.time(), 3), **event.record()})
 
     def close(self) -> None:
         self.handle.close()
@@ -69,7 +69,7 @@ def read_events(path: Path) -> list[dict]:
     return events
 
 
-def score_rows(step: int, mask_rows: Sequence[Mapping[str, Any]], track: str = TEACHER_FORCED) -> list[dict]:
+def score_rows(step: int, mask_rows: Sequence[Mapping[str, Any]], track: str = TEACHER_FORCED_TRACK) -> list[dict]:
     """Validation summary rows of one step and track: all rounds, each round, and rounds that do / don't
     name the target."""
     rows = [_row(step, track, "all", None, None, aggregate(mask_rows))]

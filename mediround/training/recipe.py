@@ -1,9 +1,11 @@
-"""Training recipes: a YAML file plus dotted ``key=value`` overrides, checked against dataclasses.
+"""Training recipes of both stages: a YAML file plus dotted ``key=value`` overrides, checked by ``mediround.typed``.
 
-Everything about a run is in the recipe: the model (a preset from ``mediround.model.config`` plus
-any ``MediRoundConfig`` field), the data files, the output folder and every hyperparameter. A recipe
-is validated completely before any process is launched; every problem is ONE ``RecipeError`` line
-naming the file and the dotted key (with the closest known key for a typo).
+Everything about a run is in the recipe. Stage 1 (``Recipe``): the model (a preset from
+``mediround.model.config`` plus any ``MediRoundConfig`` field), the data files, the output folder and every
+hyperparameter. Stage 2 (``JCMRecipe``): the frozen checkpoint folder and the JCM settings instead of the
+model; the other sections are stage 1's. A recipe is validated completely before any process is launched;
+every problem is ONE ``RecipeError`` line naming the file and the dotted key (with the closest known key for
+a typo).
 
 Relative paths in a recipe are resolved against the working directory, as command-line paths are.
 """
@@ -11,25 +13,29 @@ Relative paths in a recipe are resolved against the working directory, as comman
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import shutil
-import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from mediround.errors import RecipeError
+from mediround.inference import DEFAULT_BETA
 from mediround.model.config import MediRoundConfig, preset
+from mediround.typed import load_typed, typed_config
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 RUN_FILE = "run.json"
+# A problem a validator found: the dotted key and why its value is refused.
+Problem = tuple[str, str]
 
 
+@typed_config
 @dataclass
 class DataSection:
     """Dialogue files (JSONL or MR-MedSeg JSON) and the folder their image/mask paths are relative to."""
@@ -40,6 +46,7 @@ class DataSection:
     allow_outside_root: bool = False
 
 
+@typed_config
 @dataclass
 class TrainSection:
     """Optimisation. Defaults are the paper's: AdamW 3e-4, betas (0.9, 0.95), no weight decay,
@@ -63,6 +70,7 @@ class TrainSection:
     threads: int | None = None
 
 
+@typed_config
 @dataclass
 class ValidationSection:
     """Validation every ``every`` optimizer steps (0 = only at the end): teacher-forced masks, and with
@@ -76,6 +84,7 @@ class ValidationSection:
     chained: bool = True
 
 
+@typed_config
 @dataclass
 class CheckpointSection:
     """A checkpoint every ``every`` optimizer steps and at the end; the last ``keep_last`` are kept."""
@@ -84,6 +93,7 @@ class CheckpointSection:
     keep_last: int = 3
 
 
+@typed_config
 @dataclass
 class LogSection:
     """A training-log line (loss components, lr, samples/s) every ``every`` optimizer steps."""
@@ -91,10 +101,64 @@ class LogSection:
     every: int = 10
 
 
-class TrainingSettings:
-    """What follows from a recipe's ``train`` section, for stage 1's ``Recipe`` and stage 2's ``JCMRecipe``."""
+@typed_config
+@dataclass
+class JCMSection:
+    """Stage-2 settings: loss weights (the paper's), the feature source, the validation threshold."""
 
-    train: TrainSection
+    judge_weight: float = 2.0
+    refine_bce_weight: float = 2.0
+    refine_dice_weight: float = 0.5
+    rollout: bool = False
+    rollout_fraction: float = 1.0
+    cache_features: bool = True
+    beta: float = DEFAULT_BETA
+
+
+@typed_config
+@dataclass
+class JCMValidationSection:
+    """Validation every ``every`` optimizer steps (0: only at the end): judge/IoU rank correlation and
+    chained Dice/cIoU with JCM at ``jcm.beta`` versus JCM off."""
+
+    every: int = 0
+    at_start: bool = False
+    max_dialogues: int | None = 50
+
+
+@typed_config
+@dataclass
+class RunRecipe:
+    """What both stages' recipes share: the sections every run has (each stage adds its own ``validation``
+    section), its identity, and what follows from its ``train`` section. ``OUTPUT_HOLDS`` says what the
+    output folder receives besides checkpoints."""
+
+    OUTPUT_HOLDS: ClassVar[str] = "logs"
+    output: str = ""
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    # Set by the loader to the recipe file, never read from the YAML.
+    source: str = field(default="", init=False, compare=False)
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data (what ``run.json`` records)."""
+        data = plain_data(self)
+        data.pop("source")
+        return data
+
+    def identity(self) -> dict:
+        """What makes two runs the same run: everything but the output folder."""
+        data = self.to_dict()
+        data.pop("output")
+        return data
+
+    @property
+    def hash(self) -> str:
+        """Identity of the run. A different hash is a different run."""
+        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def global_batch(self, world_size: int) -> int:
         """Dialogues per optimizer step over all processes."""
@@ -106,40 +170,79 @@ class TrainingSettings:
             return "bf16" if on_gpu else "no"
         return self.train.mixed_precision
 
+    def own_problems(self) -> Iterator[Problem]:
+        """The problems of the stage's own keys (the shared sections are checked by ``check_recipe``)."""
+        return iter(())
 
+
+@typed_config
 @dataclass
-class Recipe(TrainingSettings):
-    """A whole run. ``model_preset`` names the ``MediRoundConfig`` preset the ``model`` section starts from."""
+class Recipe(RunRecipe):
+    """A stage-1 run. ``model_preset`` names the ``MediRoundConfig`` preset the ``model`` section starts from."""
 
-    output: str = ""
-    model_preset: str = "tiny"
     model: MediRoundConfig = field(default_factory=MediRoundConfig)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    log: LogSection = field(default_factory=LogSection)
-    source: str = field(default="", compare=False)
+    # Set by the loader, never read from the YAML (where the preset is ``model.preset``).
+    model_preset: str = field(default="tiny", init=False)
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (the ``model`` section in full, preset included)."""
-        data = plain_data(self)
-        data.pop("source")
+        data = super().to_dict()
         data["model"] = {"preset": data.pop("model_preset"), **data["model"]}
         return data
 
-    @property
-    def hash(self) -> str:
-        """Identity of the run: everything but the output folder. A different hash is a different run."""
-        data = self.to_dict()
-        data.pop("output")
-        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    def own_problems(self) -> Iterator[Problem]:
+        if self.validation.batch_size < 1:
+            yield "validation.batch_size", f"must be at least 1, got {self.validation.batch_size}"
+
+
+@typed_config
+@dataclass
+class JCMRecipe(RunRecipe):
+    """A stage-2 run. ``model`` is the frozen MediRound checkpoint folder (``--model``). The optimiser
+    defaults are stage 1's, as in the paper ("we keep the same hyperparameter settings")."""
+
+    OUTPUT_HOLDS: ClassVar[str] = "the trained model"
+    model: str = ""
+    jcm: JCMSection = field(default_factory=JCMSection)
+    validation: JCMValidationSection = field(default_factory=JCMValidationSection)
+
+    def identity(self) -> dict:
+        """Everything but the output folder, and the model folder's manifest (other weights, other run)."""
+        data = super().identity()
+        manifest = Path(self.model) / "manifest.json"
+        data["model_manifest"] = manifest.read_text(encoding="utf-8") if manifest.is_file() else None
+        return data
+
+    def own_problems(self) -> Iterator[Problem]:
+        if not self.model:
+            yield "model", "missing: pass --model CKPT (a MediRound checkpoint folder from `mediround train`)"
+        elif not (Path(self.model) / "manifest.json").is_file():
+            yield "model", f"not a MediRound checkpoint folder (no manifest.json): {self.model}"
+        elif Path(self.output).resolve() == Path(self.model).resolve():
+            yield "output", "must differ from the model folder (train-jcm writes a new checkpoint)"
+        for key in ("judge_weight", "refine_bce_weight", "refine_dice_weight"):
+            value = getattr(self.jcm, key)
+            if value < 0:
+                yield f"jcm.{key}", f"must not be negative, got {value}"
+        for key in ("rollout_fraction", "beta"):
+            value = getattr(self.jcm, key)
+            if not 0 <= value <= 1:
+                yield f"jcm.{key}", f"must be in [0, 1], got {value}"
 
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read a recipe YAML, apply ``key=value`` overrides, check every key, type and file."""
+    """Read a stage-1 recipe YAML, apply ``key=value`` overrides, check every key, type and file."""
     return recipe_from_dict(read_recipe_file(path, overrides), str(path))
+
+
+def load_jcm_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> JCMRecipe:
+    """Read a stage-2 recipe YAML, apply ``key=value`` overrides, check every key, type, file and folder."""
+    source = str(path)
+    recipe = load_typed(JCMRecipe, read_recipe_file(path, overrides), source)
+    recipe.source = source
+    check_recipe(recipe)
+    return recipe
 
 
 def read_recipe_file(path: str | Path, overrides: typing.Sequence[str] = ()) -> dict:
@@ -162,7 +265,7 @@ def read_recipe_file(path: str | Path, overrides: typing.Sequence[str] = ()) -> 
 
 
 def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
-    """Build and check a ``Recipe`` from plain data (the parsed YAML)."""
+    """Build and check a stage-1 ``Recipe`` from plain data (the parsed YAML)."""
     raw = dict(raw)
     model_raw = raw.pop("model", None) or {}
     if not isinstance(model_raw, dict):
@@ -171,16 +274,57 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     preset_name = model_raw.pop("preset", "tiny")
     if not isinstance(preset_name, str):
         raise RecipeError(f"{source}: key 'model.preset': expected a string, got {preset_name!r}")
-    recipe_fields = {f.name for f in dataclasses.fields(Recipe)} - {"model_preset", "source"}
-    recipe = build_dataclass(Recipe, {k: v for k, v in raw.items()}, "", source, known=recipe_fields)
+    recipe = load_typed(Recipe, raw, source)
     recipe.model_preset = preset_name
     recipe.model = _model_config(preset_name, model_raw, source)
     recipe.source = source
-    _check_values(recipe, source)
+    check_recipe(recipe)
     return recipe
 
 
-def check_output(recipe: Recipe, resume: bool, overwrite: bool) -> None:
+def check_recipe(recipe: RunRecipe) -> None:
+    """The one validator of both stages' values: the first problem as one ``RecipeError`` line."""
+    for key, reason in _problems(recipe):
+        raise RecipeError(f"{recipe.source}: key '{key}': {reason}")
+
+
+def _problems(recipe: RunRecipe) -> Iterator[Problem]:
+    if not recipe.output:
+        yield "output", f"missing: name the folder that receives checkpoints and {recipe.OUTPUT_HOLDS}"
+    yield from recipe.own_problems()
+    if not recipe.data.train:
+        yield "data.train", "missing: name the training dialogue file"
+    for key in ("train", "val"):
+        value = getattr(recipe.data, key)
+        if value and not Path(value).is_file():
+            yield f"data.{key}", f"file not found: {value}"
+    if recipe.data.root is not None and not Path(recipe.data.root).is_dir():
+        yield "data.root", f"folder not found: {recipe.data.root}"
+    train = recipe.train
+    # (key, value, least allowed): 1 for counts, 0 for what may be off.
+    bounds = [("train.batch_size", train.batch_size, 1), ("train.grad_accum", train.grad_accum, 1),
+              ("train.epochs", train.epochs, 1), ("checkpoint.keep_last", recipe.checkpoint.keep_last, 1),
+              ("log.every", recipe.log.every, 1), ("train.warmup_steps", train.warmup_steps, 0),
+              ("train.weight_decay", train.weight_decay, 0), ("train.num_workers", train.num_workers, 0),
+              ("validation.every", recipe.validation.every, 0), ("checkpoint.every", recipe.checkpoint.every, 0)]
+    for key, value, least in bounds:
+        if value < least:
+            yield key, f"must be at least 1, got {value}" if least else f"must not be negative, got {value}"
+    if train.max_steps is not None and train.max_steps < 1:
+        yield "train.max_steps", f"must be at least 1, got {train.max_steps}"
+    if train.lr <= 0:
+        yield "train.lr", f"must be positive, got {train.lr}"
+    if not all(0 <= beta < 1 for beta in train.betas):
+        yield "train.betas", f"each beta must be in [0, 1), got {list(train.betas)}"
+    if train.clip_grad_norm is not None and train.clip_grad_norm <= 0:
+        yield "train.clip_grad_norm", "must be positive (or null for no clipping)"
+    if train.mixed_precision not in MIXED_PRECISION:
+        yield "train.mixed_precision", f"{train.mixed_precision!r} is not one of {list(MIXED_PRECISION)}"
+    if recipe.validation.max_dialogues is not None and recipe.validation.max_dialogues < 1:
+        yield "validation.max_dialogues", "must be at least 1 (or null for all)"
+
+
+def check_output(recipe: RunRecipe, resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that holds another run, before anything is launched.
 
     A folder with a ``run.json`` of a different recipe hash is another run: refused unless ``overwrite``
@@ -219,7 +363,7 @@ def check_output(recipe: Recipe, resume: bool, overwrite: bool) -> None:
         )
 
 
-def run_record(recipe: Recipe) -> dict:
+def run_record(recipe: RunRecipe) -> dict:
     """What ``run.json`` holds: the hash that identifies the run and the resolved recipe."""
     return {"recipe_hash": recipe.hash, "recipe": recipe.to_dict(), "source": recipe.source}
 
@@ -235,61 +379,12 @@ def _model_config(preset_name: str, overrides: dict, source: str) -> MediRoundCo
         base = preset(preset_name, **paths).to_dict()
     except RecipeError as error:
         raise RecipeError(f"{source}: key 'model.preset': {error}") from None
-    merged = _deep_merge(base, overrides)
-    checked = build_dataclass(MediRoundConfig, merged, "model", source)
+    config = load_typed(MediRoundConfig, _deep_merge(base, overrides), source, where="model")
     try:
-        return MediRoundConfig.from_dict(plain_data(checked))
+        config.validate()
     except RecipeError as error:
         raise RecipeError(f"{source}: key 'model': {error}") from None
-
-
-def _check_values(recipe: Recipe, source: str) -> None:
-    def fail(key: str, reason: str) -> None:
-        raise RecipeError(f"{source}: key '{key}': {reason}")
-
-    if not recipe.output:
-        fail("output", "missing: name the folder that receives checkpoints and logs")
-    if not recipe.data.train:
-        fail("data.train", "missing: name the training dialogue file")
-    for key in ("train", "val"):
-        value = getattr(recipe.data, key)
-        if value and not Path(value).is_file():
-            fail(f"data.{key}", f"file not found: {value}")
-    if recipe.data.root is not None and not Path(recipe.data.root).is_dir():
-        fail("data.root", f"folder not found: {recipe.data.root}")
-    positive = {
-        "train.batch_size": recipe.train.batch_size,
-        "train.grad_accum": recipe.train.grad_accum,
-        "train.epochs": recipe.train.epochs,
-        "validation.batch_size": recipe.validation.batch_size,
-        "checkpoint.keep_last": recipe.checkpoint.keep_last,
-        "log.every": recipe.log.every,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            fail(key, f"must be at least 1, got {value}")
-    non_negative = {
-        "train.warmup_steps": recipe.train.warmup_steps,
-        "train.weight_decay": recipe.train.weight_decay,
-        "train.num_workers": recipe.train.num_workers,
-        "validation.every": recipe.validation.every,
-        "checkpoint.every": recipe.checkpoint.every,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            fail(key, f"must not be negative, got {value}")
-    if recipe.train.max_steps is not None and recipe.train.max_steps < 1:
-        fail("train.max_steps", f"must be at least 1, got {recipe.train.max_steps}")
-    if recipe.train.lr <= 0:
-        fail("train.lr", f"must be positive, got {recipe.train.lr}")
-    if not all(0 <= beta < 1 for beta in recipe.train.betas):
-        fail("train.betas", f"each beta must be in [0, 1), got {list(recipe.train.betas)}")
-    if recipe.train.clip_grad_norm is not None and recipe.train.clip_grad_norm <= 0:
-        fail("train.clip_grad_norm", "must be positive (or null for no clipping)")
-    if recipe.train.mixed_precision not in MIXED_PRECISION:
-        fail("train.mixed_precision", f"{recipe.train.mixed_precision!r} is not one of {list(MIXED_PRECISION)}")
-    if recipe.validation.max_dialogues is not None and recipe.validation.max_dialogues < 1:
-        fail("validation.max_dialogues", "must be at least 1 (or null for all)")
+    return config
 
 
 def _apply_override(raw: dict, override: str, source: str) -> None:
@@ -311,105 +406,6 @@ def _apply_override(raw: dict, override: str, source: str) -> None:
             raise RecipeError(f"override {override!r}: key '{'.'.join(parts[: depth + 1])}' is not a section")
         node = child
     node[parts[-1]] = value
-
-
-def build_dataclass(cls: type, data: Any, where: str, source: str, known: set[str] | None = None) -> Any:
-    """An instance of dataclass ``cls`` from a mapping, each key and type checked (``RecipeError`` naming ``where``)."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: key '{where}': expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if known is None or f.name in known}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        key = f"{where}.{name}" if where else str(name)
-        if name not in fields:
-            close = _closest(str(name), list(fields))
-            hint = f" (did you mean '{f'{where}.' if where else ''}{close[0]}'?)" if close else ""
-            known_list = "" if close else f"; known: {sorted(fields)}"
-            raise RecipeError(f"{source}: unknown key '{key}'{hint}{known_list}")
-        values[name] = _coerce(hints[name], value, key, source)
-    return cls(**values)
-
-
-def _closest(name: str, candidates: list[str]) -> list[str]:
-    """The known key a typo most likely meant: by similarity, else one that starts the other."""
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    if close:
-        return close
-    lowered = name.lower()
-    prefixed = [c for c in candidates if lowered.startswith(c.lower()) or c.lower().startswith(lowered)]
-    return sorted(prefixed, key=lambda c: abs(len(c) - len(name)))[:1]
-
-
-def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value, key, source)
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, key, source)
-            except RecipeError:
-                continue
-        raise _type_error(hint, value, key, source)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise _type_error(hint, value, key, source)
-        return tuple(_coerce(arg, item, f"{key}[{i}]", source) for i, (arg, item) in enumerate(zip(args, value)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(hint, value, key, source)
-        return [_coerce(args[0], item, f"{key}[{i}]", source) for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _type_error(hint, value, key, source)
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(hint, value, key, source)
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(hint, value, key, source)
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _type_error(hint, value, key, source)
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(hint, value, key, source)
-    if hint is Any:
-        return value
-    raise _type_error(hint, value, key, source)
-
-
-def _type_error(hint: Any, value: Any, key: str, source: str) -> RecipeError:
-    expected = _type_name(hint)
-    return RecipeError(f"{source}: key '{key}': expected {expected}, got {value!r} ({type(value).__name__})")
-
-
-def _type_name(hint: Any) -> str:
-    args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is tuple:
-        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
-    if origin is list:
-        return f"a list of {_type_name(args[0])}"
-    if dataclasses.is_dataclass(hint):
-        return "a mapping"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 def plain_data(obj: Any) -> Any:

@@ -12,7 +12,7 @@ from mediround.data.dialogue import Dialogue, Round
 from mediround.errors import RecipeError
 from mediround.model import build_model, preset
 from mediround.model.checkpoint import load_checkpoint, save_checkpoint
-from mediround.training.loop import with_entity_names
+from mediround.training.stage1 import with_entity_names
 
 NAMES = ["heart", "left kidney", "liver"]
 

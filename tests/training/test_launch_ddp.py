@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from mediround.model import build_model
 from mediround.training.logging import read_events
-from mediround.training.loop import run_training
 from mediround.training.recipe import load_recipe
+from mediround.training.stage1 import run_training
 
 STEPS = 3
 

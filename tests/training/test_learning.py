@@ -1,4 +1,5 @@
-"""The tiny recipe really learns: a short CPU run cuts the training loss and lifts validation Dice."""
+"""The tiny recipe really learns: a short CPU run cuts the training loss and lifts validation Dice, teacher-forced
+and chained from the model's own masks."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 
 from mediround.data.synth.generator import generate
 from mediround.training.logging import read_events
-from mediround.training.loop import run_training
 from mediround.training.recipe import load_recipe
+from mediround.training.stage1 import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 120
@@ -47,7 +48,12 @@ def test_tiny_recipe_learns_in_a_short_run(learning_data, tmp_path):
 
     rows = pq.read_table(Path(recipe.output) / "validation.parquet").to_pylist()
     chained = {row["step"]: row for row in rows if row["track"] == "chained" and row["split"] == "all"}
-    assert set(chained) == {0, STEPS} and all(0.0 <= row["dice"] <= 1.0 for row in chained.values())
+    assert set(chained) == {0, STEPS}
+    # Chained from the model's own masks (what `mediround eval` scores), the trained model must clearly beat
+    # the untrained one on the same dialogues: measured 0.09 -> 0.26 Dice.
+    before, after = chained[0]["dice"], chained[STEPS]["dice"]
+    assert chained[0]["count"] == chained[STEPS]["count"] > 20
+    assert after >= max(2 * before, before + 0.1), (before, after)
     rows = [row for row in rows if row["track"] == "teacher_forced"]
     overall = {row["step"]: row for row in rows if row["split"] == "all"}
     assert set(overall) == {0, STEPS}

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mediround.atomic import write_json
 from mediround.errors import LaunchError, RecipeError
-from mediround.training.launch import LaunchPlan, accelerate_command, check_world_size, plan_launch
+from mediround.launch import LaunchPlan, accelerate_command, check_world_size, plan_launch
 from mediround.training.recipe import RUN_FILE, check_output, load_recipe, run_record
 from mediround_cli.main import cli
 

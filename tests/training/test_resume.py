@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from mediround.model.checkpoint import load_checkpoint
 from mediround.training.checkpointing import CHECKPOINT_PATTERN
+from mediround.training.events import Event, StepLogged
 from mediround.training.logging import read_events
-from mediround.training.loop import run_training
 from mediround.training.recipe import load_recipe
+from mediround.training.stage1 import run_training
 from mediround_cli.main import cli
 
 STEPS = 8
@@ -67,8 +68,8 @@ def test_killed_and_interrupted_runs_resume_to_the_same_weights(write_recipe):
     killed_at = max(final_checkpoints(checkpoints))
     assert killed_at < STEPS
 
-    def interrupt_at_step_5(kind: str, payload: dict) -> None:
-        if kind == "step" and payload["step"] == 5:
+    def interrupt_at_step_5(event: Event) -> None:
+        if isinstance(event, StepLogged) and event.step == 5:
             os.kill(os.getpid(), signal.SIGINT)
 
     handler_before = signal.getsignal(signal.SIGINT)

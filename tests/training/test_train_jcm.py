@@ -17,16 +17,20 @@ from safetensors.torch import load_file
 from mediround.data.formats import load_dialogues
 from mediround.errors import RecipeError
 from mediround.metrics import average_ranks, spearman
+from mediround.launch import STOP_FILE_ENV
 from mediround.model import build_model, load_sample, preset
 from mediround.model.checkpoint import load_checkpoint, save_checkpoint
+from mediround.training.engine import MODEL_FOLDER
+from mediround.training.events import Event, StepLogged
 from mediround.training.jcm_data import (
     ROLLOUT,
     TEACHER_FORCED,
     collect_features,
     rollout_sources,
 )
-from mediround.training.jcm_loop import MODEL_FOLDER, jcm_losses, load_jcm_recipe, run_jcm_training
 from mediround.training.logging import read_events
+from mediround.training.recipe import load_jcm_recipe
+from mediround.training.stage2 import jcm_losses, run_jcm_training
 from mediround_cli.main import cli
 
 STEPS = 4
@@ -125,6 +129,22 @@ def test_killed_run_resumes_to_the_same_weights(trained, jcm_recipe):
     assert starts[-1]["resumed_from"].endswith("step-00000002")
 
 
+def test_the_stop_file_stops_stage_2_with_a_checkpoint(jcm_recipe, monkeypatch, tmp_path):
+    """What the launching process's first Ctrl-C does to every worker of a multi-process train-jcm."""
+    stop_file = tmp_path / "stop-requested"
+    monkeypatch.setenv(STOP_FILE_ENV, str(stop_file))
+
+    def request_stop(event: Event) -> None:
+        if isinstance(event, StepLogged) and event.step == 1:
+            stop_file.touch()
+
+    recipe = load_jcm_recipe(jcm_recipe("stop-file"), ["checkpoint.every=0"])
+    result = run_jcm_training(recipe, cpu=True, on_event=request_stop)
+    assert result.stopped == "interrupted" and result.step == 1 and result.model is None
+    assert result.checkpoint == Path(recipe.output) / "checkpoints" / "step-00000001"
+    assert not (Path(recipe.output) / MODEL_FOLDER).exists()
+
+
 def test_rollout_features_follow_the_models_own_masks(frozen_model, synth_data):
     model = load_checkpoint(frozen_model).eval()
     dialogues = load_dialogues(synth_data / "train.jsonl").dialogues
@@ -160,6 +180,9 @@ def test_rollout_cli_run_mixes_sources(jcm_recipe):
         (["jcm.betta=0.5"], "unknown key 'jcm.betta' (did you mean 'jcm.beta'?)"),
         (["--model", "/nowhere/ckpt"], "key 'model': not a MediRound checkpoint folder"),
         (["train.batch_size=two"], "key 'train.batch_size': expected an integer, got 'two'"),
+        (["train.betas=[0.9, 1.5]"], "key 'train.betas': each beta must be in [0, 1), got [0.9, 1.5]"),
+        (["train.clip_grad_norm=0"], "key 'train.clip_grad_norm': must be positive (or null for no clipping)"),
+        (["train.weight_decay=-1"], "key 'train.weight_decay': must not be negative, got -1.0"),
     ],
 )
 def test_bad_recipe_is_one_line_before_launch(jcm_recipe, arguments, expected):

@@ -1,4 +1,4 @@
-"""Multi-process launch: the ``train`` command re-launches itself through Accelerate's launcher.
+"""Multi-process launch: ``train``, ``train-jcm`` and ``infer`` re-launch themselves through Accelerate's launcher.
 
 The user never writes ``accelerate launch``. The parent process validates the recipe, then starts
 ``python -m accelerate.commands.launch ... -m mediround_cli.main <same arguments>`` with two environment
@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from mediround.errors import LaunchError
 
@@ -64,8 +66,6 @@ def plan_launch(
     Without ``--gpus`` or ``--cpu`` a machine with CUDA uses one GPU, otherwise one CPU process.
     """
     if cuda_available is None:
-        import torch
-
         cuda_available = torch.cuda.is_available()
     if gpus is not None and cpu:
         raise LaunchError("--gpus and --cpu exclude each other: use --cpu --num-processes N for CPU processes")

@@ -1,0 +1,221 @@
+"""Stage 1: MediRound trained with teacher forcing (the ``Objective`` the engine runs for ``mediround train``).
+
+The loss of a step is the loss of its global batch as one batch: token-mean cross-entropy over all its
+answer tokens and mask-mean BCE/Dice over all its masks (and the entity loss over its rounds with an entity).
+Each micro-batch's components are rescaled by its share of the global token, mask and entity counts.
+Validation scores the teacher-forced masks of the training forward and, with ``validation.chained``, the
+rounds chained from the model's own masks (``mediround.inference.chain``, what ``mediround eval`` measures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+
+from mediround.errors import RecipeError
+from mediround.inference.chain import Track, chain_dialogue
+from mediround.metrics import counts
+from mediround.model import MASK_THRESHOLD, MediRoundConfig, build_model, load_sample
+from mediround.model.checkpoint import save_checkpoint
+from mediround.model.processor import IGNORE
+from mediround.training.data import (
+    BatchLoader,
+    DialogueDataset,
+    ShardedStream,
+    StreamPosition,
+    validation_shard,
+)
+from mediround.training.engine import (
+    MODEL_FOLDER,
+    MicroBatch,
+    ModelParts,
+    Objective,
+    RunStart,
+    TrainingEngine,
+    TrainingResult,
+    run_stage,
+)
+from mediround.training.events import (
+    CHAINED_TRACK,
+    TEACHER_FORCED_TRACK,
+    EventHandler,
+    TrackScores,
+    Validated,
+)
+from mediround.training.logging import ValidationLog, score_rows
+from mediround.training.recipe import Recipe
+
+LOSS_KEYS = ("ce", "bce", "dice", "entity")
+
+
+def run_training(recipe: Recipe, *, resume: bool = False, cpu: bool = True, expected_processes: int = 1,
+                 on_event: EventHandler | None = None, allow_partial_load: bool = False) -> TrainingResult:
+    """Train one stage-1 run in this process (``engine.run_stage`` says how)."""
+    return run_stage(TeacherForcing(recipe), recipe, resume=resume, cpu=cpu, expected_processes=expected_processes,
+                     on_event=on_event, allow_partial_load=allow_partial_load)
+
+
+class TeacherForcing(Objective):
+    """Stage 1's objective: every trainable part of MediRound on teacher-forced dialogues."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def build(self, engine: TrainingEngine, start: RunStart) -> ModelParts:
+        self.model = build_model(with_entity_names(self.recipe.model, start.train_dialogues),
+                                 allow_partial=engine.allow_partial_load)
+        self.model.train()
+        self.val_dialogues = start.val_dialogues
+        self.val_log = (ValidationLog(engine.output, start.state["step"] if start.state else None)
+                        if engine.is_main else None)
+        return ModelParts(self.model, self.model, self.model)
+
+    def micro_batches(self, engine: TrainingEngine, start: RunStart,
+                      position: StreamPosition) -> Iterator[MicroBatch]:
+        dataset = DialogueDataset(start.train_dialogues, load_sample)
+        stream = engine.stream(len(dataset), position)
+        loader = BatchLoader(dataset, self.model.processor.collate, self.recipe.train.num_workers)
+        return _micro_batches(stream, loader, dataset)
+
+    def accumulate(self, engine: TrainingEngine, micro: list[MicroBatch]) -> tuple[float, dict[str, float], bool]:
+        accelerator, world_size = engine.accelerator, engine.world_size
+        local_counts = torch.tensor([_loss_counts(batch.data) for batch in micro], dtype=torch.float64).sum(0)
+        global_counts = accelerator.reduce(local_counts.to(accelerator.device), "sum").cpu()
+        weights = self.recipe.model.loss
+        report = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64)
+        nonfinite = False
+        for index, batch in enumerate(micro):
+            tokens, masks, entities = _loss_counts(batch.data)
+            scale_tokens = tokens * world_size / max(1.0, float(global_counts[0]))
+            scale_masks = masks * world_size / max(1.0, float(global_counts[1]))
+            scale_entities = entities * world_size / max(1.0, float(global_counts[2]))
+            syncing = index == len(micro) - 1
+            context = contextlib.nullcontext() if syncing else accelerator.no_sync(engine.wrapped)
+            with context:
+                with accelerator.autocast():
+                    output = engine.wrapped(batch.data)
+                parts = [output.losses["ce"] * scale_tokens, output.losses["bce"] * scale_masks,
+                         output.losses["dice"] * scale_masks, output.losses["entity"] * scale_entities]
+                loss = (weights.ce * parts[0] + weights.bce * parts[1] + weights.dice * parts[2]
+                        + weights.entity * parts[3])
+                if not torch.isfinite(loss.detach()):
+                    nonfinite = True
+                accelerator.backward(loss)
+            report += torch.tensor([float(loss.detach()), *(float(p.detach()) for p in parts)], dtype=torch.float64)
+        total = [float(v) for v in accelerator.reduce(report.to(accelerator.device), "sum").cpu() / world_size]
+        return total[0], dict(zip(LOSS_KEYS, total[1:])), nonfinite
+
+    @torch.no_grad()
+    def validate(self, engine: TrainingEngine, step: int) -> Validated | None:
+        """Score this process's validation shard with ``mediround.metrics``: the teacher-forced masks of the
+        training forward, and (``validation.chained``) the masks of rounds chained from the model's own
+        earlier masks. The main process writes the per-round summaries to ``validation.parquet`` and
+        returns the event."""
+        model, settings = self.model, self.recipe.validation
+        model.eval()
+        indices = validation_shard(len(self.val_dialogues), engine.world_size, engine.rank, settings.max_dialogues)
+        rows: dict[str, list] = {TEACHER_FORCED_TRACK: [], CHAINED_TRACK: []}
+        losses = []
+        for start in range(0, len(indices), settings.batch_size):
+            samples = [load_sample(self.val_dialogues[i]) for i in indices[start : start + settings.batch_size]]
+            with engine.accelerator.autocast():
+                output = model(model.processor.collate(samples))
+                losses.append(float(output.loss))
+                for sample, logits in zip(samples, output.mask_logits):
+                    masks = _logits_to_masks(logits, sample.image.shape[:2])
+                    rows[TEACHER_FORCED_TRACK].extend(_mask_rows(sample, masks))
+                    if settings.chained:
+                        rows[CHAINED_TRACK].extend(_mask_rows(sample, _chained_masks(model, sample)))
+        model.train()
+        gathered = {track: gather_object(track_rows) for track, track_rows in rows.items()}
+        losses = gather_object(losses)
+        if not engine.is_main or not gathered[TEACHER_FORCED_TRACK]:
+            return None
+        tracks = {}
+        for track, track_rows in gathered.items():
+            if not track_rows:
+                continue
+            table = score_rows(step, track_rows, track)
+            self.val_log.add(table)
+            overall = table[0]
+            tracks[track] = TrackScores(overall["dice"], overall["giou"], overall["ciou"],
+                                        {r["round"]: r["dice"] for r in table if r["split"] == "round"})
+        return Validated(step, tracks, loss=float(np.mean(losses)), masks=len(gathered[TEACHER_FORCED_TRACK]))
+
+    def write_checkpoint_extra(self, folder: Path) -> None:
+        """``model/``: a MediRound checkpoint that infer, eval and train-jcm load."""
+        save_checkpoint(self.model, folder / MODEL_FOLDER)
+
+    def save_model(self, folder: Path) -> None:
+        save_checkpoint(self.model, folder)
+
+
+def with_entity_names(config: MediRoundConfig, dialogues: list) -> MediRoundConfig:
+    """``config`` with ``heads.entity_names`` filled (sorted) from the training rounds' ``entity`` fields
+    when the entity loss is on and the recipe names none; a copy, so the recipe and its hash stay as written."""
+    if not config.loss.entity or config.heads.entity_names:
+        return config
+    names = sorted({round_.entity for dialogue in dialogues for round_ in dialogue.rounds if round_.entity})
+    if not names:
+        raise RecipeError("recipe: field 'model.loss.entity': is > 0 but no training round has an 'entity'")
+    filled = copy.deepcopy(config)
+    filled.heads.entity_names = names
+    return filled
+
+
+def _micro_batches(stream: ShardedStream, loader: BatchLoader, dataset: DialogueDataset,
+                   chunk: int = 64) -> Iterator[MicroBatch]:
+    """Endless micro-batches of this process, collated ``chunk`` at a time (prefetched by the loader's workers)."""
+    while True:
+        index_batches, positions = [], []
+        for _ in range(chunk):
+            index_batches.append(stream.next_indices())
+            positions.append(stream.position)
+        for indices, batch, position in zip(index_batches, loader.iterate(index_batches), positions):
+            yield MicroBatch(batch, position, [dataset.dialogues[i].id for i in indices])
+
+
+def _loss_counts(batch: Any) -> tuple[float, float, float]:
+    """What the model's loss averages over in this batch: answer tokens (CE), supervised masks (BCE, Dice)
+    and rounds with a known entity (entity loss)."""
+    tokens = float((batch.labels[:, 1:] != IGNORE).sum())
+    masks = float(sum(int(valid.sum()) for valid in batch.target_valid))
+    entities = float(sum(int((labels != IGNORE).sum()) for labels in batch.entity_labels))
+    return tokens, masks, entities
+
+
+def _logits_to_masks(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(rounds, h, w) teacher-forced logits at the supervision size -> (rounds, H, W) bool masks of the image."""
+    full = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return (full > MASK_THRESHOLD).cpu().numpy()
+
+
+def _chained_masks(model: Any, sample: Any) -> list[np.ndarray]:
+    """Masks of every round chained from the model's own earlier masks (Algorithm 1, JCM off)."""
+    track = Track(beta=None, teacher_forcing=False)
+    predictions = chain_dialogue(model, sample.dialogue, sample.image, [track])[track]
+    return [prediction.mask for prediction in predictions]
+
+
+def _mask_rows(sample: Any, masks: Any) -> list[dict]:
+    """Metric rows of one dialogue: each round's predicted mask (image size) against its ground truth."""
+    rows = []
+    for index, (round_, truth) in enumerate(zip(sample.dialogue.rounds, sample.masks)):
+        if truth is None:
+            continue
+        scored = counts(np.asarray(masks[index], dtype=bool)[None], np.asarray(truth, dtype=bool)[None])
+        rows.append({
+            "dialogue_id": sample.dialogue.id,
+            "round": index + 1,
+            "names_target": round_.names_target,
+            **{key: scored[key][0].item() for key in ("intersection", "union", "pred_area", "gt_area", "iou", "dice")},
+        })
+    return rows
