@@ -38,7 +38,7 @@ def add_count_rows(table: Table, groups: Iterable[tuple[str, Mapping[str, int]]]
             table.add_row(f"{title}: {name}", str(count))
 
 
-def _debug_enabled() -> bool:
+def debug_enabled() -> bool:
     ctx = click.get_current_context(silent=True)
     root = ctx.find_root() if ctx is not None else None
     return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("debug"))
@@ -67,12 +67,12 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                 warnings.showwarning = functools.partial(_show_warning, previous)
                 return func(*args, **kwargs)
         except MediRoundError as error:
-            if _debug_enabled():
+            if debug_enabled():
                 raise
             err_console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
             sys.exit(error.exit_code)
         except OSError as error:
-            if _debug_enabled():
+            if debug_enabled():
                 raise
             where = f"{error.filename}: " if error.filename else ""
             err_console.print(f"[red]error:[/red] {escape(where + (error.strerror or str(error)))}", soft_wrap=True)

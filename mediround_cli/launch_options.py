@@ -44,7 +44,7 @@ from mediround.training.events import (
     WeightsLoaded,
 )
 from mediround.training.recipe import RunRecipe
-from mediround_cli.common import _debug_enabled, console
+from mediround_cli.common import debug_enabled, console
 from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 # Created in the output folder by the launching process's first Ctrl-C; the workers stop at the next step.
@@ -183,7 +183,7 @@ def run_or_relaunch(
         return
     console.print(f"launching {plan.world_size} process(es) on {'CPU' if plan.cpu else 'GPU'} "
                   f"through accelerate ({plan.num_machines} machine(s))")
-    module_args = (["--debug"] if _debug_enabled() else []) + [command, recipe_path, *command_args]
+    module_args = (["--debug"] if debug_enabled() else []) + [command, recipe_path, *command_args]
     relaunch(plan, module_args + launch.child_flags(), stop_file=Path(recipe.output) / STOP_FILE)
 
 
