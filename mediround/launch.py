@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from mediround.errors import LaunchError
 
 LAUNCHED_ENV = "MEDIROUND_LAUNCHED"
@@ -66,6 +64,9 @@ def plan_launch(
     Without ``--gpus`` or ``--cpu`` a machine with CUDA uses one GPU, otherwise one CPU process.
     """
     if cuda_available is None:
+        # Imported here so that light commands (eval of a predictions folder) can plan without torch.
+        import torch
+
         cuda_available = torch.cuda.is_available()
     if gpus is not None and cpu:
         raise LaunchError("--gpus and --cpu exclude each other: use --cpu --num-processes N for CPU processes")
