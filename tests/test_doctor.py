@@ -25,11 +25,11 @@ from mediround.model.memory import GIB, estimate_training_memory
 from mediround.model.mllm import tiny_llava_config
 from mediround.model.segmenter import build_sam
 from mediround.model.tokenizer import MEDIROUND_TOKENS, train_tiny_tokenizer
-from mediround.training.recipe import load_recipe
+from mediround.training.recipe import SHIPPED_RECIPES, load_recipe
 from mediround_cli import doctor as doctor_cli
 from mediround_cli.main import cli
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = SHIPPED_RECIPES
 TINY_RECIPE = str(RECIPES / "tiny-cpu.yaml")
 
 
