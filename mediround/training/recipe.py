@@ -31,6 +31,7 @@ import yaml
 from mediround.errors import RecipeError
 from mediround.inference import DEFAULT_BETA
 from mediround.model.config import MediRoundConfig, preset
+from mediround.model.weight_sources import WEIGHTS_PAGE
 from mediround.typed import load_typed, typed_config
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -319,9 +320,6 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", require_weights: bool 
         _check_files(recipe, _missing_weights(recipe.model))
     check_recipe(recipe)
     return recipe
-
-
-WEIGHTS_PAGE = "docs/real-weights.md"
 
 
 def _missing_weights(model: MediRoundConfig) -> list[Problem]:
