@@ -92,7 +92,7 @@ def test_eval_refuses_other_data_and_leaves_the_metrics_untouched(first_run, tmp
 
 
 def test_gate_passes_on_the_same_run_and_fails_on_a_deleted_image(first_run, checkpoint, tmp_path):
-    data, folder, _ = first_run
+    _, folder, _ = first_run
     baseline = tmp_path / "baseline.parquet"
     shutil.copy(folder / "metrics.parquet", baseline)
     same = _run("eval", "--baseline", baseline, "--max-drop", "0")
