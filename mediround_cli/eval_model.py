@@ -16,7 +16,7 @@ from rich.table import Table
 
 from mediround.inference import DEFAULT_BETA
 from mediround.reports.scoring import EvalConfig
-from mediround_cli.common import console, err_console
+from mediround_cli.common import console, err_console, exit_skipped
 from mediround_cli.output import (
     inference_summary_table,
     launch_settings,
@@ -64,18 +64,15 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def tracks_table(evaluation: ModelEvaluation) -> Table:
-    # model_eval pulls in torch: imported here so that `mediround eval --predictions` stays light.
-    from mediround.inference.model_eval import references_name
-
     table = Table(title="Overall per track (x100)")
     for column in ("beta", "references", "masks", "Dice", "gIoU", "cIoU", "refined"):
         table.add_column(column, justify="left" if column in ("beta", "references") else "right")
     for track in evaluation.tracks:
         scores = evaluation.summaries[track]["overall"][None]
-        rows = [r for r in evaluation.rows if r["beta"] == track.beta and r["references"] == references_name(track)]
+        rows = [r for r in evaluation.rows if r["beta"] == track.beta and r["references"] == track.references]
         refined = sum(1 for r in rows if r.get("refined"))
         style = "bold" if track == evaluation.primary else None
-        table.add_row("off" if track.beta is None else f"{track.beta:g}", references_name(track), str(scores.count),
+        table.add_row("off" if track.beta is None else f"{track.beta:g}", track.references, str(scores.count),
                       f"{scores.points('dice'):.1f}", f"{scores.points('giou'):.1f}", f"{scores.points('ciou'):.1f}",
                       f"{refined}/{len(rows)}", style=style)
     return table
@@ -124,6 +121,7 @@ class ModelOptions:
             "betas": parse_betas(self.betas),
             "teacher_forcing": (False, True) if self.compare_tf else (self.teacher_forcing,),
             "generate": self.generate, "use_cache": not self.no_cache, "resume": self.resume,
+            "overwrite": scoring.overwrite,
             "root": None if root is None else str(root), "allow_outside_root": allow_outside_root,
             "device": device, "num_processes": processes, "allow_partial_load": self.allow_partial_load,
         }, "the command line")
@@ -155,9 +153,8 @@ def evaluate_with_model(config: ModelEvalConfig, per_round: bool) -> None:
     if evaluation.round_plot is not None:
         written.append(f"round curve: {evaluation.round_plot}")
     console.print("; ".join(written), soft_wrap=True)
-    if evaluation.inference.skipped:
-        err_console.print(f"[yellow]{evaluation.inference.skipped} dialogue(s) skipped[/yellow]; reasons in "
-                          f"{evaluation.inference.errors_file}")
     scoring = config.scoring
     if scoring.baseline is not None:
-        print_gate(evaluation.regressions, scoring.max_drop, scoring.baseline, scores=f"scores of {primary.label}")
+        print_gate(evaluation.regressions, evaluation.gate_failures, scoring.max_drop, scoring.baseline,
+                   scores=f"scores of {primary.label}")
+    exit_skipped(evaluation.inference.skipped, "dialogue(s)", evaluation.inference.errors_file)

@@ -32,6 +32,7 @@ from mediround.data.dialogue import Dialogue
 from mediround.errors import DataError
 from mediround.model import MASK_THRESHOLD, DialogueSession, ImageContext, MediRound, RoundResult
 from mediround.model.processor import answer_with_seg
+from mediround.reports.rows import REFERENCES
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class Track:
         """A folder name for this track's predictions, e.g. ``beta-0.6``, ``jcm-off-tf``."""
         name = "jcm-off" if self.beta is None else f"beta-{self.beta:g}"
         return f"{name}-tf" if self.teacher_forcing else name
+
+    @property
+    def references(self) -> str:
+        """The ``references`` column of this track's metric rows."""
+        return REFERENCES[self.teacher_forcing]
 
 
 @dataclass

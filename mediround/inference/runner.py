@@ -31,6 +31,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import AfterValidator, Field
 
+from mediround import __version__
 from mediround.atomic import append_jsonl_line, atomic_open, write_json
 from mediround.data.dialogue import Dialogue
 from mediround.data.formats import load_dialogues
@@ -43,6 +44,7 @@ from mediround.data.predictions import (
     read_predictions,
     safe_name,
 )
+from mediround.data.run_manifest import MANIFEST_FILE, data_sha256, model_manifest_sha256, utc_now
 from mediround.error_log import ERRORS_FILE, read_error_log, write_error_log
 from mediround.errors import CheckpointError, DataError, RecipeError
 from mediround.inference import DEFAULT_BETA
@@ -52,15 +54,18 @@ from mediround.launch import check_world_size, expected_world_size, plan_launch,
 from mediround.model.checkpoint import load_checkpoint
 from mediround.model.config import MediRoundConfig
 from mediround.model.load_report import LoadReport
-from mediround.reports.overlays import write_overlay
-from mediround.reports.scoring import EvalConfig, evaluate_predictions
+from mediround.reports.html import REPORT_FILE
+from mediround.reports.overlays import OVERLAYS_FOLDER, write_overlay
+from mediround.reports.scoring import SCORED_DATA_KEY, EvalConfig, evaluate_predictions
 from mediround.typed import load_typed, typed_config
 
 PARTS_FOLDER = ".parts"
 PROGRESS_FILE = "progress.jsonl"
 WORKER_PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.parquet"
-RUN_FILE = "run.json"
+# What a run writes into a predictions folder (and into each track folder): what --overwrite removes.
+RUN_OUTPUTS = (PREDICTIONS_FILE, MASKS_FOLDER, OVERLAYS_FOLDER, METRICS_FILE, REPORT_FILE, ERRORS_FILE,
+               MANIFEST_FILE, PARTS_FOLDER)
 
 
 def _distinct(values: tuple) -> tuple:
@@ -87,6 +92,7 @@ class InferenceConfig:
     ``betas`` empty means the default: ``DEFAULT_BETA`` when the checkpoint has trained JCM weights, else
     JCM off (``resolve_betas``). ``None`` in ``betas`` is a JCM-off track. ``allow_partial_load`` loads a
     checkpoint whose weight files miss or add keys (what was left random is in the summary's load reports).
+    ``overwrite`` removes an earlier run's outputs from ``out`` first (``resume`` continues it instead).
     Build it from outside input with ``from_dict``, which checks every value.
     """
 
@@ -98,6 +104,7 @@ class InferenceConfig:
     generate: bool = False
     use_cache: bool = True
     resume: bool = False
+    overwrite: bool = False
     overlays: bool = False
     root: str | None = None
     allow_outside_root: bool = False
@@ -148,6 +155,8 @@ class InferenceSummary:
     errors_file: str = ""
     config: InferenceConfig | None = None
     load_reports: list[LoadReport] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+    """The run manifest written into the folder (``mediround.data.run_manifest``)."""
 
 
 def error_record(file: str, item: Any, dialogue_id: str | None, field_name: str | None, reason: str) -> dict:
@@ -172,9 +181,15 @@ def load_plan(config: InferenceConfig) -> Plan:
     loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
     out = Path(config.out)
     existing = [config.track_folder(t) / PREDICTIONS_FILE for t in config.tracks]
-    if not config.resume and (any(p.exists() for p in existing) or _parts_root(config).exists()):
+    if config.resume and config.overwrite:
+        raise DataError(str(out), None, None, "--resume continues the run in this folder and --overwrite replaces "
+                        "it: pass one")
+    earlier = any(p.exists() for p in existing) or _parts_root(config).exists() or (out / MANIFEST_FILE).exists()
+    if earlier and config.overwrite:
+        remove_run_outputs(out)
+    elif earlier and not config.resume:
         raise DataError(str(out), None, None, "already holds predictions: pass --resume to continue that run, "
-                        "or choose an empty folder")
+                        "--overwrite to replace it, or choose another folder")
     _check_same_run(config)
     done: set[str] = set()
     if config.resume:
@@ -188,11 +203,24 @@ def load_plan(config: InferenceConfig) -> Plan:
     return Plan(loaded.dialogues, loaded.problems, todo, len(loaded.dialogues) - len(todo), loaded.format)
 
 
+def remove_run_outputs(folder: Path) -> None:
+    """Remove what an earlier run wrote into ``folder`` and its track folders, nothing else."""
+    for directory in [folder, *(p for p in folder.iterdir() if p.is_dir() and (p / PREDICTIONS_FILE).exists())]:
+        for name in RUN_OUTPUTS:
+            path = directory / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
 def _run_settings(config: InferenceConfig) -> dict:
     """The settings that decide what a run predicts; a resumed run must use the same."""
     return {
         "data": os.path.abspath(config.data),
+        "data_sha256": data_sha256(config.data),
         "model": os.path.abspath(config.model),
+        "model_manifest_sha256": model_manifest_sha256(config.model),
         "betas": list(config.betas),
         "teacher_forcing": list(config.teacher_forcing),
         "generate": config.generate,
@@ -200,16 +228,27 @@ def _run_settings(config: InferenceConfig) -> dict:
 
 
 def _check_same_run(config: InferenceConfig) -> None:
-    """Refuse to resume a folder written with other settings; record this run's settings."""
-    path = Path(config.out) / RUN_FILE
+    """Refuse to resume a folder written with other settings or data; write this run's manifest
+    (``mediround.data.run_manifest``), its end time still unknown."""
+    path = Path(config.out) / MANIFEST_FILE
     settings = _run_settings(config)
+    started = utc_now()
     if config.resume and path.exists():
         earlier = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(key for key in settings if earlier.get(key) != settings[key])
         if changed:
             raise DataError(str(path), None, changed[0], f"--resume with other settings than the run being "
                             f"resumed ({', '.join(f'{k}: {earlier.get(k)!r} -> {settings[k]!r}' for k in changed)})")
-    write_json(path, settings)
+        started = earlier.get("started", started)
+    write_json(path, {**settings, "mediround_version": __version__, "started": started, "finished": None})
+
+
+def _record_finish(config: InferenceConfig) -> dict:
+    """Stamp the end time into the run manifest; returns the manifest."""
+    path = Path(config.out) / MANIFEST_FILE
+    manifest = {**json.loads(path.read_text(encoding="utf-8")), "finished": utc_now()}
+    write_json(path, manifest)
+    return manifest
 
 
 def _read_or_empty(folder: Path) -> dict[tuple[str, int], dict]:
@@ -312,7 +351,7 @@ def _write_overlay(
     config: InferenceConfig, dialogue: Dialogue, image: np.ndarray, results: dict[Track, list[RoundPrediction]]
 ) -> None:
     for track, rounds in results.items():
-        path = config.track_folder(track) / "overlays" / f"{safe_name(dialogue.id)}.png"
+        path = config.track_folder(track) / OVERLAYS_FOLDER / f"{safe_name(dialogue.id)}.png"
         write_overlay(path, dialogue, image, [p.mask for p in rounds])
 
 
@@ -388,6 +427,13 @@ def _move_mask(source: Path, destination: Path) -> None:
         raise DataError(str(source), None, "mask", "predicted mask missing from its part folder")
 
 
+def scored_manifest(config: InferenceConfig) -> dict:
+    """The run manifest of ``config.out``, plus the data its predictions are scored against (the same):
+    the file metadata of its metric rows."""
+    manifest = json.loads((Path(config.out) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    return {**manifest, "scored_data": manifest["data"], SCORED_DATA_KEY: manifest["data_sha256"]}
+
+
 def score_outputs(config: InferenceConfig) -> dict[str, Any]:
     """Score each track's predictions against the ground truth, writing ``metrics.parquet`` beside them.
 
@@ -396,13 +442,16 @@ def score_outputs(config: InferenceConfig) -> dict[str, Any]:
     """
     loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
     with_truth = [d for d in loaded.dialogues if any(r.mask is not None for r in d.rounds)]
+    manifest = scored_manifest(config)
     evaluations = {}
     for track in config.tracks:
         folder = config.track_folder(track)
         predicted = {dialogue_id for dialogue_id, _ in _read_or_empty(folder)}
         scored = [d for d in with_truth if d.id in predicted]
         if scored:
-            evaluations[track.label] = evaluate_predictions(scored, folder, EvalConfig(out=folder / METRICS_FILE))
+            scoring = EvalConfig(out=folder / METRICS_FILE, beta=track.beta, references=track.references,
+                                 manifest=manifest)
+            evaluations[track.label] = evaluate_predictions(scored, folder, scoring)
     return evaluations
 
 
@@ -475,6 +524,7 @@ def run_inference(
         finalize(config, plan.dialogues, plan.problems)
         raise
     skipped = finalize(config, plan.dialogues, plan.problems)
+    manifest = _record_finish(config)
     seg_missing = 0
     folders = {}
     for track in config.tracks:
@@ -491,6 +541,7 @@ def run_inference(
         errors_file=str(Path(config.out) / ERRORS_FILE),
         config=config,
         load_reports=load_reports,
+        manifest=manifest,
     )
 
 

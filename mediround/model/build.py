@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -68,7 +69,12 @@ def _wrap_language_model(llava: nn.Module, tokenizer: PreTrainedTokenizerBase, c
     elif embeddings == "rows":
         ids = sorted(tokenizer.convert_tokens_to_ids(list(MEDIROUND_TOKENS)))
         settings["trainable_token_indices"] = {"embed_tokens": ids, "lm_head": ids}
-    return get_peft_model(llava, LoraConfig(**settings))
+    # peft's PeftModel reads transformers' deprecated ``is_gradient_checkpointing`` (no peft release reads
+    # ``is_activation_checkpointing`` yet), which warns on every command that loads a model; silenced
+    # for that one call and that one message, so any other warning still shows.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(llava, LoraConfig(**settings))
 
 
 def apply_trainability(model: MediRound) -> None:
