@@ -338,8 +338,9 @@ def verdicts(result: dict) -> list[str]:
     if result["status"] != "ok":
         return [f"{result['status']}: {result['reason']}"]
     if result["stage"] == "infer":
-        return [f"masks cached == no-cache: {result['masks_identical']}; at image size "
-                f"{result['image_shape'][1]}x{result['image_shape'][0]}: {result['masks_at_image_size']}"]
+        height, width = result["image_shape"]
+        return [f"masks cached == no-cache: {result['masks_identical']}; at image size {width}x{height}: "
+                + str(result["masks_at_image_size"])]
     docs = f", docs/model.md {result['docs_trainable']:,}" if "docs_trainable" in result else ""
     lines = [f"trainable {result['trainable']:,} ({result['token_embeddings']} embeddings){docs}",
              (f"received a gradient {result['with_gradient']:,}; changed by the step {result['updated']:,}; "
