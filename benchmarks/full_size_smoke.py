@@ -417,6 +417,10 @@ def main() -> None:
         "stages": [],
     }
     for name in args.stages:
+        if time.time() >= deadline:
+            report["stages"].append({"stage": name, "status": "not run", "reason": "no time left in the budget",
+                                     "wall_s": 0.0, "peak_rss_gib": 0.0})
+            continue
         print(f"== {name}: {(deadline - time.time()) / 60:.1f} min of the budget left", flush=True)
         report["stages"].append(run_stage_process(name, args, work, deadline))
     report["load_average"]["after"] = os.getloadavg()[0]
