@@ -25,12 +25,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from mediround.atomic import write_json
 from mediround.data.formats import load_dialogues
 from mediround.errors import CheckpointError, DataError, MediRoundError
 from mediround.launch import check_world_size, stop_requested
+from mediround.model.build import keep_trainable_fp32
 from mediround.training import checkpointing
 from mediround.training.data import ShardedStream, StreamPosition
 from mediround.training.events import (
@@ -199,6 +201,9 @@ def run_stage(
     ``WeightsLoaded`` event then lists what was left random."""
     if cpu:
         torch.set_num_threads(recipe.train.threads or max(1, (os.cpu_count() or 1) // expected_processes))
+    # Accelerate keeps its settings in a process-wide singleton: a second run in the same process (a
+    # library caller, the tests) may use another precision. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=recipe.resolved_mixed_precision(on_gpu=not cpu),
@@ -272,6 +277,7 @@ class TrainingEngine:
         start = self.begin(resume)
         set_seed(recipe.train.seed)
         parts = self.objective.build(self, start)
+        keep_trainable_fp32(parts.trainable)
         if self.allow_partial_load:
             self.emit(WeightsLoaded([asdict(report) for report in parts.model.load_reports]))
         if start.resume_from is not None:
