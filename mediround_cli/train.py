@@ -15,15 +15,13 @@ from mediround_cli.launch_options import LaunchOptions, StageView, launch_option
 @click.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-@launch_options(click.option("--deepspeed", "deepspeed_config", default=None,
-                             help="A DeepSpeed JSON config (recipes/zero2.json); refused for now, see docs/training.md."))
+@launch_options()
 @handle_errors
-def train(recipe_path: str, overrides: tuple[str, ...], deepspeed_config: str | None, launch: LaunchOptions) -> None:
+def train(recipe_path: str, overrides: tuple[str, ...], launch: LaunchOptions) -> None:
     """Train MediRound with teacher forcing from a YAML RECIPE; KEY=VALUE overrides any recipe field
     (e.g. train.lr=1e-3). Multi-process runs re-launch this command through Accelerate."""
     recipe = load_recipe(recipe_path, overrides)
-    run_training_command(VIEW, run_training, overrides, recipe_path, recipe, launch, check_output,
-                         deepspeed_config=deepspeed_config)
+    run_training_command(VIEW, run_training, overrides, recipe_path, recipe, launch, check_output)
 
 
 def _step_status(event: StepLogged) -> str:
