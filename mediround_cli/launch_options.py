@@ -44,7 +44,7 @@ from mediround.training.events import (
     WeightsLoaded,
 )
 from mediround.training.recipe import RunRecipe
-from mediround_cli.common import debug_enabled, console
+from mediround_cli.common import console, debug_enabled
 from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 # Created in the output folder by the launching process's first Ctrl-C; the workers stop at the next step.

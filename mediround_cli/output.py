@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mediround.inference.events import InferenceEvents
+from mediround.launch import plan_launch
 from mediround.metrics import Scores
 from mediround.reports.gate import Regression
 from mediround.reports.tables import (
@@ -27,7 +28,6 @@ from mediround.reports.tables import (
     regression_table,
     round_table,
 )
-from mediround.launch import plan_launch
 from mediround_cli.common import console, err_console
 
 if TYPE_CHECKING:
