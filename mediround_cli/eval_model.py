@@ -19,6 +19,7 @@ from mediround.reports.scoring import EvalConfig
 from mediround_cli.common import console, err_console, exit_skipped
 from mediround_cli.output import (
     inference_summary_table,
+    jcm_rounds_option,
     launch_settings,
     parse_betas,
     prediction_progress,
@@ -43,6 +44,7 @@ MODEL_OPTIONS = (
                  help="Run predicted and ground-truth references in one pass and report the per-round gap."),
     click.option("--generate", is_flag=True, help="Let the model write its answers (greedy)."),
     click.option("--no-cache", is_flag=True, help="Re-run the whole model per round (the authors' way)."),
+    jcm_rounds_option,
     click.option("--gpus", type=click.IntRange(min=1), help="Shard dialogues over N GPUs."),
     click.option("--cpu", is_flag=True, help="Run on CPU (with --num-processes N for several processes)."),
     click.option("--num-processes", type=click.IntRange(min=1), help="Number of CPU processes with --cpu."),
@@ -98,6 +100,7 @@ class ModelOptions:
     compare_tf: bool = False
     generate: bool = False
     no_cache: bool = False
+    jcm_rounds: str | None = None
     gpus: int | None = None
     cpu: bool = False
     num_processes: int | None = None
@@ -120,8 +123,8 @@ class ModelOptions:
             "data": str(data), "model": str(model_path), "out": str(predictions_out),
             "betas": parse_betas(self.betas),
             "teacher_forcing": (False, True) if self.compare_tf else (self.teacher_forcing,),
-            "generate": self.generate, "use_cache": not self.no_cache, "resume": self.resume,
-            "overwrite": scoring.overwrite,
+            "generate": self.generate, "use_cache": not self.no_cache, "jcm_rounds": self.jcm_rounds,
+            "resume": self.resume, "overwrite": scoring.overwrite,
             "root": None if root is None else str(root), "allow_outside_root": allow_outside_root,
             "device": device, "num_processes": processes, "allow_partial_load": self.allow_partial_load,
         }, "the command line")

@@ -13,6 +13,7 @@ from mediround.inference import DEFAULT_BETA
 from mediround_cli.common import console, err_console, exit_skipped, handle_errors
 from mediround_cli.output import (
     inference_summary_table,
+    jcm_rounds_option,
     launch_settings,
     parse_beta,
     prediction_progress,
@@ -45,6 +46,7 @@ Examples:
                    "feeding the dialogue's own answers.")
 @click.option("--no-cache", is_flag=True,
               help="Re-run the whole model (image encoders included) for every round, as the authors do.")
+@jcm_rounds_option
 @click.option("--overlays", is_flag=True, help="Write one PNG per dialogue under OUT/overlays/.")
 @click.option("--report", is_flag=True,
               help="Write OUT/report.html: the scores and each dialogue's rounds and overlay (as `demo` does).")
@@ -66,6 +68,7 @@ def infer(
     overwrite: bool,
     generate: bool,
     no_cache: bool,
+    jcm_rounds: str | None,
     overlays: bool,
     report: bool,
     root: Path | None,
@@ -95,7 +98,8 @@ def infer(
     config = InferenceConfig.from_dict({
         "data": str(data), "model": str(model_path), "out": str(out),
         "betas": () if beta is None else (parse_beta(beta),), "generate": generate, "use_cache": not no_cache,
-        "resume": resume, "overwrite": overwrite, "overlays": overlays or report, "root": None if root is None else str(root),
+        "jcm_rounds": jcm_rounds, "resume": resume, "overwrite": overwrite, "overlays": overlays or report,
+        "root": None if root is None else str(root),
         "allow_outside_root": allow_outside_root, "device": device, "num_processes": processes,
         "allow_partial_load": allow_partial_load,
     }, "the command line")

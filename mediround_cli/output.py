@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     from mediround.inference.runner import InferenceSummary, Plan
 
 
+jcm_rounds_option = click.option(
+    "--jcm-rounds", type=click.Choice(["referred", "all"]), default=None,
+    help="Rounds JCM judges and refines: 'referred' (only rounds a later round refers to; the others decode raw, "
+         "as the authors do) or 'all'. [default: the checkpoint's heads.jcm_rounds]")
+
+
 def parse_beta(text: str) -> float | None:
     """A JCM threshold in [0, 1], or None for ``off``/``none``."""
     if text.strip().lower() in ("off", "none"):

@@ -19,17 +19,15 @@ Examples:
   mediround train my-recipe.yaml --gpus 1 train.lr=1e-4 --resume""")
 @click.argument("recipe_path", metavar="[RECIPE]", required=False, default=PAPER_RECIPE)
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-@launch_options(click.option("--deepspeed", "deepspeed_config", default=None,
-                             help="A DeepSpeed JSON config (recipes/zero2.json); refused for now, see docs/training.md."))
+@launch_options()
 @handle_errors
-def train(recipe_path: str, overrides: tuple[str, ...], deepspeed_config: str | None, launch: LaunchOptions) -> None:
+def train(recipe_path: str, overrides: tuple[str, ...], launch: LaunchOptions) -> None:
     """Train MediRound with teacher forcing from a YAML RECIPE (a file, or a shipped recipe's name from
     `mediround recipes`; default: the paper's 4-GPU recipe); KEY=VALUE overrides any recipe field
     (e.g. train.lr=1e-3). Every weight and data file must be on this machine: the run stops before any
     launch naming each missing one. Multi-process runs re-launch this command through Accelerate."""
     recipe = load_recipe(recipe_path, overrides, require_weights=True)
-    run_training_command(VIEW, run_training, overrides, recipe_path, recipe, launch, check_output,
-                         deepspeed_config=deepspeed_config)
+    run_training_command(VIEW, run_training, overrides, recipe_path, recipe, launch, check_output)
 
 
 def _step_status(event: StepLogged) -> str:

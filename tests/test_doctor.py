@@ -223,7 +223,8 @@ def llava_7b(tmp_path_factory) -> Path:
 def test_7b_recipe_fit_verdicts_follow_the_estimate(synth, tmp_path, llava_7b):
     recipe = load_recipe(
         RECIPES / "mediround-7b-4gpu.yaml",
-        [*tiny_overrides(synth, tmp_path / "run"), "data.root=null", f"model.mllm.source={llava_7b}"],
+        [*tiny_overrides(synth, tmp_path / "run"), "data.root=null", f"model.mllm.source={llava_7b}",
+         "train.grad_accum=1"],
     )
     model = build_model(recipe.model, device="meta")
     length = longest_sequence(recipe, model, 32)

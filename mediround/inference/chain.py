@@ -6,7 +6,9 @@ prediction for that round (``Track.teacher_forcing`` uses the ground truth inste
 including "a predicted mask of <= 9 pixels means the whole image", lives in ``mediround.model.references``
 and is applied inside ``DialogueSession.step``. The [SEG] feature ``h_c`` then goes through JCM: with score
 ``q = judge(h_c)``, the round's mask is ``decode(h_c)`` when ``q > beta`` and ``decode(refine(h_c))``
-otherwise. ``beta=None`` turns JCM off (always ``decode(h_c)``).
+otherwise. ``beta=None`` turns JCM off (always ``decode(h_c)``). With ``jcm_rounds="referred"`` (the
+authors' evaluation) only rounds whose mask a later round refers to are judged; the others, the final
+round included, decode ``h_c`` raw.
 
 Several tracks (JCM thresholds, predicted or ground-truth references) run in one pass over a dialogue.
 What they share: the decoded image and both image encoders (``encode_image`` runs once per dialogue), and
@@ -162,6 +164,7 @@ def chain_dialogue(
     use_cache: bool = True,
     reference_truth: Mapping[int, np.ndarray] | None = None,
     context: ImageContext | None = None,
+    jcm_rounds: str | None = None,
 ) -> dict[Track, list[RoundPrediction]]:
     """Predict every round of ``dialogue`` for each track (Algorithm 1); returns the rounds per track.
 
@@ -169,11 +172,16 @@ def chain_dialogue(
     dialogue's own answers are fed. ``use_cache=False`` re-runs the whole model for every round.
     ``reference_truth`` maps referred round numbers to ground-truth masks; teacher-forcing tracks need it.
     ``context`` is ``image`` already encoded (``encode_image``); the cached path then encodes nothing.
+    ``jcm_rounds`` (``all`` or ``referred``) defaults to the model's ``heads.jcm_rounds``.
     """
     tracks = list(dict.fromkeys(tracks))
     if not tracks:
         raise ValueError("chain_dialogue needs at least one track")
     results: dict[Track, list[RoundPrediction]] = {track: [] for track in tracks}
+    if (jcm_rounds or model.config.heads.jcm_rounds) == "referred":
+        judged = {round_.ref for round_ in dialogue.rounds if round_.ref is not None}
+    else:
+        judged = set(range(1, len(dialogue.rounds) + 1))
     with torch.no_grad():
         if not use_cache:
             root = _ReplaySession(model, image)
@@ -188,7 +196,7 @@ def chain_dialogue(
                 for sub in _split(group, round_.ref, results):
                     reference = _reference(sub.tracks[0], round_.ref, results, reference_truth)
                     _run_round(model, sub, number, round_.query, None if generate else round_.answer,
-                               round_.ref, reference, results)
+                               round_.ref, reference, results, number in judged)
                     next_groups.append(sub)
             groups = next_groups
     return results
@@ -232,17 +240,18 @@ def _run_round(
     ref: int | None,
     reference: np.ndarray | None,
     results: dict[Track, list[RoundPrediction]],
+    judged: bool,
 ) -> None:
-    """One round for one group: one session step (which decodes the raw feature), one JCM score, the
-    refined feature decoded once when a track needs it."""
+    """One round for one group: one session step (which decodes the raw feature), one JCM score when the
+    round is ``judged``, the refined feature decoded once when a track needs it."""
     result = group.session.step(query, answer, reference, ref is not None)
     feature = result.seg_feature
-    uses_jcm = any(track.beta is not None for track in group.tracks)
+    uses_jcm = judged and any(track.beta is not None for track in group.tracks)
     score = float(model.jcm.judge(feature).reshape(-1)[0]) if uses_jcm else None
     answer_text = _answer_text(model, result)
     decoded: dict[bool, np.ndarray] = {}
     for track in group.tracks:
-        refined = track.beta is not None and not score > track.beta
+        refined = uses_jcm and track.beta is not None and not score > track.beta
         if refined not in decoded:
             logits = group.session.decode(model.jcm.refine(feature)) if refined else result.mask_logits
             decoded[refined] = _mask_from_logits(logits)
@@ -252,7 +261,7 @@ def _run_round(
                 mask=decoded[refined],
                 answer=answer_text,
                 ref_round=ref,
-                jcm_score=score if track.beta is not None else None,
+                jcm_score=score if uses_jcm and track.beta is not None else None,
                 refined=refined,
                 seg_found=not result.seg_fed,
                 seg_feature=feature,

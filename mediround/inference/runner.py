@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import AfterValidator, Field
@@ -103,6 +103,7 @@ class InferenceConfig:
     teacher_forcing: Annotated[tuple[bool, ...], Field(min_length=1), AfterValidator(_distinct)] = (False,)
     generate: bool = False
     use_cache: bool = True
+    jcm_rounds: Literal["all", "referred"] | None = None
     resume: bool = False
     overwrite: bool = False
     overlays: bool = False
@@ -293,7 +294,7 @@ def predict_dialogue(
     truth = _reference_truth(dialogue, config.data, image.shape[:2]) if any(config.teacher_forcing) else None
     results = chain_dialogue(
         model, dialogue, image, config.tracks,
-        generate=config.generate, use_cache=config.use_cache, reference_truth=truth,
+        generate=config.generate, use_cache=config.use_cache, reference_truth=truth, jcm_rounds=config.jcm_rounds,
     )
     return results, image
 

@@ -113,6 +113,17 @@ def apply_trainability(model: MediRound) -> None:
                 param.requires_grad_(False)
 
 
+def keep_trainable_fp32(model: nn.Module) -> None:
+    """Cast the trainable parameters to fp32 in place (frozen weights keep ``config.precision``).
+
+    The optimizer then updates fp32 master weights with fp32 moments, so that the small late updates of
+    the decaying schedule are not rounded away in bf16; compute runs in bf16 under autocast.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
     """Parameter counts: total and trainable, and trainable per top-level part."""
     counts: dict[str, int] = {"total": 0, "trainable": 0}

@@ -115,7 +115,7 @@ class DialogueSession:
             ids = user.ids + answer_piece.ids
             hidden = self._feed(ids, user.kinds + answer_piece.kinds, None, crop_pixels, boxes)
             seg_at = len(user.ids) + answer_piece.ids.index(layout.seg_id)
-            feature = self.model.project(hidden[seg_at])
+            feature = self.model.project(hidden[seg_at + self.model.seg_state_offset])
             answer_ids = answer_piece.ids
             seg_fed = False
         else:
@@ -139,18 +139,22 @@ class DialogueSession:
             answer_ids.append(token)
             if token == layout.eos_id:
                 break
-            last_hidden = self._feed([token], [TEXT])[-1]
+            emitting, last_hidden = last_hidden, self._feed([token], [TEXT])[-1]
             if token == layout.seg_id:
-                feature = self.model.project(last_hidden)
+                feature = self._seg_feature(emitting, last_hidden)
         if answer_ids and answer_ids[-1] == layout.eos_id:
             answer_ids.pop()
         seg_fed = feature is None
         if seg_fed:
             answer_ids.append(layout.seg_id)
-            feature = self.model.project(self._feed([layout.seg_id], [TEXT])[-1])
+            feature = self._seg_feature(last_hidden, self._feed([layout.seg_id], [TEXT])[-1])
         answer_ids.append(layout.eos_id)
         self._feed([layout.eos_id], [TEXT])
         return feature, answer_ids, seg_fed
+
+    def _seg_feature(self, before: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """h_c projected: the state before [SEG] or the state of [SEG] (``heads.seg_state``)."""
+        return self.model.project(before if self.model.seg_state_offset else at)
 
     @torch.no_grad()
     def decode(self, features: torch.Tensor) -> torch.Tensor:

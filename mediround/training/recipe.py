@@ -199,9 +199,19 @@ class Recipe(RunRecipe):
         data["model"] = {"preset": data.pop("model_preset"), **data["model"]}
         return data
 
+    def resolved_mixed_precision(self, on_gpu: bool) -> str:
+        """``auto`` is bf16 on GPU; on CPU it is the model's precision (``no`` for fp32): the trainable
+        weights are fp32 masters, so a bf16 model computes under autocast."""
+        if self.train.mixed_precision == "auto" and not on_gpu:
+            return {"fp32": "no"}.get(self.model.precision, self.model.precision)
+        return super().resolved_mixed_precision(on_gpu)
+
     def own_problems(self) -> Iterator[Problem]:
         if self.validation.batch_size < 1:
             yield "validation.batch_size", f"must be at least 1, got {self.validation.batch_size}"
+        if self.model.precision != "fp32" and self.train.mixed_precision == "no":
+            yield "train.mixed_precision", (f"'no' cannot train a {self.model.precision} model: the trainable weights "
+                                            "stay fp32, so compute must autocast (use auto or bf16)")
 
 
 @typed_config

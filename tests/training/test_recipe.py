@@ -108,13 +108,6 @@ def test_a_child_that_got_fewer_processes_fails_loudly(write_recipe, monkeypatch
     assert "sees a world size of 1 but 2 process(es) were asked for" in result.output
 
 
-def test_deepspeed_is_refused_in_one_line(write_recipe):
-    zero2 = SHIPPED_RECIPES / "zero2.json"
-    result = CliRunner().invoke(cli, ["train", str(write_recipe()), "--gpus", "4", "--deepspeed", str(zero2)])
-    assert result.exit_code == 2
-    assert len(result.output.strip().splitlines()) == 1 and "--deepspeed: not supported" in result.output
-
-
 def test_recipes_command_lists_and_shows_the_shipped_recipes():
     listed = CliRunner().invoke(cli, ["recipes"])
     assert listed.exit_code == 0, listed.output
@@ -149,3 +142,23 @@ def test_train_without_recipe_stops_before_launch_naming_every_missing_file(tmp_
                  "data/mr-medseg/val.json", "docs/real-weights.md"):
         assert path in line
     assert not (tmp_path / "runs").exists()
+
+
+def test_deepspeed_without_the_package_says_how_to_install_it(write_recipe, monkeypatch):
+    zero2 = SHIPPED_RECIPES / "zero2.json"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    result = CliRunner().invoke(cli, ["train", str(write_recipe()), "--cpu", "--num-processes", "2",
+                                      "--deepspeed", str(zero2)])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and 'pip install -e ".[deepspeed]"' in result.output
+
+
+def test_without_a_terminal_each_logged_step_is_one_plain_line_and_the_sample_count_is_printed(write_recipe):
+    result = CliRunner().invoke(cli, ["train", str(write_recipe(log={"every": 2}))])
+    assert result.exit_code == 0, result.output
+    assert "3 steps x 2 = 6 sampled dialogues" in result.output
+    steps = [line for line in result.output.splitlines() if line.startswith("train step ")]
+    # Logged: step 1, every log.every (2), and the last step.
+    assert [line.split()[2] for line in steps] == ["1/3", "2/3", "3/3"]
+    assert all(" loss " in line and " lr " in line for line in steps)
