@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.table import Table
 
-from mediround.inference import DEFAULT_BETA
+from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
 from mediround.reports.scoring import EvalConfig
 from mediround_cli.common import console, err_console
 from mediround_cli.output import (
@@ -43,6 +43,8 @@ MODEL_OPTIONS = (
                  help="Run predicted and ground-truth references in one pass and report the per-round gap."),
     click.option("--generate", is_flag=True, help="Let the model write its answers (greedy)."),
     click.option("--no-cache", is_flag=True, help="Re-run the whole model per round (the authors' way)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+                 help="Dialogues that advance together, round by round, sharing each forward pass."),
     click.option("--gpus", type=click.IntRange(min=1), help="Shard dialogues over N GPUs."),
     click.option("--cpu", is_flag=True, help="Run on CPU (with --num-processes N for several processes)."),
     click.option("--num-processes", type=click.IntRange(min=1), help="Number of CPU processes with --cpu."),
@@ -101,6 +103,7 @@ class ModelOptions:
     compare_tf: bool = False
     generate: bool = False
     no_cache: bool = False
+    batch_size: int = DEFAULT_BATCH_SIZE
     gpus: int | None = None
     cpu: bool = False
     num_processes: int | None = None
@@ -123,7 +126,8 @@ class ModelOptions:
             "data": str(data), "model": str(model_path), "out": str(predictions_out),
             "betas": parse_betas(self.betas),
             "teacher_forcing": (False, True) if self.compare_tf else (self.teacher_forcing,),
-            "generate": self.generate, "use_cache": not self.no_cache, "resume": self.resume,
+            "generate": self.generate, "use_cache": not self.no_cache,
+            "batch_size": self.batch_size, "resume": self.resume,
             "root": None if root is None else str(root), "allow_outside_root": allow_outside_root,
             "device": device, "num_processes": processes, "allow_partial_load": self.allow_partial_load,
         }, "the command line")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mediround.default_model import default_checkpoint, default_model_notice
-from mediround.inference import DEFAULT_BETA
+from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
 from mediround_cli.common import console, err_console, handle_errors
 from mediround_cli.output import (
     inference_summary_table,
@@ -37,6 +37,8 @@ from mediround_cli.partial_load import allow_partial_load_option, print_load_rep
                    "feeding the dialogue's own answers.")
 @click.option("--no-cache", is_flag=True,
               help="Re-run the whole model (image encoders included) for every round, as the authors do.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+              help="Dialogues that advance together, round by round, sharing each forward pass.")
 @click.option("--overlays", is_flag=True, help="Write one PNG per dialogue under OUT/overlays/.")
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder that image and mask paths are relative to [default: the data file's folder].")
@@ -55,6 +57,7 @@ def infer(
     resume: bool,
     generate: bool,
     no_cache: bool,
+    batch_size: int,
     overlays: bool,
     root: Path | None,
     allow_outside_root: bool,
@@ -79,7 +82,7 @@ def infer(
     config = InferenceConfig.from_dict({
         "data": str(data), "model": str(model_path), "out": str(out),
         "betas": () if beta is None else (parse_beta(beta),), "generate": generate, "use_cache": not no_cache,
-        "resume": resume, "overlays": overlays, "root": None if root is None else str(root),
+        "batch_size": batch_size, "resume": resume, "overlays": overlays, "root": None if root is None else str(root),
         "allow_outside_root": allow_outside_root, "device": device, "num_processes": processes,
         "allow_partial_load": allow_partial_load,
     }, "the command line")
