@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from mediround.model.mediround import MediRound
 from mediround.model.processor import TEXT, Piece
 from mediround.model.references import Reference, reference_from_mask
+from mediround.model.segmenter import decode_masks_per_image, upsample_logits
 from mediround.model.session import GreedyAnswer, ImageContext, RoundResult, decode_features
 
 
@@ -170,17 +171,29 @@ class BatchSession:
                 last_hidden[index] = hidden[index, len(prepared.piece.ids) - 1]
         self._generate(dict(answers), last_hidden)
 
+        for index, answer in answers.items():
+            features[index] = answer.feature
+        mask_logits = self._decode([by_row[index].row.context for index in order], [features[index] for index in order])
         results: dict[int, RoundResult] = {}
-        for index in order:
+        for index, logits in zip(order, mask_logits):
             prepared = by_row[index]
             answer = answers.get(index)
-            feature = features[index] if answer is None else answer.feature
             answer_ids = prepared.answer_ids if answer is None else answer.answer_ids
             text = model.tokenizer.decode(answer_ids, skip_special_tokens=False)
-            results[index] = RoundResult(feature, prepared.row.decode(feature), text, answer_ids,
+            results[index] = RoundResult(features[index], logits, text, answer_ids,
                                          answer is not None and answer.seg_fed)
             prepared.row.rounds += 1
         return [results[self._index(prepared.row)] for prepared in rounds]
+
+    def _decode(self, contexts: list[ImageContext], features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each row's feature on its own image, SAM's mask decoder run once for all: (1, H, W) logits each."""
+        model = self.model
+        decoder_dtype = next(model.sam.mask_decoder.parameters()).dtype
+        low_res = decode_masks_per_image(model.sam, torch.cat([context.sam_embedding for context in contexts]),
+                                         torch.stack(features).to(decoder_dtype))
+        size = model.config.segmenter.image_size
+        return [upsample_logits(low_res[index : index + 1], size, context.resized_size, context.original_size)
+                for index, context in enumerate(contexts)]
 
     def _generate(self, answers: dict[int, GreedyAnswer], last_hidden: dict[int, torch.Tensor]) -> None:
         """Greedy decoding of every row in ``answers`` at once, one token per row and forward; rows without
