@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.table import Table
 
-from mediround.inference import DEFAULT_BETA
+from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
 from mediround.reports.scoring import EvalConfig
 from mediround_cli.common import console, err_console, exit_skipped
 from mediround_cli.output import (
@@ -45,6 +45,8 @@ MODEL_OPTIONS = (
     click.option("--generate", is_flag=True, help="Let the model write its answers (greedy)."),
     click.option("--no-cache", is_flag=True, help="Re-run the whole model per round (the authors' way)."),
     jcm_rounds_option,
+    click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+                 help="Dialogues that advance together, round by round, sharing each forward pass."),
     click.option("--gpus", type=click.IntRange(min=1), help="Shard dialogues over N GPUs."),
     click.option("--cpu", is_flag=True, help="Run on CPU (with --num-processes N for several processes)."),
     click.option("--num-processes", type=click.IntRange(min=1), help="Number of CPU processes with --cpu."),
@@ -101,6 +103,7 @@ class ModelOptions:
     generate: bool = False
     no_cache: bool = False
     jcm_rounds: str | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
     gpus: int | None = None
     cpu: bool = False
     num_processes: int | None = None
@@ -124,7 +127,7 @@ class ModelOptions:
             "betas": parse_betas(self.betas),
             "teacher_forcing": (False, True) if self.compare_tf else (self.teacher_forcing,),
             "generate": self.generate, "use_cache": not self.no_cache, "jcm_rounds": self.jcm_rounds,
-            "resume": self.resume, "overwrite": scoring.overwrite,
+            "batch_size": self.batch_size, "resume": self.resume, "overwrite": scoring.overwrite,
             "root": None if root is None else str(root), "allow_outside_root": allow_outside_root,
             "device": device, "num_processes": processes, "allow_partial_load": self.allow_partial_load,
         }, "the command line")

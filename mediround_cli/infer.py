@@ -9,7 +9,7 @@ import click
 
 from mediround.data.run_manifest import default_predictions_folder
 from mediround.default_model import default_checkpoint, default_model_notice
-from mediround.inference import DEFAULT_BETA
+from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
 from mediround_cli.common import console, err_console, exit_skipped, handle_errors
 from mediround_cli.output import (
     inference_summary_table,
@@ -47,6 +47,8 @@ Examples:
 @click.option("--no-cache", is_flag=True,
               help="Re-run the whole model (image encoders included) for every round, as the authors do.")
 @jcm_rounds_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+              help="Dialogues that advance together, round by round, sharing each forward pass.")
 @click.option("--overlays", is_flag=True, help="Write one PNG per dialogue under OUT/overlays/.")
 @click.option("--report", is_flag=True,
               help="Write OUT/report.html: the scores and each dialogue's rounds and overlay (as `demo` does).")
@@ -69,6 +71,7 @@ def infer(
     generate: bool,
     no_cache: bool,
     jcm_rounds: str | None,
+    batch_size: int,
     overlays: bool,
     report: bool,
     root: Path | None,
@@ -98,8 +101,8 @@ def infer(
     config = InferenceConfig.from_dict({
         "data": str(data), "model": str(model_path), "out": str(out),
         "betas": () if beta is None else (parse_beta(beta),), "generate": generate, "use_cache": not no_cache,
-        "jcm_rounds": jcm_rounds, "resume": resume, "overwrite": overwrite, "overlays": overlays or report,
-        "root": None if root is None else str(root),
+        "jcm_rounds": jcm_rounds, "batch_size": batch_size, "resume": resume, "overwrite": overwrite,
+        "overlays": overlays or report, "root": None if root is None else str(root),
         "allow_outside_root": allow_outside_root, "device": device, "num_processes": processes,
         "allow_partial_load": allow_partial_load,
     }, "the command line")

@@ -154,6 +154,72 @@ def _mask_from_logits(logits: torch.Tensor) -> np.ndarray:
     return (logits.detach().float().cpu().reshape(logits.shape[-2:]) > MASK_THRESHOLD).numpy()
 
 
+@dataclass
+class SessionStep:
+    """One session step a round needs: the arguments of ``session.step`` for one group of tracks."""
+
+    session: Any
+    query: str
+    answer: str | None
+    reference: np.ndarray | None
+    refers: bool
+
+
+class DialogueChain:
+    """Algorithm 1 over one dialogue as a state machine, so that a caller can run the session steps of a
+    round itself (one by one in ``chain_dialogue``, batched with other dialogues in
+    ``mediround.inference.batching``).
+
+    ``next_steps()`` splits the track groups for the next round and gives one ``SessionStep`` per group;
+    ``record(results)`` takes those steps' ``RoundResult``s in the same order and finishes the round (JCM
+    score, refined decodes). ``sessions`` is every session the chain holds; ``results`` the rounds so far.
+    """
+
+    def __init__(self, model: MediRound, dialogue: Dialogue, tracks: Sequence[Track], root: Any, *,
+                 generate: bool = False, reference_truth: Mapping[int, np.ndarray] | None = None,
+                 jcm_rounds: str | None = None):
+        tracks = list(dict.fromkeys(tracks))
+        if not tracks:
+            raise ValueError("chain_dialogue needs at least one track")
+        if (jcm_rounds or model.config.heads.jcm_rounds) == "referred":
+            self.judged = {round_.ref for round_ in dialogue.rounds if round_.ref is not None}
+        else:
+            self.judged = set(range(1, len(dialogue.rounds) + 1))
+        self.model = model
+        self.dialogue = dialogue
+        self.generate = generate
+        self.reference_truth = reference_truth
+        self.results: dict[Track, list[RoundPrediction]] = {track: [] for track in tracks}
+        self.groups = [_Group(root, tracks)]
+        self.rounds_done = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.rounds_done == len(self.dialogue.rounds)
+
+    @property
+    def sessions(self) -> list[Any]:
+        return [group.session for group in self.groups]
+
+    def next_steps(self) -> list[SessionStep]:
+        round_ = self.dialogue.rounds[self.rounds_done]
+        self.groups = [sub for group in self.groups for sub in _split(group, round_.ref, self.results)]
+        answer = None if self.generate else round_.answer
+        return [
+            SessionStep(group.session, round_.query, answer,
+                        _reference(group.tracks[0], round_.ref, self.results, self.reference_truth),
+                        round_.ref is not None)
+            for group in self.groups
+        ]
+
+    def record(self, results: Sequence[RoundResult]) -> None:
+        round_ = self.dialogue.rounds[self.rounds_done]
+        self.rounds_done += 1
+        for group, result in zip(self.groups, results, strict=True):
+            _record_round(self.model, group, self.rounds_done, round_.ref, result, self.results,
+                          self.rounds_done in self.judged)
+
+
 def chain_dialogue(
     model: MediRound,
     dialogue: Dialogue,
@@ -174,14 +240,6 @@ def chain_dialogue(
     ``context`` is ``image`` already encoded (``encode_image``); the cached path then encodes nothing.
     ``jcm_rounds`` (``all`` or ``referred``) defaults to the model's ``heads.jcm_rounds``.
     """
-    tracks = list(dict.fromkeys(tracks))
-    if not tracks:
-        raise ValueError("chain_dialogue needs at least one track")
-    results: dict[Track, list[RoundPrediction]] = {track: [] for track in tracks}
-    if (jcm_rounds or model.config.heads.jcm_rounds) == "referred":
-        judged = {round_.ref for round_ in dialogue.rounds if round_.ref is not None}
-    else:
-        judged = set(range(1, len(dialogue.rounds) + 1))
     with torch.no_grad():
         if not use_cache:
             root = _ReplaySession(model, image)
@@ -189,17 +247,12 @@ def chain_dialogue(
             root = DialogueSession.for_image(model, image)
         else:
             root = DialogueSession(model, context)
-        groups = [_Group(root, tracks)]
-        for number, round_ in enumerate(dialogue.rounds, start=1):
-            next_groups: list[_Group] = []
-            for group in groups:
-                for sub in _split(group, round_.ref, results):
-                    reference = _reference(sub.tracks[0], round_.ref, results, reference_truth)
-                    _run_round(model, sub, number, round_.query, None if generate else round_.answer,
-                               round_.ref, reference, results, number in judged)
-                    next_groups.append(sub)
-            groups = next_groups
-    return results
+        chain = DialogueChain(model, dialogue, tracks, root, generate=generate, reference_truth=reference_truth,
+                              jcm_rounds=jcm_rounds)
+        while not chain.finished:
+            chain.record([step.session.step(step.query, step.answer, step.reference, step.refers)
+                          for step in chain.next_steps()])
+    return chain.results
 
 
 def _split(group: _Group, ref: int | None, results: Mapping[Track, list[RoundPrediction]]) -> list[_Group]:
@@ -231,20 +284,17 @@ def _reference(
     return results[track][ref - 1].mask
 
 
-def _run_round(
+def _record_round(
     model: MediRound,
     group: _Group,
     number: int,
-    query: str,
-    answer: str | None,
     ref: int | None,
-    reference: np.ndarray | None,
+    result: RoundResult,
     results: dict[Track, list[RoundPrediction]],
     judged: bool,
 ) -> None:
-    """One round for one group: one session step (which decodes the raw feature), one JCM score when the
-    round is ``judged``, the refined feature decoded once when a track needs it."""
-    result = group.session.step(query, answer, reference, ref is not None)
+    """Finish one round for one group from its session step (which decoded the raw feature): one JCM
+    score when the round is ``judged``, the refined feature decoded once when a track needs it."""
     feature = result.seg_feature
     uses_jcm = judged and any(track.beta is not None for track in group.tracks)
     score = float(model.jcm.judge(feature).reshape(-1)[0]) if uses_jcm else None

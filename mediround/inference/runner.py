@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -47,7 +47,8 @@ from mediround.data.predictions import (
 from mediround.data.run_manifest import MANIFEST_FILE, data_sha256, model_manifest_sha256, utc_now
 from mediround.error_log import ERRORS_FILE, read_error_log, write_error_log
 from mediround.errors import CheckpointError, DataError, RecipeError
-from mediround.inference import DEFAULT_BETA
+from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
+from mediround.inference.batching import ChainOutcome, chain_batched
 from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_dialogue
 from mediround.inference.events import InferenceEvents
 from mediround.launch import check_world_size, expected_world_size, plan_launch, relaunch
@@ -89,7 +90,8 @@ Beta = Annotated[float, Field(ge=0.0, le=1.0)]
 class InferenceConfig:
     """Everything one ``mediround infer`` run needs; JSON round trip so re-launched workers read the same.
 
-    ``betas`` empty means the default: ``DEFAULT_BETA`` when the checkpoint has trained JCM weights, else
+    ``batch_size`` dialogues advance together round by round (``mediround.inference.batching``; the
+    ``use_cache=False`` path runs one at a time). ``betas`` empty means the default: ``DEFAULT_BETA`` when the checkpoint has trained JCM weights, else
     JCM off (``resolve_betas``). ``None`` in ``betas`` is a JCM-off track. ``allow_partial_load`` loads a
     checkpoint whose weight files miss or add keys (what was left random is in the summary's load reports).
     ``overwrite`` removes an earlier run's outputs from ``out`` first (``resume`` continues it instead).
@@ -112,6 +114,7 @@ class InferenceConfig:
     device: Annotated[str, AfterValidator(_device_name)] = "cpu"
     num_processes: Annotated[int, Field(ge=1)] = 1
     allow_partial_load: bool = False
+    batch_size: Annotated[int, Field(ge=1)] = DEFAULT_BATCH_SIZE
 
     @property
     def tracks(self) -> list[Track]:
@@ -282,21 +285,44 @@ def _item(dialogue: Dialogue) -> Any:
     return dialogue.item if dialogue.item is not None else dialogue.id
 
 
-def predict_dialogue(
-    model: Any, dialogue: Dialogue, config: InferenceConfig
-) -> tuple[dict[Track, list[RoundPrediction]], np.ndarray]:
-    """Decode the image, check the references and chain the rounds for every track of ``config``."""
+def prepare_dialogue(dialogue: Dialogue, config: InferenceConfig) -> tuple[np.ndarray, dict[int, np.ndarray] | None]:
+    """Check the references, decode the image and (for teacher forcing) read the referred rounds' masks."""
     check_dialogue(dialogue, config.data, generate=config.generate)
     try:
         image = load_image(dialogue.image_path)
     except DataError as error:
         raise DataError(config.data, _item(dialogue), "image", f"{error.file}: {error.reason}") from None
     truth = _reference_truth(dialogue, config.data, image.shape[:2]) if any(config.teacher_forcing) else None
+    return image, truth
+
+
+def predict_dialogue(
+    model: Any, dialogue: Dialogue, config: InferenceConfig
+) -> tuple[dict[Track, list[RoundPrediction]], np.ndarray]:
+    """Prepare ``dialogue`` and chain its rounds for every track of ``config``."""
+    image, truth = prepare_dialogue(dialogue, config)
     results = chain_dialogue(
         model, dialogue, image, config.tracks,
         generate=config.generate, use_cache=config.use_cache, reference_truth=truth, jcm_rounds=config.jcm_rounds,
     )
     return results, image
+
+
+def predict_dialogues(model: Any, dialogues: Sequence[Dialogue], config: InferenceConfig) -> Iterator[ChainOutcome]:
+    """Every dialogue's outcome: ``config.batch_size`` at a time in finishing order, or one by one in order
+    (batch size 1, or ``use_cache=False``). A dialogue that fails is an outcome with its ``DataError``."""
+    if config.batch_size > 1 and config.use_cache:
+        yield from chain_batched(model, dialogues, lambda dialogue: prepare_dialogue(dialogue, config), config.tracks,
+                                 batch_size=config.batch_size, generate=config.generate,
+                                 jcm_rounds=config.jcm_rounds, file=config.data)
+        return
+    for dialogue in dialogues:
+        try:
+            results, image = predict_dialogue(model, dialogue, config)
+        except DataError as error:
+            yield ChainOutcome(dialogue, None, None, error)
+        else:
+            yield ChainOutcome(dialogue, results, image)
 
 
 def _counter(on_progress: Callable[[int], None]) -> Callable[[], None]:
@@ -327,19 +353,18 @@ def run_shard(
     try:
         with open(part / ERRORS_FILE, "a", encoding="utf-8") as errors, \
                 open(part / PROGRESS_FILE, "a", encoding="utf-8") as progress:
-            for index in plan.todo[rank::world]:
-                dialogue = plan.dialogues[index]
-                try:
-                    results, image = predict_dialogue(model, dialogue, config)
-                except DataError as error:
+            dialogues = [plan.dialogues[index] for index in plan.todo[rank::world]]
+            for outcome in predict_dialogues(model, dialogues, config):
+                dialogue, error = outcome.dialogue, outcome.error
+                if error is not None:
                     append_jsonl_line(errors, error_record(error.file, error.item, dialogue.id, error.field, error.reason))
                 else:
-                    for track, rounds in results.items():
+                    for track, rounds in outcome.results.items():
                         for prediction in rounds:
                             writers[track].write(dialogue.id, prediction.round, prediction.mask,
                                                  **prediction.record_fields())
                     if config.overlays:
-                        _write_overlay(config, dialogue, image, results)
+                        _write_overlay(config, dialogue, outcome.image, outcome.results)
                 append_jsonl_line(progress, {"id": dialogue.id})
                 if on_done is not None:
                     on_done()

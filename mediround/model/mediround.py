@@ -133,10 +133,12 @@ class MediRound(nn.Module):
         return embeds
 
     def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                      cache: DynamicCache | None) -> torch.Tensor:
-        """The language model's last hidden states; with a ``cache``, the embeddings extend it."""
+                      cache: DynamicCache | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The language model's last hidden states; with a ``cache``, the embeddings extend it.
+        ``position_ids`` default to the cache length onwards (give them when rows hold padding)."""
         out = self.llava.model.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, use_cache=cache is not None
+            inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, use_cache=cache is not None,
+            position_ids=position_ids,
         )
         return out.last_hidden_state
 
