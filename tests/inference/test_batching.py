@@ -43,19 +43,20 @@ def _assert_same_predictions(expected, got):
                 assert abs(one.jcm_score - batched.jcm_score) < 1e-5
 
 
-@pytest.mark.parametrize("generate", [False, True])
-def test_batched_dialogues_equal_one_at_a_time(model, dialogues, generate):
+@pytest.mark.parametrize(("generate", "jcm_rounds"), [(False, "all"), (True, "all"), (False, "referred")])
+def test_batched_dialogues_equal_one_at_a_time(model, dialogues, generate, jcm_rounds):
     def prepare(dialogue):
         return load_image(dialogue.image_path), _truth(dialogue)
 
-    outcomes = list(chain_batched(model, dialogues, prepare, TRACKS, batch_size=2, generate=generate))
+    outcomes = list(chain_batched(model, dialogues, prepare, TRACKS, batch_size=2, generate=generate,
+                                  jcm_rounds=jcm_rounds))
     assert sorted(o.dialogue.id for o in outcomes) == sorted(d.id for d in dialogues)
     # dlg-1 (one round) leaves after the first step and dlg-2 takes its place while dlg-0 goes on.
     assert [o.dialogue.id for o in outcomes] == ["dlg-1", "dlg-0", "dlg-2", "dlg-3", "dlg-4"]
     for outcome in outcomes:
         assert outcome.error is None
         expected = chain_dialogue(model, outcome.dialogue, outcome.image, TRACKS, generate=generate,
-                                  reference_truth=_truth(outcome.dialogue))
+                                  reference_truth=_truth(outcome.dialogue), jcm_rounds=jcm_rounds)
         _assert_same_predictions(expected, outcome.results)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from model_fixtures import perturb_lora, sample, tiny_model
 
@@ -33,9 +34,11 @@ def _assert_same(lone, batched):
         assert torch.equal(expected.mask_logits > MASK_THRESHOLD, got.mask_logits > MASK_THRESHOLD)
 
 
-def test_rows_joining_forking_and_leaving_match_lone_sessions():
+@pytest.mark.parametrize("seg_state", ["at_seg", "before_seg"])
+def test_rows_joining_forking_and_leaving_match_lone_sessions(seg_state):
     torch.set_num_threads(1)
     model = tiny_model(seed=3)
+    model.config.heads.seg_state = seg_state  # h_c read at [SEG] (tiny preset) or before it (the authors')
     perturb_lora(model)
     model.eval()
     items = [sample(4, seed=21), sample(2, seed=22), sample(3, seed=23)]
