@@ -1,4 +1,5 @@
-"""Multi-process launch: ``train``, ``train-jcm`` and ``infer`` re-launch themselves through Accelerate's launcher.
+"""Multi-process launch: ``train``, ``train-jcm``, ``infer`` and ``eval --model`` re-launch themselves through
+Accelerate's launcher, on one machine or several (``--num-machines``, one launching command per machine).
 
 The user never writes ``accelerate launch``. The parent process validates the recipe, then starts
 ``python -m accelerate.commands.launch ... -m mediround_cli.main <same arguments>`` with two environment
@@ -6,6 +7,9 @@ variables: ``MEDIROUND_LAUNCHED`` (so the children run the loop instead of launc
 ``MEDIROUND_EXPECTED_PROCESSES``. Every child compares the world size it really got with that number
 and raises ``LaunchError`` when they differ: Accelerate's ``--cpu --num_processes 2`` silently runs one
 process, so CPU runs use ``--multi_gpu`` with ``ACCELERATE_USE_CPU=1`` (gloo) instead.
+
+Across machines, Accelerate's static rendezvous gives global ranks machine by machine: the processes of
+machine rank m are ranks ``m * processes_per_machine ...`` (``machine_of_rank``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from mediround.errors import LaunchError
@@ -49,6 +54,10 @@ class LaunchPlan:
     @property
     def needs_launcher(self) -> bool:
         return self.world_size > 1 or self.deepspeed_config is not None
+
+    def machine_of_rank(self, rank: int) -> int:
+        """The machine rank of the process of global rank ``rank``."""
+        return rank // self.processes_per_machine
 
 
 def plan_launch(
@@ -200,8 +209,8 @@ def relaunch(plan: LaunchPlan, module_args: Sequence[str], stop_file: str | os.P
             Path(stop_file).unlink(missing_ok=True)
     if code != 0:
         raise LaunchError(
-            f"training processes exited with code {code} ({plan.world_size} process(es) via accelerate launch); "
-            "see their messages above"
+            f"launched processes exited with code {code} ({plan.processes_per_machine} process(es) of "
+            f"{plan.world_size} on machine rank {plan.machine_rank} via accelerate launch); see their messages above"
         )
 
 
@@ -216,5 +225,20 @@ def check_world_size(actual: int, expected: int, rank: int) -> None:
     if actual != expected:
         raise LaunchError(
             f"process rank {rank} sees a world size of {actual} but {expected} process(es) were asked for; "
-            "refusing to train (for CPU use --cpu --num-processes N, which launches gloo DDP)"
+            "refusing to run (for CPU use --cpu --num-processes N, which launches gloo DDP)"
         )
+
+
+def join_process_group() -> tuple[int, int]:
+    """Join the launched processes' group over gloo and check its world size; returns (rank, world size).
+
+    For processes that only exchange small control messages (inference workers: the plan, the final
+    barrier), so gloo serves on GPU machines too.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    check_world_size(world, expected_world_size(), rank)
+    return rank, world

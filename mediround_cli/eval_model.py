@@ -18,13 +18,16 @@ from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
 from mediround.reports.scoring import EvalConfig
 from mediround_cli.common import console, err_console, exit_skipped
 from mediround_cli.output import (
+    MACHINE_OPTIONS,
     inference_summary_table,
     jcm_rounds_option,
     launch_settings,
     parse_betas,
+    predict_this_machines_shards,
     prediction_progress,
     print_gate,
     print_report,
+    shard_timeout_option,
 )
 from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
@@ -47,9 +50,8 @@ MODEL_OPTIONS = (
     jcm_rounds_option,
     click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
                  help="Dialogues that advance together, round by round, sharing each forward pass."),
-    click.option("--gpus", type=click.IntRange(min=1), help="Shard dialogues over N GPUs."),
-    click.option("--cpu", is_flag=True, help="Run on CPU (with --num-processes N for several processes)."),
-    click.option("--num-processes", type=click.IntRange(min=1), help="Number of CPU processes with --cpu."),
+    *MACHINE_OPTIONS,
+    shard_timeout_option,
     click.option("--resume", is_flag=True, help="Keep predictions already complete in --predictions-out."),
     click.option("--predictions-out", type=click.Path(file_okay=False, path_type=Path),
                  help="Where --model writes its predictions (one folder per beta/reference track when several) "
@@ -107,6 +109,11 @@ class ModelOptions:
     gpus: int | None = None
     cpu: bool = False
     num_processes: int | None = None
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+    shard_timeout: float = 1800.0
     resume: bool = False
     predictions_out: Path | None = None
     beta_plot: Path | None = None
@@ -120,7 +127,8 @@ class ModelOptions:
 
         if self.teacher_forcing and self.compare_tf:
             raise click.UsageError("--teacher-forcing and --compare-tf exclude each other (--compare-tf runs both)")
-        device, processes = launch_settings(self.gpus, self.cpu, self.num_processes)
+        launch = launch_settings(self.gpus, self.cpu, self.num_processes, self.num_machines, self.machine_rank,
+                                 self.main_process_ip, self.main_process_port)
         predictions_out = self.predictions_out or Path("mediround-eval")
         inference = InferenceConfig.from_dict({
             "data": str(data), "model": str(model_path), "out": str(predictions_out),
@@ -129,14 +137,19 @@ class ModelOptions:
             "generate": self.generate, "use_cache": not self.no_cache, "jcm_rounds": self.jcm_rounds,
             "batch_size": self.batch_size, "resume": self.resume, "overwrite": scoring.overwrite,
             "root": None if root is None else str(root), "allow_outside_root": allow_outside_root,
-            "device": device, "num_processes": processes, "allow_partial_load": self.allow_partial_load,
+            "allow_partial_load": self.allow_partial_load, "shard_timeout": self.shard_timeout, **launch,
         }, "the command line")
         return ModelEvalConfig(inference, scoring, self.beta_plot or predictions_out / "beta_curve.png")
 
 
 def evaluate_with_model(config: ModelEvalConfig, per_round: bool) -> None:
-    """Run the checkpoint, score every track, print the tables and apply the gate (exit 1)."""
+    """Run the checkpoint, score every track, print the tables and apply the gate (exit 1); on a machine of
+    rank > 0, only predict its shards (machine rank 0 scores)."""
     from mediround.inference.model_eval import evaluate_model
+
+    if config.inference.machine_rank > 0:
+        predict_this_machines_shards(config.inference, "eval")
+        return
 
     with prediction_progress("eval") as events:
         evaluation = evaluate_model(config, events=events)

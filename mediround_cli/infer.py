@@ -15,9 +15,12 @@ from mediround_cli.output import (
     inference_summary_table,
     jcm_rounds_option,
     launch_settings,
+    machine_options,
     parse_beta,
+    predict_this_machines_shards,
     prediction_progress,
     print_report,
+    shard_timeout_option,
     write_folder_report,
 )
 from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
@@ -27,7 +30,9 @@ from mediround_cli.partial_load import allow_partial_load_option, print_load_rep
 Examples:
   mediround infer dialogues.jsonl --beta 0.6            # writes ./dialogues-predictions/
   mediround infer dialogues.jsonl --model runs/x/model --gpus 4 --out preds --report
-  mediround infer dialogues.jsonl --resume              # continue a killed run""")
+  mediround infer dialogues.jsonl --resume              # continue a killed run
+  mediround infer dialogues.jsonl --gpus 8 --num-machines 2 --machine-rank $SLURM_NODEID \\
+      --main-process-ip node01 --out /shared/preds      # one such line per machine""")
 @click.argument("data", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Checkpoint folder (from `mediround train` / `train-jcm`) [default: the shipped tiny model].")
@@ -36,9 +41,8 @@ Examples:
 @click.option("--beta", default=None, metavar="BETA|off",
               help="JCM threshold: q > BETA decodes the raw [SEG], otherwise the refined one; 'off' disables "
                    f"JCM. [default: {DEFAULT_BETA:g} when the checkpoint has trained JCM weights, else off]")
-@click.option("--gpus", type=click.IntRange(min=1), help="Shard dialogues over N GPUs (one process each).")
-@click.option("--cpu", is_flag=True, help="Run on CPU (with --num-processes N for several processes).")
-@click.option("--num-processes", type=click.IntRange(min=1), help="Number of CPU processes with --cpu.")
+@machine_options
+@shard_timeout_option
 @click.option("--resume", is_flag=True, help="Keep the dialogues already complete in --out and predict the rest.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run's predictions in --out.")
 @click.option("--generate", is_flag=True,
@@ -56,7 +60,8 @@ Examples:
               help="Folder that image and mask paths are relative to [default: the data file's folder].")
 @click.option("--allow-outside-root", is_flag=True, help="Accept image/mask paths that leave the root.")
 @allow_partial_load_option
-@click.option("--worker-plan", type=click.Path(exists=True, dir_okay=False), hidden=True)
+# Read by global rank 0 only (the other machines get the plan from it): not checked here.
+@click.option("--worker-plan", type=click.Path(dir_okay=False), hidden=True)
 @handle_errors
 def infer(
     data: Path | None,
@@ -66,6 +71,11 @@ def infer(
     gpus: int | None,
     cpu: bool,
     num_processes: int | None,
+    num_machines: int,
+    machine_rank: int,
+    main_process_ip: str | None,
+    main_process_port: int | None,
+    shard_timeout: float,
     resume: bool,
     overwrite: bool,
     generate: bool,
@@ -97,15 +107,18 @@ def infer(
     if model_path is None:
         model_path = default_checkpoint()
         err_console.print(default_model_notice(model_path), soft_wrap=True)
-    device, processes = launch_settings(gpus, cpu, num_processes)
+    launch = launch_settings(gpus, cpu, num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
     config = InferenceConfig.from_dict({
         "data": str(data), "model": str(model_path), "out": str(out),
         "betas": () if beta is None else (parse_beta(beta),), "generate": generate, "use_cache": not no_cache,
         "jcm_rounds": jcm_rounds, "batch_size": batch_size, "resume": resume, "overwrite": overwrite,
         "overlays": overlays or report, "root": None if root is None else str(root),
-        "allow_outside_root": allow_outside_root, "device": device, "num_processes": processes,
-        "allow_partial_load": allow_partial_load,
+        "allow_outside_root": allow_outside_root, "allow_partial_load": allow_partial_load,
+        "shard_timeout": shard_timeout, **launch,
     }, "the command line")
+    if config.machine_rank > 0:
+        predict_this_machines_shards(config, "infer")
+        return
     with prediction_progress("infer") as events:
         summary = run_inference(config, events=events)
     config = summary.config

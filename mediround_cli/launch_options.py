@@ -45,6 +45,7 @@ from mediround.training.events import (
 )
 from mediround.training.recipe import RunRecipe, resolve_recipe
 from mediround_cli.common import console, debug_enabled
+from mediround_cli.output import MACHINE_OPTIONS
 from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 # Created in the output folder by the launching process's first Ctrl-C; the workers stop at the next step.
@@ -74,13 +75,7 @@ class LaunchOptions:
 
 
 _MACHINE_OPTIONS = (
-    click.option("--gpus", type=int, default=None, help="Train on N GPUs of this machine (N processes)."),
-    click.option("--cpu", is_flag=True, help="Train on CPU (gloo DDP when --num-processes > 1)."),
-    click.option("--num-processes", type=int, default=None, help="Processes per machine (with --cpu, or = --gpus)."),
-    click.option("--num-machines", type=int, default=1, show_default=True, help="Machines taking part."),
-    click.option("--machine-rank", type=int, default=0, show_default=True, help="This machine's rank."),
-    click.option("--main-process-ip", default=None, help="Address of machine rank 0 (multi-node)."),
-    click.option("--main-process-port", type=int, default=None, help="Port of machine rank 0 (multi-node)."),
+    *MACHINE_OPTIONS,
     click.option("--deepspeed", "deepspeed_config", default=None, metavar="JSON",
                  help="Run under DeepSpeed with this config (recipes/zero2.json: ZeRO-2); its batch, accumulation, "
                       "clipping and bf16 settings are taken from the recipe. Needs pip install -e \".[deepspeed]\"."),
@@ -161,7 +156,7 @@ def run_or_relaunch(
     run: Callable[[bool, int], None],
 ) -> None:
     """Run ``run(cpu, processes)`` in this process when it is a launched child or one process is enough;
-    otherwise check the output folder (``check_output(recipe, resume=, overwrite=)``) and re-launch
+    otherwise check the output folder on machine rank 0 (``check_output(recipe, resume=, overwrite=)``) and re-launch
     ``mediround COMMAND RECIPE COMMAND_ARGS...`` over the planned processes through Accelerate, with the
     output folder's stop file for the first Ctrl-C."""
     if is_launched_child():
@@ -174,7 +169,10 @@ def run_or_relaunch(
     plan = plan_launch(launch.gpus, launch.cpu, launch.num_processes, launch.num_machines, launch.machine_rank,
                        launch.main_process_ip, launch.main_process_port, deepspeed_config)
     plan = dataclasses.replace(plan, mixed_precision=recipe.resolved_mixed_precision(on_gpu=not plan.cpu))
-    check_output(recipe, resume=launch.resume, overwrite=launch.overwrite)
+    if plan.machine_rank == 0:
+        # Machine rank 0 alone owns the shared output folder: another machine's --overwrite would empty it
+        # under a running rank 0, and its check would race with the files rank 0 has started writing.
+        check_output(recipe, resume=launch.resume, overwrite=launch.overwrite)
     if not plan.needs_launcher:
         run(launched_on_cpu(plan), expected_world_size(plan))
         return

@@ -1,5 +1,6 @@
 """What several commands print or parse alike: report tables, the gate verdict, progress bars, the JCM
-threshold and launch options. Commands import from here, never from one another.
+threshold and the launch flags (``MACHINE_OPTIONS``: train, train-jcm, infer and eval take the same ones).
+Commands import from here, never from one another.
 
 Light on purpose: ``mediround eval --predictions`` imports this module and must not load torch.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from mediround.reports.tables import (
 from mediround_cli.common import GATE_FAILED_EXIT_CODE, console, err_console
 
 if TYPE_CHECKING:
-    from mediround.inference.runner import InferenceSummary, Plan
+    from mediround.inference.runner import InferenceConfig, InferenceSummary, Plan
 
 
 jcm_rounds_option = click.option(
@@ -66,10 +67,46 @@ def parse_betas(text: str | None) -> tuple[float | None, ...]:
     return values
 
 
-def launch_settings(gpus: int | None, cpu: bool, num_processes: int | None) -> tuple[str, int]:
-    """(device, processes) from the launch flags, with the training launcher's rules for contradictions."""
-    plan = plan_launch(gpus=gpus, cpu=cpu, num_processes=num_processes)
-    return ("cpu" if plan.cpu else "cuda"), plan.world_size
+MACHINE_OPTIONS = (
+    click.option("--gpus", type=click.IntRange(min=1), default=None,
+                 help="Use N GPUs of this machine (one process each)."),
+    click.option("--cpu", is_flag=True, help="Run on CPU (gloo when there are several processes)."),
+    click.option("--num-processes", type=click.IntRange(min=1), default=None,
+                 help="Processes per machine (with --cpu, or = --gpus)."),
+    click.option("--num-machines", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Machines taking part (one command per machine, the same flags but --machine-rank)."),
+    click.option("--machine-rank", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="This machine's rank (0: the machine at --main-process-ip)."),
+    click.option("--main-process-ip", default=None, help="Address of machine rank 0 (multi-node)."),
+    click.option("--main-process-port", type=click.IntRange(1, 65535), default=None,
+                 help="Port of machine rank 0 (multi-node) [default: 29500]."),
+)
+"""The launch flags of every command that runs the model (``machine_options``; train adds --deepspeed)."""
+
+shard_timeout_option = click.option(
+    "--shard-timeout", type=click.FloatRange(min=1), default=1800, show_default=True, metavar="SECONDS",
+    help="With several processes: how long a finished process waits for the others' shards; machine rank 0 "
+         "then merges, or names the shards that did not complete and exits non-zero.")
+
+
+def machine_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``MACHINE_OPTIONS`` to a click command."""
+    for option in reversed(MACHINE_OPTIONS):
+        command = option(command)
+    return command
+
+
+def launch_settings(gpus: int | None, cpu: bool, num_processes: int | None, num_machines: int = 1,
+                    machine_rank: int = 0, main_process_ip: str | None = None,
+                    main_process_port: int | None = None) -> dict[str, Any]:
+    """The launch fields of an ``InferenceConfig`` from the launch flags (``MACHINE_FLAGS``), with the
+    training launcher's rules for contradictions."""
+    plan = plan_launch(gpus=gpus, cpu=cpu, num_processes=num_processes, num_machines=num_machines,
+                       machine_rank=machine_rank, main_process_ip=main_process_ip,
+                       main_process_port=main_process_port)
+    return {"device": "cpu" if plan.cpu else "cuda", "num_processes": plan.processes_per_machine,
+            "num_machines": plan.num_machines, "machine_rank": plan.machine_rank,
+            "main_process_ip": plan.main_process_ip, "main_process_port": plan.main_process_port}
 
 
 def progress_bar(label: str) -> Progress:
@@ -97,6 +134,18 @@ def prediction_progress(name: str, label: str = "predicting") -> Iterator[Infere
     """A transient ``label`` bar on stderr; yields the events object that ``run_inference`` takes."""
     with progress_bar(label) as progress:
         yield _BarEvents(progress, name)
+
+
+def predict_this_machines_shards(config: InferenceConfig, name: str) -> None:
+    """The whole run of a machine of rank > 0: its workers predict their shards of machine rank 0's plan;
+    machine rank 0 merges and scores."""
+    from mediround.inference.runner import join_inference
+
+    console.print(f"machine rank {config.machine_rank} of {config.num_machines}: predicting this machine's "
+                  f"shards; machine rank 0 merges them into {config.out}", soft_wrap=True)
+    with prediction_progress(name) as events:
+        join_inference(config, events)
+    console.print(f"machine rank {config.machine_rank}: its shards are complete", soft_wrap=True)
 
 
 def inference_summary_table(summary: InferenceSummary) -> Table:

@@ -8,7 +8,9 @@ which data it was scored on.
 Fields: ``data`` (absolute path), ``data_sha256``, ``model`` (absolute checkpoint folder),
 ``model_manifest_sha256`` (SHA-256 of the checkpoint's ``manifest.json``, which hashes every weight file),
 ``betas``, ``teacher_forcing``, ``generate``, ``mediround_version``, ``started``, ``finished`` (UTC, ISO 8601;
-``finished`` is null while the run is going or after a kill).
+``finished`` is null while the run is going or after a kill), ``shards`` (written with ``finished``: the
+completion mark of each process of the run's last attempt: ``rank``, ``world_size`` as torch.distributed
+saw it, ``machine_rank``, ``dialogues`` predicted).
 """
 
 from __future__ import annotations

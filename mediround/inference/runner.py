@@ -8,9 +8,18 @@ exactly what a 1-process run writes:
 2. ``run_shard``: worker ``rank`` of ``world`` predicts dialogues ``rank, rank + world, ...`` of that list
    into its own part folder ``DIR/.parts/rank-<k>/`` (a predictions folder per track, plus
    ``errors.jsonl`` and ``progress.jsonl``); lines are appended and fsynced, masks written atomically.
-   Several processes are re-launched workers (``run_worker``) reading the plan the parent wrote.
+   A shard ends with its completion mark ``done.json``. Several processes are re-launched workers
+   (``run_worker``): global rank 0 reads the plan its parent wrote and broadcasts it over gloo, so every
+   worker, on every machine, predicts from the same plan; then they wait for each other (a barrier).
 3. ``finalize``: the parts are merged into ``DIR`` in input order (``predictions.jsonl`` rewritten
    atomically, masks moved), ``errors.jsonl`` rewritten, parts removed.
+
+Across machines (``num_machines`` > 1, one ``mediround infer`` per machine) only machine rank 0 plans and
+merges; the others only launch their workers (``join_inference``). ``DIR`` must be one folder shared by
+every machine (a network file system), and the data and model must be at the same paths everywhere:
+workers of other machines refuse data or a model whose SHA-256 differs from machine rank 0's. Machine rank
+0 merges only once every shard's completion mark is there; otherwise it names the shards that did not
+complete and merges nothing, and ``--resume`` (on every machine) keeps their finished dialogues.
 
 A run killed at any moment leaves complete files only; the next ``--resume`` merges what finished and
 predicts the rest. A dialogue that is only partly written counts as not done and is predicted again.
@@ -23,12 +32,15 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import torch.distributed as dist
 from pydantic import AfterValidator, Field
 
 from mediround import __version__
@@ -46,12 +58,12 @@ from mediround.data.predictions import (
 )
 from mediround.data.run_manifest import MANIFEST_FILE, data_sha256, model_manifest_sha256, utc_now
 from mediround.error_log import ERRORS_FILE, read_error_log, write_error_log
-from mediround.errors import CheckpointError, DataError, RecipeError
+from mediround.errors import CheckpointError, DataError, LaunchError, RecipeError
 from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
 from mediround.inference.batching import ChainOutcome, chain_batched
 from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_dialogue
 from mediround.inference.events import InferenceEvents
-from mediround.launch import check_world_size, expected_world_size, plan_launch, relaunch
+from mediround.launch import LaunchPlan, join_process_group, plan_launch, relaunch
 from mediround.model.checkpoint import load_checkpoint
 from mediround.model.config import MediRoundConfig
 from mediround.model.load_report import LoadReport
@@ -63,6 +75,10 @@ from mediround.typed import load_typed, typed_config
 PARTS_FOLDER = ".parts"
 PROGRESS_FILE = "progress.jsonl"
 WORKER_PLAN_FILE = "plan.json"
+SHARD_DONE_FILE = "done.json"
+# A network file system may show another machine's new file only after its attribute cache expires
+# (NFS: acdirmax, 60 s by default), so rank 0 looks that long for marks that its barrier says exist.
+SHARED_FOLDER_LAG_S = 60.0
 METRICS_FILE = "metrics.parquet"
 # What a run writes into a predictions folder (and into each track folder): what --overwrite removes.
 RUN_OUTPUTS = (PREDICTIONS_FILE, MASKS_FOLDER, OVERLAYS_FOLDER, METRICS_FILE, REPORT_FILE, ERRORS_FILE,
@@ -95,6 +111,9 @@ class InferenceConfig:
     JCM off (``resolve_betas``). ``None`` in ``betas`` is a JCM-off track. ``allow_partial_load`` loads a
     checkpoint whose weight files miss or add keys (what was left random is in the summary's load reports).
     ``overwrite`` removes an earlier run's outputs from ``out`` first (``resume`` continues it instead).
+    ``num_processes`` runs per machine, on ``num_machines`` machines (``machine_rank`` is this one; the
+    others reach machine rank 0 at ``main_process_ip:main_process_port``); ``shard_timeout`` (seconds) is
+    how long a process that finished its shard waits for the others.
     Build it from outside input with ``from_dict``, which checks every value.
     """
 
@@ -113,6 +132,11 @@ class InferenceConfig:
     allow_outside_root: bool = False
     device: Annotated[str, AfterValidator(_device_name)] = "cpu"
     num_processes: Annotated[int, Field(ge=1)] = 1
+    num_machines: Annotated[int, Field(ge=1)] = 1
+    machine_rank: Annotated[int, Field(ge=0)] = 0
+    main_process_ip: str | None = None
+    main_process_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    shard_timeout: Annotated[float, Field(gt=0)] = 1800.0
     allow_partial_load: bool = False
     batch_size: Annotated[int, Field(ge=1)] = DEFAULT_BATCH_SIZE
 
@@ -124,6 +148,10 @@ class InferenceConfig:
         """``DIR`` itself for a single-track run, else ``DIR/<track label>``."""
         out = Path(self.out)
         return out if len(self.tracks) == 1 else out / track.label
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_machines
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,6 +202,10 @@ def _problem_record(problem: DataError) -> dict:
 
 def _parts_root(config: InferenceConfig) -> Path:
     return Path(config.out) / PARTS_FOLDER
+
+
+def _part_root(config: InferenceConfig, rank: int) -> Path:
+    return _parts_root(config) / f"rank-{rank}"
 
 
 def _part_folder(config: InferenceConfig, part: Path, track: Track) -> Path:
@@ -231,6 +263,15 @@ def _run_settings(config: InferenceConfig) -> dict:
     }
 
 
+def _check_settings(settings: dict, earlier: dict, source: str, what: str) -> None:
+    """Raise ``DataError`` naming every one of ``settings`` (``_run_settings``) that differs from ``earlier``
+    (a manifest)."""
+    changed = sorted(key for key in settings if earlier.get(key) != settings[key])
+    if changed:
+        raise DataError(source, None, changed[0], f"{what} "
+                        f"({', '.join(f'{k}: {earlier.get(k)!r} -> {settings[k]!r}' for k in changed)})")
+
+
 def _check_same_run(config: InferenceConfig) -> None:
     """Refuse to resume a folder written with other settings or data; write this run's manifest
     (``mediround.data.run_manifest``), its end time still unknown."""
@@ -239,18 +280,15 @@ def _check_same_run(config: InferenceConfig) -> None:
     started = utc_now()
     if config.resume and path.exists():
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(key for key in settings if earlier.get(key) != settings[key])
-        if changed:
-            raise DataError(str(path), None, changed[0], f"--resume with other settings than the run being "
-                            f"resumed ({', '.join(f'{k}: {earlier.get(k)!r} -> {settings[k]!r}' for k in changed)})")
+        _check_settings(settings, earlier, str(path), "--resume with other settings than the run being resumed")
         started = earlier.get("started", started)
     write_json(path, {**settings, "mediround_version": __version__, "started": started, "finished": None})
 
 
-def _record_finish(config: InferenceConfig) -> dict:
-    """Stamp the end time into the run manifest; returns the manifest."""
+def _record_finish(config: InferenceConfig, shards: list[dict]) -> dict:
+    """Stamp the end time and the completion marks of this run's shards into the run manifest; returns it."""
     path = Path(config.out) / MANIFEST_FILE
-    manifest = {**json.loads(path.read_text(encoding="utf-8")), "finished": utc_now()}
+    manifest = {**json.loads(path.read_text(encoding="utf-8")), "finished": utc_now(), "shards": shards}
     write_json(path, manifest)
     return manifest
 
@@ -343,17 +381,19 @@ def run_shard(
     rank: int = 0,
     world: int = 1,
     on_done: Callable[[], None] | None = None,
+    machine_rank: int = 0,
 ) -> None:
     """Predict this worker's share of ``plan.todo`` (every ``world``-th from ``rank``) into its part folder.
 
-    Each finished dialogue (predicted or skipped) adds one line to the part's progress file.
+    Each finished dialogue (predicted or skipped) adds one line to the part's progress file; the shard
+    ends with its completion mark (rank, world size, machine rank, dialogues).
     """
-    part = _parts_root(config) / f"rank-{rank}"
+    part = _part_root(config, rank)
+    dialogues = [plan.dialogues[index] for index in plan.todo[rank::world]]
     writers = {track: PredictionWriter(_part_folder(config, part, track)) for track in config.tracks}
     try:
         with open(part / ERRORS_FILE, "a", encoding="utf-8") as errors, \
                 open(part / PROGRESS_FILE, "a", encoding="utf-8") as progress:
-            dialogues = [plan.dialogues[index] for index in plan.todo[rank::world]]
             for outcome in predict_dialogues(model, dialogues, config):
                 dialogue, error = outcome.dialogue, outcome.error
                 if error is not None:
@@ -371,6 +411,8 @@ def run_shard(
     finally:
         for writer in writers.values():
             writer.close()
+    write_json(part / SHARD_DONE_FILE, {"rank": rank, "world_size": world, "machine_rank": machine_rank,
+                                        "dialogues": len(dialogues)})
 
 
 def _write_overlay(
@@ -540,17 +582,22 @@ def run_inference(
     _parts_root(config).mkdir(parents=True, exist_ok=True)
     load_reports: list[LoadReport] = []
     try:
-        if plan.todo and config.num_processes > 1:
+        # The workers of other machines wait for this machine's in the rendezvous: launch them even with
+        # nothing to predict, or those machines would wait until the rendezvous times out.
+        if config.world_size > 1 and (plan.todo or config.num_machines > 1):
             _launch_workers(config, plan, events)
         elif plan.todo:
             model = model if model is not None else load_model(config)
             load_reports = list(getattr(model, "load_reports", []))
             run_shard(config, plan, model, on_done=_counter(events.progressed))
     except KeyboardInterrupt:
-        finalize(config, plan.dialogues, plan.problems)
+        if config.num_machines == 1:
+            # Other machines may still be writing their parts: then --resume merges, not this.
+            finalize(config, plan.dialogues, plan.problems)
         raise
+    shards = _shard_marks(config)
     skipped = finalize(config, plan.dialogues, plan.problems)
-    manifest = _record_finish(config)
+    manifest = _record_finish(config, shards)
     seg_missing = 0
     folders = {}
     for track in config.tracks:
@@ -578,19 +625,27 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
-def _launch_workers(config: InferenceConfig, plan: Plan, events: InferenceEvents) -> None:
-    """Re-launch ``mediround infer --worker-plan`` as ``config.num_processes`` Accelerate processes and wait.
+def _shard_marks(config: InferenceConfig) -> list[dict]:
+    """The completion marks of the shards in the part folders, by rank."""
+    marks = [json.loads(path.read_text(encoding="utf-8")) for path in _parts_root(config).glob(f"rank-*/{SHARD_DONE_FILE}")]
+    return sorted(marks, key=lambda mark: mark["rank"])
 
-    The workers read the plan written here (config and the indices to predict), so they never re-plan or
-    merge; this process merges after they exit. ``events`` hears the number of finished dialogues.
-    """
-    launch = plan_launch(
+
+def _launch_plan(config: InferenceConfig) -> LaunchPlan:
+    return plan_launch(
         gpus=None if config.device == "cpu" else config.num_processes,
         cpu=config.device == "cpu",
         num_processes=config.num_processes,
+        num_machines=config.num_machines,
+        machine_rank=config.machine_rank,
+        main_process_ip=config.main_process_ip,
+        main_process_port=config.main_process_port,
     )
-    plan_file = _parts_root(config) / WORKER_PLAN_FILE
-    write_json(plan_file, {"config": config.to_dict(), "todo": plan.todo})
+
+
+def _relaunch_workers(config: InferenceConfig, launch: LaunchPlan, events: InferenceEvents) -> None:
+    """Re-launch ``mediround infer --worker-plan`` as this machine's processes of ``launch`` and wait;
+    ``events`` hears the number of dialogues finished in every part folder."""
     stop = threading.Event()
 
     def poll() -> None:
@@ -600,26 +655,103 @@ def _launch_workers(config: InferenceConfig, plan: Plan, events: InferenceEvents
     watcher = threading.Thread(target=poll, daemon=True)
     watcher.start()
     try:
-        relaunch(launch, ["infer", "--worker-plan", str(plan_file)]
+        relaunch(launch, ["infer", "--worker-plan", str(_parts_root(config) / WORKER_PLAN_FILE)]
                  + (["--allow-partial-load"] if config.allow_partial_load else []))
     finally:
         stop.set()
         watcher.join()
 
 
+def _launch_workers(config: InferenceConfig, plan: Plan, events: InferenceEvents) -> None:
+    """Write the plan (config, the indices to predict, the run manifest), re-launch this machine's workers
+    and wait until every shard, on every machine, has its completion mark.
+
+    The workers never re-plan or merge; this process merges after they exit. A shard without its mark
+    (its process failed, its machine stopped, or its machine writes into another folder) is named in a
+    ``LaunchError`` and nothing is merged.
+    """
+    launch = _launch_plan(config)
+    manifest = json.loads((Path(config.out) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    write_json(_parts_root(config) / WORKER_PLAN_FILE, {"config": config.to_dict(), "todo": plan.todo,
+                                                        "manifest": manifest})
+    try:
+        _relaunch_workers(config, launch, events)
+    except LaunchError as error:
+        # A process may fail after its shard is complete (e.g. it gave up waiting for a slower machine):
+        # with every mark there, the predictions are whole and are merged.
+        if _missing_shards(config, launch.world_size):
+            raise LaunchError(_incomplete_message(config, plan, launch, "did not complete: its process failed "
+                                                  "or its machine stopped (see that machine's messages)")) from error
+        return
+    # The barrier passed, so every worker finished its shard: a missing mark was written where this machine
+    # cannot see it (yet).
+    deadline = time.monotonic() + min(SHARED_FOLDER_LAG_S, config.shard_timeout)
+    while _missing_shards(config, launch.world_size) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if _missing_shards(config, launch.world_size):
+        raise LaunchError(_incomplete_message(
+            config, plan, launch, f"finished, but its files are not in {_parts_root(config)} as this machine sees "
+            "it: the output folder must be one folder shared by every machine (a network file system), at the "
+            "same path"))
+
+
+def _missing_shards(config: InferenceConfig, world: int) -> list[int]:
+    return [rank for rank in range(world) if not (_part_root(config, rank) / SHARD_DONE_FILE).exists()]
+
+
+def _incomplete_message(config: InferenceConfig, plan: Plan, launch: LaunchPlan, reason: str) -> str:
+    """One line per shard without its completion mark, then what was kept and how to go on."""
+    world = launch.world_size
+    lines = []
+    for rank in _missing_shards(config, world):
+        part = _part_root(config, rank)
+        lines.append(f"shard rank-{rank} of {world} (machine rank {launch.machine_of_rank(rank)}) {reason}; "
+                     f"{_count_lines(part / PROGRESS_FILE)} of its {len(plan.todo[rank::world])} dialogue(s) "
+                     f"done in {part}")
+    return "\n".join(lines) + ("\nnothing was merged into the predictions folder: run the same command with "
+                               "--resume (on every machine) to keep the finished dialogues and predict the rest")
+
+
+def join_inference(config: InferenceConfig, events: InferenceEvents | None = None) -> None:
+    """Machine rank > 0 of a multi-machine run: launch this machine's workers, which predict their shards
+    of the plan that machine rank 0 makes (and broadcasts), and wait. Machine rank 0 merges."""
+    _relaunch_workers(config, _launch_plan(config), events or InferenceEvents())
+
+
+def _read_worker_plan(plan_file: str | os.PathLike) -> dict:
+    try:
+        with open(plan_file, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(str(plan_file), None, None, f"unreadable worker plan: {error}") from None
+
+
 def run_worker(plan_file: str | os.PathLike) -> list[LoadReport]:
-    """The body of one re-launched worker: predict its shard of the plan written by ``_launch_workers``;
-    returns the load reports of its model."""
-    with open(plan_file, encoding="utf-8") as handle:
-        saved = json.load(handle)
+    """The body of one re-launched worker: predict its shard of the plan and wait for the other shards;
+    returns the load reports of its model.
+
+    Global rank 0 reads ``plan_file`` (written by ``_launch_workers`` on its machine) and broadcasts it,
+    so the other machines need neither the file nor a plan of their own. Their workers check that their
+    data and model are those machine rank 0 planned with.
+    """
+    rank, world = join_process_group()
+    shared = [_read_worker_plan(plan_file) if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    saved = shared[0]
     config = InferenceConfig.from_dict(saved["config"], str(plan_file))
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    check_world_size(world, expected_world_size(), rank)
+    # Set by torchrun (Accelerate's launcher) in every worker: the rank of this worker's machine.
+    machine_rank = int(os.environ.get("GROUP_RANK", "0"))
+    if machine_rank > 0:
+        _check_settings(_run_settings(config), saved["manifest"], config.data,
+                        f"machine rank {machine_rank} sees other data or another model than machine rank 0")
     if config.device != "cpu":
         config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
     plan = Plan(loaded.dialogues, loaded.problems, saved["todo"], 0, loaded.format)
     model = load_model(config)
-    run_shard(config, plan, model, rank=rank, world=world)
+    run_shard(config, plan, model, rank=rank, world=world, machine_rank=machine_rank)
+    # Every worker waits for every other: a process that failed or whose machine stopped makes this raise
+    # (at once when its connection closes, else after shard_timeout), so machine rank 0 never merges early.
+    dist.monitored_barrier(timeout=timedelta(seconds=config.shard_timeout), wait_all_ranks=True)
+    dist.destroy_process_group()
     return list(model.load_reports)
