@@ -18,13 +18,12 @@ def synth_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def write_recipe(tmp_path, synth_data):
-    """``write_recipe(name, **sections)``: a tiny-preset recipe YAML on the synthetic data, one thread."""
+def recipe_writer(folder: Path, synth_data: Path):
+    """``write(name, **sections)``: a tiny-preset recipe YAML in ``folder`` on the synthetic data, one thread."""
 
     def write(name: str = "recipe", **sections) -> Path:
         recipe = {
-            "output": str(tmp_path / f"out-{name}"),
+            "output": str(folder / f"out-{name}"),
             "model": {"preset": "tiny"},
             "data": {"train": str(synth_data / "train.jsonl"), "val": None},
             "train": {"batch_size": 2, "max_steps": 3, "threads": 1, "mixed_precision": "no", "lr": 1.0e-3,
@@ -38,8 +37,20 @@ def write_recipe(tmp_path, synth_data):
                 recipe[section] = {**recipe.get(section, {}), **values}
             else:
                 recipe[section] = values
-        path = tmp_path / f"{name}.yaml"
+        path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
         return path
 
     return write
+
+
+@pytest.fixture
+def write_recipe(tmp_path, synth_data):
+    """``write_recipe(name, **sections)``: a recipe file in the test's own folder (``recipe_writer``)."""
+    return recipe_writer(tmp_path, synth_data)
+
+
+@pytest.fixture(scope="module")
+def write_module_recipe(tmp_path_factory, synth_data):
+    """Like ``write_recipe``, for module fixtures: one folder per test module."""
+    return recipe_writer(tmp_path_factory.mktemp("recipes"), synth_data)

@@ -1,5 +1,5 @@
 """Two gloo DDP processes on CPU train like one process with the same global batch (and like one process
-with gradient accumulation)."""
+with gradient accumulation); two simulated machines with one process each train like those two processes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
+from two_machines import machines
 
 from mediround.model import build_model
 from mediround.training.logging import read_events
@@ -16,35 +18,49 @@ from mediround.training.recipe import load_recipe
 from mediround.training.stage1 import run_training
 
 STEPS = 3
+COMMON = {"train": {"max_steps": STEPS, "batch_size": 2}, "model": {"preset": "tiny", "lora": {"dropout": 0.0}}}
+
+pytestmark = pytest.mark.slow
 
 
 def final_weights(output: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output / "checkpoints" / f"step-{STEPS:08d}" / "trainable.safetensors"))
 
 
-def test_two_processes_and_accumulation_match_one_process_with_the_same_global_batch(write_recipe):
-    common = {"train": {"max_steps": STEPS, "batch_size": 2}, "model": {"preset": "tiny", "lora": {"dropout": 0.0}}}
-    two = write_recipe("two", **common)
+def check_two_processes(output: Path) -> None:
+    """The run saw a world size of 2 (every process checks it against torch.distributed before training)
+    and each of ranks 0 and 1 wrote its own RNG state into the checkpoint."""
+    start = next(e for e in read_events(output / "train_log.jsonl") if e["event"] == "start")
+    assert (start["world_size"], start["global_batch"]) == (2, 4)
+    final = output / "checkpoints" / f"step-{STEPS:08d}"
+    assert sorted(p.name for p in final.glob("rng-rank*.safetensors")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(write_module_recipe) -> Path:
+    """The output folder of a 1-machine 2-process run."""
+    two = write_module_recipe("two", **COMMON)
     completed = subprocess.run(
         [sys.executable, "-m", "mediround_cli.main", "train", str(two), "--cpu", "--num-processes", "2"],
         check=False, capture_output=True, text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    two_output = Path(load_recipe(two).output)
-    start = next(e for e in read_events(two_output / "train_log.jsonl") if e["event"] == "start")
-    assert start["world_size"] == 2
-    assert start["global_batch"] == 4
+    return Path(load_recipe(two).output)
 
-    one = load_recipe(write_recipe("one", **common), ["train.batch_size=4"])
+
+def test_two_processes_and_accumulation_match_one_process_with_the_same_global_batch(write_recipe, two_processes):
+    check_two_processes(two_processes)
+
+    one = load_recipe(write_recipe("one", **COMMON), ["train.batch_size=4"])
     result = run_training(one, cpu=True, expected_processes=1)
     assert result.world_size == 1 and result.step == STEPS
 
-    accumulated = load_recipe(write_recipe("accumulated", **common), ["train.grad_accum=2"])
+    accumulated = load_recipe(write_recipe("accumulated", **COMMON), ["train.grad_accum=2"])
     assert run_training(accumulated, cpu=True, expected_processes=1).step == STEPS
     for name, weight in final_weights(Path(accumulated.output)).items():
         torch.testing.assert_close(weight, final_weights(Path(one.output))[name], rtol=1e-5, atol=1e-5, msg=name)
 
-    two_weights, one_weights = final_weights(two_output), final_weights(Path(one.output))
+    two_weights, one_weights = final_weights(two_processes), final_weights(Path(one.output))
     assert two_weights.keys() == one_weights.keys()
     for name, weight in one_weights.items():
         # atol covers key biases: their true gradient is 0, and Adam turns float noise into tiny steps.
@@ -59,7 +75,25 @@ def test_two_processes_and_accumulation_match_one_process_with_the_same_global_b
 
     losses = {
         name: [e["loss"] for e in read_events(output / "train_log.jsonl") if e["event"] == "step"]
-        for name, output in (("two", two_output), ("one", Path(one.output)))
+        for name, output in (("two", two_processes), ("one", Path(one.output)))
     }
     assert len(losses["one"]) == STEPS
     torch.testing.assert_close(torch.tensor(losses["two"]), torch.tensor(losses["one"]), rtol=1e-5, atol=0.0)
+
+
+def test_two_machines_train_like_two_processes_on_one(write_recipe, two_processes, tmp_path):
+    recipe = write_recipe("machines", **COMMON)
+    with machines(["train", str(recipe)], tmp_path) as (first, second):
+        code, log = first.finish()
+        assert code == 0, log[-3000:]
+        code, log = second.finish()
+        assert code == 0, log[-3000:]
+    output = Path(load_recipe(recipe).output)
+    check_two_processes(output)
+    machines_weights, two_weights = final_weights(output), final_weights(two_processes)
+    assert machines_weights.keys() == two_weights.keys()
+    for name, weight in two_weights.items():
+        torch.testing.assert_close(machines_weights[name], weight, rtol=1e-5, atol=1e-5, msg=name)
+    machines_vector = torch.cat([machines_weights[name].flatten() for name in two_weights])
+    two_vector = torch.cat([weight.flatten() for weight in two_weights.values()])
+    assert (machines_vector - two_vector).norm() / two_vector.norm() < 1e-5
