@@ -70,6 +70,16 @@ class Machine:
         return code, self.log.read_text()
 
 
+def finish_all(started: Sequence[Machine]) -> list[str]:
+    """Wait for every machine, which must exit 0; returns their outputs."""
+    logs = []
+    for machine in started:
+        code, log = machine.finish()
+        assert code == 0, f"machine rank {machine.rank} exited with {code}:\n{log[-3000:]}"
+        logs.append(log)
+    return logs
+
+
 @contextmanager
 def machines(command: Sequence[str], logs: Path) -> Iterator[list[Machine]]:
     """Start ``mediround COMMAND...`` on two simulated machines (``--cpu --num-processes 1 --num-machines 2``);

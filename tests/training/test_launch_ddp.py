@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from two_machines import machines
+from two_machines import finish_all, machines
 
 from mediround.model import build_model
 from mediround.training.logging import read_events
@@ -34,6 +34,19 @@ def check_two_processes(output: Path) -> None:
     assert (start["world_size"], start["global_batch"]) == (2, 4)
     final = output / "checkpoints" / f"step-{STEPS:08d}"
     assert sorted(p.name for p in final.glob("rng-rank*.safetensors")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor],
+                        expected: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every tensor and the whole flattened weights agree within 1e-5 relative; returns both vectors."""
+    assert actual.keys() == expected.keys()
+    for name, weight in expected.items():
+        # atol covers key biases: their true gradient is 0, and Adam turns float noise into tiny steps.
+        torch.testing.assert_close(actual[name], weight, rtol=1e-5, atol=1e-5, msg=name)
+    actual_vector = torch.cat([actual[name].flatten() for name in expected])
+    expected_vector = torch.cat([weight.flatten() for weight in expected.values()])
+    assert (actual_vector - expected_vector).norm() / expected_vector.norm() < 1e-5
+    return actual_vector, expected_vector
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +73,8 @@ def test_two_processes_and_accumulation_match_one_process_with_the_same_global_b
     for name, weight in final_weights(Path(accumulated.output)).items():
         torch.testing.assert_close(weight, final_weights(Path(one.output))[name], rtol=1e-5, atol=1e-5, msg=name)
 
-    two_weights, one_weights = final_weights(two_processes), final_weights(Path(one.output))
-    assert two_weights.keys() == one_weights.keys()
-    for name, weight in one_weights.items():
-        # atol covers key biases: their true gradient is 0, and Adam turns float noise into tiny steps.
-        torch.testing.assert_close(two_weights[name], weight, rtol=1e-5, atol=1e-5, msg=name)
-    two_vector = torch.cat([two_weights[name].flatten() for name in one_weights])
-    one_vector = torch.cat([weight.flatten() for weight in one_weights.values()])
-    assert (two_vector - one_vector).norm() / one_vector.norm() < 1e-5
+    one_weights = final_weights(Path(one.output))
+    two_vector, one_vector = assert_same_weights(final_weights(two_processes), one_weights)
     model = build_model(one.model)
     initial = dict(model.named_parameters())
     initial_vector = torch.cat([initial[name].detach().flatten() for name in one_weights])
@@ -83,17 +90,8 @@ def test_two_processes_and_accumulation_match_one_process_with_the_same_global_b
 
 def test_two_machines_train_like_two_processes_on_one(write_recipe, two_processes, tmp_path):
     recipe = write_recipe("machines", **COMMON)
-    with machines(["train", str(recipe)], tmp_path) as (first, second):
-        code, log = first.finish()
-        assert code == 0, log[-3000:]
-        code, log = second.finish()
-        assert code == 0, log[-3000:]
+    with machines(["train", str(recipe)], tmp_path) as started:
+        finish_all(started)
     output = Path(load_recipe(recipe).output)
     check_two_processes(output)
-    machines_weights, two_weights = final_weights(output), final_weights(two_processes)
-    assert machines_weights.keys() == two_weights.keys()
-    for name, weight in two_weights.items():
-        torch.testing.assert_close(machines_weights[name], weight, rtol=1e-5, atol=1e-5, msg=name)
-    machines_vector = torch.cat([machines_weights[name].flatten() for name in two_weights])
-    two_vector = torch.cat([weight.flatten() for weight in two_weights.values()])
-    assert (machines_vector - two_vector).norm() / two_vector.norm() < 1e-5
+    assert_same_weights(final_weights(output), final_weights(two_processes))
