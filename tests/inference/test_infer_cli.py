@@ -94,6 +94,9 @@ def test_untrained_jcm_means_off_by_default_and_refuses_a_threshold(checkpoints,
     [
         (("--beta", "1.5"), "outside [0, 1]"),
         (("--gpus", "1", "--cpu"), "--gpus and --cpu exclude each other"),
+        (("--cpu", "--num-machines", "2"), "--num-machines > 1 needs --main-process-ip"),
+        (("--cpu", "--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "127.0.0.1"),
+         "--machine-rank 2 must be in [0, --num-machines 2)"),
     ],
 )
 def test_bad_options_give_one_line_errors(checkpoints, tmp_path, args, message):
