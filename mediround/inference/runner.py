@@ -155,6 +155,11 @@ def error_record(file: str, item: Any, dialogue_id: str | None, field_name: str 
     return {"file": file, "item": item, "id": dialogue_id, "field": field_name, "reason": reason}
 
 
+def _dialogues_with_problems(problems: Sequence[DataError]) -> int:
+    """How many dialogues the load problems skipped: one dialogue may have several problems."""
+    return len({(problem.file, problem.item) for problem in problems})
+
+
 def _problem_record(problem: DataError) -> dict:
     return error_record(problem.file, problem.item, None, problem.field, problem.reason)
 
@@ -340,7 +345,7 @@ def finalize(config: InferenceConfig, dialogues: Sequence[Dialogue], problems: S
     failed = [runtime[d.id] for d in dialogues if d.id in runtime and d.id not in (complete_everywhere or set())]
     write_error_log(Path(config.out) / ERRORS_FILE, [_problem_record(p) for p in problems] + failed)
     shutil.rmtree(_parts_root(config), ignore_errors=True)
-    return len(problems) + len(failed)
+    return _dialogues_with_problems(problems) + len(failed)
 
 
 def _merge_track(
@@ -475,6 +480,7 @@ def run_inference(
         finalize(config, plan.dialogues, plan.problems)
         raise
     skipped = finalize(config, plan.dialogues, plan.problems)
+    skipped_at_load = _dialogues_with_problems(plan.problems)
     seg_missing = 0
     folders = {}
     for track in config.tracks:
@@ -482,8 +488,8 @@ def run_inference(
         folders[track.label] = str(folder)
         seg_missing += sum(1 for r in read_predictions(folder).values() if r.get("seg_found") is False)
     return InferenceSummary(
-        total=len(plan.dialogues) + len(plan.problems),
-        predicted=len(plan.todo) - (skipped - len(plan.problems)),
+        total=len(plan.dialogues) + skipped_at_load,
+        predicted=len(plan.todo) - (skipped - skipped_at_load),
         resumed=plan.already_done,
         skipped=skipped,
         seg_missing=seg_missing,
