@@ -439,14 +439,20 @@ def resolve_betas(config: InferenceConfig, model_config: Any | None = None) -> I
             model_config = MediRoundConfig.from_json(path)
         except RecipeError as error:
             raise CheckpointError(f"{path}: {error}") from None
+    return replace(config, betas=checked_betas(config.betas, model_config, config.model))
+
+
+def checked_betas(betas: tuple[float | None, ...], model_config: Any, model: str) -> tuple[float | None, ...]:
+    """``betas``, or the default when empty (``DEFAULT_BETA`` with trained JCM weights, else off);
+    ``CheckpointError`` for a numeric threshold on the checkpoint ``model`` whose JCM is untrained."""
     trained = checkpoint_has_trained_jcm(model_config)
-    if not config.betas:
-        return replace(config, betas=(DEFAULT_BETA,) if trained else (None,))
-    numeric = [b for b in config.betas if b is not None]
+    if not betas:
+        return (DEFAULT_BETA,) if trained else (None,)
+    numeric = [b for b in betas if b is not None]
     if numeric and not trained:
-        raise CheckpointError(f"{config.model}: the checkpoint has no trained JCM weights (run `mediround "
+        raise CheckpointError(f"{model}: the checkpoint has no trained JCM weights (run `mediround "
                               f"train-jcm`), so --beta {numeric[0]:g} would use random MLPs; use --beta off")
-    return config
+    return betas
 
 
 def load_model(config: InferenceConfig) -> Any:
