@@ -1,6 +1,7 @@
 """KV-cached inference vs ``--no-cache``, round-8 vs round-2 cost, and 1- vs 2-process throughput.
 
-Run: ``python benchmarks/infer_cache.py [--dialogues 4] [--repeats 2] [--threads 1] [--throughput-dialogues 8]``.
+Run: ``python benchmarks/infer_cache.py [--dialogues 4] [--repeats 2] [--threads 1] [--throughput-dialogues 8]
+[--batch-sizes 1,4,16,64] [--sweep-dialogues 64] [--sweep-only]``.
 Everything uses 8-round dialogues of the synthetic benchmark and a random tiny model (speed does not
 depend on training). Printed, measured side by side in one run:
 
@@ -9,7 +10,12 @@ depend on training). Printed, measured side by side in one run:
   their ratio;
 - the cost of round 8 over round 2 in the cached path (``step`` + ``decode`` of that round);
 - dialogues/s of ``mediround infer --cpu`` with 1 and 2 processes, end to end (process start, model
-  load, prediction, merge) on the same data.
+  load, prediction, merge) on the same data;
+- the batch-size sweep (``--batch-sizes 1,4,16,64`` over ``--sweep-dialogues`` dialogues, images decoded
+  beforehand): dialogues/s of one dialogue at a time (``chain_dialogue``) and of ``chain_batched`` at each
+  batch size, the speed-up over one at a time, and the median seconds of one batched round step (every
+  dialogue in the batch advances one round) per round index. All dialogues have 8 rounds, so a batch
+  joins and leaves together and step k of a batch is round k of each of its dialogues.
 
 The machine has 2 shared cores: the load average is printed before and after; compare ratios only.
 """
@@ -30,8 +36,10 @@ import torch
 from mediround.data.formats import load_dialogues, write_jsonl
 from mediround.data.images import load_image
 from mediround.data.synth import generate
+from mediround.inference.batching import chain_batched
 from mediround.inference.chain import Track, chain_dialogue
 from mediround.model import DialogueSession, build_model, preset
+from mediround.model.batch_session import BatchSession
 from mediround.model.checkpoint import save_checkpoint
 
 ROUNDS = 8
@@ -69,6 +77,41 @@ def timed_rounds(model, dialogue, image) -> dict[int, float]:
     return costs
 
 
+def batched_sweep(model, dialogues, images, batch_sizes: list[int]) -> None:
+    """Dialogues/s one at a time and batched at each size, and the batched step cost per round index."""
+    start = time.perf_counter()
+    for dialogue, image in zip(dialogues, images):
+        chain_dialogue(model, dialogue, image, [Track(None)])
+    one_at_a_time = len(dialogues) / (time.perf_counter() - start)
+    print(f"batch sweep over {len(dialogues)} dialogues of {ROUNDS} rounds; one at a time (chain_dialogue): "
+          f"{one_at_a_time:.2f} dialogues/s")
+    by_id = {dialogue.id: image for dialogue, image in zip(dialogues, images)}
+    step = BatchSession.step
+    for batch_size in batch_sizes:
+        step_costs: dict[int, list[float]] = {n: [] for n in range(1, ROUNDS + 1)}
+
+        def timed_step(batch, rounds, _costs=step_costs):
+            began = time.perf_counter()
+            results = step(batch, rounds)
+            _costs[rounds[0].row.rounds].append(time.perf_counter() - began)
+            return results
+
+        BatchSession.step = timed_step
+        try:
+            start = time.perf_counter()
+            for _ in chain_batched(model, dialogues, lambda d: (by_id[d.id], None), [Track(None)],
+                                   batch_size=batch_size):
+                pass
+            rate = len(dialogues) / (time.perf_counter() - start)
+        finally:
+            BatchSession.step = step
+        medians = [statistics.median(step_costs[n]) * 1000 for n in range(1, ROUNDS + 1)]
+        print(f"batch {batch_size:>3}: {rate:6.2f} dialogues/s ({rate / one_at_a_time:.2f}x one at a time); "
+              f"step ms per round index: " + " ".join(f"{ms:.0f}" for ms in medians)
+              + f"; per dialogue-round {statistics.median(medians) / batch_size:.1f} ms; "
+              f"round 8 / round 2 {medians[7] / medians[1]:.2f}x")
+
+
 def run_cli(data: Path, checkpoint: Path, out: Path, processes: int) -> float:
     command = [sys.executable, "-m", "mediround_cli.main", "infer", str(data), "--model", str(checkpoint),
                "--out", str(out), "--cpu", "--num-processes", str(processes), "--beta", "off"]
@@ -85,14 +128,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     parser.add_argument("--throughput-dialogues", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes to sweep")
+    parser.add_argument("--sweep-dialogues", type=int, default=64)
+    parser.add_argument("--sweep-only", action="store_true", help="only the batch-size sweep")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()[0]:.2f}; torch threads {args.threads}")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        dialogues = eight_round_dialogues(folder, max(args.dialogues, args.throughput_dialogues), args.seed)
+        dialogues = eight_round_dialogues(
+            folder, max(args.dialogues, args.throughput_dialogues, args.sweep_dialogues), args.seed
+        )
         model = build_model(preset("tiny")).eval()
+        sweep = dialogues[: args.sweep_dialogues]
+        batched_sweep(model, sweep, [load_image(d.image_path) for d in sweep],
+                      [int(size) for size in args.batch_sizes.split(",")])
+        if args.sweep_only:
+            print(f"load average after: {os.getloadavg()[0]:.2f}")
+            return
         cached, uncached, round_costs = [], [], {n: [] for n in range(1, ROUNDS + 1)}
         for _ in range(args.repeats):
             for dialogue in dialogues[: args.dialogues]:

@@ -54,10 +54,11 @@ from mediround.metrics import aggregate, counts
 from mediround.model import MASK_THRESHOLD, load_sample
 from mediround.model.checkpoint import load_checkpoint
 from mediround.model.mllm import clip_normalise
+from mediround.training.recipe import SHIPPED_RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "default-tiny.yaml"
-JCM_RECIPE = REPO / "recipes" / "default-tiny-jcm.yaml"
+RECIPE = SHIPPED_RECIPES / "default-tiny.yaml"
+JCM_RECIPE = SHIPPED_RECIPES / "default-tiny-jcm.yaml"
 SETTINGS = ("mediround", "history-blind", "paper-losses")
 SPLITS = {"all": None, "named": True, "ref-only": False}
 

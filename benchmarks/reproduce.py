@@ -59,6 +59,7 @@ from mediround.inference.model_eval import ModelEvalConfig, ModelEvaluation, eva
 from mediround.inference.runner import InferenceConfig
 from mediround.metrics import Scores, aggregate, pair_counts, spearman
 from mediround.reports.scoring import EvalConfig
+from mediround.training.recipe import SHIPPED_RECIPES, resolve_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1_RUN, BLIND_RUN, JCM_RUN = "runs/mediround-s0", "runs/history-blind-s0", "runs/jcm-s0"
@@ -107,7 +108,7 @@ def prepare_data(work: Path, eval_dialogues: int) -> tuple[Path, Path]:
 
 def train(work: Path) -> None:
     """Stage 1 of MediRound and of the blind baseline, then JCM, with the committed recipes."""
-    recipe, jcm_recipe = str(REPO / "recipes" / "default-tiny.yaml"), str(REPO / "recipes" / "default-tiny-jcm.yaml")
+    recipe, jcm_recipe = str(SHIPPED_RECIPES / "default-tiny.yaml"), str(SHIPPED_RECIPES / "default-tiny-jcm.yaml")
     mediround(["train", recipe, "--cpu", f"output={STAGE1_RUN}"], work)
     mediround(["train", recipe, "--cpu", *BLIND_OVERRIDES], work)
     mediround(["train-jcm", jcm_recipe, "--cpu", "--model", f"{STAGE1_RUN}/model", f"output={JCM_RUN}"], work)
@@ -141,7 +142,7 @@ def pack(work: Path, target: Path) -> Path:
         "software": {name: importlib.metadata.version(name) for name in ("mediround", "torch", "transformers", "peft")},
     }
     for stage, run in (("stage1", stage1), ("jcm", jcm)):
-        record[stage] = {"recipe": recipes[stage], "settings": yaml.safe_load((REPO / recipes[stage]).read_text()),
+        record[stage] = {"recipe": recipes[stage], "settings": yaml.safe_load(resolve_recipe(recipes[stage]).read_text()),
                          **run_facts(run)}
     record["summary"] = (
         f"Tiny preset trained from scratch on CPU: stage 1 {record['stage1']['steps']} steps of "
@@ -555,7 +556,7 @@ about real images. Its scores are in `docs/results.md`.
 
 {summary}
 
-Retrain it (from any empty folder; the recipes are in the repository's `recipes/`):
+Retrain it (from any empty folder; the recipes ship with the package: `mediround recipes`):
 
 ```
 {data}

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from mediround.atomic import write_json
 from mediround.data.formats import load_dialogues
-from mediround.data.predictions import read_predictions, safe_name
 from mediround.data.synth import generate
 from mediround.default_model import default_checkpoint
 from mediround.errors import DataError
@@ -28,7 +27,7 @@ from mediround.inference import DEFAULT_BETA
 from mediround.inference.events import InferenceEvents
 from mediround.inference.model_eval import ModelEvalConfig, ModelEvaluation, evaluate_model
 from mediround.inference.runner import InferenceConfig, model_folder
-from mediround.reports.html import render_report, write_report
+from mediround.reports.html import write_predictions_report
 from mediround.reports.scoring import EvalConfig
 
 MARKER_FILE = "demo.json"
@@ -94,17 +93,14 @@ def run_demo(config: DemoConfig, events: InferenceEvents | None = None) -> DemoR
     evaluation = evaluate_model(ModelEvalConfig(inference, EvalConfig(out=rounds, plot=round_plot)),
                                 events=events)
     dialogues = load_dialogues(data).dialogues
-    overlays = {d.id: f"predictions/overlays/{safe_name(d.id)}.png" for d in dialogues
-                if (predictions / "overlays" / f"{safe_name(d.id)}.png").is_file()}
     jcm = "JCM off" if config.beta is None else f"JCM at beta {config.beta:g}"
     notes = [
         (f"Model: {model}. {len(dialogues)} synthetic test dialogues (seed {config.seed}), {jcm}, each round's "
          "reference mask taken from the model's own earlier prediction (Algorithm 1)."),
         "Overlays: predicted mask orange, ground truth green. Scores x100.",
     ]
-    page = render_report("MediRound demo", dialogues, evaluation.rows, read_predictions(predictions), overlays,
-                         notes, figures=[("Dice and cIoU per round", round_plot.name)])
-    index = write_report(out / "index.html", page)
+    index = write_predictions_report(out / "index.html", predictions, dialogues, evaluation.rows, "MediRound demo",
+                                     notes, figures=[("Dice and cIoU per round", round_plot.name)])
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(config).items()}
     write_json(out / MARKER_FILE, {"settings": settings, "model": str(model), "data": str(data),
                                    "predictions": str(predictions), "rounds": str(rounds), "index": str(index)})

@@ -10,6 +10,7 @@ process, so CPU runs use ``--multi_gpu`` with ``ACCELERATE_USE_CPU=1`` (gloo) in
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -18,14 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from mediround.errors import LaunchError
 
 LAUNCHED_ENV = "MEDIROUND_LAUNCHED"
 EXPECTED_ENV = "MEDIROUND_EXPECTED_PROCESSES"
 CPU_ENV = "MEDIROUND_LAUNCH_CPU"
 STOP_FILE_ENV = "MEDIROUND_STOP_FILE"
+DEEPSPEED_ENV = "MEDIROUND_DEEPSPEED_CONFIG"
+DEEPSPEED_INSTALL = "pip install -e \".[deepspeed]\" (or pip install deepspeed)"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ def plan_launch(
     Without ``--gpus`` or ``--cpu`` a machine with CUDA uses one GPU, otherwise one CPU process.
     """
     if cuda_available is None:
+        # Imported here so that light commands (eval of a predictions folder) can plan without torch.
+        import torch
+
         cuda_available = torch.cuda.is_available()
     if gpus is not None and cpu:
         raise LaunchError("--gpus and --cpu exclude each other: use --cpu --num-processes N for CPU processes")
@@ -81,8 +85,8 @@ def plan_launch(
         raise LaunchError(f"--machine-rank {machine_rank} must be in [0, --num-machines {num_machines})")
     if num_machines > 1 and not main_process_ip:
         raise LaunchError("--num-machines > 1 needs --main-process-ip (the address of machine rank 0)")
-    if deepspeed_config is not None and on_cpu:
-        raise LaunchError("--deepspeed needs GPUs (--gpus N)")
+    if deepspeed_config is not None and importlib.util.find_spec("deepspeed") is None:
+        raise LaunchError(f"--deepspeed needs the optional deepspeed package: {DEEPSPEED_INSTALL}")
     if deepspeed_config is not None and not os.path.isfile(deepspeed_config):
         raise LaunchError(f"--deepspeed: file not found: {deepspeed_config}")
     return LaunchPlan(
@@ -108,6 +112,11 @@ def expected_world_size(plan: LaunchPlan | None = None) -> int:
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
     return plan.world_size if plan is not None else 1
+
+
+def launched_deepspeed_config() -> str | None:
+    """The DeepSpeed config file of this launched child (None: plain DDP or one process)."""
+    return os.environ.get(DEEPSPEED_ENV) or None
 
 
 def launched_on_cpu(plan: LaunchPlan) -> bool:
@@ -146,7 +155,12 @@ def launch_environment(plan: LaunchPlan) -> dict[str, str]:
     env[LAUNCHED_ENV] = "1"
     env[EXPECTED_ENV] = str(plan.world_size)
     env[CPU_ENV] = "1" if plan.cpu else "0"
-    if plan.cpu:
+    if plan.deepspeed_config is not None:
+        env[DEEPSPEED_ENV] = plan.deepspeed_config
+        if plan.cpu:
+            # Accelerate refuses --cpu with --use_deepspeed; DeepSpeed's own CPU accelerator runs over gloo.
+            env["DS_ACCELERATOR"] = "cpu"
+    elif plan.cpu:
         env["ACCELERATE_USE_CPU"] = "1"
     return env
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -14,11 +13,11 @@ from mediround.data.build.dialogues import SIDE_MODES
 from mediround.data.build.shards import DEFAULT_SPLIT
 from mediround.data.build.volumes import AXES, INTENSITY_MAPS, SLICE_RULES
 from mediround_cli.common import (
-    SKIPPED_EXIT_CODE,
     add_count_rows,
     console,
     count_table,
     err_console,
+    exit_skipped,
     handle_errors,
 )
 
@@ -112,7 +111,4 @@ def build_dialogues(paths: tuple[str, ...], kind: str | None, merging: bool, see
     console.print(summary_table(summary))
     for name, path in summary.files.items():
         console.print(f"{name}: {path}")
-    if summary.errors:
-        err_console.print(f"[yellow]{len(summary.errors)} unreadable case(s) or image(s) skipped[/yellow]; "
-                          f"reasons in {summary.errors_file}")
-        sys.exit(SKIPPED_EXIT_CODE)
+    exit_skipped(len(summary.errors), "unreadable case(s) or image(s)", str(summary.errors_file))

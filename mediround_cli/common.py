@@ -18,9 +18,21 @@ from mediround.errors import InputWarning, MediRoundError
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
+GATE_FAILED_EXIT_CODE = 1
+"""``eval --baseline``: a score fell, or the run does not cover what the baseline covers."""
+BAD_INPUT_EXIT_CODE = 2
+"""Bad input or usage, refused before any work (one ``error:`` line)."""
 SKIPPED_EXIT_CODE = 3
-"""A batch finished but skipped bad input (listed in its errors.jsonl): distinct from 1, which is also
-what an unexpected crash (a Python traceback) exits with, and from 2, a fatal input error."""
+"""A batch command (infer, eval, build-dialogues) finished but skipped bad input (listed, and in its
+errors.jsonl): never 0, so a broken data file cannot make CI green; distinct from 1 and 2, and from an
+unexpected crash (a Python traceback, exit 1 as Python sets it)."""
+
+
+def exit_skipped(skipped: int, what: str, where: str) -> None:
+    """When a batch skipped input: say how much and where the reasons are, and exit ``SKIPPED_EXIT_CODE``."""
+    if skipped:
+        err_console.print(f"[yellow]{skipped} {what} skipped[/yellow]; reasons in {where}", soft_wrap=True)
+        sys.exit(SKIPPED_EXIT_CODE)
 
 
 def count_table(title: str) -> Table:
@@ -76,7 +88,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             where = f"{error.filename}: " if error.filename else ""
             err_console.print(f"[red]error:[/red] {escape(where + (error.strerror or str(error)))}", soft_wrap=True)
-            sys.exit(2)
+            sys.exit(BAD_INPUT_EXIT_CODE)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/yellow]")
             sys.exit(130)

@@ -9,11 +9,13 @@ import click
 from rich.table import Table
 
 from mediround.data.formats import load_dialogues
+from mediround.data.run_manifest import find_predictions_folder
 from mediround.default_model import default_checkpoint, default_model_notice
-from mediround.reports.scoring import EvalConfig, Evaluation, evaluate_predictions
-from mediround_cli.common import console, err_console, handle_errors
+from mediround.error_log import ERRORS_FILE
+from mediround.reports.scoring import EvalConfig, Evaluation, evaluate_predictions, scoring_inputs
+from mediround_cli.common import console, err_console, exit_skipped, handle_errors
 from mediround_cli.eval_model import ModelOptions, evaluate_with_model, model_options
-from mediround_cli.output import print_gate, print_report, progress_bar
+from mediround_cli.output import print_gate, print_report, progress_bar, write_folder_report
 
 
 def _summary_table(n_dialogues: int, evaluation: Evaluation, n_problems: int) -> Table:
@@ -33,10 +35,15 @@ def _summary_table(n_dialogues: int, evaluation: Evaluation, n_problems: int) ->
     return table
 
 
-@click.command("eval")
-@click.argument("data", type=click.Path(exists=True, path_type=Path))
+@click.command("eval", epilog="""\b
+Examples:
+  mediround eval --per-round                    # the ./*-predictions folder infer wrote, its own data
+  mediround eval --predictions preds --baseline baselines/ci-eval.parquet --max-drop 1
+  mediround eval dialogues.jsonl --model runs/x/model --beta 0.2,0.4,0.6,0.8""")
+@click.argument("data", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--predictions", "predictions_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Predictions folder written by `mediround infer` (predictions.jsonl + masks/).")
+              help="Predictions folder written by `mediround infer` [default without DATA: the one "
+                   "./*-predictions folder; its run manifest names the data].")
 @click.option("--per-round", is_flag=True, help="Also print the per-round table (one row per round).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Metric rows as Parquet [default: PREDICTIONS/metrics.parquet].")
@@ -48,10 +55,14 @@ def _summary_table(n_dialogues: int, evaluation: Evaluation, n_problems: int) ->
 @click.option("--max-drop", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Allowed drop in x100 points (overall and per round, Dice/gIoU/cIoU).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-round curve PNG here.")
+@click.option("--force", is_flag=True,
+              help="Score against DATA even when its SHA-256 differs from the data the predictions were made from.")
+@click.option("--overwrite", is_flag=True, help="Replace an --out file that holds the metrics of other data.")
+@click.option("--report", is_flag=True, help="Write PREDICTIONS/report.html (scores, each dialogue's rounds and overlay).")
 @model_options
 @handle_errors
 def eval_command(
-    data: Path,
+    data: Path | None,
     predictions_dir: Path | None,
     per_round: bool,
     out: Path | None,
@@ -60,32 +71,50 @@ def eval_command(
     baseline: Path | None,
     max_drop: float,
     plot: Path | None,
+    force: bool,
+    overwrite: bool,
+    report: bool,
     model_path: Path | None,
     **model_settings: Any,
 ) -> None:
-    """Score predicted masks against the ground truth of DATA (JSONL, MR-MedSeg JSON or an SA-Med2D folder)."""
+    """Score predicted masks against the ground truth of DATA (JSONL, MR-MedSeg JSON or an SA-Med2D folder).
+
+    Without DATA, scores the predictions folder of `mediround infer` against the data its run manifest
+    names. Exit codes: 0 done; 1 the --baseline gate failed; 2 bad input (e.g. data whose SHA-256 differs
+    from the predictions' run manifest); 3 some dialogue was skipped."""
     if model_path is not None and predictions_dir is not None:
         raise click.UsageError("--predictions and --model exclude each other")
-    if predictions_dir is None:
+    if data is None and model_path is not None:
+        raise click.UsageError("--model needs DATA")
+    if data is not None and predictions_dir is None:
         if model_path is None:
             model_path = default_checkpoint()
             err_console.print(default_model_notice(model_path), soft_wrap=True)
-        scoring = EvalConfig(out=out, baseline=baseline, max_drop=max_drop, plot=plot)
+        scoring = EvalConfig(out=out, baseline=baseline, max_drop=max_drop, plot=plot, overwrite=overwrite)
         options = ModelOptions(**model_settings)
         evaluate_with_model(options.evaluation_config(data, model_path, root, allow_outside_root, scoring), per_round)
         return
+    predictions_dir = predictions_dir or find_predictions_folder()
+    scored = scoring_inputs(predictions_dir, data, force)
     config = EvalConfig(out=out or predictions_dir / "metrics.parquet", baseline=baseline, max_drop=max_drop,
-                        plot=plot)
-    loaded = load_dialogues(data, root=root, allow_outside_root=allow_outside_root)
+                        plot=plot, beta=scored.beta, references=scored.references, manifest=scored.manifest,
+                        overwrite=overwrite)
+    loaded = load_dialogues(scored.data, root=root, allow_outside_root=allow_outside_root)
+    config.skipped = len(loaded.problems) + scored.skipped_by_infer
     with progress_bar("scoring") as progress:
         task = progress.add_task("scoring", total=len(loaded.dialogues))
         evaluation = evaluate_predictions(loaded.dialogues, predictions_dir, config,
                                           advance=lambda: progress.advance(task))
 
+    console.print(f"data: {scored.data}; predictions: {predictions_dir}", soft_wrap=True)
     print_report(evaluation.summary, evaluation.missing, per_round)
     problems = [*loaded.problems, *evaluation.problems]
     for problem in problems:
         err_console.print(f"problem: {problem.one_line()}", soft_wrap=True, markup=False)
     console.print(_summary_table(len(loaded.dialogues), evaluation, len(problems)))
+    if report:
+        page = write_folder_report(predictions_dir, scored.data, root, allow_outside_root, evaluation.rows)
+        console.print(f"report: {page}", soft_wrap=True)
     if baseline is not None:
-        print_gate(evaluation.regressions, max_drop, baseline)
+        print_gate(evaluation.regressions, evaluation.gate_failures, max_drop, baseline)
+    exit_skipped(evaluation.skipped, "dialogue(s)", f"the problems above and {predictions_dir / ERRORS_FILE}")

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.table import Table
 
-from mediround.inference import DEFAULT_BETA
+from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
 from mediround.reports.scoring import EvalConfig
-from mediround_cli.common import console, err_console
+from mediround_cli.common import console, err_console, exit_skipped
 from mediround_cli.output import (
     inference_summary_table,
+    jcm_rounds_option,
     launch_settings,
     parse_betas,
     prediction_progress,
@@ -43,6 +44,9 @@ MODEL_OPTIONS = (
                  help="Run predicted and ground-truth references in one pass and report the per-round gap."),
     click.option("--generate", is_flag=True, help="Let the model write its answers (greedy)."),
     click.option("--no-cache", is_flag=True, help="Re-run the whole model per round (the authors' way)."),
+    jcm_rounds_option,
+    click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+                 help="Dialogues that advance together, round by round, sharing each forward pass."),
     click.option("--gpus", type=click.IntRange(min=1), help="Shard dialogues over N GPUs."),
     click.option("--cpu", is_flag=True, help="Run on CPU (with --num-processes N for several processes)."),
     click.option("--num-processes", type=click.IntRange(min=1), help="Number of CPU processes with --cpu."),
@@ -64,18 +68,15 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def tracks_table(evaluation: ModelEvaluation) -> Table:
-    # model_eval pulls in torch: imported here so that `mediround eval --predictions` stays light.
-    from mediround.inference.model_eval import references_name
-
     table = Table(title="Overall per track (x100)")
     for column in ("beta", "references", "masks", "Dice", "gIoU", "cIoU", "refined"):
         table.add_column(column, justify="left" if column in ("beta", "references") else "right")
     for track in evaluation.tracks:
         scores = evaluation.summaries[track]["overall"][None]
-        rows = [r for r in evaluation.rows if r["beta"] == track.beta and r["references"] == references_name(track)]
+        rows = [r for r in evaluation.rows if r["beta"] == track.beta and r["references"] == track.references]
         refined = sum(1 for r in rows if r.get("refined"))
         style = "bold" if track == evaluation.primary else None
-        table.add_row("off" if track.beta is None else f"{track.beta:g}", references_name(track), str(scores.count),
+        table.add_row("off" if track.beta is None else f"{track.beta:g}", track.references, str(scores.count),
                       f"{scores.points('dice'):.1f}", f"{scores.points('giou'):.1f}", f"{scores.points('ciou'):.1f}",
                       f"{refined}/{len(rows)}", style=style)
     return table
@@ -101,6 +102,8 @@ class ModelOptions:
     compare_tf: bool = False
     generate: bool = False
     no_cache: bool = False
+    jcm_rounds: str | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
     gpus: int | None = None
     cpu: bool = False
     num_processes: int | None = None
@@ -123,7 +126,8 @@ class ModelOptions:
             "data": str(data), "model": str(model_path), "out": str(predictions_out),
             "betas": parse_betas(self.betas),
             "teacher_forcing": (False, True) if self.compare_tf else (self.teacher_forcing,),
-            "generate": self.generate, "use_cache": not self.no_cache, "resume": self.resume,
+            "generate": self.generate, "use_cache": not self.no_cache, "jcm_rounds": self.jcm_rounds,
+            "batch_size": self.batch_size, "resume": self.resume, "overwrite": scoring.overwrite,
             "root": None if root is None else str(root), "allow_outside_root": allow_outside_root,
             "device": device, "num_processes": processes, "allow_partial_load": self.allow_partial_load,
         }, "the command line")
@@ -155,9 +159,8 @@ def evaluate_with_model(config: ModelEvalConfig, per_round: bool) -> None:
     if evaluation.round_plot is not None:
         written.append(f"round curve: {evaluation.round_plot}")
     console.print("; ".join(written), soft_wrap=True)
-    if evaluation.inference.skipped:
-        err_console.print(f"[yellow]{evaluation.inference.skipped} dialogue(s) skipped[/yellow]; reasons in "
-                          f"{evaluation.inference.errors_file}")
     scoring = config.scoring
     if scoring.baseline is not None:
-        print_gate(evaluation.regressions, scoring.max_drop, scoring.baseline, scores=f"scores of {primary.label}")
+        print_gate(evaluation.regressions, evaluation.gate_failures, scoring.max_drop, scoring.baseline,
+                   scores=f"scores of {primary.label}")
+    exit_skipped(evaluation.inference.skipped, "dialogue(s)", evaluation.inference.errors_file)

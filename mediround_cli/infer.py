@@ -7,24 +7,32 @@ from pathlib import Path
 
 import click
 
+from mediround.data.run_manifest import default_predictions_folder
 from mediround.default_model import default_checkpoint, default_model_notice
-from mediround.inference import DEFAULT_BETA
-from mediround_cli.common import console, err_console, handle_errors
+from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
+from mediround_cli.common import console, err_console, exit_skipped, handle_errors
 from mediround_cli.output import (
     inference_summary_table,
+    jcm_rounds_option,
     launch_settings,
     parse_beta,
     prediction_progress,
     print_report,
+    write_folder_report,
 )
 from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  mediround infer dialogues.jsonl --beta 0.6            # writes ./dialogues-predictions/
+  mediround infer dialogues.jsonl --model runs/x/model --gpus 4 --out preds --report
+  mediround infer dialogues.jsonl --resume              # continue a killed run""")
 @click.argument("data", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Checkpoint folder (from `mediround train` / `train-jcm`) [default: the shipped tiny model].")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Predictions folder to write.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Predictions folder to write [default: ./DATA_NAME-predictions, e.g. dialogues-predictions].")
 @click.option("--beta", default=None, metavar="BETA|off",
               help="JCM threshold: q > BETA decodes the raw [SEG], otherwise the refined one; 'off' disables "
                    f"JCM. [default: {DEFAULT_BETA:g} when the checkpoint has trained JCM weights, else off]")
@@ -32,12 +40,18 @@ from mediround_cli.partial_load import allow_partial_load_option, print_load_rep
 @click.option("--cpu", is_flag=True, help="Run on CPU (with --num-processes N for several processes).")
 @click.option("--num-processes", type=click.IntRange(min=1), help="Number of CPU processes with --cpu.")
 @click.option("--resume", is_flag=True, help="Keep the dialogues already complete in --out and predict the rest.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run's predictions in --out.")
 @click.option("--generate", is_flag=True,
               help="Let the model write its answers (greedy) and keep them in the history, instead of "
                    "feeding the dialogue's own answers.")
 @click.option("--no-cache", is_flag=True,
               help="Re-run the whole model (image encoders included) for every round, as the authors do.")
+@jcm_rounds_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE, show_default=True,
+              help="Dialogues that advance together, round by round, sharing each forward pass.")
 @click.option("--overlays", is_flag=True, help="Write one PNG per dialogue under OUT/overlays/.")
+@click.option("--report", is_flag=True,
+              help="Write OUT/report.html: the scores and each dialogue's rounds and overlay (as `demo` does).")
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder that image and mask paths are relative to [default: the data file's folder].")
 @click.option("--allow-outside-root", is_flag=True, help="Accept image/mask paths that leave the root.")
@@ -53,15 +67,22 @@ def infer(
     cpu: bool,
     num_processes: int | None,
     resume: bool,
+    overwrite: bool,
     generate: bool,
     no_cache: bool,
+    jcm_rounds: str | None,
+    batch_size: int,
     overlays: bool,
+    report: bool,
     root: Path | None,
     allow_outside_root: bool,
     allow_partial_load: bool,
     worker_plan: str | None,
 ) -> None:
-    """Predict every round of DATA (JSONL, MR-MedSeg JSON or an SA-Med2D folder), chaining predicted masks."""
+    """Predict every round of DATA (JSONL, MR-MedSeg JSON or an SA-Med2D folder), chaining predicted masks.
+
+    Writes the predictions folder (predictions.jsonl, masks/, errors.jsonl, the run manifest run.json and,
+    when DATA has ground truth, metrics.parquet). Exits 3 when any dialogue was skipped."""
     # The runner pulls in torch: imported here so that `mediround infer --help` stays fast.
     from mediround.inference.runner import InferenceConfig, run_inference, run_worker, score_outputs
 
@@ -70,8 +91,9 @@ def infer(
         if allow_partial_load and os.environ.get("RANK", "0") == "0":
             print_load_reports(reports)
         return
-    if data is None or out is None:
-        raise click.UsageError("DATA and --out are required")
+    if data is None:
+        raise click.UsageError("DATA is required")
+    out = out or default_predictions_folder(data)
     if model_path is None:
         model_path = default_checkpoint()
         err_console.print(default_model_notice(model_path), soft_wrap=True)
@@ -79,7 +101,8 @@ def infer(
     config = InferenceConfig.from_dict({
         "data": str(data), "model": str(model_path), "out": str(out),
         "betas": () if beta is None else (parse_beta(beta),), "generate": generate, "use_cache": not no_cache,
-        "resume": resume, "overlays": overlays, "root": None if root is None else str(root),
+        "jcm_rounds": jcm_rounds, "batch_size": batch_size, "resume": resume, "overwrite": overwrite,
+        "overlays": overlays or report, "root": None if root is None else str(root),
         "allow_outside_root": allow_outside_root, "device": device, "num_processes": processes,
         "allow_partial_load": allow_partial_load,
     }, "the command line")
@@ -96,5 +119,9 @@ def infer(
     console.print(inference_summary_table(summary))
     if config.betas == (None,):
         console.print("JCM off" + ("" if beta is not None else ": the checkpoint has no trained JCM weights"))
-    if summary.skipped:
-        err_console.print(f"[yellow]{summary.skipped} dialogue(s) skipped[/yellow]; reasons in {summary.errors_file}")
+    if report:
+        for label, folder in summary.folders.items():
+            rows = evaluations[label].rows if label in evaluations else []
+            page = write_folder_report(folder, config.data, config.root, config.allow_outside_root, rows)
+            console.print(f"report: {page}", soft_wrap=True)
+    exit_skipped(summary.skipped, "dialogue(s)", summary.errors_file)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from accelerate import PartialState
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,6 +27,7 @@ from mediround.launch import (
     CPU_ENV,
     expected_world_size,
     is_launched_child,
+    launched_deepspeed_config,
     launched_on_cpu,
     plan_launch,
     relaunch,
@@ -43,8 +43,8 @@ from mediround.training.events import (
     Validated,
     WeightsLoaded,
 )
-from mediround.training.recipe import RunRecipe
-from mediround_cli.common import debug_enabled, console
+from mediround.training.recipe import RunRecipe, resolve_recipe
+from mediround_cli.common import console, debug_enabled
 from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 # Created in the output folder by the launching process's first Ctrl-C; the workers stop at the next step.
@@ -63,6 +63,7 @@ class LaunchOptions:
     machine_rank: int
     main_process_ip: str | None
     main_process_port: int | None
+    deepspeed_config: str | None
     resume: bool
     overwrite: bool
     allow_partial_load: bool
@@ -80,6 +81,9 @@ _MACHINE_OPTIONS = (
     click.option("--machine-rank", type=int, default=0, show_default=True, help="This machine's rank."),
     click.option("--main-process-ip", default=None, help="Address of machine rank 0 (multi-node)."),
     click.option("--main-process-port", type=int, default=None, help="Port of machine rank 0 (multi-node)."),
+    click.option("--deepspeed", "deepspeed_config", default=None, metavar="JSON",
+                 help="Run under DeepSpeed with this config (recipes/zero2.json: ZeRO-2); its batch, accumulation, "
+                      "clipping and bf16 settings are taken from the recipe. Needs pip install -e \".[deepspeed]\"."),
 )
 _RUN_OPTIONS = (
     click.option("--resume", is_flag=True, help="Continue from the output folder's latest checkpoint."),
@@ -129,8 +133,6 @@ def run_training_command(
     recipe: RunRecipe,
     launch: LaunchOptions,
     check_output: Callable[..., None],
-    *,
-    deepspeed_config: str | None = None,
 ) -> None:
     """Run ``train`` (``run_training`` or ``run_jcm_training``) here, or re-launch the command over the
     planned processes (``run_or_relaunch``), and print its progress and summary."""
@@ -139,14 +141,14 @@ def run_training_command(
         display = TrainingDisplay(view)
         try:
             result = train(recipe, resume=launch.resume, cpu=cpu, expected_processes=processes, on_event=display,
-                           allow_partial_load=launch.allow_partial_load)
+                           allow_partial_load=launch.allow_partial_load, deepspeed_config=launched_deepspeed_config())
         finally:
             display.progress.stop()
-        if PartialState().is_main_process:
+        # RANK (set by the launcher), not Accelerate's state: under DeepSpeed on CPU that reads "main" everywhere.
+        if int(os.environ.get("RANK", "0")) == 0:
             print_summary(view, result)
 
-    run_or_relaunch(view.command, recipe_path, command_args, recipe, launch, check_output, run,
-                    deepspeed_config=deepspeed_config)
+    run_or_relaunch(view.command, recipe_path, command_args, recipe, launch, check_output, run)
 
 
 def run_or_relaunch(
@@ -157,8 +159,6 @@ def run_or_relaunch(
     launch: LaunchOptions,
     check_output: Callable[..., None],
     run: Callable[[bool, int], None],
-    *,
-    deepspeed_config: str | None = None,
 ) -> None:
     """Run ``run(cpu, processes)`` in this process when it is a launched child or one process is enough;
     otherwise check the output folder (``check_output(recipe, resume=, overwrite=)``) and re-launch
@@ -169,11 +169,8 @@ def run_or_relaunch(
         return
     if launch.resume and launch.overwrite:
         raise LaunchError("--resume and --overwrite exclude each other")
-    if deepspeed_config is not None:
-        raise LaunchError(
-            f"--deepspeed: not supported by `mediround {command}` yet (ZeRO optimizer shards cannot be checkpointed "
-            "without pickle); run plain DDP with --gpus N: with LoRA, ZeRO-2 has little state to partition"
-        )
+    # The docs' `--deepspeed recipes/zero2.json` names a shipped file: resolved as recipes are.
+    deepspeed_config = None if launch.deepspeed_config is None else str(resolve_recipe(launch.deepspeed_config))
     plan = plan_launch(launch.gpus, launch.cpu, launch.num_processes, launch.num_machines, launch.machine_rank,
                        launch.main_process_ip, launch.main_process_port, deepspeed_config)
     plan = dataclasses.replace(plan, mixed_precision=recipe.resolved_mixed_precision(on_gpu=not plan.cpu))
@@ -197,6 +194,7 @@ class TrainingDisplay:
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                  console=console)
         self.task: Any = None
+        self.total_steps = 0
 
     def __call__(self, event: Event) -> None:
         match event:
@@ -206,16 +204,22 @@ class TrainingDisplay:
                 console.print(
                     f"world size {event.world_size} (checked in every process), global batch {event.global_batch}, "
                     f"{event.train_dialogues} training / {event.val_dialogues} validation dialogues, "
-                    f"{event.total_steps} steps{self.view.start_detail(event)}"
+                    f"{event.total_steps} steps x {event.global_batch} = {event.total_steps * event.global_batch:,} "
+                    f"sampled dialogues{self.view.start_detail(event)}"
                     + (f", resumed from {event.resumed_from}" if event.resumed_from else "")
                 )
                 for problem in event.data_problems:
                     console.print(f"[yellow]skipped:[/yellow] {problem}", soft_wrap=True)
+                self.total_steps = event.total_steps
                 self.progress.start()
                 self.task = self.progress.add_task(self.view.command, total=event.total_steps, completed=event.step,
                                                    status=self.view.first_status)
             case StepLogged():
                 self.progress.update(self.task, completed=event.step, status=self.view.step_status(event))
+                if not console.is_terminal:
+                    # SLURM, nohup, a pipe: no live progress bar, so one plain line per logged step.
+                    console.print(f"{self.view.command} step {event.step}/{self.total_steps} "
+                                  f"{self.view.step_status(event)}", soft_wrap=True, highlight=False)
             case Validated() | JCMValidated():
                 for line in self.view.validation_lines(event):
                     self.progress.console.print(line)

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("mediround_cli.validate:validate", "Check a dialogue file (JSONL or MR-MedSeg JSON) and its images."),
     "convert": ("mediround_cli.convert:convert", "Convert MR-MedSeg JSON <-> JSONL, or SA-Med2D folders to dialogues."),
     "build-dialogues": ("mediround_cli.build_dialogues:build_dialogues", "Build multi-round dialogues from labelled 2-D folders, nnU-Net volumes or DICOM."),
+    "recipes": ("mediround_cli.recipes:recipes", "List the shipped training recipes, or print one to copy and edit."),
     "train": ("mediround_cli.train:train", "Train MediRound (teacher forcing) from a YAML recipe, multi-process."),
     "train-jcm": ("mediround_cli.train_jcm:train_jcm", "Train the JCM judge and refine MLPs on a frozen MediRound."),
     "infer": ("mediround_cli.infer:infer", "Predict masks round by round, chaining the model's own masks."),

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mediround.inference.events import InferenceEvents
+from mediround.launch import plan_launch
 from mediround.metrics import Scores
 from mediround.reports.gate import Regression
 from mediround.reports.tables import (
@@ -27,11 +29,16 @@ from mediround.reports.tables import (
     regression_table,
     round_table,
 )
-from mediround.launch import plan_launch
-from mediround_cli.common import console, err_console
+from mediround_cli.common import GATE_FAILED_EXIT_CODE, console, err_console
 
 if TYPE_CHECKING:
     from mediround.inference.runner import InferenceSummary, Plan
+
+
+jcm_rounds_option = click.option(
+    "--jcm-rounds", type=click.Choice(["referred", "all"]), default=None,
+    help="Rounds JCM judges and refines: 'referred' (only rounds a later round refers to; the others decode raw, "
+         "as the authors do) or 'all'. [default: the checkpoint's heads.jcm_rounds]")
 
 
 def parse_beta(text: str) -> float | None:
@@ -126,12 +133,29 @@ def print_report(summary: Mapping[str, Mapping[Any, Scores]], missing: Sequence[
         console.print(missing_table(missing))
 
 
-def print_gate(regressions: Sequence[Regression], max_drop: float, baseline: Path, scores: str = "scores") -> None:
-    """Say whether the regression gate passed against ``baseline``; exit 1, after the table of the
-    ``scores`` that fell by more than ``max_drop`` points, when it failed."""
+def print_gate(regressions: Sequence[Regression], failures: Sequence[str], max_drop: float, baseline: Path,
+               scores: str = "scores") -> None:
+    """Say whether the regression gate passed against ``baseline``; when it failed, exit 1 after one line
+    per coverage failure and the table of the ``scores`` that fell by more than ``max_drop`` points."""
+    for reason in failures:
+        err_console.print(f"[red]gate failed:[/red] {escape(reason)}", soft_wrap=True)
     if regressions:
         console.print(regression_table(list(regressions), max_drop))
         err_console.print(f"[red]gate failed:[/red] {len(regressions)} {scores} fell by more than {max_drop:g} "
-                          f"points against {baseline}")
-        sys.exit(1)
-    console.print(f"[green]gate passed:[/green] no score fell by more than {max_drop:g} points against {baseline}")
+                          f"points against {baseline}", soft_wrap=True)
+    if failures or regressions:
+        sys.exit(GATE_FAILED_EXIT_CODE)
+    console.print(f"[green]gate passed:[/green] same coverage, and no score fell by more than {max_drop:g} points "
+                  f"against {baseline}", soft_wrap=True)
+
+
+def write_folder_report(folder: str | Path, data: str | Path, root: str | Path | None, allow_outside_root: bool,
+                        rows: Sequence[Mapping[str, Any]]) -> Path:
+    """``FOLDER/report.html`` for the predictions in ``folder`` of the dialogues in ``data`` (``--report``)."""
+    from mediround.data.formats import load_dialogues
+    from mediround.reports.html import REPORT_FILE, write_predictions_report
+
+    dialogues = load_dialogues(data, root=root, allow_outside_root=allow_outside_root).dialogues
+    notes = [f"Data: {data}. Predictions: {folder}. Scores x100."]
+    return write_predictions_report(Path(folder) / REPORT_FILE, folder, dialogues, rows, "MediRound predictions",
+                                    notes)

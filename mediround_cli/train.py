@@ -6,24 +6,28 @@ import click
 
 from mediround.training.engine import TrainingResult
 from mediround.training.events import CHAINED_TRACK, TEACHER_FORCED_TRACK, StepLogged, Validated
-from mediround.training.recipe import check_output, load_recipe
+from mediround.training.recipe import PAPER_RECIPE, check_output, load_recipe
 from mediround.training.stage1 import run_training
 from mediround_cli.common import handle_errors
 from mediround_cli.launch_options import LaunchOptions, StageView, launch_options, run_training_command
 
 
-@click.command()
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.command(epilog="""\b
+Examples:
+  mediround train --gpus 4                                   # the paper's recipe (mediround-7b-4gpu)
+  mediround train tiny-cpu --cpu output=runs/tiny            # a shipped recipe by name
+  mediround train my-recipe.yaml --gpus 1 train.lr=1e-4 --resume""")
+@click.argument("recipe_path", metavar="[RECIPE]", required=False, default=PAPER_RECIPE)
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-@launch_options(click.option("--deepspeed", "deepspeed_config", default=None,
-                             help="A DeepSpeed JSON config (recipes/zero2.json); refused for now, see docs/training.md."))
+@launch_options()
 @handle_errors
-def train(recipe_path: str, overrides: tuple[str, ...], deepspeed_config: str | None, launch: LaunchOptions) -> None:
-    """Train MediRound with teacher forcing from a YAML RECIPE; KEY=VALUE overrides any recipe field
-    (e.g. train.lr=1e-3). Multi-process runs re-launch this command through Accelerate."""
-    recipe = load_recipe(recipe_path, overrides)
-    run_training_command(VIEW, run_training, overrides, recipe_path, recipe, launch, check_output,
-                         deepspeed_config=deepspeed_config)
+def train(recipe_path: str, overrides: tuple[str, ...], launch: LaunchOptions) -> None:
+    """Train MediRound with teacher forcing from a YAML RECIPE (a file, or a shipped recipe's name from
+    `mediround recipes`; default: the paper's 4-GPU recipe); KEY=VALUE overrides any recipe field
+    (e.g. train.lr=1e-3). Every weight and data file must be on this machine: the run stops before any
+    launch naming each missing one. Multi-process runs re-launch this command through Accelerate."""
+    recipe = load_recipe(recipe_path, overrides, require_weights=True)
+    run_training_command(VIEW, run_training, overrides, recipe_path, recipe, launch, check_output)
 
 
 def _step_status(event: StepLogged) -> str:

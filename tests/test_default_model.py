@@ -15,6 +15,7 @@ from mediround.default_model import default_checkpoint, training_record
 from mediround.model.checkpoint import verify_manifest
 from mediround.model.config import MediRoundConfig
 from mediround.reports.rows import read_rows
+from mediround.training.recipe import resolve_recipe
 from mediround_cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def test_shipped_checkpoint_is_small_intact_and_has_trained_jcm():
 def test_training_record_matches_the_committed_recipes():
     record = training_record()
     for stage in ("stage1", "jcm"):
-        recipe = ROOT / record[stage]["recipe"]
+        recipe = resolve_recipe(record[stage]["recipe"])
         assert yaml.safe_load(recipe.read_text()) == record[stage]["settings"], (
             f"{recipe} changed since the shipped model was trained: retrain it (benchmarks/reproduce.py --train "
             "--pack) or restore the recipe")

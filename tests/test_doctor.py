@@ -25,11 +25,11 @@ from mediround.model.memory import GIB, estimate_training_memory
 from mediround.model.mllm import tiny_llava_config
 from mediround.model.segmenter import build_sam
 from mediround.model.tokenizer import MEDIROUND_TOKENS, train_tiny_tokenizer
-from mediround.training.recipe import load_recipe
+from mediround.training.recipe import SHIPPED_RECIPES, load_recipe
 from mediround_cli import doctor as doctor_cli
 from mediround_cli.main import cli
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = SHIPPED_RECIPES
 TINY_RECIPE = str(RECIPES / "tiny-cpu.yaml")
 
 
@@ -223,7 +223,8 @@ def llava_7b(tmp_path_factory) -> Path:
 def test_7b_recipe_fit_verdicts_follow_the_estimate(synth, tmp_path, llava_7b):
     recipe = load_recipe(
         RECIPES / "mediround-7b-4gpu.yaml",
-        [*tiny_overrides(synth, tmp_path / "run"), "data.root=null", f"model.mllm.source={llava_7b}"],
+        [*tiny_overrides(synth, tmp_path / "run"), "data.root=null", f"model.mllm.source={llava_7b}",
+         "train.grad_accum=1"],
     )
     model = build_model(recipe.model, device="meta")
     length = longest_sequence(recipe, model, 32)
@@ -271,3 +272,12 @@ def test_zero2_shards_optimiser_and_gradients_over_the_processes(synth, tmp_path
     bad.write_text('{"zero_optimization": {"stage": 5}}')
     failed = check_memory(recipe, [], 80, 4, str(bad), 32).rows[0]
     assert failed.status == FAIL and "'zero_optimization.stage': 5" in failed.detail
+
+
+def test_a_missing_local_weights_folder_is_not_called_a_hub_name(synth, tmp_path, monkeypatch, wide_console):
+    monkeypatch.chdir(tmp_path)
+    local = "weights/llava-med-v1.5-mistral-7b-hf"
+    result = CliRunner().invoke(cli, ["doctor", TINY_RECIPE, *tiny_overrides(synth, tmp_path / "run", f"model.mllm.source={local}")])
+    assert result.exit_code == 1
+    assert "hub name" not in result.output and "huggingface-cli" not in result.output
+    assert f"{local}: LLaVA folder not found" in result.output and "docs/real-weights.md" in result.output

@@ -6,7 +6,7 @@ import pytest
 
 from mediround.errors import DataError
 from mediround.metrics import MaskCounts
-from mediround.reports.gate import compare, compare_rows
+from mediround.reports.gate import compare_rows, coverage_failures, read_baseline
 from mediround.reports.rows import write_rows
 
 
@@ -26,13 +26,13 @@ BASELINE = [
 
 def test_equal_run_passes_through_parquet(tmp_path):
     write_rows(tmp_path / "baseline.parquet", BASELINE)
-    assert compare(BASELINE, tmp_path / "baseline.parquet", 0.0) == []
+    assert compare_rows(BASELINE, read_baseline(tmp_path / "baseline.parquet"), 0.0) == []
 
 
 def test_planted_round_two_regression_is_reported_with_points(tmp_path):
     write_rows(tmp_path / "baseline.parquet", BASELINE)
     current = [*BASELINE[:3], _row("b", 2, 2, 10, 4, 8)]
-    regressions = compare(current, tmp_path / "baseline.parquet", 1.0)
+    regressions = compare_rows(current, read_baseline(tmp_path / "baseline.parquet"), 1.0)
     found = {(r.scope, r.metric): r for r in regressions}
     assert set(found) == {("round 2", "ciou"), ("round 2", "giou"), ("round 2", "dice"),
                           ("overall", "ciou"), ("overall", "giou"), ("overall", "dice")}
@@ -53,7 +53,7 @@ def test_drop_within_the_allowance_passes_and_beyond_fails():
         ("round 2", "ciou"), ("round 2", "giou"), ("round 2", "dice"), ("overall", "ciou"), ("overall", "giou")}
 
 
-def test_improvement_and_rounds_only_in_one_run_do_not_fail():
+def test_improvement_and_rounds_only_in_one_run_do_not_lower_the_scores():
     better = [_row("a", 1, 10, 10, 10, 10), *BASELINE[1:], _row("c", 3, 10, 10, 10, 10)]
     assert compare_rows(better, BASELINE, 0.0) == []
     only_round_one = [BASELINE[0], BASELINE[2]]
@@ -65,7 +65,30 @@ def test_bad_allowance_and_bad_baseline_are_refused(tmp_path):
     with pytest.raises(ValueError):
         compare_rows(BASELINE, BASELINE, -1.0)
     with pytest.raises(DataError, match="no such metrics file"):
-        compare(BASELINE, tmp_path / "absent.parquet", 1.0)
+        read_baseline(tmp_path / "absent.parquet")
     write_rows(tmp_path / "empty.parquet", [])
     with pytest.raises(DataError, match="no rows"):
-        compare(BASELINE, tmp_path / "empty.parquet", 1.0)
+        read_baseline(tmp_path / "empty.parquet")
+
+
+def test_the_same_coverage_passes_the_coverage_check():
+    assert coverage_failures(BASELINE, BASELINE, skipped=0) == []
+
+
+def test_fewer_pairs_other_ids_no_match_and_skipped_dialogues_each_fail_with_their_reason():
+    only_a = BASELINE[:2]
+    fewer = coverage_failures(only_a, BASELINE, skipped=0)
+    assert len(fewer) == 2
+    assert "covers 2 (dialogue, round) pairs, fewer than the baseline's 4" in fewer[0]
+    assert "0 only in this run" in fewer[1] and "1 only in the baseline (b)" in fewer[1]
+
+    other_set = [{**row, "dialogue_id": "x" + row["dialogue_id"]} for row in BASELINE]
+    [reason] = coverage_failures(other_set, BASELINE, skipped=0)
+    assert "dialogue ids differ" in reason and "2 only in this run (xa, xb)" in reason
+
+    unmatched = [{**row, "missing": True, "intersection": 0} for row in BASELINE]
+    [reason] = coverage_failures(unmatched, BASELINE, skipped=0)
+    assert reason.startswith("no prediction matched a round of the data")
+
+    [reason] = coverage_failures(BASELINE, BASELINE, skipped=1)
+    assert reason.startswith("1 dialogue(s) skipped")

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mediround_cli",),
 ]
 # Packages that must stay importable without torch (validate, convert, scoring, tables).
-TORCH_FREE = ("mediround.errors", "mediround.atomic", "mediround.typed", "mediround.data", "mediround.metrics",
+TORCH_FREE = ("mediround.errors", "mediround.atomic", "mediround.typed", "mediround.error_log", "mediround.data", "mediround.metrics",
               "mediround.reports")
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from mediround.data.formats import load_dialogues
 from mediround.doctor.checks import FAIL, OK, WARN, CheckResult
@@ -22,7 +21,7 @@ from mediround.doctor.stack import GpuInfo
 from mediround.errors import MediRoundError
 from mediround.model.build import build_model
 from mediround.model.memory import MemoryEstimate, estimate_training_memory
-from mediround.training.recipe import Recipe
+from mediround.training.recipe import Recipe, resolve_recipe
 
 GIB = 1024**3
 USABLE_FRACTION = 0.95
@@ -41,7 +40,7 @@ def zero_stage(deepspeed_config: str | None) -> int:
     if deepspeed_config is None:
         return 0
     try:
-        data = json.loads(Path(deepspeed_config).read_text(encoding="utf-8"))
+        data = json.loads(resolve_recipe(deepspeed_config).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{deepspeed_config}: cannot read DeepSpeed config: {error}") from None
     stage = (data.get("zero_optimization") or {}).get("stage", 0) if isinstance(data, dict) else None

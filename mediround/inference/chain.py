@@ -6,7 +6,9 @@ prediction for that round (``Track.teacher_forcing`` uses the ground truth inste
 including "a predicted mask of <= 9 pixels means the whole image", lives in ``mediround.model.references``
 and is applied inside ``DialogueSession.step``. The [SEG] feature ``h_c`` then goes through JCM: with score
 ``q = judge(h_c)``, the round's mask is ``decode(h_c)`` when ``q > beta`` and ``decode(refine(h_c))``
-otherwise. ``beta=None`` turns JCM off (always ``decode(h_c)``).
+otherwise. ``beta=None`` turns JCM off (always ``decode(h_c)``). With ``jcm_rounds="referred"`` (the
+authors' evaluation) only rounds whose mask a later round refers to are judged; the others, the final
+round included, decode ``h_c`` raw.
 
 Several tracks (JCM thresholds, predicted or ground-truth references) run in one pass over a dialogue.
 What they share: the decoded image and both image encoders (``encode_image`` runs once per dialogue), and
@@ -32,6 +34,7 @@ from mediround.data.dialogue import Dialogue
 from mediround.errors import DataError
 from mediround.model import MASK_THRESHOLD, DialogueSession, ImageContext, MediRound, RoundResult
 from mediround.model.processor import answer_with_seg
+from mediround.reports.rows import REFERENCES
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,11 @@ class Track:
         """A folder name for this track's predictions, e.g. ``beta-0.6``, ``jcm-off-tf``."""
         name = "jcm-off" if self.beta is None else f"beta-{self.beta:g}"
         return f"{name}-tf" if self.teacher_forcing else name
+
+    @property
+    def references(self) -> str:
+        """The ``references`` column of this track's metric rows."""
+        return REFERENCES[self.teacher_forcing]
 
 
 @dataclass
@@ -147,6 +155,72 @@ def _mask_from_logits(logits: torch.Tensor) -> np.ndarray:
     return (logits.detach().float().cpu().reshape(logits.shape[-2:]) > MASK_THRESHOLD).numpy()
 
 
+@dataclass
+class SessionStep:
+    """One session step a round needs: the arguments of ``session.step`` for one group of tracks."""
+
+    session: Any
+    query: str
+    answer: str | None
+    reference: np.ndarray | None
+    refers: bool
+
+
+class DialogueChain:
+    """Algorithm 1 over one dialogue as a state machine, so that a caller can run the session steps of a
+    round itself (one by one in ``chain_dialogue``, batched with other dialogues in
+    ``mediround.inference.batching``).
+
+    ``next_steps()`` splits the track groups for the next round and gives one ``SessionStep`` per group;
+    ``record(results)`` takes those steps' ``RoundResult``s in the same order and finishes the round (JCM
+    score, refined decodes). ``sessions`` is every session the chain holds; ``results`` the rounds so far.
+    """
+
+    def __init__(self, model: MediRound, dialogue: Dialogue, tracks: Sequence[Track], root: Any, *,
+                 generate: bool = False, reference_truth: Mapping[int, np.ndarray] | None = None,
+                 jcm_rounds: str | None = None):
+        tracks = list(dict.fromkeys(tracks))
+        if not tracks:
+            raise ValueError("chain_dialogue needs at least one track")
+        if (jcm_rounds or model.config.heads.jcm_rounds) == "referred":
+            self.judged = {round_.ref for round_ in dialogue.rounds if round_.ref is not None}
+        else:
+            self.judged = set(range(1, len(dialogue.rounds) + 1))
+        self.model = model
+        self.dialogue = dialogue
+        self.generate = generate
+        self.reference_truth = reference_truth
+        self.results: dict[Track, list[RoundPrediction]] = {track: [] for track in tracks}
+        self.groups = [_Group(root, tracks)]
+        self.rounds_done = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.rounds_done == len(self.dialogue.rounds)
+
+    @property
+    def sessions(self) -> list[Any]:
+        return [group.session for group in self.groups]
+
+    def next_steps(self) -> list[SessionStep]:
+        round_ = self.dialogue.rounds[self.rounds_done]
+        self.groups = [sub for group in self.groups for sub in _split(group, round_.ref, self.results)]
+        answer = None if self.generate else round_.answer
+        return [
+            SessionStep(group.session, round_.query, answer,
+                        _reference(group.tracks[0], round_.ref, self.results, self.reference_truth),
+                        round_.ref is not None)
+            for group in self.groups
+        ]
+
+    def record(self, results: Sequence[RoundResult]) -> None:
+        round_ = self.dialogue.rounds[self.rounds_done]
+        self.rounds_done += 1
+        for group, result in zip(self.groups, results, strict=True):
+            _record_round(self.model, group, self.rounds_done, round_.ref, result, self.results,
+                          self.rounds_done in self.judged)
+
+
 def chain_dialogue(
     model: MediRound,
     dialogue: Dialogue,
@@ -157,18 +231,17 @@ def chain_dialogue(
     use_cache: bool = True,
     reference_truth: Mapping[int, np.ndarray] | None = None,
     context: ImageContext | None = None,
+    jcm_rounds: str | None = None,
 ) -> dict[Track, list[RoundPrediction]]:
     """Predict every round of ``dialogue`` for each track (Algorithm 1); returns the rounds per track.
 
     ``generate`` lets the model write its answers (greedy) and keeps them in the history; otherwise the
-    dialogue's own answers are fed, and a round without one (``answer`` None) is generated. ``use_cache=False`` re-runs the whole model for every round.
+    dialogue's own answers are fed, and a round without one (``answer`` None) is generated.
+    ``use_cache=False`` re-runs the whole model for every round.
     ``reference_truth`` maps referred round numbers to ground-truth masks; teacher-forcing tracks need it.
     ``context`` is ``image`` already encoded (``encode_image``); the cached path then encodes nothing.
+    ``jcm_rounds`` (``all`` or ``referred``) defaults to the model's ``heads.jcm_rounds``.
     """
-    tracks = list(dict.fromkeys(tracks))
-    if not tracks:
-        raise ValueError("chain_dialogue needs at least one track")
-    results: dict[Track, list[RoundPrediction]] = {track: [] for track in tracks}
     with torch.no_grad():
         if not use_cache:
             root = _ReplaySession(model, image)
@@ -176,17 +249,12 @@ def chain_dialogue(
             root = DialogueSession.for_image(model, image)
         else:
             root = DialogueSession(model, context)
-        groups = [_Group(root, tracks)]
-        for number, round_ in enumerate(dialogue.rounds, start=1):
-            next_groups: list[_Group] = []
-            for group in groups:
-                for sub in _split(group, round_.ref, results):
-                    reference = _reference(sub.tracks[0], round_.ref, results, reference_truth)
-                    _run_round(model, sub, number, round_.query, None if generate else round_.answer,
-                               round_.ref, reference, results)
-                    next_groups.append(sub)
-            groups = next_groups
-    return results
+        chain = DialogueChain(model, dialogue, tracks, root, generate=generate, reference_truth=reference_truth,
+                              jcm_rounds=jcm_rounds)
+        while not chain.finished:
+            chain.record([step.session.step(step.query, step.answer, step.reference, step.refers)
+                          for step in chain.next_steps()])
+    return chain.results
 
 
 def _split(group: _Group, ref: int | None, results: Mapping[Track, list[RoundPrediction]]) -> list[_Group]:
@@ -218,26 +286,24 @@ def _reference(
     return results[track][ref - 1].mask
 
 
-def _run_round(
+def _record_round(
     model: MediRound,
     group: _Group,
     number: int,
-    query: str,
-    answer: str | None,
     ref: int | None,
-    reference: np.ndarray | None,
+    result: RoundResult,
     results: dict[Track, list[RoundPrediction]],
+    judged: bool,
 ) -> None:
-    """One round for one group: one session step (which decodes the raw feature), one JCM score, the
-    refined feature decoded once when a track needs it."""
-    result = group.session.step(query, answer, reference, ref is not None)
+    """Finish one round for one group from its session step (which decoded the raw feature): one JCM
+    score when the round is ``judged``, the refined feature decoded once when a track needs it."""
     feature = result.seg_feature
-    uses_jcm = any(track.beta is not None for track in group.tracks)
+    uses_jcm = judged and any(track.beta is not None for track in group.tracks)
     score = float(model.jcm.judge(feature).reshape(-1)[0]) if uses_jcm else None
     answer_text = _answer_text(model, result)
     decoded: dict[bool, np.ndarray] = {}
     for track in group.tracks:
-        refined = track.beta is not None and not score > track.beta
+        refined = uses_jcm and track.beta is not None and not score > track.beta
         if refined not in decoded:
             logits = group.session.decode(model.jcm.refine(feature)) if refined else result.mask_logits
             decoded[refined] = _mask_from_logits(logits)
@@ -247,7 +313,7 @@ def _run_round(
                 mask=decoded[refined],
                 answer=answer_text,
                 ref_round=ref,
-                jcm_score=score if track.beta is not None else None,
+                jcm_score=score if uses_jcm and track.beta is not None else None,
                 refined=refined,
                 seg_found=not result.seg_fed,
                 seg_feature=feature,

@@ -5,42 +5,36 @@ source (predicted masks, ground-truth masks with ``--teacher-forcing``, both wit
 tracks of a dialogue run in one pass that shares the image encoders and, as long as their inputs agree,
 the text model's state (see ``mediround.inference.chain``); each track gets its own predictions folder.
 
-Rows: every track's rows go to one Parquet file with two extra columns, ``beta`` (float, null = JCM off)
-and ``references`` (``"predicted"`` or ``"ground-truth"``); each track folder also holds its own
-``metrics.parquet`` in the plain schema (usable as a baseline). The regression gate compares the primary
-track (the first beta; predicted references unless only teacher forcing was asked for) with the baseline
-rows of the same beta and references when the baseline has those columns, else with all of them.
+Rows: every track's rows go to one Parquet file (``mediround.reports.rows``: the one schema, whose ``beta``
+and ``references`` columns tell the tracks apart); each track folder also holds its own ``metrics.parquet``
+(usable as a baseline). The regression gate compares the primary track (the first beta; predicted
+references unless only teacher forcing was asked for) with the baseline rows of the same beta and
+references when the baseline says which (older files may hold nulls there), else with all of them.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from mediround.atomic import atomic_path
 from mediround.errors import DataError
 from mediround.inference.chain import Track
 from mediround.inference.events import InferenceEvents
-from mediround.inference.runner import InferenceConfig, InferenceSummary, run_inference, score_outputs
+from mediround.inference.runner import (
+    InferenceConfig,
+    InferenceSummary,
+    run_inference,
+    score_outputs,
+    scored_manifest,
+)
 from mediround.metrics import Scores, aggregate, group_scores, summarize
 from mediround.reports.beta_curve import beta_curve
-from mediround.reports.gate import Regression, compare_rows
+from mediround.reports.gate import Regression, compare_rows, coverage_failures
 from mediround.reports.plots import round_curve
-from mediround.reports.rows import ROW_SCHEMA, read_rows
+from mediround.reports.rows import read_rows, write_rows
 from mediround.reports.scoring import EvalConfig
-
-TRACK_COLUMNS = [("beta", pa.float64()), ("references", pa.string())]
-SWEEP_SCHEMA = pa.schema([*ROW_SCHEMA, *TRACK_COLUMNS])
-
-
-def references_name(track: Track) -> str:
-    return "ground-truth" if track.teacher_forcing else "predicted"
 
 
 @dataclass
@@ -83,14 +77,7 @@ class ModelEvaluation:
     beta_plot: Path | None = None
     round_plot: Path | None = None
     regressions: list[Regression] = field(default_factory=list)
-
-
-def write_sweep_rows(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-    """Rows of several tracks in one Parquet file: the plain row schema plus ``beta`` and ``references``."""
-    table = pa.Table.from_pylist([{name: row.get(name) for name in SWEEP_SCHEMA.names} for row in rows],
-                                 schema=SWEEP_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    gate_failures: list[str] = field(default_factory=list)
 
 
 def primary_track(tracks: Sequence[Track]) -> Track:
@@ -108,8 +95,8 @@ def round_gaps(predicted_rows: Sequence[dict], forced_rows: Sequence[dict]) -> l
 
 def _matching_rows(rows: list[dict], path: Path, track: Track) -> list[dict]:
     """The baseline rows of ``track`` when the baseline holds several tracks, else all of them."""
-    if rows and "beta" in rows[0] and "references" in rows[0]:
-        rows = [r for r in rows if r["beta"] == track.beta and r["references"] == references_name(track)]
+    if any(r.get("references") is not None for r in rows):
+        rows = [r for r in rows if r["beta"] == track.beta and r["references"] == track.references]
     if not rows:
         raise DataError(str(path), None, None, f"the baseline has no rows for {track.label}")
     return rows
@@ -140,10 +127,10 @@ def evaluate_model(
     for track in tracks:
         evaluation = evaluations[track.label]
         summaries[track] = evaluation.summary
-        rows.extend({**row, "beta": track.beta, "references": references_name(track)} for row in evaluation.rows)
+        rows.extend(evaluation.rows)
         problems.extend(evaluation.problems)
     out_path = Path(scoring.out) if scoring.out is not None else Path(config.out) / "metrics.parquet"
-    write_sweep_rows(out_path, rows)
+    write_rows(out_path, rows, scored_manifest(config))
     primary = primary_track(tracks)
     result = ModelEvaluation(summary, tracks, primary, summaries, rows, out_path, problems,
                              evaluations[primary.label].missing)
@@ -159,6 +146,8 @@ def evaluate_model(
         beta_curve({t.beta: aggregate(evaluations[t.label].rows) for t in swept}, settings.beta_plot)
         result.beta_plot = Path(settings.beta_plot)
     if baseline_rows is not None:
-        result.regressions = compare_rows(primary_rows, _matching_rows(baseline_rows, Path(baseline), primary),
-                                          scoring.max_drop)
+        matching = _matching_rows(baseline_rows, Path(baseline), primary)
+        result.regressions = compare_rows(primary_rows, matching, scoring.max_drop)
+        skipped = summary.skipped + evaluations[primary.label].skipped
+        result.gate_failures = coverage_failures(primary_rows, matching, skipped)
     return result

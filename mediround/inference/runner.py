@@ -23,14 +23,15 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import AfterValidator, Field
 
+from mediround import __version__
 from mediround.atomic import append_jsonl_line, atomic_open, write_json
 from mediround.data.dialogue import Dialogue
 from mediround.data.formats import load_dialogues
@@ -43,24 +44,29 @@ from mediround.data.predictions import (
     read_predictions,
     safe_name,
 )
+from mediround.data.run_manifest import MANIFEST_FILE, data_sha256, model_manifest_sha256, utc_now
 from mediround.error_log import ERRORS_FILE, read_error_log, write_error_log
 from mediround.errors import CheckpointError, DataError, RecipeError
-from mediround.inference import DEFAULT_BETA
+from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
+from mediround.inference.batching import ChainOutcome, chain_batched
 from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_dialogue
 from mediround.inference.events import InferenceEvents
 from mediround.launch import check_world_size, expected_world_size, plan_launch, relaunch
 from mediround.model.checkpoint import load_checkpoint
 from mediround.model.config import MediRoundConfig
 from mediround.model.load_report import LoadReport
-from mediround.reports.overlays import write_overlay
-from mediround.reports.scoring import EvalConfig, evaluate_predictions
+from mediround.reports.html import REPORT_FILE
+from mediround.reports.overlays import OVERLAYS_FOLDER, write_overlay
+from mediround.reports.scoring import SCORED_DATA_KEY, EvalConfig, evaluate_predictions
 from mediround.typed import load_typed, typed_config
 
 PARTS_FOLDER = ".parts"
 PROGRESS_FILE = "progress.jsonl"
 WORKER_PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.parquet"
-RUN_FILE = "run.json"
+# What a run writes into a predictions folder (and into each track folder): what --overwrite removes.
+RUN_OUTPUTS = (PREDICTIONS_FILE, MASKS_FOLDER, OVERLAYS_FOLDER, METRICS_FILE, REPORT_FILE, ERRORS_FILE,
+               MANIFEST_FILE, PARTS_FOLDER)
 
 
 def _distinct(values: tuple) -> tuple:
@@ -84,9 +90,11 @@ Beta = Annotated[float, Field(ge=0.0, le=1.0)]
 class InferenceConfig:
     """Everything one ``mediround infer`` run needs; JSON round trip so re-launched workers read the same.
 
-    ``betas`` empty means the default: ``DEFAULT_BETA`` when the checkpoint has trained JCM weights, else
+    ``batch_size`` dialogues advance together round by round (``mediround.inference.batching``; the
+    ``use_cache=False`` path runs one at a time). ``betas`` empty means the default: ``DEFAULT_BETA`` when the checkpoint has trained JCM weights, else
     JCM off (``resolve_betas``). ``None`` in ``betas`` is a JCM-off track. ``allow_partial_load`` loads a
     checkpoint whose weight files miss or add keys (what was left random is in the summary's load reports).
+    ``overwrite`` removes an earlier run's outputs from ``out`` first (``resume`` continues it instead).
     Build it from outside input with ``from_dict``, which checks every value.
     """
 
@@ -97,13 +105,16 @@ class InferenceConfig:
     teacher_forcing: Annotated[tuple[bool, ...], Field(min_length=1), AfterValidator(_distinct)] = (False,)
     generate: bool = False
     use_cache: bool = True
+    jcm_rounds: Literal["all", "referred"] | None = None
     resume: bool = False
+    overwrite: bool = False
     overlays: bool = False
     root: str | None = None
     allow_outside_root: bool = False
     device: Annotated[str, AfterValidator(_device_name)] = "cpu"
     num_processes: Annotated[int, Field(ge=1)] = 1
     allow_partial_load: bool = False
+    batch_size: Annotated[int, Field(ge=1)] = DEFAULT_BATCH_SIZE
 
     @property
     def tracks(self) -> list[Track]:
@@ -148,6 +159,8 @@ class InferenceSummary:
     errors_file: str = ""
     config: InferenceConfig | None = None
     load_reports: list[LoadReport] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+    """The run manifest written into the folder (``mediround.data.run_manifest``)."""
 
 
 def error_record(file: str, item: Any, dialogue_id: str | None, field_name: str | None, reason: str) -> dict:
@@ -177,9 +190,15 @@ def load_plan(config: InferenceConfig) -> Plan:
     loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
     out = Path(config.out)
     existing = [config.track_folder(t) / PREDICTIONS_FILE for t in config.tracks]
-    if not config.resume and (any(p.exists() for p in existing) or _parts_root(config).exists()):
+    if config.resume and config.overwrite:
+        raise DataError(str(out), None, None, "--resume continues the run in this folder and --overwrite replaces "
+                        "it: pass one")
+    earlier = any(p.exists() for p in existing) or _parts_root(config).exists() or (out / MANIFEST_FILE).exists()
+    if earlier and config.overwrite:
+        remove_run_outputs(out)
+    elif earlier and not config.resume:
         raise DataError(str(out), None, None, "already holds predictions: pass --resume to continue that run, "
-                        "or choose an empty folder")
+                        "--overwrite to replace it, or choose another folder")
     _check_same_run(config)
     done: set[str] = set()
     if config.resume:
@@ -193,11 +212,24 @@ def load_plan(config: InferenceConfig) -> Plan:
     return Plan(loaded.dialogues, loaded.problems, todo, len(loaded.dialogues) - len(todo), loaded.format)
 
 
+def remove_run_outputs(folder: Path) -> None:
+    """Remove what an earlier run wrote into ``folder`` and its track folders, nothing else."""
+    for directory in [folder, *(p for p in folder.iterdir() if p.is_dir() and (p / PREDICTIONS_FILE).exists())]:
+        for name in RUN_OUTPUTS:
+            path = directory / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
 def _run_settings(config: InferenceConfig) -> dict:
     """The settings that decide what a run predicts; a resumed run must use the same."""
     return {
         "data": os.path.abspath(config.data),
+        "data_sha256": data_sha256(config.data),
         "model": os.path.abspath(config.model),
+        "model_manifest_sha256": model_manifest_sha256(config.model),
         "betas": list(config.betas),
         "teacher_forcing": list(config.teacher_forcing),
         "generate": config.generate,
@@ -205,16 +237,27 @@ def _run_settings(config: InferenceConfig) -> dict:
 
 
 def _check_same_run(config: InferenceConfig) -> None:
-    """Refuse to resume a folder written with other settings; record this run's settings."""
-    path = Path(config.out) / RUN_FILE
+    """Refuse to resume a folder written with other settings or data; write this run's manifest
+    (``mediround.data.run_manifest``), its end time still unknown."""
+    path = Path(config.out) / MANIFEST_FILE
     settings = _run_settings(config)
+    started = utc_now()
     if config.resume and path.exists():
         earlier = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(key for key in settings if earlier.get(key) != settings[key])
         if changed:
             raise DataError(str(path), None, changed[0], f"--resume with other settings than the run being "
                             f"resumed ({', '.join(f'{k}: {earlier.get(k)!r} -> {settings[k]!r}' for k in changed)})")
-    write_json(path, settings)
+        started = earlier.get("started", started)
+    write_json(path, {**settings, "mediround_version": __version__, "started": started, "finished": None})
+
+
+def _record_finish(config: InferenceConfig) -> dict:
+    """Stamp the end time into the run manifest; returns the manifest."""
+    path = Path(config.out) / MANIFEST_FILE
+    manifest = {**json.loads(path.read_text(encoding="utf-8")), "finished": utc_now()}
+    write_json(path, manifest)
+    return manifest
 
 
 def _read_or_empty(folder: Path) -> dict[tuple[str, int], dict]:
@@ -247,21 +290,44 @@ def _item(dialogue: Dialogue) -> Any:
     return dialogue.item if dialogue.item is not None else dialogue.id
 
 
-def predict_dialogue(
-    model: Any, dialogue: Dialogue, config: InferenceConfig
-) -> tuple[dict[Track, list[RoundPrediction]], np.ndarray]:
-    """Decode the image, check the references and chain the rounds for every track of ``config``."""
+def prepare_dialogue(dialogue: Dialogue, config: InferenceConfig) -> tuple[np.ndarray, dict[int, np.ndarray] | None]:
+    """Check the references, decode the image and (for teacher forcing) read the referred rounds' masks."""
     check_dialogue(dialogue, config.data, generate=config.generate)
     try:
         image = load_image(dialogue.image_path)
     except DataError as error:
         raise DataError(config.data, _item(dialogue), "image", f"{error.file}: {error.reason}") from None
     truth = _reference_truth(dialogue, config.data, image.shape[:2]) if any(config.teacher_forcing) else None
+    return image, truth
+
+
+def predict_dialogue(
+    model: Any, dialogue: Dialogue, config: InferenceConfig
+) -> tuple[dict[Track, list[RoundPrediction]], np.ndarray]:
+    """Prepare ``dialogue`` and chain its rounds for every track of ``config``."""
+    image, truth = prepare_dialogue(dialogue, config)
     results = chain_dialogue(
         model, dialogue, image, config.tracks,
-        generate=config.generate, use_cache=config.use_cache, reference_truth=truth,
+        generate=config.generate, use_cache=config.use_cache, reference_truth=truth, jcm_rounds=config.jcm_rounds,
     )
     return results, image
+
+
+def predict_dialogues(model: Any, dialogues: Sequence[Dialogue], config: InferenceConfig) -> Iterator[ChainOutcome]:
+    """Every dialogue's outcome: ``config.batch_size`` at a time in finishing order, or one by one in order
+    (batch size 1, or ``use_cache=False``). A dialogue that fails is an outcome with its ``DataError``."""
+    if config.batch_size > 1 and config.use_cache:
+        yield from chain_batched(model, dialogues, lambda dialogue: prepare_dialogue(dialogue, config), config.tracks,
+                                 batch_size=config.batch_size, generate=config.generate,
+                                 jcm_rounds=config.jcm_rounds, file=config.data)
+        return
+    for dialogue in dialogues:
+        try:
+            results, image = predict_dialogue(model, dialogue, config)
+        except DataError as error:
+            yield ChainOutcome(dialogue, None, None, error)
+        else:
+            yield ChainOutcome(dialogue, results, image)
 
 
 def _counter(on_progress: Callable[[int], None]) -> Callable[[], None]:
@@ -292,19 +358,18 @@ def run_shard(
     try:
         with open(part / ERRORS_FILE, "a", encoding="utf-8") as errors, \
                 open(part / PROGRESS_FILE, "a", encoding="utf-8") as progress:
-            for index in plan.todo[rank::world]:
-                dialogue = plan.dialogues[index]
-                try:
-                    results, image = predict_dialogue(model, dialogue, config)
-                except DataError as error:
+            dialogues = [plan.dialogues[index] for index in plan.todo[rank::world]]
+            for outcome in predict_dialogues(model, dialogues, config):
+                dialogue, error = outcome.dialogue, outcome.error
+                if error is not None:
                     append_jsonl_line(errors, error_record(error.file, error.item, dialogue.id, error.field, error.reason))
                 else:
-                    for track, rounds in results.items():
+                    for track, rounds in outcome.results.items():
                         for prediction in rounds:
                             writers[track].write(dialogue.id, prediction.round, prediction.mask,
                                                  **prediction.record_fields())
                     if config.overlays:
-                        _write_overlay(config, dialogue, image, results)
+                        _write_overlay(config, dialogue, outcome.image, outcome.results)
                 append_jsonl_line(progress, {"id": dialogue.id})
                 if on_done is not None:
                     on_done()
@@ -317,7 +382,7 @@ def _write_overlay(
     config: InferenceConfig, dialogue: Dialogue, image: np.ndarray, results: dict[Track, list[RoundPrediction]]
 ) -> None:
     for track, rounds in results.items():
-        path = config.track_folder(track) / "overlays" / f"{safe_name(dialogue.id)}.png"
+        path = config.track_folder(track) / OVERLAYS_FOLDER / f"{safe_name(dialogue.id)}.png"
         write_overlay(path, dialogue, image, [p.mask for p in rounds])
 
 
@@ -393,6 +458,13 @@ def _move_mask(source: Path, destination: Path) -> None:
         raise DataError(str(source), None, "mask", "predicted mask missing from its part folder")
 
 
+def scored_manifest(config: InferenceConfig) -> dict:
+    """The run manifest of ``config.out``, plus the data its predictions are scored against (the same):
+    the file metadata of its metric rows."""
+    manifest = json.loads((Path(config.out) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    return {**manifest, "scored_data": manifest["data"], SCORED_DATA_KEY: manifest["data_sha256"]}
+
+
 def score_outputs(config: InferenceConfig) -> dict[str, Any]:
     """Score each track's predictions against the ground truth, writing ``metrics.parquet`` beside them.
 
@@ -401,13 +473,16 @@ def score_outputs(config: InferenceConfig) -> dict[str, Any]:
     """
     loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
     with_truth = [d for d in loaded.dialogues if any(r.mask is not None for r in d.rounds)]
+    manifest = scored_manifest(config)
     evaluations = {}
     for track in config.tracks:
         folder = config.track_folder(track)
         predicted = {dialogue_id for dialogue_id, _ in _read_or_empty(folder)}
         scored = [d for d in with_truth if d.id in predicted]
         if scored:
-            evaluations[track.label] = evaluate_predictions(scored, folder, EvalConfig(out=folder / METRICS_FILE))
+            scoring = EvalConfig(out=folder / METRICS_FILE, beta=track.beta, references=track.references,
+                                 manifest=manifest)
+            evaluations[track.label] = evaluate_predictions(scored, folder, scoring)
     return evaluations
 
 
@@ -487,6 +562,7 @@ def run_inference(
         raise
     skipped = finalize(config, plan.dialogues, plan.problems)
     skipped_at_load = _dialogues_with_problems(plan.problems)
+    manifest = _record_finish(config)
     seg_missing = 0
     folders = {}
     for track in config.tracks:
@@ -503,6 +579,7 @@ def run_inference(
         errors_file=str(Path(config.out) / ERRORS_FILE),
         config=config,
         load_reports=load_reports,
+        manifest=manifest,
     )
 
 

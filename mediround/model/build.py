@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -68,7 +69,12 @@ def _wrap_language_model(llava: nn.Module, tokenizer: PreTrainedTokenizerBase, c
     elif embeddings == "rows":
         ids = sorted(tokenizer.convert_tokens_to_ids(list(MEDIROUND_TOKENS)))
         settings["trainable_token_indices"] = {"embed_tokens": ids, "lm_head": ids}
-    return get_peft_model(llava, LoraConfig(**settings))
+    # peft's PeftModel reads transformers' deprecated ``is_gradient_checkpointing`` (no peft release reads
+    # ``is_activation_checkpointing`` yet), which warns on every command that loads a model; silenced
+    # for that one call and that one message, so any other warning still shows.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(llava, LoraConfig(**settings))
 
 
 def apply_trainability(model: MediRound) -> None:
@@ -105,6 +111,17 @@ def apply_trainability(model: MediRound) -> None:
         for name, param in model.mllm.named_parameters():
             if "modules_to_save" in name or "trainable_tokens" in name:
                 param.requires_grad_(False)
+
+
+def keep_trainable_fp32(model: nn.Module) -> None:
+    """Cast the trainable parameters to fp32 in place (frozen weights keep ``config.precision``).
+
+    The optimizer then updates fp32 master weights with fp32 moments, so that the small late updates of
+    the decaying schedule are not rounded away in bf16; compute runs in bf16 under autocast.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, int]:

@@ -21,6 +21,9 @@ SAM_VARIANTS = ("tiny", "vit_b", "vit_l", "vit_h")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAM_NORMALISATIONS = ("sam", "medsam")
 LM_MODES = ("lora", "full", "frozen")
+SEG_STATES = ("at_seg", "before_seg")
+JCM_REFINES = ("residual", "direct")
+JCM_ROUNDS = ("all", "referred")
 EMBEDDING_MODES = ("full", "rows", "frozen")
 
 
@@ -96,6 +99,15 @@ class HeadsConfig:
     """0: the paper's ``Linear(4, hidden)`` box token; n > 0: also n random Fourier features of the box."""
     entity_names: list[str] = field(default_factory=list)
     """Classes of the entity head (``loss.entity``); filled from the training data when left empty."""
+    seg_state: str = "at_seg"
+    """Which last-layer hidden state is h_c: ``at_seg`` (the state of the [SEG] token itself) or
+    ``before_seg`` (the state that emits [SEG], the authors' and LISA's convention)."""
+    jcm_refine: str = "residual"
+    """``residual``: refine(h) = h + MLP(h), last layer zero-initialised (starts as the identity);
+    ``direct``: refine(h) = MLP(h), the authors' form."""
+    jcm_rounds: str = "all"
+    """Rounds JCM judges and refines at inference: ``all``, or ``referred`` (only rounds whose mask a
+    later round refers to; the others decode raw, as the authors' evaluation does)."""
 
 
 @typed_config
@@ -187,6 +199,9 @@ class MediRoundConfig:
             ("precision", self.precision, PRECISIONS),
             ("trainable.language_model", self.trainable.language_model, LM_MODES),
             ("trainable.token_embeddings", self.trainable.token_embeddings, EMBEDDING_MODES),
+            ("heads.seg_state", self.heads.seg_state, SEG_STATES),
+            ("heads.jcm_refine", self.heads.jcm_refine, JCM_REFINES),
+            ("heads.jcm_rounds", self.heads.jcm_rounds, JCM_ROUNDS),
         ]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -205,10 +220,13 @@ def tiny_config() -> MediRoundConfig:
 
 
 def llava_med_7b_config(mllm_path: str, sam_checkpoint: str | None, sam_variant: str = "vit_b") -> MediRoundConfig:
-    """The paper's model: a converted LLaVA-Med v1.5 Mistral-7B folder and a MedSAM/SAM ViT-B .pth."""
+    """The paper's model: a converted LLaVA-Med v1.5 Mistral-7B folder and a MedSAM/SAM ViT-B .pth, with
+    the conventions of the authors' released code: h_c from the state before [SEG], a direct refine MLP,
+    JCM on referred rounds only, and no system prompt (their Mistral-instruct template has none)."""
     return MediRoundConfig(
-        mllm=MLLMConfig(source=str(mllm_path)),
+        mllm=MLLMConfig(source=str(mllm_path), system_prompt=""),
         segmenter=SegmenterConfig(variant=sam_variant, checkpoint=sam_checkpoint, image_size=1024),
+        heads=HeadsConfig(seg_state="before_seg", jcm_refine="direct", jcm_rounds="referred"),
         precision="bf16",
         gradient_checkpointing=True,
     )

@@ -3,10 +3,11 @@
 judge: 256 -> 512 -> 512 -> 1 (GELU) with a sigmoid, the predicted quality of the feature's mask.
 refine: 256 -> 512 -> 512 -> 256 (GELU), a corrected feature. Untrained until ``train-jcm``.
 
-Unlike the paper's refine MLP, ours is residual (feature + MLP(feature)) with its last layer initialised
-to zero: it starts as the identity, so stage 2 learns a correction of the raw feature instead of
-re-learning the feature from scratch, and a briefly trained refine cannot make a good mask worse than the
-raw one by much. docs/jcm.md measures it.
+``residual=True`` (the tiny presets): refine is feature + MLP(feature) with its last layer initialised to
+zero: it starts as the identity, so stage 2 learns a correction of the raw feature instead of re-learning
+the feature from scratch, and a briefly trained refine cannot make a good mask worse than the raw one by
+much (docs/jcm.md measures it). ``residual=False`` (``heads.jcm_refine: direct``, the 7B preset): the MLP
+outputs the new feature, as in the authors' code.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ def _mlp(dims: tuple[int, ...]) -> nn.Sequential:
 
 
 class JCM(nn.Module):
-    def __init__(self, feature_dim: int = 256, hidden: int = 512):
+    def __init__(self, feature_dim: int = 256, hidden: int = 512, residual: bool = True):
         super().__init__()
+        self.residual = residual
         self.judge_mlp = _mlp((feature_dim, hidden, hidden, 1))
         self.refine_mlp = _mlp((feature_dim, hidden, hidden, feature_dim))
-        nn.init.zeros_(self.refine_mlp[-1].weight)
-        nn.init.zeros_(self.refine_mlp[-1].bias)
+        if residual:
+            nn.init.zeros_(self.refine_mlp[-1].weight)
+            nn.init.zeros_(self.refine_mlp[-1].bias)
 
     def judge_logits(self, features: torch.Tensor) -> torch.Tensor:
         """(n, 256) -> (n,) logits of the quality score (for a BCE-with-logits loss)."""
@@ -43,5 +46,7 @@ class JCM(nn.Module):
         return torch.sigmoid(self.judge_logits(features))
 
     def refine(self, features: torch.Tensor) -> torch.Tensor:
-        """(n, 256) -> (n, 256) corrected features: the feature plus a learned correction."""
-        return features + self.refine_mlp(features)
+        """(n, 256) -> (n, 256) corrected features: the feature plus a learned correction (residual), or
+        the MLP's output (direct)."""
+        refined = self.refine_mlp(features)
+        return features + refined if self.residual else refined

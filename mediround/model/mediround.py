@@ -68,7 +68,7 @@ class MediRound(nn.Module):
         self.box_encoder = BoxEncoder(hidden, config.heads.box_fourier_features, config.heads.seed)
         names = config.heads.entity_names
         self.entity_head = nn.Linear(hidden, len(names)) if names else None
-        self.jcm = JCM(config.heads.seg_dim, config.heads.jcm_hidden)
+        self.jcm = JCM(config.heads.seg_dim, config.heads.jcm_hidden, residual=config.heads.jcm_refine == "residual")
         self.crop_encoder = CropEncoder(llava, config.mllm.vision_feature_layer, config.mllm.crop_tokens)
         # Kept with the model so that every loaded model carries the inputs it was built for.
         self.processor = DialogueProcessor(config, tokenizer, llava.config.vision_config)
@@ -133,12 +133,19 @@ class MediRound(nn.Module):
         return embeds
 
     def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None,
-                      cache: DynamicCache | None) -> torch.Tensor:
-        """The language model's last hidden states; with a ``cache``, the embeddings extend it."""
+                      cache: DynamicCache | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The language model's last hidden states; with a ``cache``, the embeddings extend it.
+        ``position_ids`` default to the cache length onwards (give them when rows hold padding)."""
         out = self.llava.model.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, use_cache=cache is not None
+            inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, use_cache=cache is not None,
+            position_ids=position_ids,
         )
         return out.last_hidden_state
+
+    @property
+    def seg_state_offset(self) -> int:
+        """Where h_c sits relative to the [SEG] token: 0 (its own state) or -1 (the state that emits it)."""
+        return -1 if self.config.heads.seg_state == "before_seg" else 0
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """[SEG] hidden states -> [SEG] features (the SAM prompt), (..., seg_dim)."""
@@ -169,7 +176,7 @@ class MediRound(nn.Module):
         seg_states, entity_labels = [], []
         size = self.config.segmenter.image_size
         for row, positions in enumerate(batch.seg_positions):
-            seg_states.append(hidden[row, positions])
+            seg_states.append(hidden[row, [position + self.seg_state_offset for position in positions]])
             entity_labels.append(batch.entity_labels[row])
             features = self.project(seg_states[-1])
             low_res = self.decode_low_res(embeddings[row : row + 1], features)

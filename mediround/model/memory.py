@@ -41,11 +41,13 @@ class MemoryEstimate:
 def estimate_training_memory(
     config: MediRoundConfig, model: torch.nn.Module | None = None, batch_size: int = 1, sequence_length: int = 1024
 ) -> MemoryEstimate:
-    """Memory of one training process: LLaVA weights in ``config.precision``, SAM and heads in fp32;
-    gradients of trainable parameters in their weights' precision; AdamW with an fp32 master copy and two fp32 moments (12 bytes per trainable
-    parameter under bf16/fp16, 8 under fp32); activations of the language model (with gradient
+    """Memory of one training process, as the trainer runs it: frozen LLaVA weights in ``config.precision``,
+    trainable parameters (LoRA, embed_tokens/lm_head copies, heads) as fp32 master weights with fp32
+    gradients, SAM and heads in fp32; AdamW's two fp32 moments (8 bytes per trainable parameter); so 16 bytes
+    per trainable parameter whatever the precision. Activations of the language model (with gradient
     checkpointing: one hidden state per layer plus one layer's working set, else ~34 values per hidden
     unit per layer) and the fp32 logits of the answer positions (bounded by the sequence length).
+    ZeRO partitioning is applied by ``mediround.doctor.memory.shard_for_zero``.
 
     ``model`` may be a MediRound already built (e.g. on meta); otherwise one is built on meta from
     ``config`` (reads only the LLaVA config.json, no weights).
@@ -64,13 +66,13 @@ def estimate_training_memory(
         activations = text.num_hidden_layers * per_layer + 34 * per_layer
     else:
         activations = 34 * text.num_hidden_layers * per_layer
-    master = 4 if config.precision != "fp32" else 0
+    frozen_mllm = mllm - mllm_trainable
     return MemoryEstimate(
         parameters=parameters,
         trainable=trainable,
-        weights=mllm * width + (parameters - mllm) * 4,
-        gradients=mllm_trainable * width + (trainable - mllm_trainable) * 4,
-        optimiser=trainable * (8 + master),
+        weights=frozen_mllm * width + (parameters - frozen_mllm) * 4,
+        gradients=trainable * 4,
+        optimiser=trainable * 8,
         activations=activations,
         logits=tokens * text.vocab_size * 4,
     )

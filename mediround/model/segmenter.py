@@ -171,6 +171,25 @@ def decode_masks(sam: nn.Module, embedding: torch.Tensor, prompts: torch.Tensor)
     return logits
 
 
+def decode_masks_per_image(sam: nn.Module, embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """n image embeddings (n, 256, g, g) with one prompt each (n, 256) -> low-res logits (n, 1, 4g, 4g) in
+    one pass: ``decode_masks`` of each pair. SAM's ``MaskDecoder.predict_masks`` repeats a single image
+    embedding for all its prompts, so its steps are run here with the i-th embedding for the i-th prompt,
+    computing only the first mask (the one ``multimask_output=False`` keeps)."""
+    decoder = sam.mask_decoder
+    count = prompts.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).unsqueeze(0)
+    tokens = torch.cat((output_tokens.expand(count, -1, -1), prompts[:, None, :].to(embeddings.dtype)), dim=1)
+    src = embeddings + sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    positions = sam.prompt_encoder.get_dense_pe().expand(count, -1, -1, -1)
+    batch, channels, height, width = src.shape
+    hidden, src = decoder.transformer(src, positions, tokens)
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).view(batch, channels, height, width))
+    hyper_in = decoder.output_hypernetworks_mlps[0](hidden[:, 1])[:, None]
+    batch, channels, height, width = upscaled.shape
+    return (hyper_in @ upscaled.view(batch, channels, height * width)).view(batch, 1, height, width)
+
+
 def upsample_logits(low_res: torch.Tensor, size: int, resized: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
     """Low-res logits (n, 1, h, w) -> (n, *out): to the padded input size, crop the padding, resize."""
     logits = F.interpolate(low_res.float(), size=(size, size), mode="bilinear", align_corners=False)

@@ -51,10 +51,71 @@ class RoundResult:
 @torch.no_grad()
 def encode_image(model: MediRound, image: np.ndarray) -> ImageContext:
     """Run SAM's image encoder and CLIP once for an (H, W, 3) uint8 image."""
-    pixels, resized = model.processor.sam_pixels(image)
-    embedding = model.sam_embed(pixels)
-    features = model.clip_features(model.processor.clip_pixels(image))[0]
-    return ImageContext(image, embedding, features, tuple(image.shape[:2]), resized)
+    return encode_images(model, [image])[0]
+
+
+@torch.no_grad()
+def encode_images(model: MediRound, images: list[np.ndarray]) -> list[ImageContext]:
+    """``encode_image`` of several images, each encoder run once over all of them."""
+    sam_inputs = [model.processor.sam_pixels(image) for image in images]
+    embeddings = model.sam_embed(torch.cat([pixels for pixels, _ in sam_inputs]))
+    features = model.clip_features(torch.cat([model.processor.clip_pixels(image) for image in images]))
+    return [
+        ImageContext(image, embeddings[index : index + 1], features[index], tuple(image.shape[:2]), resized)
+        for index, (image, (_, resized)) in enumerate(zip(images, sam_inputs))
+    ]
+
+
+def decode_features(model: MediRound, context: ImageContext, features: torch.Tensor) -> torch.Tensor:
+    """(n, 256) features on ``context``'s image -> (n, H, W) mask logits at the original image size."""
+    low_res = model.decode_low_res(context.sam_embedding, features.reshape(-1, model.config.heads.seg_dim))
+    return upsample_logits(low_res, model.config.segmenter.image_size, context.resized_size, context.original_size)
+
+
+def seg_feature(model: MediRound, emitting: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """h_c projected, from the hidden state that emitted [SEG] or the one of [SEG] itself (``heads.seg_state``)."""
+    return model.project(emitting if model.seg_state_offset else seg)
+
+
+class GreedyAnswer:
+    """The token-by-token state of one greedily decoded answer, shared by ``DialogueSession`` and the
+    batched session so that both choose the same tokens.
+
+    ``next_token(logits)`` gives the next token to feed (None once the answer is complete) and ``fed(token,
+    feature)`` records it with its projected hidden state. Decoding stops at </s> or after
+    ``max_new_tokens`` tokens; a second [SEG] becomes </s>; [SEG] is fed before </s> when the answer has
+    none (``seg_fed``), so every answer holds exactly one [SEG] and ends with </s>.
+    """
+
+    def __init__(self, seg_id: int, eos_id: int, max_new_tokens: int):
+        self.seg_id, self.eos_id, self.max_new_tokens = seg_id, eos_id, max_new_tokens
+        self.answer_ids: list[int] = []
+        self.feature: torch.Tensor | None = None
+        self.seg_fed = False
+        self.closing: list[int] | None = None
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the next token is chosen from the language model's logits (not a closing token)."""
+        return self.closing is None and len(self.answer_ids) < self.max_new_tokens
+
+    def next_token(self, logits: torch.Tensor | None) -> int | None:
+        if self.needs_logits:
+            token = int(logits.argmax())
+            if token == self.seg_id and self.feature is not None:
+                token = self.eos_id
+            if token != self.eos_id:
+                return token
+        if self.closing is None:
+            self.seg_fed = self.feature is None
+            self.closing = ([self.seg_id] if self.seg_fed else []) + [self.eos_id]
+        return self.closing.pop(0) if self.closing else None
+
+    def fed(self, token: int, feature: torch.Tensor | None) -> None:
+        """Record a fed token; ``feature`` is its projected hidden state, kept when it is [SEG]."""
+        self.answer_ids.append(token)
+        if token == self.seg_id:
+            self.feature = feature
 
 
 class DialogueSession:
@@ -128,7 +189,7 @@ class DialogueSession:
             ids = user.ids + answer_piece.ids
             hidden = self._feed(ids, user.kinds + answer_piece.kinds, None, crop_pixels, boxes)
             seg_at = len(user.ids) + answer_piece.ids.index(layout.seg_id)
-            feature = self.model.project(hidden[seg_at])
+            feature = self.model.project(hidden[seg_at + self.model.seg_state_offset])
             answer_ids = answer_piece.ids
             seg_fed = False
         else:
@@ -143,32 +204,15 @@ class DialogueSession:
 
     def _greedy(self, last_hidden: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, list[int], bool]:
         layout = self.model.processor.layout
-        lm_head = self.model.llava.lm_head
-        answer_ids: list[int] = []
-        feature = None
-        while len(answer_ids) < max_new_tokens:
-            token = int(lm_head(last_hidden).argmax())
-            if token == layout.seg_id and feature is not None:
-                token = layout.eos_id
-            answer_ids.append(token)
-            if token == layout.eos_id:
-                break
-            last_hidden = self._feed([token], [TEXT])[-1]
-            if token == layout.seg_id:
-                feature = self.model.project(last_hidden)
-        if answer_ids and answer_ids[-1] == layout.eos_id:
-            answer_ids.pop()
-        seg_fed = feature is None
-        if seg_fed:
-            answer_ids.append(layout.seg_id)
-            feature = self.model.project(self._feed([layout.seg_id], [TEXT])[-1])
-        answer_ids.append(layout.eos_id)
-        self._feed([layout.eos_id], [TEXT])
-        return feature, answer_ids, seg_fed
+        answer = GreedyAnswer(layout.seg_id, layout.eos_id, max_new_tokens)
+        while True:
+            token = answer.next_token(self.model.llava.lm_head(last_hidden) if answer.needs_logits else None)
+            if token is None:
+                return answer.feature, answer.answer_ids, answer.seg_fed
+            emitting, last_hidden = last_hidden, self._feed([token], [TEXT])[-1]
+            answer.fed(token, seg_feature(self.model, emitting, last_hidden) if token == layout.seg_id else None)
 
     @torch.no_grad()
     def decode(self, features: torch.Tensor) -> torch.Tensor:
         """(n, 256) features -> (n, H, W) mask logits at the original image size (foreground: > 0)."""
-        model, context = self.model, self.context
-        low_res = model.decode_low_res(context.sam_embedding, features.reshape(-1, model.config.heads.seg_dim))
-        return upsample_logits(low_res, model.config.segmenter.image_size, context.resized_size, context.original_size)
+        return decode_features(self.model, self.context, features)

@@ -1,7 +1,11 @@
-"""Regression gate: compare a run's scores with a baseline metrics file, in x100 points.
+"""Regression gate: compare a run's scores with a baseline metrics file, in x100 points, and refuse a run
+that does not cover what the baseline covers.
 
-Scopes compared: ``overall`` and every round present in both runs; metrics: Dice, gIoU, cIoU.
-A round present in only one of the runs is not compared (its data differ, not its quality).
+Scores (``compare_rows``): ``overall`` and every round present in both runs; metrics: Dice, gIoU, cIoU.
+Coverage (``coverage_failures``): the gate also fails, one reason each, when the run has fewer
+(dialogue, round) pairs than the baseline, when its dialogue ids differ from the baseline's, when no
+prediction matched a round (every round scored as missing), or when any dialogue was skipped, so a
+broken data file or the wrong baseline can never pass.
 """
 
 from __future__ import annotations
@@ -58,11 +62,37 @@ def compare_rows(
     return regressions
 
 
-def compare(
-    current_rows: Sequence[Mapping[str, Any]], baseline_parquet: str | os.PathLike, max_drop_points: float
-) -> list[Regression]:
-    """``compare_rows`` against the rows of a baseline Parquet file written by ``mediround eval``."""
+def _examples(ids: set[str]) -> str:
+    shown = sorted(ids)[:3]
+    return ", ".join(shown) + (", ..." if len(ids) > len(shown) else "")
+
+
+def coverage_failures(
+    current_rows: Sequence[Mapping[str, Any]], baseline_rows: Sequence[Mapping[str, Any]], skipped: int
+) -> list[str]:
+    """Why the run cannot be compared with the baseline (empty when it can): one reason per line."""
+    reasons = []
+    if skipped:
+        reasons.append(f"{skipped} dialogue(s) skipped (reasons listed above and in errors.jsonl)")
+    current = {(r["dialogue_id"], r["round"]) for r in current_rows}
+    baseline = {(r["dialogue_id"], r["round"]) for r in baseline_rows}
+    if len(current) < len(baseline):
+        reasons.append(f"the run covers {len(current)} (dialogue, round) pairs, fewer than the baseline's {len(baseline)}")
+    current_ids = {dialogue_id for dialogue_id, _ in current}
+    baseline_ids = {dialogue_id for dialogue_id, _ in baseline}
+    if current_ids != baseline_ids:
+        reasons.append(f"dialogue ids differ from the baseline's: {len(current_ids - baseline_ids)} only in this run "
+                       f"({_examples(current_ids - baseline_ids)}), {len(baseline_ids - current_ids)} only in the "
+                       f"baseline ({_examples(baseline_ids - current_ids)})")
+    if current_rows and all(r.get("missing") for r in current_rows):
+        reasons.append("no prediction matched a round of the data (every round scored as missing): wrong data file?")
+    return reasons
+
+
+def read_baseline(baseline_parquet: str | os.PathLike) -> list[dict]:
+    """The rows of a baseline Parquet file written by ``mediround eval``; ``DataError`` when it has none."""
     baseline_rows = read_rows(baseline_parquet)
     if not baseline_rows:
         raise DataError(str(baseline_parquet), None, None, "the baseline has no rows")
-    return compare_rows(current_rows, baseline_rows, max_drop_points)
+    return baseline_rows
+

@@ -1,7 +1,7 @@
 """A self-contained HTML page of a scored predictions folder: summary tables, then each dialogue's rounds.
 
-Each dialogue shows its overlay picture (``mediround.reports.overlays``: predicted mask orange, ground
-truth green) and one table row per round: the query, the round it refers to, whether it names its target,
+A colour legend opens the page. Each dialogue shows its overlay picture (``mediround.reports.overlays``:
+predicted mask orange, ground truth green, each tile captioned with its round's Dice) and one table row per round: the query, the round it refers to, whether it names its target,
 the model's answer, the JCM score and whether the refined [SEG] was used, and the round's Dice and IoU.
 Images are linked by paths relative to the page, so the folder can be moved or zipped as a whole.
 """
@@ -16,7 +16,9 @@ from typing import Any
 
 from mediround.atomic import atomic_open
 from mediround.data.dialogue import Dialogue
+from mediround.data.predictions import read_predictions, safe_name
 from mediround.metrics import Scores, summarize
+from mediround.reports.overlays import ALPHA, OVERLAYS_FOLDER, PREDICTED_COLOUR, TRUTH_COLOUR
 from mediround.reports.tables import NAMES_TARGET_LABELS
 
 STYLE = """
@@ -28,7 +30,9 @@ section { border-top: 2px solid #ddd; padding-top: 0.5em; margin-top: 1.5em; }
 img { max-width: 100%; }
 .note { color: #555; }
 .ref-only { background: #fff6e0; }
+.swatch { display: inline-block; width: 1em; height: 1em; vertical-align: middle; margin: 0 0.3em 0 1em; }
 """
+REPORT_FILE = "report.html"
 
 
 def _cell(value: Any, numeric: bool = False) -> str:
@@ -46,6 +50,22 @@ def _order(value: Any) -> tuple:
     """Known values first: True before False, rounds by number, ``regular`` before ``hard``."""
     rank = {True: 0, False: 1, "regular": 0, "hard": 1}.get(value, 2) if isinstance(value, (bool, str)) else 2
     return (value is None, rank, value if isinstance(value, int) and not isinstance(value, bool) else 0, str(value))
+
+
+def _css_colour(colour: Any) -> str:
+    return "rgb({}, {}, {})".format(*(int(c) for c in colour))
+
+
+def _legend() -> str:
+    """The overlay colours, as the tiles mix them over a mid-grey pixel."""
+    grey = 128.0
+    both = (1 - ALPHA) * ((1 - ALPHA) * grey + ALPHA * TRUTH_COLOUR) + ALPHA * PREDICTED_COLOUR
+    entries = (("predicted mask", (1 - ALPHA) * grey + ALPHA * PREDICTED_COLOUR),
+               ("ground truth", (1 - ALPHA) * grey + ALPHA * TRUTH_COLOUR), ("both", both))
+    swatches = "".join(f"<span class='swatch' style='background: {_css_colour(colour)}'></span>{name}"
+                       for name, colour in entries)
+    return (f"<p class='legend'>Overlay colours:{swatches}. Each round's tile is captioned with its Dice "
+            "(x100) when the data has ground truth.</p>")
 
 
 def _scores_table(groups: Mapping[Any, Scores], grouping: str) -> str:
@@ -95,6 +115,7 @@ def render_report(
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts += [f"<p class='note'>{html.escape(note)}</p>" for note in notes]
+    parts.append(_legend())
     if rows:
         summary = summarize(rows)
         parts.append("<h2>Scores (x100)</h2>")
@@ -129,3 +150,24 @@ def write_report(path: str | os.PathLike, page: str) -> Path:
     with atomic_open(path) as handle:
         handle.write(page)
     return Path(path)
+
+
+def write_predictions_report(
+    page_path: str | os.PathLike,
+    predictions_dir: str | os.PathLike,
+    dialogues: Sequence[Dialogue],
+    rows: Sequence[Mapping[str, Any]],
+    title: str,
+    notes: Sequence[str] = (),
+    figures: Sequence[tuple[str, str]] = (),
+) -> Path:
+    """The page of one predictions folder (its records and ``overlays/`` PNGs, linked relative to the
+    page), written atomically to ``page_path``; what ``demo``, ``infer --report`` and ``eval --report`` write."""
+    page_path, predictions_dir = Path(page_path), Path(predictions_dir)
+    overlays = {}
+    for dialogue in dialogues:
+        overlay = predictions_dir / OVERLAYS_FOLDER / f"{safe_name(dialogue.id)}.png"
+        if overlay.is_file():
+            overlays[dialogue.id] = Path(os.path.relpath(overlay, page_path.parent)).as_posix()
+    page = render_report(title, dialogues, rows, read_predictions(predictions_dir), overlays, notes, figures)
+    return write_report(page_path, page)

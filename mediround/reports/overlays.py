@@ -2,7 +2,7 @@
 
 Each round tile shows the image with the predicted mask in orange and the ground-truth mask (when the
 data has one) in green, where both agree the colours mix; the tile's caption is the round number, the
-referred round and the query, wrapped to the tile width.
+referred round, the round's Dice (x100, when there is ground truth) and the query, wrapped to the tile width.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from mediround.atomic import atomic_path
 from mediround.data.dialogue import Dialogue
 from mediround.data.images import load_mask
 from mediround.errors import DataError
+from mediround.metrics import pair_counts
 
+OVERLAYS_FOLDER = "overlays"
+"""Where a predictions folder keeps its overlay PNGs (``<safe id>.png``)."""
 TILE = 256
 CAPTION_LINES = 4
 LINE_HEIGHT = 12
@@ -64,9 +67,11 @@ def render_overlay(dialogue: Dialogue, image: np.ndarray, predicted: Sequence[np
     captions = ["image"]
     tiles = [_tile(image, None, None)]
     for number, (round_, mask) in enumerate(zip(dialogue.rounds, predicted), start=1):
-        tiles.append(_tile(image, mask, _truth(dialogue, number, shape)))
+        truth = _truth(dialogue, number, shape)
+        tiles.append(_tile(image, mask, truth))
         ref = f" (ref {round_.ref})" if round_.ref is not None else ""
-        captions.append(f"R{number}{ref}: {round_.query}")
+        dice = "" if truth is None else f" Dice {100 * pair_counts(np.asarray(mask, bool), truth).dice:.1f}"
+        captions.append(f"R{number}{ref}{dice}: {round_.query}")
     columns = min(COLUMNS, len(tiles))
     rows = -(-len(tiles) // columns)
     cell_height = TILE + CAPTION_LINES * LINE_HEIGHT + 6

@@ -1,9 +1,17 @@
-"""Metric rows on disk: one Parquet file per evaluation, fixed schema, written atomically."""
+"""Metric rows on disk: one Parquet file per evaluation, one fixed schema in every mode, written atomically.
+
+Every file has the same columns whether it holds one track or a sweep: ``beta`` (null = JCM off or
+unknown) and ``references`` (``"predicted"``, ``"ground-truth"``, or null when unknown) are always there.
+``difficulty`` is what tables group by (the round's own difficulty, else its dialogue's);
+``dialogue_difficulty`` and ``round_difficulty`` keep the two levels apart. The run manifest of the
+predictions scored (``mediround.data.run_manifest``) travels as file metadata under ``mediround.run``.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +27,8 @@ ROW_SCHEMA = pa.schema(
         ("scenario", pa.string()),
         ("modality", pa.string()),
         ("difficulty", pa.string()),
+        ("dialogue_difficulty", pa.string()),
+        ("round_difficulty", pa.string()),
         ("names_target", pa.bool_()),
         ("entity", pa.string()),
         ("intersection", pa.int64()),
@@ -30,15 +40,22 @@ ROW_SCHEMA = pa.schema(
         ("missing", pa.bool_()),
         ("jcm_score", pa.float64()),
         ("refined", pa.bool_()),
+        ("beta", pa.float64()),
+        ("references", pa.string()),
     ]
 )
+RUN_METADATA_KEY = b"mediround.run"
+REFERENCES = {False: "predicted", True: "ground-truth"}
+"""The ``references`` column of a track, by whether it used teacher forcing."""
 REQUIRED_COLUMNS = ("dialogue_id", "round", "intersection", "union", "iou", "dice")
 
 
-def write_rows(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-    """Write metric rows as a Parquet file with the fixed ROW_SCHEMA, atomically."""
+def write_rows(path: str | os.PathLike, rows: Sequence[dict], manifest: Mapping | None = None) -> None:
+    """Write metric rows as a Parquet file with the fixed ROW_SCHEMA, atomically, with the run
+    ``manifest`` of the predictions as file metadata."""
+    schema = ROW_SCHEMA.with_metadata({RUN_METADATA_KEY: json.dumps(manifest, sort_keys=True)}) if manifest else ROW_SCHEMA
     table = pa.Table.from_pylist([{name: row.get(name) for name in ROW_SCHEMA.names} for row in rows],
-                                 schema=ROW_SCHEMA)
+                                 schema=schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -55,3 +72,13 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         if column not in table.column_names:
             raise DataError(str(path), None, column, "missing column; not a MediRound metrics file")
     return table.to_pylist()
+
+
+def read_run_metadata(path: str | os.PathLike) -> dict | None:
+    """The run manifest a metrics file was written with (None when it has none, or is no readable Parquet)."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return None
+    raw = metadata.get(RUN_METADATA_KEY)
+    return json.loads(raw) if raw else None

@@ -17,23 +17,27 @@ import numpy as np
 from mediround.data.dialogue import Dialogue
 from mediround.data.images import load_mask
 from mediround.data.predictions import PREDICTIONS_FILE, read_predictions
+from mediround.data.run_manifest import MANIFEST_FILE, check_data_matches, data_sha256, read_manifest
+from mediround.error_log import ERRORS_FILE, read_error_log
 from mediround.errors import DataError
 from mediround.metrics import Scores, pair_counts, summarize
-from mediround.reports.gate import Regression, compare
+from mediround.reports.gate import Regression, compare_rows, coverage_failures, read_baseline
 from mediround.reports.plots import round_curve
-from mediround.reports.rows import write_rows
+from mediround.reports.rows import REFERENCES, read_run_metadata, write_rows
 
 
 @dataclass
 class ScoreResult:
     """Rows (one per scored round), problems (skipped dialogues and rounds, bad prediction masks),
     the ``(dialogue id, round)`` pairs that had no usable prediction and were scored as empty, and the
-    number of predictions that match no round of the data (a sign of the wrong data file)."""
+    number of predictions that match no round of the data (a sign of the wrong data file), and the number
+    of dialogues skipped whole."""
 
     rows: list[dict]
     problems: list[DataError] = field(default_factory=list)
     missing: list[tuple[str, int]] = field(default_factory=list)
     unmatched: int = 0
+    skipped: int = 0
 
 
 def _prediction_mask(
@@ -85,6 +89,8 @@ def _score_dialogue(
                 "scenario": dialogue.scenario,
                 "modality": dialogue.modality,
                 "difficulty": round_.difficulty or dialogue.difficulty,
+                "dialogue_difficulty": dialogue.difficulty,
+                "round_difficulty": round_.difficulty,
                 "names_target": round_.names_target,
                 "entity": round_.entity,
                 "intersection": mask_counts.intersection,
@@ -122,6 +128,7 @@ def score_predictions(
             _score_dialogue(dialogue, records, directory, result)
         except DataError as error:
             result.problems.append(DataError(error.file, dialogue.id, error.field, f"dialogue skipped: {error.reason}"))
+            result.skipped += 1
         if advance is not None:
             advance()
     known = {(dialogue.id, number) for dialogue in dialogues for number in range(1, len(dialogue.rounds) + 1)}
@@ -129,14 +136,73 @@ def score_predictions(
     return result
 
 
+SCORED_DATA_KEY = "scored_data_sha256"
+"""Metadata key of a metrics file: the SHA-256 of the data its rows were scored against."""
+
+
+def check_replaceable(out: str | os.PathLike, manifest: dict | None) -> None:
+    """Refuse to replace a metrics file scored against other (or unknown) data than ``manifest`` says."""
+    if not Path(out).exists():
+        return
+    earlier = read_run_metadata(out) or {}
+    current = (manifest or {}).get(SCORED_DATA_KEY)
+    if current is None or earlier.get(SCORED_DATA_KEY) != current:
+        raise DataError(str(out), None, None, "already holds the metrics of other data or of an unknown run; "
+                        "pass --overwrite to replace it, or --out to write elsewhere")
+
+
+@dataclass
+class ScoringInputs:
+    """What ``mediround eval --predictions DIR`` scores: the data (given, or the one the run manifest
+    names), the manifest with that data's hash added, the track the folder holds (when it holds one), and
+    how many dialogues ``infer`` skipped (listed in its errors.jsonl)."""
+
+    data: Path
+    manifest: dict
+    beta: float | None
+    references: str | None
+    skipped_by_infer: int
+
+
+def scoring_inputs(predictions_dir: str | os.PathLike, data: str | os.PathLike | None, force: bool) -> ScoringInputs:
+    """Read the predictions folder's run manifest (required without ``data``), check ``data`` against it
+    (``DataError`` when its SHA-256 differs, unless ``force``), before anything is written."""
+    folder = Path(predictions_dir)
+    has_manifest = (folder / MANIFEST_FILE).is_file()
+    manifest = read_manifest(folder) if has_manifest or data is None else {}
+    data = Path(data) if data is not None else Path(manifest["data"])
+    if not data.exists():
+        raise DataError(str(data), None, None, f"the data named by {folder / MANIFEST_FILE} is not there; give DATA")
+    digest = check_data_matches(manifest, folder, data, force) if manifest else data_sha256(data)
+    betas, forced = manifest.get("betas", []), manifest.get("teacher_forcing", [])
+    single = len(betas) == 1 and len(forced) == 1
+    skipped = sum(1 for record in read_error_log(folder / ERRORS_FILE) if record.get("id") is not None)
+    return ScoringInputs(
+        data=data,
+        manifest={**manifest, "scored_data": str(data.resolve()), SCORED_DATA_KEY: digest},
+        beta=betas[0] if single else None,
+        references=REFERENCES[bool(forced[0])] if single else None,
+        skipped_by_infer=skipped,
+    )
+
+
 @dataclass
 class EvalConfig:
-    """What to do after scoring: where to write rows, which baseline to gate against, where to plot."""
+    """What to do after scoring: where to write rows, which baseline to gate against, where to plot, the
+    track the predictions come from (``beta``, ``references``: written into every row) and the run
+    ``manifest`` of the predictions (the rows' file metadata). ``skipped``: dialogues already skipped before
+    scoring (unreadable in the data file, or not predicted); they fail the gate as the scoring's own do."""
 
     out: Path | None = None
     baseline: Path | None = None
     max_drop: float = 0.0
     plot: Path | None = None
+    beta: float | None = None
+    references: str | None = None
+    manifest: dict | None = None
+    skipped: int = 0
+    overwrite: bool = False
+    """Replace an ``out`` file that holds the metrics of other data (refused otherwise)."""
 
 
 @dataclass
@@ -148,7 +214,11 @@ class Evaluation:
     problems: list[DataError]
     missing: list[tuple[str, int]]
     unmatched: int = 0
+    skipped: int = 0
+    """Dialogues skipped before or during scoring."""
     regressions: list[Regression] = field(default_factory=list)
+    gate_failures: list[str] = field(default_factory=list)
+    """Why the run could not be compared with the baseline (``mediround.reports.gate.coverage_failures``)."""
     out: Path | None = None
     plot: Path | None = None
 
@@ -161,18 +231,26 @@ def evaluate_predictions(
 ) -> Evaluation:
     """Score a predictions folder, write the rows, draw the per-round curve and gate against a baseline.
 
-    Raises ``DataError`` when nothing could be scored (no rows) since there is no score to report.
+    Raises ``DataError`` when nothing could be scored (no rows) since there is no score to report, and,
+    before scoring, when ``config.out`` holds metrics of other data than ``config.manifest``'s
+    ``scored_data_sha256`` (or of unknown data) and ``config.overwrite`` is not set.
     """
+    if config.out is not None and not config.overwrite:
+        check_replaceable(config.out, config.manifest)
     scored = score_predictions(dialogues, predictions_dir, advance=advance)
+    for row in scored.rows:
+        row.update(beta=config.beta, references=config.references)
     if not scored.rows:
         raise DataError(str(predictions_dir), None, None, "no round could be scored (no dialogue with ground truth)")
     evaluation = Evaluation(rows=scored.rows, summary=summarize(scored.rows), problems=scored.problems,
-                            missing=scored.missing, unmatched=scored.unmatched)
+                            missing=scored.missing, unmatched=scored.unmatched, skipped=config.skipped + scored.skipped)
     if config.baseline is not None:
         # Before writing: the baseline may be the very file this run is about to replace.
-        evaluation.regressions = compare(scored.rows, config.baseline, config.max_drop)
+        baseline_rows = read_baseline(config.baseline)
+        evaluation.regressions = compare_rows(scored.rows, baseline_rows, config.max_drop)
+        evaluation.gate_failures = coverage_failures(scored.rows, baseline_rows, evaluation.skipped)
     if config.out is not None:
-        write_rows(config.out, scored.rows)
+        write_rows(config.out, scored.rows, config.manifest)
         evaluation.out = Path(config.out)
     if config.plot is not None:
         round_curve(evaluation.summary["round"], config.plot)

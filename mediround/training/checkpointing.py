@@ -5,6 +5,8 @@ renamed when complete, so a final name always holds a whole checkpoint::
 
     model/                      the model engineer's save_checkpoint (what infer/eval load)
     optimizer.safetensors/.json the optimizer state_dict (tensors / tagged JSON structure)
+    optimizer-rank<R>.*         under DeepSpeed ZeRO: each process's partition of the optimizer state
+                                (its fp32 master weights and moments), same format
     scheduler.json              the LR scheduler state_dict
     rng-rank<R>.json/.safetensors  python, numpy and torch (and CUDA) RNG states of each process
     trainer_state.json          step, data position, world size, recipe hash (written last)
@@ -197,20 +199,44 @@ def load_trainable(model: torch.nn.Module, folder: Path) -> None:
             param.copy_(tensors[name])
 
 
+def zero_optimizer_state(zero: Any) -> dict:
+    """A DeepSpeed ZeRO-1/2 optimizer's state_dict (this process's partition) as plain data: its loss
+    scaler becomes its scalar settings and the parameter slice mappings (rebuilt by the optimizer itself)
+    are left out, so that ``save_state`` stores it without pickle."""
+    state = dict(zero.state_dict())
+    state["loss_scaler"] = {key: value for key, value in vars(state["loss_scaler"]).items()
+                            if value is None or isinstance(value, (bool, int, float, str))}
+    state.pop("param_slice_mappings", None)
+    return state
+
+
+def load_zero_optimizer_state(zero: Any, state: dict, rank: int, world_size: int) -> None:
+    """Load ``zero_optimizer_state`` of this process's partition into a ZeRO optimizer built the same way,
+    fp32 master weights included."""
+    scaler = zero.loss_scaler
+    for key, value in state["loss_scaler"].items():
+        setattr(scaler, key, value)
+    state = {**state, "loss_scaler": scaler, "param_slice_mappings": zero._param_slice_mappings}
+    partitions = [state if index == rank else None for index in range(world_size)]
+    zero.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
 def write_checkpoint_files(
     folder: Path,
     model: torch.nn.Module | None,
     optimizer_state: dict | None,
     scheduler_state: dict | None,
     rank: int,
+    optimizer_name: str = "optimizer",
 ) -> None:
     """This process's share of a checkpoint in the (temporary) ``folder``: rank 0 writes the model,
-    optimizer and scheduler; every rank writes its RNG state."""
+    optimizer and scheduler (under ZeRO every rank its ``optimizer_name`` partition); every rank writes
+    its RNG state."""
     folder.mkdir(parents=True, exist_ok=True)
     if model is not None:
         save_trainable(model, folder)
     if optimizer_state is not None:
-        save_state(folder, "optimizer", optimizer_state)
+        save_state(folder, optimizer_name, optimizer_state)
     if scheduler_state is not None:
         save_state(folder, "scheduler", scheduler_state)
     save_state(folder, f"rng-rank{rank}", rng_state())

@@ -12,6 +12,7 @@ processes or accumulation steps.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -25,12 +26,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, set_seed
 
 from mediround.atomic import write_json
 from mediround.data.formats import load_dialogues
-from mediround.errors import CheckpointError, DataError, MediRoundError
+from mediround.errors import CheckpointError, DataError, LaunchError, MediRoundError
 from mediround.launch import check_world_size, stop_requested
+from mediround.model.build import keep_trainable_fp32
 from mediround.training import checkpointing
 from mediround.training.data import ShardedStream, StreamPosition
 from mediround.training.events import (
@@ -192,20 +195,68 @@ def run_stage(
     expected_processes: int = 1,
     on_event: EventHandler | None = None,
     allow_partial_load: bool = False,
+    deepspeed_config: str | None = None,
 ) -> TrainingResult:
     """Train ``objective`` in this process (one of ``expected_processes``); returns on the main process
     and on every other process alike. ``on_event(event)`` is called on the main process only.
     ``allow_partial_load`` builds the model even when a weight file misses or adds keys; a
-    ``WeightsLoaded`` event then lists what was left random."""
+    ``WeightsLoaded`` event then lists what was left random. ``deepspeed_config`` (a JSON file) runs the
+    step under DeepSpeed (ZeRO-2) instead of DDP."""
     if cpu:
         torch.set_num_threads(recipe.train.threads or max(1, (os.cpu_count() or 1) // expected_processes))
+    # Accelerate keeps its settings in a process-wide singleton: a second run in the same process (a
+    # library caller, the tests) may use another precision. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
+    mixed_precision = recipe.resolved_mixed_precision(on_gpu=not cpu)
+    plugin = None
+    if deepspeed_config is not None:
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_settings(deepspeed_config, recipe, mixed_precision))
     accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=recipe.resolved_mixed_precision(on_gpu=not cpu),
+        cpu=cpu and plugin is None,
+        mixed_precision=mixed_precision,
+        deepspeed_plugin=plugin,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.train.find_unused_parameters)],
     )
-    check_world_size(accelerator.num_processes, expected_processes, accelerator.process_index)
-    return TrainingEngine(recipe, objective, accelerator, on_event, allow_partial_load).run(resume)
+    world_size, rank = process_group(accelerator)
+    check_world_size(world_size, expected_processes, rank)
+    try:
+        return TrainingEngine(recipe, objective, accelerator, on_event, allow_partial_load).run(resume)
+    finally:
+        if plugin is not None:
+            # Without both, a DeepSpeed process on CPU aborts at exit (SIGABRT).
+            accelerator.end_training()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+
+def process_group(accelerator: Accelerator) -> tuple[int, int]:
+    """This run's world size and rank. torch.distributed decides: under DeepSpeed on CPU, Accelerate
+    reports 1 and 0 in every process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return accelerator.num_processes, accelerator.process_index
+
+
+def deepspeed_settings(path: str, recipe: RunRecipe, mixed_precision: str) -> dict:
+    """The DeepSpeed config of ``path`` with what the recipe decides filled in (micro-batch, accumulation,
+    clipping, bf16/fp16), so that the recipe stays the one description of the run. The optimizer is the
+    engine's AdamW (``zero_allow_untested_optimizer``)."""
+    try:
+        settings = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise LaunchError(f"--deepspeed {path}: cannot read the DeepSpeed config: {error}") from None
+    if not isinstance(settings, dict):
+        raise LaunchError(f"--deepspeed {path}: expected a JSON object")
+    settings.update({
+        "train_micro_batch_size_per_gpu": recipe.train.batch_size,
+        "gradient_accumulation_steps": recipe.train.grad_accum,
+        "gradient_clipping": recipe.train.clip_grad_norm or 0.0,
+        "bf16": {"enabled": mixed_precision == "bf16"},
+        "fp16": {"enabled": mixed_precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+    })
+    settings.pop("train_batch_size", None)
+    return settings
 
 
 class TrainingEngine:
@@ -218,9 +269,9 @@ class TrainingEngine:
         self.objective = objective
         self.allow_partial_load = allow_partial_load
         self.accelerator = accelerator
-        self.world_size = accelerator.num_processes
-        self.rank = accelerator.process_index
-        self.is_main = accelerator.is_main_process
+        self.world_size, self.rank = process_group(accelerator)
+        self.is_main = self.rank == 0
+        self.deepspeed = accelerator.state.deepspeed_plugin is not None
         self.on_event = on_event if self.is_main else None
         self.output = Path(recipe.output)
         self.checkpoints = self.output / "checkpoints"
@@ -263,6 +314,30 @@ class TrainingEngine:
         except ValueError as error:
             raise DataError(recipe.data.train, None, None, str(error)) from None
 
+    @contextlib.contextmanager
+    def accumulating(self, last: bool) -> Iterator[None]:
+        """The forward/backward of one micro-batch: gradients are synchronised (and, under DeepSpeed, the
+        optimizer steps) only after the ``last`` micro-batch of the step."""
+        if self.deepspeed:
+            self.accelerator.gradient_state._set_sync_gradients(last)
+            try:
+                yield
+            finally:
+                self.accelerator.gradient_state._set_sync_gradients(True)
+        elif last:
+            yield
+        else:
+            with self.accelerator.no_sync(self.wrapped):
+                yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a micro-batch loss already scaled by its share of the global batch (DeepSpeed must
+        not divide it by the accumulation steps again)."""
+        if self.deepspeed:
+            self.accelerator.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
+
     def any_process(self, flag: bool) -> bool:
         value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(value, "sum").item() > 0)
@@ -272,6 +347,7 @@ class TrainingEngine:
         start = self.begin(resume)
         set_seed(recipe.train.seed)
         parts = self.objective.build(self, start)
+        keep_trainable_fp32(parts.trainable)
         if self.allow_partial_load:
             self.emit(WeightsLoaded([asdict(report) for report in parts.model.load_reports]))
         if start.resume_from is not None:
@@ -307,7 +383,11 @@ class TrainingEngine:
         """The step and stream position to go on from; optimizer, scheduler and RNG state loaded when resuming."""
         if start.state is None:
             return 0, StreamPosition()
-        self.optimizer.load_state_dict(checkpointing.load_state(start.resume_from, "optimizer"))
+        if self.deepspeed:
+            state = checkpointing.load_state(start.resume_from, self._optimizer_file())
+            checkpointing.load_zero_optimizer_state(self.optimizer.optimizer, state, self.rank, self.world_size)
+        else:
+            self.optimizer.load_state_dict(checkpointing.load_state(start.resume_from, "optimizer"))
         self.scheduler.load_state_dict(checkpointing.load_state(start.resume_from, "scheduler"))
         checkpointing.restore_rng_state(checkpointing.load_state(start.resume_from, f"rng-rank{self.rank}"))
         return start.state["step"], StreamPosition(**start.state["position"])
@@ -320,7 +400,7 @@ class TrainingEngine:
             started = time.perf_counter()
             micro = [next(batches) for _ in range(recipe.train.grad_accum)]
             loss, components, nonfinite = self.objective.accumulate(self, micro)
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.params, recipe.train.clip_grad_norm or math.inf))
+            grad_norm = self._clip_gradients()
             bad = self.any_process(nonfinite or not math.isfinite(grad_norm))
             position = micro[-1].position
             if bad:
@@ -364,6 +444,22 @@ class TrainingEngine:
                            str(result.model) if result.model else None, result.skipped_steps))
         return result
 
+    def _optimizer_file(self) -> str:
+        """Where the optimizer state goes: one file, or under ZeRO one partition per process."""
+        return f"optimizer-rank{self.rank}" if self.deepspeed else "optimizer"
+
+    def _optimizer_state(self) -> dict | None:
+        """What this process writes of the optimizer state (None: another process writes it)."""
+        if self.deepspeed:
+            return checkpointing.zero_optimizer_state(self.optimizer.optimizer)
+        return self.optimizer.state_dict() if self.is_main else None
+
+    def _clip_gradients(self) -> float:
+        """Clip to ``train.clip_grad_norm`` and return the global gradient norm (before clipping). DeepSpeed
+        clips inside its step (``gradient_clipping``) and reports the norm it saw."""
+        norm = self.accelerator.clip_grad_norm_(self.params, self.recipe.train.clip_grad_norm or math.inf)
+        return float(norm) if norm is not None else 0.0
+
     def _validate(self, result: TrainingResult, step: int) -> None:
         event = self.objective.validate(self, step)
         if event is not None:
@@ -385,9 +481,10 @@ class TrainingEngine:
         checkpointing.write_checkpoint_files(
             temporary,
             model=self.trainable if self.is_main else None,
-            optimizer_state=self.optimizer.state_dict() if self.is_main else None,
+            optimizer_state=self._optimizer_state(),
             scheduler_state=self.scheduler.state_dict() if self.is_main else None,
             rank=self.rank,
+            optimizer_name=self._optimizer_file(),
         )
         if self.is_main:
             self.objective.write_checkpoint_extra(temporary)

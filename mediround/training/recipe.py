@@ -8,6 +8,10 @@ every problem is ONE ``RecipeError`` line naming the file and the dotted key (wi
 a typo).
 
 Relative paths in a recipe are resolved against the working directory, as command-line paths are.
+
+The recipes shipped with the package live in ``mediround/recipes/`` (package data, the repository's only
+copy): wherever a recipe path is taken, a shipped recipe's NAME (``mediround-7b-4gpu``) or the repository
+path the docs use (``recipes/mediround-7b-4gpu.yaml``) works as well, from any folder and any install.
 """
 
 from __future__ import annotations
@@ -27,10 +31,14 @@ import yaml
 from mediround.errors import RecipeError
 from mediround.inference import DEFAULT_BETA
 from mediround.model.config import MediRoundConfig, preset
+from mediround.model.weight_sources import WEIGHTS_PAGE
 from mediround.typed import load_typed, typed_config
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 RUN_FILE = "run.json"
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PAPER_RECIPE = "mediround-7b-4gpu"
+"""What ``mediround train`` runs without a RECIPE: the paper's setting on 4 GPUs."""
 # A problem a validator found: the dotted key and why its value is refused.
 Problem = tuple[str, str]
 
@@ -191,9 +199,19 @@ class Recipe(RunRecipe):
         data["model"] = {"preset": data.pop("model_preset"), **data["model"]}
         return data
 
+    def resolved_mixed_precision(self, on_gpu: bool) -> str:
+        """``auto`` is bf16 on GPU; on CPU it is the model's precision (``no`` for fp32): the trainable
+        weights are fp32 masters, so a bf16 model computes under autocast."""
+        if self.train.mixed_precision == "auto" and not on_gpu:
+            return {"fp32": "no"}.get(self.model.precision, self.model.precision)
+        return super().resolved_mixed_precision(on_gpu)
+
     def own_problems(self) -> Iterator[Problem]:
         if self.validation.batch_size < 1:
             yield "validation.batch_size", f"must be at least 1, got {self.validation.batch_size}"
+        if self.model.precision != "fp32" and self.train.mixed_precision == "no":
+            yield "train.mixed_precision", (f"'no' cannot train a {self.model.precision} model: the trainable weights "
+                                            "stay fp32, so compute must autocast (use auto or bf16)")
 
 
 @typed_config
@@ -231,9 +249,11 @@ class JCMRecipe(RunRecipe):
                 yield f"jcm.{key}", f"must be in [0, 1], got {value}"
 
 
-def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read a stage-1 recipe YAML, apply ``key=value`` overrides, check every key, type and file."""
-    return recipe_from_dict(read_recipe_file(path, overrides), str(path))
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), require_weights: bool = False) -> Recipe:
+    """Read a stage-1 recipe YAML, apply ``key=value`` overrides, check every key, type and file;
+    ``require_weights`` also refuses a recipe whose LLaVA folder or SAM checkpoint is missing (training
+    needs them; ``mediround doctor`` reports them as rows of its own)."""
+    return recipe_from_dict(read_recipe_file(path, overrides), str(path), require_weights)
 
 
 def load_jcm_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> JCMRecipe:
@@ -245,13 +265,41 @@ def load_jcm_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> J
     return recipe
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes (and DeepSpeed configs) shipped in the package, by name (the file name without suffix)."""
+    found = {path.stem: path for path in SHIPPED_RECIPES.iterdir() if path.suffix in (".yaml", ".json")}
+    return dict(sorted(found.items()))
+
+
+def shipped_recipe(name: str) -> Path:
+    """The shipped recipe ``name`` (with or without its suffix); ``RecipeError`` lists the names otherwise."""
+    shipped = shipped_recipes()
+    path = shipped.get(Path(name).stem if Path(name).suffix in (".yaml", ".json") else name)
+    if path is None:
+        raise RecipeError(f"{name}: no shipped recipe of that name; shipped: {', '.join(shipped)}")
+    return path
+
+
+def resolve_recipe(path_or_name: str | Path) -> Path:
+    """An existing file as it is; otherwise the shipped recipe named by ``path_or_name``'s file name (so
+    ``recipes/x.yaml``, ``x.yaml`` and ``x`` all find the shipped ``x.yaml``); otherwise the path unchanged,
+    for the caller's "not found" error."""
+    path = Path(path_or_name)
+    if path.exists():
+        return path
+    shipped = shipped_recipes()
+    name = path.stem if path.suffix in (".yaml", ".json") else path.name
+    return shipped.get(name, path)
+
+
 def read_recipe_file(path: str | Path, overrides: typing.Sequence[str] = ()) -> dict:
-    """The sections of a recipe YAML as plain data, with ``key=value`` overrides applied (not yet checked)."""
+    """The sections of a recipe YAML (a path or a shipped recipe's name) as plain data, with ``key=value``
+    overrides applied (not yet checked)."""
     source = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = yaml.safe_load(resolve_recipe(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RecipeError(f"{source}: recipe file not found") from None
+        raise RecipeError(f"{source}: recipe file not found, and no shipped recipe has that name (`mediround recipes` lists them)") from None
     except (OSError, yaml.YAMLError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RecipeError(f"{source}: cannot read recipe: {first_line}") from None
@@ -264,7 +312,7 @@ def read_recipe_file(path: str | Path, overrides: typing.Sequence[str] = ()) -> 
     return raw
 
 
-def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
+def recipe_from_dict(raw: dict, source: str = "<recipe>", require_weights: bool = False) -> Recipe:
     """Build and check a stage-1 ``Recipe`` from plain data (the parsed YAML)."""
     raw = dict(raw)
     model_raw = raw.pop("model", None) or {}
@@ -278,8 +326,35 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     recipe.model_preset = preset_name
     recipe.model = _model_config(preset_name, model_raw, source)
     recipe.source = source
+    if require_weights:
+        _check_files(recipe, _missing_weights(recipe.model))
     check_recipe(recipe)
     return recipe
+
+
+def _missing_weights(model: MediRoundConfig) -> list[Problem]:
+    """The weight paths of a model config that are not on this machine."""
+    missing = []
+    if model.mllm.source != "tiny" and not Path(model.mllm.source).is_dir():
+        missing.append(("model.mllm.source", f"folder not found: {model.mllm.source}"))
+    if model.segmenter.checkpoint is not None and not Path(model.segmenter.checkpoint).is_file():
+        missing.append(("model.segmenter.checkpoint", f"file not found: {model.segmenter.checkpoint}"))
+    return missing
+
+
+def _missing_data(recipe: RunRecipe) -> list[Problem]:
+    files = [(f"data.{key}", getattr(recipe.data, key)) for key in ("train", "val")]
+    return [(key, f"file not found: {path}") for key, path in files if path and not Path(path).is_file()]
+
+
+def _check_files(recipe: RunRecipe, missing_weights: list[Problem]) -> None:
+    """One line naming every missing weight and data file at once (a fresh machine lacks them all), with
+    the page that says how to get the weights."""
+    missing = missing_weights + _missing_data(recipe)
+    if missing:
+        where = "; ".join(f"key '{key}': {reason}" for key, reason in missing)
+        page = f" ({WEIGHTS_PAGE} says how to get and convert the weights)" if missing_weights else ""
+        raise RecipeError(f"{recipe.source}: {where}{page}")
 
 
 def check_recipe(recipe: RunRecipe) -> None:
@@ -294,10 +369,7 @@ def _problems(recipe: RunRecipe) -> Iterator[Problem]:
     yield from recipe.own_problems()
     if not recipe.data.train:
         yield "data.train", "missing: name the training dialogue file"
-    for key in ("train", "val"):
-        value = getattr(recipe.data, key)
-        if value and not Path(value).is_file():
-            yield f"data.{key}", f"file not found: {value}"
+    yield from _missing_data(recipe)
     if recipe.data.root is not None and not Path(recipe.data.root).is_dir():
         yield "data.root", f"folder not found: {recipe.data.root}"
     train = recipe.train

@@ -9,7 +9,6 @@ rounds chained from the model's own masks (``mediround.inference.chain``, what `
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,10 +56,11 @@ LOSS_KEYS = ("ce", "bce", "dice", "entity")
 
 
 def run_training(recipe: Recipe, *, resume: bool = False, cpu: bool = True, expected_processes: int = 1,
-                 on_event: EventHandler | None = None, allow_partial_load: bool = False) -> TrainingResult:
+                 on_event: EventHandler | None = None, allow_partial_load: bool = False,
+                     deepspeed_config: str | None = None) -> TrainingResult:
     """Train one stage-1 run in this process (``engine.run_stage`` says how)."""
     return run_stage(TeacherForcing(recipe), recipe, resume=resume, cpu=cpu, expected_processes=expected_processes,
-                     on_event=on_event, allow_partial_load=allow_partial_load)
+                     on_event=on_event, allow_partial_load=allow_partial_load, deepspeed_config=deepspeed_config)
 
 
 class TeacherForcing(Objective):
@@ -97,9 +97,7 @@ class TeacherForcing(Objective):
             scale_tokens = tokens * world_size / max(1.0, float(global_counts[0]))
             scale_masks = masks * world_size / max(1.0, float(global_counts[1]))
             scale_entities = entities * world_size / max(1.0, float(global_counts[2]))
-            syncing = index == len(micro) - 1
-            context = contextlib.nullcontext() if syncing else accelerator.no_sync(engine.wrapped)
-            with context:
+            with engine.accumulating(last=index == len(micro) - 1):
                 with accelerator.autocast():
                     output = engine.wrapped(batch.data)
                 parts = [output.losses["ce"] * scale_tokens, output.losses["bce"] * scale_masks,
@@ -108,7 +106,7 @@ class TeacherForcing(Objective):
                         + weights.entity * parts[3])
                 if not torch.isfinite(loss.detach()):
                     nonfinite = True
-                accelerator.backward(loss)
+                engine.backward(loss)
             report += torch.tensor([float(loss.detach()), *(float(p.detach()) for p in parts)], dtype=torch.float64)
         total = [float(v) for v in accelerator.reduce(report.to(accelerator.device), "sum").cpu() / world_size]
         return total[0], dict(zip(LOSS_KEYS, total[1:])), nonfinite

@@ -16,7 +16,6 @@ trained.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,11 +57,12 @@ LOSS_KEYS = ("judge", "refine_bce", "refine_dice")
 
 
 def run_jcm_training(recipe: JCMRecipe, *, resume: bool = False, cpu: bool = True, expected_processes: int = 1,
-                     on_event: EventHandler | None = None, allow_partial_load: bool = False) -> TrainingResult:
+                     on_event: EventHandler | None = None, allow_partial_load: bool = False,
+                     deepspeed_config: str | None = None) -> TrainingResult:
     """Train JCM in this process (``engine.run_stage`` says how); ``allow_partial_load`` loads a checkpoint
     whose weight files miss or add keys."""
     return run_stage(JudgeAndRefine(recipe), recipe, resume=resume, cpu=cpu, expected_processes=expected_processes,
-                     on_event=on_event, allow_partial_load=allow_partial_load)
+                     on_event=on_event, allow_partial_load=allow_partial_load, deepspeed_config=deepspeed_config)
 
 
 def check_jcm_output(recipe: JCMRecipe, resume: bool, overwrite: bool) -> None:
@@ -163,12 +163,10 @@ class JudgeAndRefine(Objective):
         weights = torch.tensor([jcm.judge_weight, jcm.refine_bce_weight, jcm.refine_dice_weight])
         report = torch.zeros(3, dtype=torch.float64)
         for index, batch in enumerate(micro):
-            syncing = index == len(micro) - 1
-            context = accelerator.no_sync(engine.wrapped) if not syncing else contextlib.nullcontext()
-            with context, accelerator.autocast():
+            with engine.accumulating(last=index == len(micro) - 1), accelerator.autocast():
                 sums = engine.wrapped(batch.data)
                 loss = (sums.float() * weights.to(sums.device)).sum() * scale
-                accelerator.backward(loss)
+                engine.backward(loss)
             report += sums.detach().double().cpu() * scale
         total = accelerator.reduce(report.to(accelerator.device), "sum").cpu() / engine.world_size
         components = dict(zip(LOSS_KEYS, (float(v) for v in total)))

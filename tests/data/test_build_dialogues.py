@@ -41,6 +41,7 @@ from mediround.data.build.volumes import (
 from mediround.data.formats import load_dialogues
 from mediround.data.images import load_image, load_mask
 from mediround.data.validate import validate
+from mediround.training.recipe import resolve_recipe
 from mediround_cli.common import SKIPPED_EXIT_CODE
 from mediround_cli.main import cli
 
@@ -300,7 +301,7 @@ def test_convert_sa_med2d_is_multi_round_unless_single_round(tmp_path: Path) -> 
 def test_train_and_eval_run_on_built_dialogues(tmp_path: Path) -> None:
     out = tmp_path / "built"
     assert run("build-dialogues", SAM_MED2D, out, "--rounds", "2..3").exit_code == 0
-    recipe = yaml.safe_load(Path("recipes/tiny-cpu.yaml").read_text())
+    recipe = yaml.safe_load(resolve_recipe("recipes/tiny-cpu.yaml").read_text())
     recipe["output"] = str(tmp_path / "run")
     recipe["data"] = {"train": str(out / "test.jsonl"), "val": None}
     recipe["train"] = {**recipe.get("train", {}), "max_steps": 2, "batch_size": 1, "threads": 1, "warmup_steps": 1}

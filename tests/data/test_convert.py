@@ -12,6 +12,7 @@ from mediround.data.formats import load_dialogues
 from mediround.data.formats.convert import convert
 from mediround.data.formats.samed2d import class_from_mask_name, modality_from_name
 from mediround.data.validate import validate
+from mediround_cli.common import SKIPPED_EXIT_CODE
 from mediround_cli.main import cli
 
 
@@ -25,7 +26,7 @@ def test_cli_round_trip_through_another_folder_restores_the_file(dataset: Path, 
     assert "outside" in first.output
     assert validate(elsewhere, allow_outside_root=True).ok
     refused = runner.invoke(cli, ["convert", str(elsewhere), str(dataset / "refused.json")])
-    assert refused.exit_code == 1 and "leaves the root" in refused.output
+    assert refused.exit_code == SKIPPED_EXIT_CODE and "leaves the root" in refused.output
     back = runner.invoke(cli, ["convert", str(elsewhere), str(dataset / "back.json"), "--allow-outside-root"])
     assert back.exit_code == 0, back.output
     assert json.loads((dataset / "back.json").read_text()) == MR_ITEMS
@@ -48,10 +49,10 @@ def test_convert_inside_the_data_folder_keeps_paths_and_validates(dataset: Path)
     )
 
 
-def test_convert_skips_bad_dialogues_and_exits_1(dataset: Path) -> None:
+def test_convert_skips_bad_dialogues_and_exits_3(dataset: Path) -> None:
     source = write_jsonl_lines(dataset / "mixed.jsonl", [jsonl_line("ok"), "not json"])
     result = CliRunner().invoke(cli, ["convert", str(source), str(dataset / "out.json")])
-    assert result.exit_code == 1
+    assert result.exit_code == SKIPPED_EXIT_CODE
     assert f"{source}: line 2: invalid JSON" in result.output
     assert [item["id"] for item in json.loads((dataset / "out.json").read_text())] == ["ok"]
 
@@ -126,3 +127,28 @@ def test_sa_med2d_demo_becomes_single_round_dialogues(tmp_path: Path, shared_dat
         len(masks),
     )
     assert report.stats.modalities["CT"] == sum(1 for name in masks if name.startswith("amos_0"))
+
+
+def test_convert_refuses_an_existing_output_even_its_own_input_without_overwrite(dataset: Path) -> None:
+    source = write_jsonl_lines(dataset / "own.jsonl", [jsonl_line("ok")])
+    before = source.read_bytes()
+    itself = CliRunner().invoke(cli, ["convert", str(source), str(source)])
+    assert itself.exit_code == 2 and "is SOURCE itself" in itself.output and "--overwrite" in itself.output
+    assert source.read_bytes() == before
+    target = dataset / "target.json"
+    target.write_text("keep me")
+    refused = CliRunner().invoke(cli, ["convert", str(source), str(target)])
+    assert refused.exit_code == 2 and target.read_text() == "keep me"
+    replaced = CliRunner().invoke(cli, ["convert", str(source), str(target), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert [item["id"] for item in json.loads(target.read_text())] == ["ok"]
+
+
+def test_sa_med2d_conversion_validates_without_allow_outside_root(shared_data, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    output = Path("converted") / "dialogues.jsonl"
+    converted = CliRunner().invoke(cli, ["convert", str(shared_data("sam-med2d-demo")), str(output),
+                                         "--from", "sa-med2d"])
+    assert converted.exit_code == 0, converted.output
+    checked = CliRunner().invoke(cli, ["validate", str(tmp_path / output)])
+    assert checked.exit_code == 0 and "all dialogues valid" in checked.output, checked.output

@@ -196,3 +196,29 @@ def test_answers_with_two_seg_tokens_are_refused_unless_generating(dialogue):
         check_dialogue(dialogue, "data.jsonl")
     assert caught.value.field == "rounds[2].answer"
     check_dialogue(dialogue, "data.jsonl", generate=True)
+
+
+@pytest.mark.parametrize("jcm_rounds, judged", [("all", [True, True, True]), ("referred", [True, True, False])])
+def test_jcm_rounds_referred_decodes_unreferred_rounds_raw(jcm_model, dialogue, jcm_rounds, judged):
+    dialogue, image = dialogue
+    set_judge_score(jcm_model, 0.5)
+    track = Track(1.0)
+    refined = chain_dialogue(jcm_model, dialogue, image, [track], jcm_rounds=jcm_rounds)[track]
+    raw = chain_dialogue(jcm_model, dialogue, image, [Track(None)])[Track(None)]
+    # Rounds 1 and 2 are referred to by rounds 2 and 3; the final round is referred to by none.
+    assert [r.refined for r in refined] == judged
+    assert [r.jcm_score is not None for r in refined] == judged
+    assert not np.array_equal(refined[0].mask, raw[0].mask)
+    # Every mask is the decode of h_c itself (unjudged) or of refine(h_c) (judged and refined).
+    decoder = DialogueSession.for_image(jcm_model, image)
+    for prediction in refined:
+        feature = jcm_model.jcm.refine(prediction.seg_feature) if prediction.refined else prediction.seg_feature
+        np.testing.assert_array_equal(prediction.mask, (decoder.decode(feature)[0] > 0).numpy())
+
+
+def test_jcm_rounds_default_comes_from_the_model_config(jcm_model, dialogue, monkeypatch):
+    dialogue, image = dialogue
+    set_judge_score(jcm_model, 0.5)
+    monkeypatch.setattr(jcm_model.config.heads, "jcm_rounds", "referred")
+    rounds = chain_dialogue(jcm_model, dialogue, image, [Track(1.0)])[Track(1.0)]
+    assert [r.refined for r in rounds] == [True, True, False]

@@ -138,3 +138,16 @@ def test_sam_pth_with_a_missing_key_is_refused_unless_partial(tmp_path):
     model = build_model(config, allow_partial=True)
     assert model.load_reports[-1].missing == ["mask_decoder.output_upscaling.0.weight"]
     assert torch.isfinite(model.sam.mask_decoder.output_upscaling[0].weight).all()
+
+
+def test_loading_a_checkpoint_warns_nothing(tmp_path):
+    """transformers' FutureWarning about ``is_gradient_checkpointing`` (read by peft) used to print on every
+    command that loads a model."""
+    import warnings
+
+    from mediround.default_model import default_checkpoint
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_checkpoint(default_checkpoint())
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []

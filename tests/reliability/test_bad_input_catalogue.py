@@ -1,8 +1,8 @@
 """A catalogue of broken (and odd but valid) inputs, each run through a real command in-process.
 
 Every broken input must give exactly one line naming the file, the item and the field, the documented
-exit code (0: done, batch commands having skipped and listed bad dialogues; 1: validate/convert found
-problems; 2: a fatal input error) and no traceback. In the batch commands (infer, eval --model) the
+exit code (0: done; 1: validate found problems; 2: a fatal input error; 3: a batch command (infer,
+eval, convert) skipped and listed bad dialogues) and no traceback. In the batch commands (infer, eval --model) the
 valid dialogues around a bad one are still predicted and the bad one is listed in ``DIR/errors.jsonl``.
 """
 
@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from reliability_fixtures import copy_checkpoint, one_round, record, write_lines
 
 from mediround.data.formats import load_dialogues, write_mrmedseg
+from mediround_cli.common import SKIPPED_EXIT_CODE
 from mediround_cli.main import cli
 
 
@@ -93,7 +94,7 @@ class Env:
         path = self.jsonl(one_round("good-a"), *lines, one_round("good-b"))
         out = self.tmp / "infer-out"
         argv = ["infer", str(path), "--model", str(self.checkpoint), "--out", str(out), "--cpu"]
-        return Run(argv, 0, ("1 dialogue(s) skipped",), (item, field_name), out, ("good-a", "good-b"))
+        return Run(argv, SKIPPED_EXIT_CODE, ("1 dialogue(s) skipped",), (item, field_name), out, ("good-a", "good-b"))
 
     def broken_checkpoint(self, change: Callable[[Path], None]) -> Path:
         folder = copy_checkpoint(self.checkpoint, self.tmp / "checkpoint")
@@ -168,13 +169,14 @@ CASES: dict[str, Callable[[Env], Run]] = {
     "palette image (and palette mask) works": lambda e: e.validate(
         e.jsonl(one_round("p", image="images/palette.png", mask="masks/palette.png")), 0),
     "1x1 image works": lambda e: e.validate(e.jsonl(one_round("o", image="images/one.png", mask="masks/one.png")), 0),
-    # convert: bad dialogues skipped and listed (exit 1); one MR-MedSeg cannot hold is named.
+    # convert: bad dialogues skipped and listed (exit 3); one MR-MedSeg cannot hold is named.
     "convert skips a wrong type": lambda e: Run(
-        ["convert", str(e.jsonl(record("a"), record("b", rounds="none"))), str(e.tmp / "out.jsonl")], 1,
+        ["convert", str(e.jsonl(record("a"), record("b", rounds="none"))), str(e.tmp / "out.jsonl")], SKIPPED_EXIT_CODE,
         ("case.jsonl", "line 2: id b", "field 'rounds'")),
     "convert to MR-MedSeg: ref to a round without mask": lambda e: Run(
         ["convert", str(e.jsonl(record("a"), record("b", rounds=[_round(mask=None), _round(ref=1)]))),
-         str(e.tmp / "out.json")], 1, ("case.jsonl", "line 2: id b", "field 'rounds[1].ref'", "only be written as JSONL")),
+         str(e.tmp / "out.json")], SKIPPED_EXIT_CODE,
+        ("case.jsonl", "line 2: id b", "field 'rounds[1].ref'", "only be written as JSONL")),
     # train / train-jcm: recipes and checkpoints are refused before any work; unlabelled dialogues skipped.
     "train recipe with a wrong type": lambda e: Run(
         ["train", str(e.recipe(e.jsonl(record("a")), train__lr="fast")), "--cpu"], 2, ("error:", "train.lr", "fast")),
@@ -220,7 +222,7 @@ def _eval_model(env: Env) -> Run:
     out = env.tmp / "eval-out"
     argv = ["eval", str(path), "--model", str(env.checkpoint), "--predictions-out", str(out), "--cpu",
             "--out", str(env.tmp / "metrics.parquet")]
-    return Run(argv, 0, ("1 dialogue(s) skipped",), (2, "image"), out, ("good-a", "good-b"))
+    return Run(argv, SKIPPED_EXIT_CODE, ("1 dialogue(s) skipped",), (2, "image"), out, ("good-a", "good-b"))
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))

@@ -10,7 +10,7 @@ import pytest
 
 from mediround.data.synth.generator import generate
 from mediround.training.logging import read_events
-from mediround.training.recipe import load_recipe
+from mediround.training.recipe import SHIPPED_RECIPES, load_recipe
 from mediround.training.stage1 import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ def learning_data(tmp_path_factory) -> Path:
 
 
 def test_tiny_recipe_learns_in_a_short_run(learning_data, tmp_path):
-    recipe = load_recipe(ROOT / "recipes" / "tiny-cpu.yaml", [
+    recipe = load_recipe(SHIPPED_RECIPES / "tiny-cpu.yaml", [
         f"output={tmp_path / 'run'}",
         f"data.train={learning_data / 'train.jsonl'}",
         f"data.val={learning_data / 'val.jsonl'}",

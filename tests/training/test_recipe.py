@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -12,7 +13,14 @@ from click.testing import CliRunner
 from mediround.atomic import write_json
 from mediround.errors import LaunchError, RecipeError
 from mediround.launch import LaunchPlan, accelerate_command, check_world_size, plan_launch
-from mediround.training.recipe import RUN_FILE, check_output, load_recipe, run_record
+from mediround.training.recipe import (
+    RUN_FILE,
+    SHIPPED_RECIPES,
+    check_output,
+    load_recipe,
+    resolve_recipe,
+    run_record,
+)
 from mediround_cli.main import cli
 
 
@@ -26,16 +34,15 @@ def test_overrides_are_typed_and_reach_the_model_config(write_recipe):
 
 
 def test_shipped_recipes_parse(synth_data):
-    root = Path(__file__).resolve().parents[2]
-    tiny = load_recipe(root / "recipes" / "tiny-cpu.yaml",
+    tiny = load_recipe(SHIPPED_RECIPES / "tiny-cpu.yaml",
                        [f"data.train={synth_data / 'train.jsonl'}", f"data.val={synth_data / 'val.jsonl'}"])
     assert tiny.model_preset == "tiny"
     for name in ("mediround-7b-4gpu.yaml", "mediround-7b-24gb.yaml"):
-        text = (root / "recipes" / name).read_text(encoding="utf-8")
+        text = (SHIPPED_RECIPES / name).read_text(encoding="utf-8")
         with pytest.raises(RecipeError, match="data.train': file not found"):
-            load_recipe(root / "recipes" / name)
+            load_recipe(SHIPPED_RECIPES / name)
         assert "preset: llava-med-7b" in text
-    assert json.loads((root / "recipes" / "zero2.json").read_text())["zero_optimization"]["stage"] == 2
+    assert json.loads((SHIPPED_RECIPES / "zero2.json").read_text())["zero_optimization"]["stage"] == 2
 
 
 @pytest.mark.parametrize(
@@ -102,8 +109,57 @@ def test_a_child_that_got_fewer_processes_fails_loudly(write_recipe, monkeypatch
     assert "sees a world size of 1 but 2 process(es) were asked for" in result.output
 
 
-def test_deepspeed_is_refused_in_one_line(write_recipe):
-    zero2 = Path(__file__).resolve().parents[2] / "recipes" / "zero2.json"
-    result = CliRunner().invoke(cli, ["train", str(write_recipe()), "--gpus", "4", "--deepspeed", str(zero2)])
+def test_recipes_command_lists_and_shows_the_shipped_recipes():
+    listed = CliRunner().invoke(cli, ["recipes"])
+    assert listed.exit_code == 0, listed.output
+    names = [line.split()[0] for line in listed.output.splitlines()]
+    assert names == sorted(p.stem for p in SHIPPED_RECIPES.iterdir())
+    assert "mediround-7b-4gpu" in names and "tiny-cpu" in names
+    shown = CliRunner().invoke(cli, ["recipes", "show", "mediround-7b-4gpu"])
+    assert shown.exit_code == 0
+    assert shown.output == (SHIPPED_RECIPES / "mediround-7b-4gpu.yaml").read_text(encoding="utf-8")
+    unknown = CliRunner().invoke(cli, ["recipes", "show", "no-such-recipe"])
+    assert unknown.exit_code == 2 and "no shipped recipe" in unknown.output and "tiny-cpu" in unknown.output
+
+
+def test_a_recipe_name_or_the_docs_repository_path_finds_the_shipped_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here, as after a non-editable install
+    shipped = SHIPPED_RECIPES / "tiny-cpu.yaml"
+    for given in ("tiny-cpu", "tiny-cpu.yaml", "recipes/tiny-cpu.yaml"):
+        assert resolve_recipe(given) == shipped
+    own = tmp_path / "recipes" / "tiny-cpu.yaml"
+    own.parent.mkdir()
+    own.write_text("output: mine\n")
+    assert resolve_recipe("recipes/tiny-cpu.yaml") == Path("recipes/tiny-cpu.yaml")  # a real file wins
+
+
+def test_train_without_recipe_stops_before_launch_naming_every_missing_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["train", "--gpus", "4"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert "\n" not in line and line.startswith("error: mediround-7b-4gpu: key 'model.mllm.source': folder not found")
+    for path in ("weights/llava-med-v1.5-mistral-7b-hf", "weights/medsam_vit_b.pth", "data/mr-medseg/train.json",
+                 "data/mr-medseg/val.json", "docs/real-weights.md"):
+        assert path in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_deepspeed_without_the_package_says_how_to_install_it(write_recipe, monkeypatch):
+    zero2 = SHIPPED_RECIPES / "zero2.json"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    result = CliRunner().invoke(cli, ["train", str(write_recipe()), "--cpu", "--num-processes", "2",
+                                      "--deepspeed", str(zero2)])
     assert result.exit_code == 2
-    assert len(result.output.strip().splitlines()) == 1 and "--deepspeed: not supported" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and 'pip install -e ".[deepspeed]"' in result.output
+
+
+def test_without_a_terminal_each_logged_step_is_one_plain_line_and_the_sample_count_is_printed(write_recipe):
+    result = CliRunner().invoke(cli, ["train", str(write_recipe(log={"every": 2}))])
+    assert result.exit_code == 0, result.output
+    assert "3 steps x 2 = 6 sampled dialogues" in result.output
+    steps = [line for line in result.output.splitlines() if line.startswith("train step ")]
+    # Logged: step 1, every log.every (2), and the last step.
+    assert [line.split()[2] for line in steps] == ["1/3", "2/3", "3/3"]
+    assert all(" loss " in line and " lr " in line for line in steps)

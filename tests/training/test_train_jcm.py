@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from mediround.data.formats import load_dialogues
 from mediround.errors import RecipeError
-from mediround.metrics import average_ranks, spearman
 from mediround.launch import STOP_FILE_ENV
+from mediround.metrics import average_ranks, spearman
 from mediround.model import build_model, load_sample, preset
 from mediround.model.checkpoint import load_checkpoint, save_checkpoint
 from mediround.training.engine import MODEL_FOLDER
@@ -29,7 +29,7 @@ from mediround.training.jcm_data import (
     rollout_sources,
 )
 from mediround.training.logging import read_events
-from mediround.training.recipe import load_jcm_recipe
+from mediround.training.recipe import SHIPPED_RECIPES, load_jcm_recipe
 from mediround.training.stage2 import jcm_losses, run_jcm_training
 from mediround_cli.main import cli
 
@@ -214,12 +214,11 @@ def test_rollout_sources_are_a_fixed_draw_per_epoch():
 
 
 def test_shipped_recipes_parse(synth_data, frozen_model):
-    root = Path(__file__).resolve().parents[2]
-    tiny = load_jcm_recipe(root / "recipes" / "jcm-tiny-cpu.yaml", [
+    tiny = load_jcm_recipe(SHIPPED_RECIPES / "jcm-tiny-cpu.yaml", [
         f"model={frozen_model}", f"data.train={synth_data / 'train.jsonl'}", f"data.val={synth_data / 'val.jsonl'}"])
     assert tiny.jcm.beta == 0.6 and tiny.jcm.cache_features
     assert (tiny.jcm.judge_weight, tiny.jcm.refine_bce_weight, tiny.jcm.refine_dice_weight) == (2.0, 2.0, 0.5)
-    paper = yaml.safe_load((root / "recipes" / "jcm-7b-4gpu.yaml").read_text(encoding="utf-8"))
+    paper = yaml.safe_load((SHIPPED_RECIPES / "jcm-7b-4gpu.yaml").read_text(encoding="utf-8"))
     assert paper["train"]["lr"] == 3.0e-4 and paper["train"]["batch_size"] == 15
     with pytest.raises(RecipeError, match="key 'model': missing"):
-        load_jcm_recipe(root / "recipes" / "jcm-7b-4gpu.yaml")
+        load_jcm_recipe(SHIPPED_RECIPES / "jcm-7b-4gpu.yaml")

@@ -1,0 +1,83 @@
+"""BatchSession: rows of different lengths, joining, forked and leaving, compute what DialogueSession does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_fixtures import perturb_lora, sample, tiny_model
+
+from mediround.model import DialogueSession, MASK_THRESHOLD
+from mediround.model.batch_session import BatchSession
+from mediround.model.session import encode_images
+
+# Rows differ from a lone session only in the order of float additions inside batched matrix products
+# (measured: logits within 2e-7, [SEG] features within 4e-7 on the tiny preset in fp32).
+LOGIT_TOLERANCE = 1e-5
+
+
+def _lone(model, item, generate: bool):
+    session = DialogueSession.for_image(model, item.image)
+    results = []
+    for round_ in item.dialogue.rounds:
+        reference = None if round_.ref is None else item.masks[round_.ref - 1]
+        results.append(session.step(round_.query, None if generate else round_.answer, reference,
+                                    round_.ref is not None, max_new_tokens=5))
+    return results
+
+
+def _assert_same(lone, batched):
+    assert len(lone) == len(batched)
+    for expected, got in zip(lone, batched):
+        assert expected.answer_ids == got.answer_ids and expected.seg_fed == got.seg_fed
+        assert (expected.seg_feature - got.seg_feature).abs().max() < LOGIT_TOLERANCE
+        assert (expected.mask_logits - got.mask_logits).abs().max() < LOGIT_TOLERANCE
+        assert torch.equal(expected.mask_logits > MASK_THRESHOLD, got.mask_logits > MASK_THRESHOLD)
+
+
+@pytest.mark.parametrize("seg_state", ["at_seg", "before_seg"])
+def test_rows_joining_forking_and_leaving_match_lone_sessions(seg_state):
+    torch.set_num_threads(1)
+    model = tiny_model(seed=3)
+    model.config.heads.seg_state = seg_state  # h_c read at [SEG] (tiny preset) or before it (the authors')
+    perturb_lora(model)
+    model.eval()
+    items = [sample(4, seed=21), sample(2, seed=22), sample(3, seed=23)]
+    for generate in (False, True):
+        lone = [_lone(model, item, generate) for item in items]
+        batch = BatchSession(model, max_new_tokens=5)
+        rows = dict(enumerate(batch.add(encode_images(model, [items[0].image, items[1].image]))))
+        got = {0: [], 1: [], 2: [], "fork": []}
+        for step in range(4):
+            if step == 1:  # a dialogue joins mid-way; another is forked (as JCM tracks fork)
+                rows[2] = batch.add(encode_images(model, [items[2].image]))[0]
+                rows["fork"] = rows[0].fork()
+                got["fork"] = list(got[0])
+            prepared = []
+            for key, row in rows.items():
+                item = items[0 if key == "fork" else key]
+                round_ = item.dialogue.rounds[row.rounds]
+                reference = None if round_.ref is None else item.masks[round_.ref - 1]
+                prepared.append(batch.prepare(row, round_.query, None if generate else round_.answer, reference,
+                                              round_.ref is not None))
+            for key, result in zip(rows, batch.step(prepared)):
+                got[key].append(result)
+            finished = [key for key, row in rows.items() if row.rounds == len(items[0 if key == "fork" else key].dialogue.rounds)]
+            batch.remove([rows.pop(key) for key in finished])
+        assert not rows and batch.cache is None
+        for key, expected in ((0, lone[0]), (1, lone[1]), (2, lone[2]), ("fork", lone[0])):
+            _assert_same(expected, got[key])
+
+
+def test_leaving_rows_free_the_columns_no_one_else_uses():
+    torch.set_num_threads(1)
+    model = tiny_model(seed=4).eval()
+    items = [sample(1, seed=31), sample(1, seed=32)]
+    batch = BatchSession(model)
+    (first,) = batch.add(encode_images(model, [items[0].image]))
+    batch.step([batch.prepare(first, "A long query " * 8, "It is [SEG].", None, False)])
+    (second,) = batch.add(encode_images(model, [items[1].image]))  # joins left-padded to the first's width
+    assert not bool(batch.mask[1, 0])
+    width = batch.mask.shape[1]
+    batch.remove([first])
+    assert batch.cache.layers[0].keys.shape[:3:2] == (1, batch.mask.shape[1])
+    assert batch.mask.shape[1] < width and bool(batch.mask[0].all())  # only the joined row's prefix is left

@@ -1,0 +1,102 @@
+"""The authors' conventions as config switches (heads.seg_state, heads.jcm_refine, mllm.system_prompt):
+each changes what it should, and configs without the keys (old checkpoints) keep today's behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_fixtures import perturb_lora, sample
+
+from mediround.model import DialogueSession, MediRoundConfig, build_model, preset
+from mediround.model.jcm import JCM
+
+
+def _model(**heads):
+    config = preset("tiny")
+    for key, value in heads.items():
+        setattr(config.heads, key, value)
+    torch.manual_seed(0)
+    model = build_model(config)
+    perturb_lora(model)
+    return model.eval()
+
+
+def test_seg_state_before_seg_takes_the_state_that_emits_seg():
+    torch.set_num_threads(2)
+    model = _model(seg_state="before_seg")
+    item = sample(3, seed=5)
+    batch = model.processor.collate([item])
+    with torch.no_grad():
+        output = model(batch)
+        embeds = model.embed(batch.input_ids, batch.kinds, model.clip_features(batch.clip_pixels), batch.crop_pixels,
+                             batch.boxes)
+        hidden = model.hidden_states(embeds, batch.attention_mask, None)[0]
+        positions = batch.seg_positions[0]
+        before = model.project(hidden[[p - 1 for p in positions]])
+        at = model.project(hidden[positions])
+    assert torch.allclose(output.seg_features[0], before, atol=1e-5)
+    assert (output.seg_features[0] - at).abs().max() > 1e-3
+    # Round by round over the KV cache gives the same h_c as the whole-dialogue forward.
+    session = DialogueSession.for_image(model, item.image)
+    for index, round_ in enumerate(item.dialogue.rounds):
+        reference = None if round_.ref is None else item.masks[round_.ref - 1]
+        feature = session.step(round_.query, round_.answer, reference).seg_feature
+        assert torch.allclose(feature, before[index], atol=1e-4)
+
+
+def test_greedy_rounds_take_h_c_from_the_configured_state():
+    torch.set_num_threads(2)
+    model = _model(seg_state="before_seg")
+    item = sample(1, seed=6)
+    session = DialogueSession.for_image(model, item.image)
+    result = session.step(item.dialogue.rounds[0].query, None, max_new_tokens=3)
+    # Feed the generated answer teacher-forced in a fresh session: the same ids give the same h_c.
+    answer = model.tokenizer.decode(result.answer_ids[:-1], skip_special_tokens=False)
+    replay = DialogueSession.for_image(model, item.image)
+    layout = model.processor.layout
+    assert layout.answer(answer).ids == result.answer_ids  # this seed's three tokens round-trip through text
+    assert result.seg_fed  # three tokens without [SEG]: [SEG] is fed, h_c is the state of the last token before it
+    assert torch.allclose(replay.step(item.dialogue.rounds[0].query, answer).seg_feature, result.seg_feature,
+                          atol=1e-4)
+
+
+def test_refine_direct_outputs_the_mlp_residual_starts_as_identity():
+    torch.manual_seed(0)
+    features = torch.randn(3, 16)
+    residual, direct = JCM(16, 32, residual=True), JCM(16, 32, residual=False)
+    assert torch.equal(residual.refine(features), features)
+    assert torch.allclose(direct.refine(features), direct.refine_mlp(features))
+    assert direct.refine_mlp[-1].weight.abs().sum() > 0
+    assert _model(jcm_refine="direct").jcm.residual is False
+    assert _model().jcm.residual is True
+
+
+def test_system_prompt_empty_leaves_only_the_user_turn_in_the_prefix():
+    with_prompt, without = _model(), preset("tiny")
+    without.mllm.system_prompt = ""
+    layout = build_model(without).processor.layout
+    prompt_ids = layout.text(with_prompt.config.mllm.system_prompt)
+    assert len(with_prompt.processor.layout.prefix().ids) == len(layout.prefix().ids) + len(prompt_ids)
+
+
+def test_7b_preset_turns_the_authors_conventions_on_and_tiny_keeps_todays():
+    big = preset("llava-med-7b", mllm_path="weights/llava", sam_checkpoint=None)
+    assert (big.heads.seg_state, big.heads.jcm_refine, big.heads.jcm_rounds) == ("before_seg", "direct", "referred")
+    assert big.mllm.system_prompt == ""
+    tiny = preset("tiny")
+    assert (tiny.heads.seg_state, tiny.heads.jcm_refine, tiny.heads.jcm_rounds) == ("at_seg", "residual", "all")
+
+
+def test_a_config_without_the_keys_loads_with_todays_behaviour():
+    data = preset("tiny").to_dict()
+    for key in ("seg_state", "jcm_refine", "jcm_rounds"):
+        del data["heads"][key]
+    config = MediRoundConfig.from_dict(data)
+    assert (config.heads.seg_state, config.heads.jcm_refine, config.heads.jcm_rounds) == ("at_seg", "residual", "all")
+
+
+def test_an_unknown_convention_is_one_line_naming_the_field():
+    config = preset("tiny")
+    config.heads.seg_state = "after_seg"
+    with pytest.raises(Exception, match="heads.seg_state"):
+        config.validate()
