@@ -53,7 +53,8 @@ def longest_sequence(recipe: Recipe, model, sample: int) -> int | None:
     """Tokens of the longest sampled training dialogue under the model's own chat layout (None: no dialogue)."""
     data = recipe.data
     try:
-        dialogues = load_dialogues(data.train, root=data.root, allow_outside_root=data.allow_outside_root).dialogues
+        dialogues = load_dialogues(data.train, root=data.root, allow_outside_root=data.allow_outside_root,
+                                   require_labels=True).dialogues
     except MediRoundError:
         return None
     lengths = []

@@ -505,9 +505,9 @@ class TrainingEngine:
 
 
 def load_training_dialogues(path: str, recipe: RunRecipe) -> tuple[list, list]:
-    """The dialogues of a recipe's data file that have every mask, and the problems of those skipped."""
+    """The dialogues of a recipe's data file that have every answer and mask, and the problems of those skipped."""
     loaded = load_dialogues(path, root=recipe.data.root, allow_outside_root=recipe.data.allow_outside_root,
-                            require_masks=True)
+                            require_labels=True)
     return loaded.dialogues, loaded.problems
 
 
