@@ -16,7 +16,7 @@ from mediround_cli.output import parse_beta, prediction_progress
 
 @click.command(epilog="""\b
 Examples:
-  mediround demo                                        # writes ./mediround-demo/report.html
+  mediround demo                                        # writes ./mediround-demo/index.html
   mediround demo --out demo-off --dialogues 4 --beta off""")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("mediround-demo"),
               show_default=True, help="Folder to write (an earlier demo there is replaced).")
