@@ -44,7 +44,13 @@ from mediround.data.predictions import (
     read_predictions,
     safe_name,
 )
-from mediround.data.run_manifest import MANIFEST_FILE, data_sha256, model_manifest_sha256, utc_now
+from mediround.data.run_manifest import (
+    MANIFEST_FILE,
+    data_files_sha256,
+    data_sha256,
+    model_manifest_sha256,
+    utc_now,
+)
 from mediround.error_log import ERRORS_FILE, read_error_log, write_error_log
 from mediround.errors import CheckpointError, DataError, RecipeError
 from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
@@ -228,6 +234,7 @@ def _run_settings(config: InferenceConfig) -> dict:
     return {
         "data": os.path.abspath(config.data),
         "data_sha256": data_sha256(config.data),
+        "data_files_sha256": data_files_sha256(config.data, config.root, config.allow_outside_root),
         "model": os.path.abspath(config.model),
         "model_manifest_sha256": model_manifest_sha256(config.model),
         "betas": list(config.betas),

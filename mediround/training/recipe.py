@@ -249,11 +249,14 @@ class JCMRecipe(RunRecipe):
                 yield f"jcm.{key}", f"must be in [0, 1], got {value}"
 
 
-def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), require_weights: bool = False) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: typing.Sequence[str] = (), require_weights: bool = False, require_data: bool = True
+) -> Recipe:
     """Read a stage-1 recipe YAML, apply ``key=value`` overrides, check every key, type and file;
     ``require_weights`` also refuses a recipe whose LLaVA folder or SAM checkpoint is missing (training
-    needs them; ``mediround doctor`` reports them as rows of its own)."""
-    return recipe_from_dict(read_recipe_file(path, overrides), str(path), require_weights)
+    needs them) and ``require_data=False`` accepts missing data files and root (``mediround doctor``
+    reports weights and data as rows of its own)."""
+    return recipe_from_dict(read_recipe_file(path, overrides), str(path), require_weights, require_data)
 
 
 def load_jcm_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> JCMRecipe:
@@ -312,7 +315,9 @@ def read_recipe_file(path: str | Path, overrides: typing.Sequence[str] = ()) -> 
     return raw
 
 
-def recipe_from_dict(raw: dict, source: str = "<recipe>", require_weights: bool = False) -> Recipe:
+def recipe_from_dict(
+    raw: dict, source: str = "<recipe>", require_weights: bool = False, require_data: bool = True
+) -> Recipe:
     """Build and check a stage-1 ``Recipe`` from plain data (the parsed YAML)."""
     raw = dict(raw)
     model_raw = raw.pop("model", None) or {}
@@ -328,7 +333,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", require_weights: bool 
     recipe.source = source
     if require_weights:
         _check_files(recipe, _missing_weights(recipe.model))
-    check_recipe(recipe)
+    check_recipe(recipe, require_data)
     return recipe
 
 
@@ -357,21 +362,23 @@ def _check_files(recipe: RunRecipe, missing_weights: list[Problem]) -> None:
         raise RecipeError(f"{recipe.source}: {where}{page}")
 
 
-def check_recipe(recipe: RunRecipe) -> None:
-    """The one validator of both stages' values: the first problem as one ``RecipeError`` line."""
-    for key, reason in _problems(recipe):
+def check_recipe(recipe: RunRecipe, require_data: bool = True) -> None:
+    """The one validator of both stages' values: the first problem as one ``RecipeError`` line
+    (``require_data=False``: missing data files and root are not problems)."""
+    for key, reason in _problems(recipe, require_data):
         raise RecipeError(f"{recipe.source}: key '{key}': {reason}")
 
 
-def _problems(recipe: RunRecipe) -> Iterator[Problem]:
+def _problems(recipe: RunRecipe, require_data: bool) -> Iterator[Problem]:
     if not recipe.output:
         yield "output", f"missing: name the folder that receives checkpoints and {recipe.OUTPUT_HOLDS}"
     yield from recipe.own_problems()
     if not recipe.data.train:
         yield "data.train", "missing: name the training dialogue file"
-    yield from _missing_data(recipe)
-    if recipe.data.root is not None and not Path(recipe.data.root).is_dir():
-        yield "data.root", f"folder not found: {recipe.data.root}"
+    if require_data:
+        yield from _missing_data(recipe)
+        if recipe.data.root is not None and not Path(recipe.data.root).is_dir():
+            yield "data.root", f"folder not found: {recipe.data.root}"
     train = recipe.train
     # (key, value, least allowed): 1 for counts, 0 for what may be off.
     bounds = [("train.batch_size", train.batch_size, 1), ("train.grad_accum", train.grad_accum, 1),
