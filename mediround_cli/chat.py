@@ -24,6 +24,12 @@ Each line is a question, or a command:
   :undo           forget the last round
   :reset          start over on the same image
   :quit           end (as does the end of input or Ctrl-D)
+
+\b
+Examples:
+  mediround chat ct-slice.png
+  mediround chat ct-slice.png -q "Segment the liver." -q "@1 Segment the lesion inside it." --save chat.jsonl
+  mediround chat ct-slice.png --model runs/jcm-7b-4gpu/model --beta 0.6 --out chat-ct
 """
 
 
