@@ -4,13 +4,18 @@ The image is encoded once (SAM and CLIP); each question is one ``DialogueSession
 of the earlier rounds, so a new question costs only its own tokens. The model writes every answer
 (greedy), as ``infer`` does for a round without an answer. A question refers to an earlier round's
 predicted mask with ``@N`` (``parse_question``); that mask's crop and box are the round's reference, as in
-Algorithm 1. JCM applies to every round at ``beta`` (None: off), as in ``chain_dialogue``.
+Algorithm 1. JCM runs at ``beta`` (None: off) on the rounds ``jcm_rounds`` names, as in ``chain_dialogue``:
+with ``all`` every round is judged when it is asked; with ``referred`` (the authors' convention) a round
+is shown raw until a later question refers to it, and is judged then (its stored [SEG] feature, refined
+when ``q <= beta``) before its mask becomes that question's reference. So every mask and every reference
+equals what ``infer`` computes on the saved dialogue, where the whole dialogue is known up front.
 
 ``undo`` cuts the last round off the cache (the next question computes what a session without that round
-computes), ``reset`` starts over on the same encoded image, and ``dialogue`` is the session as a
+computes) and returns a round it got judged (``referred``) to its raw mask, ``reset`` starts over on the same encoded image, and ``dialogue`` is the session as a
 ``Dialogue`` that ``write_jsonl`` saves and ``mediround infer`` reads back. With an output folder every
 round writes ``round-N.png`` (the mask, 0/255) and ``round-N-overlay.png`` (the image and the rounds so
-far, round N last).
+far, round N last); when an earlier round's mask changes (judged late, or raw again after an undo), its
+mask and the overlays from that round on are rewritten.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,19 +70,24 @@ def parse_question(line: str) -> Question:
 
 @dataclass
 class ChatRound:
-    """One answered question: the model's answer, its mask (H, W) bool, the JCM score (None when JCM is
-    off) and whether the refined [SEG] was decoded, whether greedy decoding produced [SEG] itself, and the
-    seconds the round took (the step and its decodes; the image was encoded before)."""
+    """One answered question: the model's answer, its mask (H, W) bool, whether greedy decoding produced
+    [SEG] itself, the seconds the round took (the step and its decodes; the image was encoded before), the
+    JCM score (None while the round is not judged) and whether the refined [SEG] was decoded, and the round
+    whose question got it judged (``judged_at``: its own number with ``all``, the first round referring to
+    it with ``referred``). ``raw_mask`` and ``seg_feature`` (h_c) are what a later judgement starts from."""
 
     number: int
     query: str
     ref: int | None
     answer: str
     mask: np.ndarray
-    jcm_score: float | None
-    refined: bool
     seg_found: bool
     seconds: float
+    raw_mask: np.ndarray = field(repr=False)
+    seg_feature: torch.Tensor = field(repr=False)
+    jcm_score: float | None = None
+    refined: bool = False
+    judged_at: int | None = None
 
     @property
     def area(self) -> int:
@@ -97,11 +107,12 @@ class ChatSession:
     """Questions about one image, answered round by round over one KV cache; see the module docstring."""
 
     def __init__(self, model: MediRound, image_path: str | os.PathLike, beta: float | None = None,
-                 out: str | os.PathLike | None = None):
+                 out: str | os.PathLike | None = None, jcm_rounds: str | None = None):
         self.model = model
         self.image_path = Path(image_path)
         self.image = load_image(self.image_path)
         self.beta = beta
+        self.jcm_rounds = jcm_rounds or model.config.heads.jcm_rounds
         self.out = None if out is None else Path(out)
         started = time.perf_counter()
         self.context = encode_image(model, self.image)
@@ -113,39 +124,53 @@ class ChatSession:
             self._remove_round_files(1)
 
     def ask(self, query: str, ref: int | None = None) -> ChatRound:
-        """Answer ``query`` (referring to round ``ref``'s mask when given) and write the round's files."""
+        """Answer ``query`` (referring to round ``ref``'s mask when given) and write the round's files. With
+        ``referred``, round ``ref`` is judged first unless it was already (its ``judged_at`` is then this
+        round's number)."""
         if ref is not None and not 1 <= ref <= len(self.rounds):
             span = f"1..{len(self.rounds)}" if self.rounds else "none yet"
             raise QuestionError(f"@{ref}: there is no round {ref} to refer to (rounds: {span})")
         if not query.strip():
             raise QuestionError("empty question")
         started = time.perf_counter()
+        number = len(self.rounds) + 1
+        if ref is not None and self._judge(self.rounds[ref - 1], number):
+            self._rewrite_from(ref)
         reference = None if ref is None else self.rounds[ref - 1].mask
         with torch.no_grad():
             result = self.session.step(query, None, reference, refers=ref is not None)
-            feature = result.seg_feature
-            score = None if self.beta is None else float(self.model.jcm.judge(feature).reshape(-1)[0])
-            refined = self.beta is not None and not score > self.beta
-            logits = self.session.decode(self.model.jcm.refine(feature)) if refined else result.mask_logits
-        mask = (logits[0] > MASK_THRESHOLD).cpu().numpy()
+        mask = (result.mask_logits[0] > MASK_THRESHOLD).cpu().numpy()
         answer = self.model.tokenizer.decode(result.answer_ids[:-1], skip_special_tokens=False).strip()
-        round_ = ChatRound(len(self.rounds) + 1, query, ref, answer, mask, score, refined, not result.seg_fed,
-                           time.perf_counter() - started)
+        round_ = ChatRound(number, query, ref, answer, mask, seg_found=not result.seg_fed, seconds=0.0,
+                           raw_mask=mask, seg_feature=result.seg_feature)
+        if self.jcm_rounds == "all":
+            self._judge(round_, number)
+        round_.seconds = time.perf_counter() - started
         self.rounds.append(round_)
-        if self.out is not None:
-            save_mask(self.out / ROUND_FILE.format(round_.number), mask)
-            write_overlay(self.out / OVERLAY_FILE.format(round_.number), self.dialogue(), self.image,
-                          [r.mask for r in self.rounds])
+        self._rewrite_from(number)
         return round_
 
     def undo(self) -> ChatRound:
-        """Forget the last round (its files too); returns it. A round that later rounds refer to can only
-        go after them, so references stay valid."""
+        """Forget the last round (its files too); returns it. A round it got judged (``referred``: it was
+        the first to refer to it, and no later round remains) goes back to its raw mask. A round that later
+        rounds refer to can only go after them, so references stay valid."""
         if not self.rounds:
             raise QuestionError("nothing to undo")
         self.session.undo()
         self._remove_round_files(len(self.rounds))
-        return self.rounds.pop()
+        unjudged = self.judged_by(len(self.rounds))
+        last = self.rounds.pop()
+        for round_ in unjudged:
+            refined = round_.refined
+            round_.mask, round_.jcm_score, round_.refined, round_.judged_at = round_.raw_mask, None, False, None
+            if refined:
+                self._rewrite_from(round_.number)
+        return last
+
+    def judged_by(self, number: int) -> list[ChatRound]:
+        """The earlier rounds that round ``number``'s question got judged (``referred``: at most the one it
+        refers to, when no earlier round referred to it)."""
+        return [r for r in self.rounds[: number - 1] if r.judged_at == number]
 
     def reset(self) -> None:
         """Start over on the same image (not encoded again): no rounds, no round files."""
@@ -169,6 +194,31 @@ class ChatSession:
         dialogue = self.dialogue(Path(path).parent)
         write_jsonl([dialogue], path)
         return dialogue
+
+    def _judge(self, round_: ChatRound, at: int) -> bool:
+        """Judge ``round_`` for round ``at`` unless JCM is off or it was judged already: its JCM score, and
+        its mask decoded from refine(h_c) when ``q <= beta``. Returns whether its mask changed."""
+        if self.beta is None or round_.judged_at is not None:
+            return False
+        with torch.no_grad():
+            round_.jcm_score = float(self.model.jcm.judge(round_.seg_feature).reshape(-1)[0])
+            round_.refined = not round_.jcm_score > self.beta
+            if round_.refined:
+                logits = self.session.decode(self.model.jcm.refine(round_.seg_feature))
+                round_.mask = (logits[0] > MASK_THRESHOLD).cpu().numpy()
+        round_.judged_at = at
+        return round_.refined
+
+    def _rewrite_from(self, number: int) -> None:
+        """Write round ``number``'s mask and the overlays of rounds ``number`` and later (each shows the
+        rounds up to its own)."""
+        if self.out is None:
+            return
+        save_mask(self.out / ROUND_FILE.format(number), self.rounds[number - 1].mask)
+        dialogue = self.dialogue()
+        masks = [r.mask for r in self.rounds]
+        for last in range(number, len(self.rounds) + 1):
+            write_overlay(self.out / OVERLAY_FILE.format(last), dialogue, self.image, masks[:last])
 
     def _remove_round_files(self, first: int) -> None:
         """Remove the round files of rounds ``first`` and later (from this session or an earlier one)."""

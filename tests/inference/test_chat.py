@@ -1,6 +1,7 @@
 """``mediround chat`` (issue #13, section 2): one image, questions one at a time over one KV cache; ``@N``
 references, ``:undo`` and ``:reset`` restore exactly the state of a fresh session with the same history,
-and the saved dialogue reads back into ``infer``."""
+and the saved dialogue reads back into ``infer`` (with ``jcm_rounds`` ``referred`` too, where a round is
+judged only once a later question refers to it)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from inference_fixtures import write_dialogues
+from inference_fixtures import set_judge_score, write_dialogues
 
+import mediround.model.session as session_module
+from mediround.data.formats import load_dialogues
 from mediround.data.images import load_image, load_mask
+from mediround.inference.chain import Track, chain_dialogue
 from mediround.inference.chat import ChatSession, Question, QuestionError, parse_question
+from mediround.model.checkpoint import save_checkpoint
 from mediround.model.mediround import MediRound
 from mediround_cli.main import cli
 
@@ -131,3 +136,75 @@ def test_a_bad_line_is_refused_in_one_line_and_the_rest_still_runs(tmp_path, sha
     assert "':nope': unknown command" in result.stderr
     assert "round 1 undone" in result.stdout and "JCM off" in result.stdout
     assert sorted(p.name for p in (tmp_path / "chat").iterdir()) == ["round-1-overlay.png", "round-1.png"]
+
+
+@pytest.fixture
+def referred_model(jcm_model, monkeypatch):
+    """The session model with the 7B preset's ``jcm_rounds: referred`` and a judge that always says 0.5, so
+    that a judged round is refined at beta 0.6."""
+    monkeypatch.setattr(jcm_model.config.heads, "jcm_rounds", "referred")
+    set_judge_score(jcm_model, 0.5)
+    return jcm_model
+
+
+def test_referred_rounds_are_judged_when_a_question_refers_to_them_as_infer_judges_them(
+        referred_model, image, tmp_path, monkeypatch):
+    fed: list[np.ndarray] = []
+    reference_from_mask = session_module.reference_from_mask
+    monkeypatch.setattr(session_module, "reference_from_mask", lambda pixels, mask: (
+        fed.append(np.array(mask)), reference_from_mask(pixels, mask))[1])
+    out = tmp_path / "chat"
+    chat = ChatSession(referred_model, image, beta=0.6, out=out)
+    first = chat.ask("Segment the liver.")
+    raw_first = first.mask.copy()
+    assert (first.jcm_score, first.refined, first.judged_at) == (None, False, None)
+    chat.ask("Segment the spleen.")
+    third = chat.ask("Segment the lesion inside it.", ref=1)
+
+    assert chat.judged_by(3) == [first]
+    assert first.jcm_score == pytest.approx(0.5, abs=1e-6) and first.refined and first.judged_at == 3
+    assert not np.array_equal(first.mask, raw_first)
+    np.testing.assert_array_equal(fed[0], first.mask)
+    np.testing.assert_array_equal(load_mask(out / "round-1.png"), first.mask)
+    assert [(r.jcm_score, r.refined) for r in chat.rounds[1:]] == [(None, False), (None, False)]
+
+    chat.save(tmp_path / "session.jsonl")
+    [dialogue] = load_dialogues(tmp_path / "session.jsonl").dialogues
+    track = Track(0.6)
+    predicted = chain_dialogue(referred_model, dialogue, load_image(image), [track], generate=True)[track]
+    assert [(r.answer, r.jcm_score, r.refined) for r in chat.rounds] == [
+        (p.answer, p.jcm_score, p.refined) for p in predicted]
+    for chatted, prediction in zip(chat.rounds, predicted):
+        np.testing.assert_array_equal(chatted.mask, prediction.mask)
+
+    # A later question referring to round 1 again does not judge it again.
+    chat.ask("Segment the vessel beside it.", ref=1)
+    assert chat.judged_by(4) == [] and first.judged_at == 3
+    chat.undo()
+    assert first.judged_at == 3
+    # Undoing round 3, the only round left that refers to round 1, makes round 1 raw again.
+    assert chat.undo() is third
+    assert (first.jcm_score, first.refined, first.judged_at) == (None, False, None)
+    np.testing.assert_array_equal(first.mask, raw_first)
+    np.testing.assert_array_equal(load_mask(out / "round-1.png"), raw_first)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "round-1-overlay.png", "round-1.png", "round-2-overlay.png", "round-2.png"]
+
+
+def test_chat_cli_takes_jcm_rounds_from_the_checkpoint_and_says_when_a_round_is_judged(referred_model, image,
+                                                                                      tmp_path):
+    folder = save_checkpoint(referred_model, tmp_path / "ckpt")
+    lines = ["Segment the liver.", "Segment the spleen.", "@1 Segment the lesion inside it.", ":undo"]
+    result = CliRunner().invoke(cli, ["chat", str(image), "--model", str(folder), "--out", str(tmp_path / "chat")],
+                                input="\n".join(lines) + "\n", catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "JCM at beta 0.6 on referred rounds" in result.stderr
+    assert "round 1: " in result.stdout and "JCM: not referred yet" in result.stdout
+    assert "round 1 judged now: JCM 0.50 <= 0.6: refined; mask updated" in result.stdout
+    assert ("round 3 undone; round 1 is unjudged again (no remaining round refers to it), its raw mask restored"
+            in result.stdout)
+
+    result = CliRunner().invoke(cli, ["chat", str(image), "--model", str(folder), "--out", str(tmp_path / "all"),
+                                      "--jcm-rounds", "all", "-q", "Segment the liver."], catch_exceptions=False)
+    assert "JCM at beta 0.6 on every round" in result.stderr
+    assert "JCM 0.50 <= 0.6: refined" in result.stdout
