@@ -32,7 +32,10 @@ def _human_size(size: int) -> str:
     return f"{size} B"
 
 
-@click.command("convert-llava")
+@click.command("convert-llava", epilog="""\b
+Examples:
+  mediround convert-llava weights/llava-med-v1.5-mistral-7b weights/llava-med-v1.5-mistral-7b-hf --dtype bfloat16
+  mediround convert-llava weights/llava-med-v1.5-mistral-7b out-hf --vision-tower weights/clip-vit-large-patch14-336 --overwrite""")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option(

@@ -14,7 +14,10 @@ from mediround_cli.common import console, err_console, handle_errors
 from mediround_cli.output import parse_beta, prediction_progress
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  mediround demo                                        # writes ./mediround-demo/index.html
+  mediround demo --out demo-off --dialogues 4 --beta off""")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("mediround-demo"),
               show_default=True, help="Folder to write (an earlier demo there is replaced).")
 @click.option("--dialogues", "n_dialogues", type=click.IntRange(min=1), default=12, show_default=True,

@@ -24,7 +24,11 @@ def results_table(results: list[CheckResult]) -> Table:
     return table
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  mediround doctor                                      # the stack and the GPUs only
+  mediround doctor mediround-7b-24gb --gpu-memory 24        # will the 24 GB recipe fit one 24 GiB GPU?
+  mediround doctor recipes/mediround-7b-4gpu.yaml --gpus 4 --deepspeed recipes/zero2.json --gpu-memory 48""")
 @click.argument("recipe_path", metavar="[RECIPE]", required=False, type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -8,7 +8,6 @@ from typing import Any
 import click
 from rich.table import Table
 
-from mediround.data.formats import load_dialogues
 from mediround.data.run_manifest import find_predictions_folder
 from mediround.default_model import default_checkpoint, default_model_notice
 from mediround.error_log import ERRORS_FILE
@@ -95,11 +94,11 @@ def eval_command(
         evaluate_with_model(options.evaluation_config(data, model_path, root, allow_outside_root, scoring), per_round)
         return
     predictions_dir = predictions_dir or find_predictions_folder()
-    scored = scoring_inputs(predictions_dir, data, force)
+    scored = scoring_inputs(predictions_dir, data, force, root, allow_outside_root)
     config = EvalConfig(out=out or predictions_dir / "metrics.parquet", baseline=baseline, max_drop=max_drop,
                         plot=plot, beta=scored.beta, references=scored.references, manifest=scored.manifest,
                         overwrite=overwrite)
-    loaded = load_dialogues(scored.data, root=root, allow_outside_root=allow_outside_root)
+    loaded = scored.loaded
     config.skipped = len(loaded.problems) + scored.skipped_by_infer
     with progress_bar("scoring") as progress:
         task = progress.add_task("scoring", total=len(loaded.dialogues))

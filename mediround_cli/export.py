@@ -10,7 +10,10 @@ from mediround_cli.common import console, handle_errors
 from mediround_cli.partial_load import allow_partial_load_option, print_load_reports
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  mediround export runs/x/model exported/                # LoRA merged into the LLaVA weights
+  mediround export runs/x/model exported-adapter/ --no-merge""")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--merge/--no-merge", default=True, show_default=True, help="Merge LoRA into the LLaVA weights.")

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mediround_cli.train:train", "Train MediRound (teacher forcing) from a YAML recipe, multi-process."),
     "train-jcm": ("mediround_cli.train_jcm:train_jcm", "Train the JCM judge and refine MLPs on a frozen MediRound."),
     "infer": ("mediround_cli.infer:infer", "Predict masks round by round, chaining the model's own masks."),
+    "chat": ("mediround_cli.chat:chat", "Ask questions about one image round by round; masks, overlays, latency."),
     "eval": ("mediround_cli.eval:eval_command", "Score predictions per round (Dice/gIoU/cIoU) and gate regressions."),
     "export": ("mediround_cli.export:export", "Export a checkpoint as a standalone folder with LoRA merged."),
     "convert-llava": ("mediround_cli.convert_llava:convert_llava", "Convert an original-layout LLaVA/LLaVA-Med checkpoint to HF."),

@@ -11,8 +11,7 @@ from mediround_cli.common import console, handle_errors
 @click.group(invoke_without_command=True, epilog="""\b
 Examples:
   mediround recipes
-  mediround recipes show mediround-7b-4gpu > my-recipe.yaml
-  mediround train my-recipe.yaml --gpus 4""")
+  mediround recipes show mediround-7b-4gpu > my-recipe.yaml   # edit, then: mediround train my-recipe.yaml""")
 @click.pass_context
 @handle_errors
 def recipes(ctx: click.Context) -> None:

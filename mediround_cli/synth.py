@@ -24,7 +24,11 @@ def summary_table(summary: SynthSummary) -> Table:
     return table
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  mediround synth data/synth                            # 400 dialogues: train/val/test .jsonl
+  mediround synth data/synth-small --dialogues 40 --split test --seed 1
+  mediround synth data/synth-256 --size 256""")
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
 @click.option(
     "--dialogues",

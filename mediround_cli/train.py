@@ -6,7 +6,7 @@ import click
 
 from mediround.training.engine import TrainingResult
 from mediround.training.events import CHAINED_TRACK, TEACHER_FORCED_TRACK, StepLogged, Validated
-from mediround.training.recipe import PAPER_RECIPE, check_output, load_recipe
+from mediround.training.recipe import PAPER_RECIPE, check_output, load_recipe, recorded_init_from
 from mediround.training.stage1 import run_training
 from mediround_cli.common import handle_errors
 from mediround_cli.launch_options import LaunchOptions, StageView, launch_options, run_training_command
@@ -16,18 +16,28 @@ from mediround_cli.launch_options import LaunchOptions, StageView, launch_option
 Examples:
   mediround train --gpus 4                                   # the paper's recipe (mediround-7b-4gpu)
   mediround train tiny-cpu --cpu output=runs/tiny            # a shipped recipe by name
-  mediround train my-recipe.yaml --gpus 1 train.lr=1e-4 --resume""")
+  mediround train my-recipe.yaml --gpus 1 train.lr=1e-4 --resume
+  mediround train tiny-cpu --cpu --init-from runs/tiny/model output=runs/tiny-ft   # fine-tune
+  mediround train tiny-cpu --cpu --resume train.max_steps=400             # extend a finished run""")
 @click.argument("recipe_path", metavar="[RECIPE]", required=False, default=PAPER_RECIPE)
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--init-from", "init_from", default=None, metavar="CKPT",
+              help="Fine-tune from this MediRound checkpoint folder (new optimizer and schedule; its model must "
+                   "have the recipe's architecture). --resume of such a run takes it from run.json.")
 @launch_options()
 @handle_errors
-def train(recipe_path: str, overrides: tuple[str, ...], launch: LaunchOptions) -> None:
+def train(recipe_path: str, overrides: tuple[str, ...], init_from: str | None, launch: LaunchOptions) -> None:
     """Train MediRound with teacher forcing from a YAML RECIPE (a file, or a shipped recipe's name from
     `mediround recipes`; default: the paper's 4-GPU recipe); KEY=VALUE overrides any recipe field
     (e.g. train.lr=1e-3). Every weight and data file must be on this machine: the run stops before any
-    launch naming each missing one. Multi-process runs re-launch this command through Accelerate."""
-    recipe = load_recipe(recipe_path, overrides, require_weights=True)
-    run_training_command(VIEW, run_training, overrides, recipe_path, recipe, launch, check_output)
+    launch naming each missing one. Multi-process runs re-launch this command through Accelerate.
+    --resume may raise train.max_steps to extend a run (the LR schedule follows the new total)."""
+    args = [*overrides, *([f"init_from={init_from}"] if init_from else [])]
+    recipe = load_recipe(recipe_path, args, require_weights=True)
+    if launch.resume and recipe.init_from is None and (recorded := recorded_init_from(recipe)):
+        args.append(f"init_from={recorded}")
+        recipe = load_recipe(recipe_path, args, require_weights=True)
+    run_training_command(VIEW, run_training, args, recipe_path, recipe, launch, check_output)
 
 
 def _step_status(event: StepLogged) -> str:

@@ -15,7 +15,11 @@ from mediround_cli.common import handle_errors
 from mediround_cli.launch_options import LaunchOptions, StageView, launch_options, run_training_command
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  mediround train-jcm jcm-tiny-cpu --model runs/tiny-cpu/model --cpu
+  mediround train-jcm jcm-7b-4gpu --model runs/mediround-7b-4gpu/model --gpus 4 --deepspeed recipes/zero2.json
+  mediround train-jcm my-jcm.yaml --model runs/x/model --rollout train.max_steps=200""")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--model", "model_path", default=None,

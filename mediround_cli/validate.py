@@ -31,7 +31,11 @@ def summary_table(report: ValidationReport) -> Table:
     return table
 
 
-@click.command()
+@click.command(epilog="""\b
+Examples:
+  mediround validate data/synth/train.jsonl
+  mediround validate data/mr-medseg/train.json --root data/mr-medseg
+  mediround validate data/sam-med2d                     # an SA-Med2D folder""")
 @click.argument("data", type=click.Path(path_type=str))
 @click.option(
     "--root",

@@ -16,14 +16,22 @@ from mediround.data.formats import load_dialogues
 from mediround.data.synth import generate
 from mediround.doctor import FAIL, OK, WARN, DoctorConfig, run_doctor
 from mediround.doctor.files import sample_indices
-from mediround.doctor.memory import USABLE_FRACTION, check_memory, longest_sequence, zero_stage
+from mediround.doctor.memory import (
+    USABLE_FRACTION,
+    check_memory,
+    longest_sequence,
+    measure_model,
+    shard_for_zero,
+    zero_stage,
+)
 from mediround.doctor.stack import GpuInfo, in_range
 from mediround.doctor.weights import check_llava, check_sam, read_safetensors_header
 from mediround.model.build import build_model
 from mediround.model.config import MediRoundConfig, tiny_config
-from mediround.model.memory import GIB, estimate_training_memory
+from mediround.model.memory import DEFAULT_SEQUENCE_LENGTH, GIB, estimate_from_sizes, estimate_training_memory
 from mediround.model.mllm import tiny_llava_config
 from mediround.model.segmenter import build_sam
+from mediround.model.stand_in import write_stand_in_folder
 from mediround.model.tokenizer import MEDIROUND_TOKENS, train_tiny_tokenizer
 from mediround.training.recipe import SHIPPED_RECIPES, load_recipe
 from mediround_cli import doctor as doctor_cli
@@ -281,3 +289,30 @@ def test_a_missing_local_weights_folder_is_not_called_a_hub_name(synth, tmp_path
     assert result.exit_code == 1
     assert "hub name" not in result.output and "huggingface-cli" not in result.output
     assert f"{local}: LLaVA folder not found" in result.output and "docs/real-weights.md" in result.output
+
+
+@pytest.mark.parametrize("deepspeed", [None, "recipes/zero2.json"])
+def test_7b_recipe_without_weights_or_data_gets_the_estimate_from_known_sizes(tmp_path, monkeypatch, wide_console,
+                                                                              deepspeed):
+    """A fresh machine: no weights, no data. The estimate from the preset's known sizes is the one the model
+    built on meta would give (1,024 tokens assumed: without the tokenizer no dialogue can be measured)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["doctor", "recipes/mediround-7b-4gpu.yaml", "--gpus", "4", "--gpu-memory", "48"]
+    result = CliRunner().invoke(cli, [*args, *(["--deepspeed", deepspeed] if deepspeed else [])])
+    assert result.exit_code == 1, result.output  # the missing weights and data fail their own rows
+    assert "train data" in result.output and "data/mr-medseg/train.json: file not found" in result.output
+
+    stand_in = write_stand_in_folder(tmp_path / "stand-in")
+    recipe = load_recipe("mediround-7b-4gpu", [f"model.mllm.source={stand_in}", "model.segmenter.checkpoint=null"],
+                         require_data=False)
+    built = estimate_training_memory(recipe.model, build_model(recipe.model, device="meta"), 15, DEFAULT_SEQUENCE_LENGTH)
+    sharded = shard_for_zero(built, zero_stage(deepspeed), 4)
+    assert sharded.total < built.total if deepspeed else sharded == built
+    line = (f"estimated peak {sharded.total / GIB:.1f} GiB per process fits --gpu-memory 48 GiB "
+            f"({48 * USABLE_FRACTION:.1f} GiB usable); 4 process(es), "
+            f"batch 15 x accumulation 10, gradient checkpointing on, ZeRO-{2 if deepspeed else 0}, bf16 weights, "
+            "1024 tokens assumed (no training dialogue to measure); estimate from the llava-med-7b preset's known sizes")
+    assert line in " ".join(result.output.split())
+
+    sizes, length, _ = measure_model(load_recipe("mediround-7b-4gpu", require_data=False), 32)
+    assert estimate_from_sizes(recipe.model, sizes, 15, length) == built

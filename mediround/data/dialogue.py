@@ -15,7 +15,8 @@ from pathlib import Path
 class Round:
     """One question/answer turn pair.
 
-    ``mask`` is the ground-truth mask path (absent for pure inference). ``ref`` is the 1-based number of
+    ``answer`` is the assistant's answer, absent in new data that has questions only (inference then
+    generates it). ``mask`` is the ground-truth mask path (absent for pure inference). ``ref`` is the 1-based number of
     an earlier round whose mask this round refers to. ``names_target`` says whether the query or answer
     names the target entity outright (True) or whether only the referenced round resolves it (False);
     unknown (None) for external data. Reports split scores by it, since history-blind models solve
@@ -23,7 +24,7 @@ class Round:
     """
 
     query: str
-    answer: str
+    answer: str | None = None
     mask: str | None = None
     ref: int | None = None
     entity: str | None = None

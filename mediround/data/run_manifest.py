@@ -5,8 +5,9 @@
 one recorded (``--force`` overrides). Metric Parquet files carry it as file metadata, so a baseline says
 which data it was scored on.
 
-Fields: ``data`` (absolute path), ``data_sha256``, ``model`` (absolute checkpoint folder),
-``model_manifest_sha256`` (SHA-256 of the checkpoint's ``manifest.json``, which hashes every weight file),
+Fields: ``data`` (absolute path), ``data_sha256`` (the data file's bytes), ``data_files_sha256`` (the
+bytes of the images and masks it names, so that a mask changed in place is caught too), ``model``
+(absolute checkpoint folder), ``model_manifest_sha256`` (SHA-256 of the checkpoint's ``manifest.json``, which hashes every weight file),
 ``betas``, ``teacher_forcing``, ``generate``, ``mediround_version``, ``started``, ``finished`` (UTC, ISO 8601;
 ``finished`` is null while the run is going or after a kill), ``shards`` (written with ``finished``: the
 completion mark of each process of the run's last attempt: ``rank``, ``world_size`` as torch.distributed
@@ -18,10 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mediround.data.dialogue import Dialogue
+from mediround.data.formats import load_dialogues
 from mediround.errors import DataError
 
 MANIFEST_FILE = "run.json"
@@ -51,6 +55,36 @@ def data_sha256(path: str | os.PathLike) -> str:
     else:
         _update_with_file(digest, path)
     return digest.hexdigest()
+
+
+def referenced_files_sha256(dialogues: Sequence[Dialogue]) -> str:
+    """SHA-256 over the bytes of each dialogue's image and ground-truth masks, in dialogue and round order
+    (each file read once; a round without a mask, or a file that is not there, counts as such). It follows
+    the bytes, not the paths: data moved to another folder or machine keeps it, a mask rewritten in place
+    or two masks swapped change it."""
+    digest = hashlib.sha256()
+    per_file: dict[Path, bytes] = {}
+    for dialogue in dialogues:
+        digest.update(dialogue.id.encode("utf-8") + b"\0")
+        masks = [dialogue.mask_path(number) for number in range(1, len(dialogue.rounds) + 1)]
+        for path in (dialogue.image_path, *masks):
+            if path is None:
+                digest.update(b"no mask")
+                continue
+            if path not in per_file:
+                file_digest = hashlib.sha256()
+                if path.is_file():
+                    _update_with_file(file_digest, path)
+                    per_file[path] = file_digest.digest()
+                else:
+                    per_file[path] = b"missing"
+            digest.update(per_file[path])
+    return digest.hexdigest()
+
+
+def data_files_sha256(data: str | os.PathLike, root: str | os.PathLike | None, allow_outside_root: bool) -> str:
+    """``referenced_files_sha256`` of the dialogues of a data file, paths resolved as inference resolves them."""
+    return referenced_files_sha256(load_dialogues(data, root=root, allow_outside_root=allow_outside_root).dialogues)
 
 
 def model_manifest_sha256(model_folder: str | os.PathLike) -> str | None:
@@ -93,13 +127,18 @@ def find_predictions_folder(where: str | os.PathLike = ".") -> Path:
     return found[0]
 
 
-def check_data_matches(manifest: dict, folder: str | os.PathLike, data: str | os.PathLike, force: bool) -> str:
-    """This data's SHA-256, after checking it against the one the predictions were made from;
-    ``DataError`` when they differ unless ``force``."""
-    digest = data_sha256(data)
-    recorded = manifest.get("data_sha256")
-    if recorded is not None and recorded != digest and not force:
-        raise DataError(str(data), None, None, f"SHA-256 {digest[:12]} differs from {recorded[:12]} of "
-                        f"{manifest['data']}, the data {Path(folder) / MANIFEST_FILE} says these predictions were "
-                        "made from: scoring them against other data gives meaningless scores (--force to score anyway)")
-    return digest
+def check_data_matches(
+    manifest: dict, folder: str | os.PathLike, data: str | os.PathLike, dialogues: Sequence[Dialogue], force: bool
+) -> dict[str, str]:
+    """This data's SHA-256 and that of the images and masks its ``dialogues`` name, after checking both
+    against the ones the predictions were made from (a manifest older than ``data_files_sha256`` is checked
+    by the data file only); ``DataError`` when one differs unless ``force``."""
+    digests = {"data_sha256": data_sha256(data), "data_files_sha256": referenced_files_sha256(dialogues)}
+    for key, digest in digests.items():
+        recorded = manifest.get(key)
+        if recorded is not None and recorded != digest and not force:
+            what = "SHA-256" if key == "data_sha256" else "SHA-256 of the images and masks it names"
+            raise DataError(str(data), None, None, f"{what} {digest[:12]} differs from {recorded[:12]} of "
+                            f"{manifest['data']}, the data {Path(folder) / MANIFEST_FILE} says these predictions were "
+                            "made from: scoring them against other data gives meaningless scores (--force to score anyway)")
+    return digests

@@ -11,7 +11,7 @@ import numpy as np
 
 from mediround.data.dialogue import Dialogue
 from mediround.data.formats import load_dialogues
-from mediround.data.formats.common import dialogue_label, mask_field
+from mediround.data.formats.common import dialogue_label, round_field
 from mediround.data.images import check_image, load_mask
 from mediround.errors import DataError
 
@@ -68,7 +68,7 @@ def check_dialogue_files(
     for number, round_ in enumerate(dialogue.rounds, start=1):
         if round_.mask is None:
             continue
-        field_name = mask_field(source_format, number)
+        field_name = round_field(source_format, number)
         try:
             mask = load_mask(dialogue.path(round_.mask))
         except DataError as error:

@@ -61,7 +61,8 @@ def run_doctor(config: DoctorConfig, on_check: Callable[[CheckResult], None] | N
     from mediround.training.recipe import load_recipe
 
     try:
-        recipe = load_recipe(config.recipe, config.overrides)
+        # Missing data files get the "train data"/"val data" rows, so that the other checks still run.
+        recipe = load_recipe(config.recipe, config.overrides, require_data=False)
     except RecipeError as error:
         add(CheckResult("recipe", FAIL, str(error)))
         return results

@@ -1,8 +1,10 @@
 """Will the recipe fit in GPU memory? The model's own estimate, judged against the GPU, with a way out.
 
-The estimate is ``mediround.model.memory.estimate_training_memory`` on the model built on the meta
-device; this module collects its inputs from the recipe (batch size, the longest sampled dialogue under
-the model's chat layout, gradient checkpointing, precision), divides the parts ZeRO partitions by the
+The estimate is ``mediround.model.memory.estimate_from_sizes`` on the sizes of the model built on the
+meta device or, where it cannot be built (no weights' config.json on this machine), on the
+``llava-med-7b`` preset's known sizes; this module collects its inputs from the recipe (batch size, the
+longest sampled dialogue under the model's chat layout, else an assumed length, gradient checkpointing,
+precision), divides the parts ZeRO partitions by the
 number of processes (stage 1: optimiser states, 2: and gradients, 3: and weights), compares the peak
 with the GPU memory and, when it does not fit, tries the usual remedies in order until one does.
 """
@@ -20,7 +22,14 @@ from mediround.doctor.files import sample_indices
 from mediround.doctor.stack import GpuInfo
 from mediround.errors import MediRoundError
 from mediround.model.build import build_model
-from mediround.model.memory import MemoryEstimate, estimate_training_memory
+from mediround.model.memory import (
+    DEFAULT_SEQUENCE_LENGTH,
+    MemoryEstimate,
+    ModelSizes,
+    estimate_from_sizes,
+    known_sizes,
+    model_sizes,
+)
 from mediround.training.recipe import Recipe, resolve_recipe
 
 GIB = 1024**3
@@ -53,7 +62,8 @@ def longest_sequence(recipe: Recipe, model, sample: int) -> int | None:
     """Tokens of the longest sampled training dialogue under the model's own chat layout (None: no dialogue)."""
     data = recipe.data
     try:
-        dialogues = load_dialogues(data.train, root=data.root, allow_outside_root=data.allow_outside_root).dialogues
+        dialogues = load_dialogues(data.train, root=data.root, allow_outside_root=data.allow_outside_root,
+                                   require_labels=True).dialogues
     except MediRoundError:
         return None
     lengths = []
@@ -92,6 +102,28 @@ class Setup:
         return f"batch {self.batch_size} x accumulation {self.grad_accum}, gradient checkpointing {checkpointing}, ZeRO-{self.zero_stage}"
 
 
+def measure_model(recipe: Recipe, sample: int) -> tuple[ModelSizes, int, str] | CheckResult:
+    """The model's sizes, the sequence length and how both were found (the sizes of the model built on
+    meta, else the preset's known sizes; the longest sampled dialogue, else an assumed length), or a WARN
+    row when the sizes are unknown."""
+    try:
+        model = build_model(recipe.model, device="meta")
+    except (MediRoundError, OSError, ValueError) as error:
+        sizes = known_sizes(recipe.model_preset, recipe.model)
+        if sizes is None:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            return CheckResult("GPU memory", WARN, f"not estimated: the model cannot be built on meta ({first})")
+        # Without the LLaVA folder there is no tokenizer either, so no dialogue can be measured.
+        length = None
+        source = f"estimate from the {recipe.model_preset} preset's known sizes (the model cannot be built on meta)"
+    else:
+        sizes = model_sizes(model)
+        length, source = longest_sequence(recipe, model, sample), "estimate from the model built on meta"
+    if length is None:
+        return sizes, DEFAULT_SEQUENCE_LENGTH, f"{DEFAULT_SEQUENCE_LENGTH} tokens assumed (no training dialogue to measure); {source}"
+    return sizes, length, f"{length} tokens (longest sampled dialogue); {source}"
+
+
 def check_memory(
     recipe: Recipe, gpus: list[GpuInfo], gpu_memory_gib: float | None, processes: int | None,
     deepspeed_config: str | None, sample: int,
@@ -101,26 +133,19 @@ def check_memory(
         stage = zero_stage(deepspeed_config)
     except ValueError as error:
         return MemoryFit([CheckResult("GPU memory", FAIL, str(error))])
-    try:
-        model = build_model(recipe.model, device="meta")
-    except (MediRoundError, OSError, ValueError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return MemoryFit([CheckResult("GPU memory", WARN, f"not estimated: the model cannot be built on meta ({first})")])
-    length = longest_sequence(recipe, model, sample)
-    if length is None:
-        return MemoryFit([CheckResult("GPU memory", WARN, "not estimated: no training dialogue to measure")])
+    measured = measure_model(recipe, sample)
+    if isinstance(measured, CheckResult):
+        return MemoryFit([measured])
+    sizes, length, how = measured
     world = processes or max(1, len(gpus))
     setup = Setup(recipe.model.gradient_checkpointing, recipe.train.batch_size, recipe.train.grad_accum, stage)
-    whole = estimate_training_memory(recipe.model, model, setup.batch_size, length)
+    whole = estimate_from_sizes(recipe.model, sizes, setup.batch_size, length)
     # A checkpoint holds the trainable weights (model/ and trainable.safetensors) and the optimiser state;
     # one more is being written while keep_last are kept.
     per_checkpoint = whole.optimiser + 2 * whole.gradients
     checkpoint_bytes = per_checkpoint * (recipe.checkpoint.keep_last + 1)
     peak = shard_for_zero(whole, stage, world).total
-    context = (
-        f"{world} process(es), {setup.describe()}, {length} tokens (longest sampled dialogue), "
-        f"{recipe.model.precision} weights"
-    )
+    context = f"{world} process(es), {setup.describe()}, {recipe.model.precision} weights, {how}"
     if gpu_memory_gib is not None:
         capacity, where = int(gpu_memory_gib * GIB), f"--gpu-memory {gpu_memory_gib:g} GiB"
     elif gpus:
@@ -133,7 +158,7 @@ def check_memory(
     if peak <= usable:
         detail = f"estimated peak {peak / GIB:.1f} GiB per process fits {where} ({usable / GIB:.1f} GiB usable); {context}"
         return MemoryFit([CheckResult("GPU memory", OK, detail)], checkpoint_bytes)
-    remedy = _remedy(recipe, model, setup, length, world, usable)
+    remedy = _remedy(recipe, sizes, setup, length, world, usable)
     detail = (
         f"estimated peak {peak / GIB:.1f} GiB per process does not fit {where} ({usable / GIB:.1f} GiB usable); "
         f"{context}; {remedy}"
@@ -141,10 +166,10 @@ def check_memory(
     return MemoryFit([CheckResult("GPU memory", FAIL, detail)], checkpoint_bytes)
 
 
-def peak_bytes(recipe: Recipe, model, setup: Setup, length: int, world: int) -> int:
+def peak_bytes(recipe: Recipe, sizes: ModelSizes, setup: Setup, length: int, world: int) -> int:
     """The estimated peak of one process for ``recipe`` changed to ``setup``."""
     config = dataclasses.replace(recipe.model, gradient_checkpointing=setup.gradient_checkpointing)
-    estimate = estimate_training_memory(config, model, setup.batch_size, length)
+    estimate = estimate_from_sizes(config, sizes, setup.batch_size, length)
     return shard_for_zero(estimate, setup.zero_stage, world).total
 
 
@@ -168,11 +193,11 @@ def remedies(setup: Setup, world: int) -> list[tuple[str, str, Setup]]:
     return steps
 
 
-def _remedy(recipe: Recipe, model, setup: Setup, length: int, world: int, usable: float) -> str:
+def _remedy(recipe: Recipe, sizes: ModelSizes, setup: Setup, length: int, world: int, usable: float) -> str:
     changes: dict[str, str] = {}
     for knob, label, candidate in remedies(setup, world):
         changes[knob] = label
-        peak = peak_bytes(recipe, model, candidate, length, world)
+        peak = peak_bytes(recipe, sizes, candidate, length, world)
         if peak <= usable:
             return f"fits with {' '.join(changes.values())} (estimated {peak / GIB:.1f} GiB)"
     tried = " ".join(changes.values()) or "no change left to try"

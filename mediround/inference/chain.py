@@ -83,13 +83,14 @@ class RoundPrediction:
 
 def check_dialogue(dialogue: Dialogue, file: str, generate: bool = False) -> None:
     """Raise ``DataError`` for what would stop the chain mid-way: a reference to a round that is not an
-    earlier one, or (unless the model generates its answers) an answer with more than one [SEG]."""
+    earlier one, or (unless the model generates its answers) an answer with more than one [SEG]. A round
+    without an answer is fine: the model generates that round's answer."""
     item = dialogue.item if dialogue.item is not None else dialogue.id
     for number, round_ in enumerate(dialogue.rounds, start=1):
         if round_.ref is not None and not 1 <= round_.ref < number:
             raise DataError(file, item, f"rounds[{number - 1}].ref",
                             f"round {number} refers to round {round_.ref}, which is not an earlier round")
-        if not generate:
+        if not generate and round_.answer is not None:
             try:
                 answer_with_seg(round_.answer)
             except ValueError as error:
@@ -235,7 +236,8 @@ def chain_dialogue(
     """Predict every round of ``dialogue`` for each track (Algorithm 1); returns the rounds per track.
 
     ``generate`` lets the model write its answers (greedy) and keeps them in the history; otherwise the
-    dialogue's own answers are fed. ``use_cache=False`` re-runs the whole model for every round.
+    dialogue's own answers are fed, and a round without one (``answer`` None) is generated.
+    ``use_cache=False`` re-runs the whole model for every round.
     ``reference_truth`` maps referred round numbers to ground-truth masks; teacher-forcing tracks need it.
     ``context`` is ``image`` already encoded (``encode_image``); the cached path then encodes nothing.
     ``jcm_rounds`` (``all`` or ``referred``) defaults to the model's ``heads.jcm_rounds``.

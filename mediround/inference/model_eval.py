@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mediround.data.run_manifest import data_sha256
 from mediround.errors import DataError
 from mediround.inference.chain import Track
 from mediround.inference.events import InferenceEvents
@@ -34,7 +35,7 @@ from mediround.reports.beta_curve import beta_curve
 from mediround.reports.gate import Regression, compare_rows, coverage_failures
 from mediround.reports.plots import round_curve
 from mediround.reports.rows import read_rows, write_rows
-from mediround.reports.scoring import EvalConfig
+from mediround.reports.scoring import EvalConfig, check_replaceable
 
 
 @dataclass
@@ -109,12 +110,15 @@ def evaluate_model(
     primary track.
 
     ``settings.scoring.out`` defaults to ``inference.out/metrics.parquet`` (for a single track it is that
-    track's own file). The beta plot is drawn when at least two numeric betas ran with predicted
+    track's own file); an ``out`` given that holds the metrics of other data is refused before anything
+    runs unless ``scoring.overwrite``, as ``evaluate_predictions`` refuses it. The beta plot is drawn when at least two numeric betas ran with predicted
     references. The baseline is read before anything is written, so it may be the file this run replaces.
     """
     scoring = settings.scoring
     baseline = scoring.baseline
     baseline_rows = read_rows(baseline) if baseline is not None else None
+    if scoring.out is not None and not scoring.overwrite:
+        check_replaceable(scoring.out, data_sha256(settings.inference.data))
     summary = run_inference(settings.inference, model=model, events=events)
     config = summary.config
     evaluations = score_outputs(config)

@@ -56,7 +56,13 @@ from mediround.data.predictions import (
     read_predictions,
     safe_name,
 )
-from mediround.data.run_manifest import MANIFEST_FILE, data_sha256, model_manifest_sha256, utc_now
+from mediround.data.run_manifest import (
+    MANIFEST_FILE,
+    data_files_sha256,
+    data_sha256,
+    model_manifest_sha256,
+    utc_now,
+)
 from mediround.error_log import ERRORS_FILE, read_error_log, write_error_log
 from mediround.errors import CheckpointError, DataError, LaunchError, RecipeError
 from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
@@ -196,6 +202,11 @@ def error_record(file: str, item: Any, dialogue_id: str | None, field_name: str 
     return {"file": file, "item": item, "id": dialogue_id, "field": field_name, "reason": reason}
 
 
+def _dialogues_with_problems(problems: Sequence[DataError]) -> int:
+    """How many dialogues the load problems skipped: one dialogue may have several problems."""
+    return len({(problem.file, problem.item) for problem in problems})
+
+
 def _problem_record(problem: DataError) -> dict:
     return error_record(problem.file, problem.item, None, problem.field, problem.reason)
 
@@ -255,6 +266,7 @@ def _run_settings(config: InferenceConfig) -> dict:
     return {
         "data": os.path.abspath(config.data),
         "data_sha256": data_sha256(config.data),
+        "data_files_sha256": data_files_sha256(config.data, config.root, config.allow_outside_root),
         "model": os.path.abspath(config.model),
         "model_manifest_sha256": model_manifest_sha256(config.model),
         "betas": list(config.betas),
@@ -447,7 +459,7 @@ def finalize(config: InferenceConfig, dialogues: Sequence[Dialogue], problems: S
     failed = [runtime[d.id] for d in dialogues if d.id in runtime and d.id not in (complete_everywhere or set())]
     write_error_log(Path(config.out) / ERRORS_FILE, [_problem_record(p) for p in problems] + failed)
     shutil.rmtree(_parts_root(config), ignore_errors=True)
-    return len(problems) + len(failed)
+    return _dialogues_with_problems(problems) + len(failed)
 
 
 def _merge_track(
@@ -551,14 +563,20 @@ def resolve_betas(config: InferenceConfig, model_config: Any | None = None) -> I
             model_config = MediRoundConfig.from_json(path)
         except RecipeError as error:
             raise CheckpointError(f"{path}: {error}") from None
+    return replace(config, betas=checked_betas(config.betas, model_config, config.model))
+
+
+def checked_betas(betas: tuple[float | None, ...], model_config: Any, model: str) -> tuple[float | None, ...]:
+    """``betas``, or the default when empty (``DEFAULT_BETA`` with trained JCM weights, else off);
+    ``CheckpointError`` for a numeric threshold on the checkpoint ``model`` whose JCM is untrained."""
     trained = checkpoint_has_trained_jcm(model_config)
-    if not config.betas:
-        return replace(config, betas=(DEFAULT_BETA,) if trained else (None,))
-    numeric = [b for b in config.betas if b is not None]
+    if not betas:
+        return (DEFAULT_BETA,) if trained else (None,)
+    numeric = [b for b in betas if b is not None]
     if numeric and not trained:
-        raise CheckpointError(f"{config.model}: the checkpoint has no trained JCM weights (run `mediround "
+        raise CheckpointError(f"{model}: the checkpoint has no trained JCM weights (run `mediround "
                               f"train-jcm`), so --beta {numeric[0]:g} would use random MLPs; use --beta off")
-    return config
+    return betas
 
 
 def load_model(config: InferenceConfig) -> Any:
@@ -597,6 +615,7 @@ def run_inference(
         raise
     shards = _shard_marks(config)
     skipped = finalize(config, plan.dialogues, plan.problems)
+    skipped_at_load = _dialogues_with_problems(plan.problems)
     manifest = _record_finish(config, shards)
     seg_missing = 0
     folders = {}
@@ -605,8 +624,8 @@ def run_inference(
         folders[track.label] = str(folder)
         seg_missing += sum(1 for r in read_predictions(folder).values() if r.get("seg_found") is False)
     return InferenceSummary(
-        total=len(plan.dialogues) + len(plan.problems),
-        predicted=len(plan.todo) - (skipped - len(plan.problems)),
+        total=len(plan.dialogues) + skipped_at_load,
+        predicted=len(plan.todo) - (skipped - skipped_at_load),
         resumed=plan.already_done,
         skipped=skipped,
         seg_missing=seg_missing,
@@ -741,7 +760,8 @@ def run_worker(plan_file: str | os.PathLike) -> list[LoadReport]:
     config = InferenceConfig.from_dict(saved["config"], str(plan_file))
     # Set by torchrun (Accelerate's launcher) in every worker: the rank of this worker's machine.
     machine_rank = int(os.environ.get("GROUP_RANK", "0"))
-    if machine_rank > 0:
+    # One check per other machine (its first process): the hashes read every data file and image.
+    if machine_rank > 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         _check_settings(_run_settings(config), saved["manifest"], config.data,
                         f"machine rank {machine_rank} sees other data or another model than machine rank 0")
     if config.device != "cpu":

@@ -163,22 +163,25 @@ def verify_manifest(folder: Path) -> dict:
 
 def load_checkpoint(
     folder: str | os.PathLike, device: str | torch.device = "cpu", allow_partial: bool = False,
-    verify: bool = True,
+    verify: bool = True, config: MediRoundConfig | None = None,
 ) -> MediRound:
     """Rebuild the model from a checkpoint folder. Raises ``CheckpointError`` naming any bad file or key.
 
     ``verify=False`` skips the sha256 check (the key checks still run). ``allow_partial=True`` loads what
-    matches; the reports are then on ``model.load_reports``.
+    matches; the reports are then on ``model.load_reports``. ``config`` builds the model from that config
+    instead of the folder's ``config.json`` (a fine-tune with its own base-weight paths and loss weights;
+    its weights must fit the checkpoint's, which the key checks enforce).
     """
     folder = Path(folder)
     manifest = verify_manifest(folder) if verify else json.loads((folder / "manifest.json").read_text())
-    try:
-        config = MediRoundConfig.from_json(folder / "config.json")
-    except RecipeError as error:
-        raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
-    source = Path(config.mllm.source)
-    if config.mllm.source != "tiny" and not source.is_absolute() and (folder / source / "config.json").is_file():
-        config.mllm.source = str(folder / source)
+    if config is None:
+        try:
+            config = MediRoundConfig.from_json(folder / "config.json")
+        except RecipeError as error:
+            raise CheckpointError(f"{folder / 'config.json'}: {error}") from None
+        source = Path(config.mllm.source)
+        if config.mllm.source != "tiny" and not source.is_absolute() and (folder / source / "config.json").is_file():
+            config.mllm.source = str(folder / source)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     reports: list[LoadReport] = []
 

@@ -1,7 +1,8 @@
-"""A per-GPU training-memory estimate, from parameter counts of the model built on the meta device.
+"""A per-GPU training-memory estimate, from parameter counts of the model built on the meta device or,
+without the weights' config, from the ``llava-med-7b`` preset's known sizes.
 
-Counts come from the real module tree (nothing allocated); the activation term is a standard transformer
-estimate. It is a planning number for ``doctor`` and the docs, not a measurement.
+Counts come from the real module tree (nothing allocated) or from the known sizes; the activation term
+is a standard transformer estimate. It is a planning number for ``doctor`` and the docs, not a measurement.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from dataclasses import dataclass
 import torch
 
 from mediround.model.build import build_model
-from mediround.model.config import MediRoundConfig
+from mediround.model.config import MediRoundConfig, preset
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 1024**3
+# The sequence length assumed where no training dialogue can be measured (and the docs' table).
+DEFAULT_SEQUENCE_LENGTH = 1024
 
 
 @dataclass
@@ -38,8 +41,106 @@ class MemoryEstimate:
         return {name: round(getattr(self, name) / GIB, 2) for name in names}
 
 
+@dataclass(frozen=True)
+class ModelSizes:
+    """What the estimate needs to know of a model: its parameter counts and its language model's shape."""
+
+    parameters: int
+    trainable: int
+    mllm: int
+    mllm_trainable: int
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+
+
+def model_sizes(model: torch.nn.Module) -> ModelSizes:
+    """The sizes of a built MediRound (on meta or not)."""
+    text = model.llava.config.text_config
+    return ModelSizes(
+        parameters=sum(p.numel() for p in model.parameters()),
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        mllm=sum(p.numel() for p in model.mllm.parameters()),
+        mllm_trainable=sum(p.numel() for p in model.mllm.parameters() if p.requires_grad),
+        hidden_size=text.hidden_size,
+        num_layers=text.num_hidden_layers,
+        vocab_size=text.vocab_size,
+    )
+
+
+# The llava-med-7b preset's parts (docs/model.md; tests/model/test_memory_known_sizes.py checks them against
+# the model built on meta): LLaVA-Med v1.5 Mistral-7B before the new tokens, the 3 new tokens' rows of
+# embed_tokens and lm_head, LoRA r=8 on q,v, the trained full copies of embed_tokens and lm_head, SAM ViT-B,
+# the heads ([SEG] projection, box encoder, entity head, JCM), and what stage 1 trains outside LLaVA
+# (SAM's mask decoder without the IoU head, and the heads).
+LLAVA_MED_V15 = 7_566_219_264
+NEW_TOKEN_ROWS = 2 * 3 * 4_096
+LORA_R8_QV = 3_407_872
+EMBEDDING_COPIES = 2 * 32_003 * 4_096
+SAM_VIT_B = 93_735_472
+HEADS_7B = 18_770_945
+TRAINED_OUTSIDE_LLAVA_7B = 21_776_352
+# Config fields that change no parameter count (paths, seeds, prompts, behaviour switches, precision,
+# losses); token_embeddings does, and known_sizes looks it up.
+COUNT_NEUTRAL = (
+    "mllm.source", "mllm.system_prompt", "mllm.seed", "segmenter.checkpoint", "segmenter.normalisation",
+    "segmenter.seed", "heads.seed", "heads.seg_state", "heads.jcm_refine", "heads.jcm_rounds", "lora.alpha",
+    "lora.dropout", "loss", "precision", "gradient_checkpointing", "trainable.token_embeddings",
+)
+
+
+def known_sizes(preset_name: str, config: MediRoundConfig) -> ModelSizes | None:
+    """The sizes of the ``llava-med-7b`` preset without its weights (both token-embedding splits), or None
+    for another preset or a config that changes a count (another LoRA rank, other trainable parts)."""
+    if preset_name != "llava-med-7b" or config.trainable.token_embeddings not in ("full", "rows"):
+        return None
+    reference = preset(preset_name, mllm_path=config.mllm.source, sam_checkpoint=config.segmenter.checkpoint)
+    if _count_fields(config) != _count_fields(reference):
+        return None
+    # "rows" trains a separate copy of the new tokens' rows; "full" trains copies of both whole matrices.
+    trained_copies = EMBEDDING_COPIES if config.trainable.token_embeddings == "full" else NEW_TOKEN_ROWS
+    mllm = LLAVA_MED_V15 + NEW_TOKEN_ROWS + LORA_R8_QV + trained_copies
+    mllm_trainable = LORA_R8_QV + trained_copies
+    return ModelSizes(
+        parameters=mllm + SAM_VIT_B + HEADS_7B,
+        trainable=mllm_trainable + TRAINED_OUTSIDE_LLAVA_7B,
+        mllm=mllm,
+        mllm_trainable=mllm_trainable,
+        hidden_size=4_096,
+        num_layers=32,
+        vocab_size=32_003,
+    )
+
+
+def _count_fields(config: MediRoundConfig) -> dict:
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if prefix in COUNT_NEUTRAL:
+            return
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = value
+
+    walk("", config.to_dict())
+    return flat
+
+
 def estimate_training_memory(
-    config: MediRoundConfig, model: torch.nn.Module | None = None, batch_size: int = 1, sequence_length: int = 1024
+    config: MediRoundConfig, model: torch.nn.Module | None = None, batch_size: int = 1,
+    sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
+) -> MemoryEstimate:
+    """``estimate_from_sizes`` of ``model``, a MediRound already built (e.g. on meta); without one, the
+    model is built on meta from ``config`` (reads only the LLaVA config.json, no weights)."""
+    if model is None:
+        model = build_model(config, device="meta")
+    return estimate_from_sizes(config, model_sizes(model), batch_size, sequence_length)
+
+
+def estimate_from_sizes(
+    config: MediRoundConfig, sizes: ModelSizes, batch_size: int = 1, sequence_length: int = DEFAULT_SEQUENCE_LENGTH
 ) -> MemoryEstimate:
     """Memory of one training process, as the trainer runs it: frozen LLaVA weights in ``config.precision``,
     trainable parameters (LoRA, embed_tokens/lm_head copies, heads) as fp32 master weights with fp32
@@ -48,31 +149,21 @@ def estimate_training_memory(
     checkpointing: one hidden state per layer plus one layer's working set, else ~34 values per hidden
     unit per layer) and the fp32 logits of the answer positions (bounded by the sequence length).
     ZeRO partitioning is applied by ``mediround.doctor.memory.shard_for_zero``.
-
-    ``model`` may be a MediRound already built (e.g. on meta); otherwise one is built on meta from
-    ``config`` (reads only the LLaVA config.json, no weights).
     """
-    if model is None:
-        model = build_model(config, device="meta")
     width = BYTES[config.precision]
-    parameters = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    mllm = sum(p.numel() for p in model.mllm.parameters())
-    mllm_trainable = sum(p.numel() for p in model.mllm.parameters() if p.requires_grad)
-    text = model.llava.config.text_config
     tokens = batch_size * sequence_length
-    per_layer = tokens * text.hidden_size * width
+    per_layer = tokens * sizes.hidden_size * width
     if config.gradient_checkpointing:
-        activations = text.num_hidden_layers * per_layer + 34 * per_layer
+        activations = sizes.num_layers * per_layer + 34 * per_layer
     else:
-        activations = 34 * text.num_hidden_layers * per_layer
-    frozen_mllm = mllm - mllm_trainable
+        activations = 34 * sizes.num_layers * per_layer
+    frozen_mllm = sizes.mllm - sizes.mllm_trainable
     return MemoryEstimate(
-        parameters=parameters,
-        trainable=trainable,
-        weights=frozen_mllm * width + (parameters - frozen_mllm) * 4,
-        gradients=trainable * 4,
-        optimiser=trainable * 8,
+        parameters=sizes.parameters,
+        trainable=sizes.trainable,
+        weights=frozen_mllm * width + (sizes.parameters - frozen_mllm) * 4,
+        gradients=sizes.trainable * 4,
+        optimiser=sizes.trainable * 8,
         activations=activations,
-        logits=tokens * text.vocab_size * 4,
+        logits=tokens * sizes.vocab_size * 4,
     )

@@ -5,7 +5,8 @@
 prompt and image tokens into a fresh cache, and each ``step`` appends one round's user turn and answer, so
 earlier rounds are never recomputed. A step returns the round's [SEG] feature and the mask it decodes to.
 ``fork`` copies the cache, so that two continuations of the same rounds can feed different inputs
-(``mediround.inference.chain`` forks when JCM tracks feed different reference masks).
+(``mediround.inference.chain`` forks when JCM tracks feed different reference masks). ``undo`` cuts the
+last round off the cache (``mediround.inference.chat``'s ``:undo``).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class DialogueSession:
             self._feed(prefix.ids, prefix.kinds, context.image_features[None])
         self.length = len(prefix.ids)
         self.rounds = 0
+        self._round_starts: list[int] = []
 
     @classmethod
     def for_image(cls, model: MediRound, image: np.ndarray) -> DialogueSession:
@@ -139,7 +141,18 @@ class DialogueSession:
         """An independent copy: the same rounds so far, its own cache; image and model are shared."""
         twin = copy.copy(self)
         twin.cache = copy.deepcopy(self.cache)
+        twin._round_starts = list(self._round_starts)
         return twin
+
+    def undo(self) -> None:
+        """Forget the last round: its tokens leave the cache, so the next ``step`` computes exactly what it
+        would in a session that never had that round (attention is causal: earlier entries never change)."""
+        if not self._round_starts:
+            raise ValueError("no round to undo")
+        start = self._round_starts.pop()
+        self.cache.crop(start - self.length)
+        self.length = start
+        self.rounds -= 1
 
     def _feed(self, ids: list[int], kinds: list[int], image_features: torch.Tensor | None = None,
               crop_pixels: torch.Tensor | None = None, boxes: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,6 +196,7 @@ class DialogueSession:
             hidden = self._feed(user.ids, user.kinds, None, crop_pixels, boxes)
             feature, answer_ids, seg_fed = self._greedy(hidden[-1], max_new_tokens)
             ids = user.ids + answer_ids
+        self._round_starts.append(self.length)
         self.length += len(ids)
         self.rounds += 1
         text = self.model.tokenizer.decode(answer_ids, skip_special_tokens=False)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mediround.data.dialogue import Dialogue
+from mediround.data.formats import LoadResult, load_dialogues
 from mediround.data.images import load_mask
 from mediround.data.predictions import PREDICTIONS_FILE, read_predictions
 from mediround.data.run_manifest import MANIFEST_FILE, check_data_matches, data_sha256, read_manifest
@@ -140,13 +141,13 @@ SCORED_DATA_KEY = "scored_data_sha256"
 """Metadata key of a metrics file: the SHA-256 of the data its rows were scored against."""
 
 
-def check_replaceable(out: str | os.PathLike, manifest: dict | None) -> None:
-    """Refuse to replace a metrics file scored against other (or unknown) data than ``manifest`` says."""
+def check_replaceable(out: str | os.PathLike, scored_data_sha256: str | None) -> None:
+    """Refuse to replace a metrics file scored against other data than the data of SHA-256
+    ``scored_data_sha256`` (or against unknown data, or when that is None)."""
     if not Path(out).exists():
         return
     earlier = read_run_metadata(out) or {}
-    current = (manifest or {}).get(SCORED_DATA_KEY)
-    if current is None or earlier.get(SCORED_DATA_KEY) != current:
+    if scored_data_sha256 is None or earlier.get(SCORED_DATA_KEY) != scored_data_sha256:
         raise DataError(str(out), None, None, "already holds the metrics of other data or of an unknown run; "
                         "pass --overwrite to replace it, or --out to write elsewhere")
 
@@ -154,31 +155,41 @@ def check_replaceable(out: str | os.PathLike, manifest: dict | None) -> None:
 @dataclass
 class ScoringInputs:
     """What ``mediround eval --predictions DIR`` scores: the data (given, or the one the run manifest
-    names), the manifest with that data's hash added, the track the folder holds (when it holds one), and
-    how many dialogues ``infer`` skipped (listed in its errors.jsonl)."""
+    names) and its dialogues, the manifest with that data's hash added, the track the folder holds (when
+    it holds one), and how many dialogues ``infer`` skipped (listed in its errors.jsonl)."""
 
     data: Path
+    loaded: LoadResult
     manifest: dict
     beta: float | None
     references: str | None
     skipped_by_infer: int
 
 
-def scoring_inputs(predictions_dir: str | os.PathLike, data: str | os.PathLike | None, force: bool) -> ScoringInputs:
-    """Read the predictions folder's run manifest (required without ``data``), check ``data`` against it
-    (``DataError`` when its SHA-256 differs, unless ``force``), before anything is written."""
+def scoring_inputs(
+    predictions_dir: str | os.PathLike, data: str | os.PathLike | None, force: bool,
+    root: str | os.PathLike | None = None, allow_outside_root: bool = False,
+) -> ScoringInputs:
+    """Read the predictions folder's run manifest (required without ``data``), load ``data`` (paths under
+    ``root``) and check it against the manifest (``DataError`` when the SHA-256 of the data file or of the
+    images and masks it names differs, unless ``force``), before anything is written."""
     folder = Path(predictions_dir)
     has_manifest = (folder / MANIFEST_FILE).is_file()
     manifest = read_manifest(folder) if has_manifest or data is None else {}
     data = Path(data) if data is not None else Path(manifest["data"])
     if not data.exists():
         raise DataError(str(data), None, None, f"the data named by {folder / MANIFEST_FILE} is not there; give DATA")
-    digest = check_data_matches(manifest, folder, data, force) if manifest else data_sha256(data)
+    loaded = load_dialogues(data, root=root, allow_outside_root=allow_outside_root)
+    if manifest:
+        digest = check_data_matches(manifest, folder, data, loaded.dialogues, force)["data_sha256"]
+    else:
+        digest = data_sha256(data)
     betas, forced = manifest.get("betas", []), manifest.get("teacher_forcing", [])
     single = len(betas) == 1 and len(forced) == 1
     skipped = sum(1 for record in read_error_log(folder / ERRORS_FILE) if record.get("id") is not None)
     return ScoringInputs(
         data=data,
+        loaded=loaded,
         manifest={**manifest, "scored_data": str(data.resolve()), SCORED_DATA_KEY: digest},
         beta=betas[0] if single else None,
         references=REFERENCES[bool(forced[0])] if single else None,
@@ -236,7 +247,7 @@ def evaluate_predictions(
     ``scored_data_sha256`` (or of unknown data) and ``config.overwrite`` is not set.
     """
     if config.out is not None and not config.overwrite:
-        check_replaceable(config.out, config.manifest)
+        check_replaceable(config.out, (config.manifest or {}).get(SCORED_DATA_KEY))
     scored = score_predictions(dialogues, predictions_dir, advance=advance)
     for row in scored.rows:
         row.update(beta=config.beta, references=config.references)

@@ -50,6 +50,8 @@ from mediround.training.logging import TrainingLog
 from mediround.training.recipe import RUN_FILE, RunRecipe, run_record
 
 MODEL_FOLDER = "model"
+TRACKER_PROJECT = "mediround"
+"""The project name the trackers of ``log.report_to`` get (TensorBoard writes to ``OUTPUT/mediround/``)."""
 
 
 class TrainingError(MediRoundError):
@@ -216,17 +218,32 @@ def run_stage(
         mixed_precision=mixed_precision,
         deepspeed_plugin=plugin,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.train.find_unused_parameters)],
+        log_with=recipe.log.report_to or None,
+        project_dir=recipe.output,
     )
     world_size, rank = process_group(accelerator)
     check_world_size(world_size, expected_processes, rank)
     try:
         return TrainingEngine(recipe, objective, accelerator, on_event, allow_partial_load).run(resume)
     finally:
-        if plugin is not None:
-            # Without both, a DeepSpeed process on CPU aborts at exit (SIGABRT).
+        if plugin is not None or recipe.log.report_to:
+            # Closes the trackers' files; without it (and the group destroyed) a DeepSpeed process on CPU
+            # aborts at exit (SIGABRT).
             accelerator.end_training()
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+
+
+def flat_scalars(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested plain data as ``section.key`` values a tracker's hyperparameter table takes (lists and None
+    as text)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flat_scalars(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return flat
 
 
 def process_group(accelerator: Accelerator) -> tuple[int, int]:
@@ -276,10 +293,14 @@ class TrainingEngine:
         self.output = Path(recipe.output)
         self.checkpoints = self.output / "checkpoints"
         self.log: TrainingLog | None = None
+        # Rank 0 of torch.distributed only: under DeepSpeed on CPU every process reads as Accelerate's main one.
+        self.report_to = recipe.log.report_to if self.is_main else []
 
     def emit(self, event: Event) -> None:
         if self.log is not None:
             self.log.write(event)
+        if self.report_to and (scalars := event.scalars()):
+            self.accelerator.log(scalars, step=event.step)
         if self.on_event is not None:
             self.on_event(event)
 
@@ -295,14 +316,18 @@ class TrainingEngine:
         resume_from = checkpointing.latest_checkpoint(self.checkpoints) if resume else None
         state = checkpointing.read_trainer_state(resume_from) if resume_from else None
         if state is not None:
-            check_resumable(state, recipe, self.world_size, resume_from)
+            check_resumable(state, recipe, self.world_size, resume_from,
+                            total_steps(recipe, len(train_dialogues), self.world_size))
         if self.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             checkpointing.remove_temporary(self.checkpoints)
-            if state is None or not (self.output / RUN_FILE).exists():
-                write_json(self.output / RUN_FILE, run_record(recipe))
+            # Rewritten on resume too: it records the run as it now goes on (a raised train.max_steps).
+            write_json(self.output / RUN_FILE, run_record(recipe))
         self.accelerator.wait_for_everyone()
         self.log = TrainingLog(self.output, state["step"] if state else None) if self.is_main else None
+        if self.report_to:
+            self.accelerator.init_trackers(TRACKER_PROJECT, config=flat_scalars(recipe.to_dict()),
+                                           init_kwargs={"wandb": {"name": self.output.name, "dir": str(self.output)}})
         return RunStart(train_dialogues, val_dialogues, train_problems + val_problems, resume_from, state)
 
     def stream(self, count: int, position: StreamPosition) -> ShardedStream:
@@ -389,6 +414,11 @@ class TrainingEngine:
         else:
             self.optimizer.load_state_dict(checkpointing.load_state(start.resume_from, "optimizer"))
         self.scheduler.load_state_dict(checkpointing.load_state(start.resume_from, "scheduler"))
+        # The LR of a step is a function of the step and of this run's total, which --resume may have raised:
+        # the next step's LR comes from the schedule, not from the checkpoint's optimizer state.
+        for group, base_lr, factor in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         checkpointing.restore_rng_state(checkpointing.load_state(start.resume_from, f"rng-rank{self.rank}"))
         return start.state["step"], StreamPosition(**start.state["position"])
 
@@ -505,14 +535,18 @@ class TrainingEngine:
 
 
 def load_training_dialogues(path: str, recipe: RunRecipe) -> tuple[list, list]:
-    """The dialogues of a recipe's data file that have every mask, and the problems of those skipped."""
+    """The dialogues of a recipe's data file that have every answer and mask, and the problems of those skipped."""
     loaded = load_dialogues(path, root=recipe.data.root, allow_outside_root=recipe.data.allow_outside_root,
-                            require_masks=True)
+                            require_labels=True)
     return loaded.dialogues, loaded.problems
 
 
-def check_resumable(state: dict, recipe: RunRecipe, world_size: int, folder: Path) -> None:
-    """Refuse (``CheckpointError``) a checkpoint written by another recipe or another number of processes."""
+def check_resumable(state: dict, recipe: RunRecipe, world_size: int, folder: Path, steps: int) -> None:
+    """Refuse (``CheckpointError``) a checkpoint written by another recipe or another number of processes,
+    or one past the run's ``steps``."""
+    if state.get("step", 0) > steps:
+        raise CheckpointError(f"{folder}: is at step {state.get('step')}, past this run's {steps} steps "
+                              "(train.max_steps may be raised on --resume, not lowered below the checkpoint)")
     if state.get("recipe_hash") != recipe.hash:
         raise CheckpointError(f"{folder}: written by recipe {state.get('recipe_hash')}, not this one ({recipe.hash})")
     if state.get("world_size") != world_size:

@@ -24,10 +24,19 @@ class Event:
     """Base of every training event."""
 
     kind: ClassVar[str]
+    measurement: ClassVar[bool] = False
 
     def record(self) -> dict:
         """The event's fields as the training log holds them."""
         return dataclasses.asdict(self)
+
+    def scalars(self) -> dict[str, float]:
+        """What experiment trackers (``log.report_to``) receive: the numbers of a measurement (a logged step,
+        a validation) as ``kind/field``, the values its training-log line holds; nothing for other events."""
+        if not self.measurement:
+            return {}
+        return {f"{self.kind}/{key}": float(value) for key, value in self.record().items()
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 EventHandler = Callable[[Event], None]
@@ -70,6 +79,7 @@ class StepLogged(Event):
     """One optimizer step's global-batch loss, its weighted parts (``components``), LR, gradient norm and speed."""
 
     kind: ClassVar[str] = "step"
+    measurement: ClassVar[bool] = True
     step: int
     loss: float
     components: dict[str, float]
@@ -109,6 +119,7 @@ class Validated(Event):
     the mean teacher-forced loss and the number of masks scored."""
 
     kind: ClassVar[str] = "validation"
+    measurement: ClassVar[bool] = True
     step: int
     tracks: dict[str, TrackScores]
     loss: float
@@ -138,6 +149,7 @@ class JCMValidated(Event):
     predictions with JCM off and at ``beta`` (with the share of rounds JCM refined)."""
 
     kind: ClassVar[str] = "validation"
+    measurement: ClassVar[bool] = True
     step: int
     beta: float
     spearman: dict[str, float]

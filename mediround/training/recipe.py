@@ -16,8 +16,10 @@ path the docs use (``recipes/mediround-7b-4gpu.yaml``) works as well, from any f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import shutil
 import typing
@@ -35,7 +37,17 @@ from mediround.model.weight_sources import WEIGHTS_PAGE
 from mediround.typed import load_typed, typed_config
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""The experiment trackers ``log.report_to`` accepts, each with the package (and extra) it needs."""
 RUN_FILE = "run.json"
+RESUMABLE_KEYS = ("output", "train.max_steps", "log", "checkpoint")
+"""What may change between a run and its ``--resume``, so is not part of the run's identity: the output
+folder, how long it runs (the LR schedule follows the new total from the next step on) and how often it logs,
+reports and checkpoints. Everything else changes what a step computes."""
+FINE_TUNE_KEYS = ("mllm.source", "segmenter.checkpoint", "loss", "lora.dropout", "gradient_checkpointing",
+                  "precision")
+"""Model-config keys in which an ``init_from`` checkpoint may differ from the recipe's model: where the base
+weights lie, the loss weights, dropout and how compute runs. The rest is the architecture its weights fit."""
 SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PAPER_RECIPE = "mediround-7b-4gpu"
 """What ``mediround train`` runs without a RECIPE: the paper's setting on 4 GPUs."""
@@ -104,9 +116,11 @@ class CheckpointSection:
 @typed_config
 @dataclass
 class LogSection:
-    """A training-log line (loss components, lr, samples/s) every ``every`` optimizer steps."""
+    """A training-log line (loss components, lr, samples/s) every ``every`` optimizer steps, also sent to
+    the experiment trackers of ``report_to`` (``tensorboard``, ``wandb``; none by default) through Accelerate."""
 
     every: int = 10
+    report_to: list[str] = field(default_factory=list)
 
 
 @typed_config
@@ -157,10 +171,8 @@ class RunRecipe:
         return data
 
     def identity(self) -> dict:
-        """What makes two runs the same run: everything but the output folder."""
-        data = self.to_dict()
-        data.pop("output")
-        return data
+        """What makes two runs the same run: everything but ``RESUMABLE_KEYS``."""
+        return without_resumable_keys(self.to_dict())
 
     @property
     def hash(self) -> str:
@@ -190,6 +202,9 @@ class Recipe(RunRecipe):
 
     model: MediRoundConfig = field(default_factory=MediRoundConfig)
     validation: ValidationSection = field(default_factory=ValidationSection)
+    init_from: str | None = None
+    """A MediRound checkpoint folder to fine-tune from (``--init-from``): its weights, a new optimizer and
+    schedule; its model config must equal ``model`` but for ``FINE_TUNE_KEYS``."""
     # Set by the loader, never read from the YAML (where the preset is ``model.preset``).
     model_preset: str = field(default="tiny", init=False)
 
@@ -206,12 +221,41 @@ class Recipe(RunRecipe):
             return {"fp32": "no"}.get(self.model.precision, self.model.precision)
         return super().resolved_mixed_precision(on_gpu)
 
+    def identity(self) -> dict:
+        """Also the manifest of the ``init_from`` checkpoint: other starting weights, another run."""
+        data = super().identity()
+        if self.init_from is not None:
+            data["init_from_manifest"] = manifest_text(self.init_from)
+        return data
+
     def own_problems(self) -> Iterator[Problem]:
+        if self.init_from is not None:
+            yield from self._init_from_problems()
         if self.validation.batch_size < 1:
             yield "validation.batch_size", f"must be at least 1, got {self.validation.batch_size}"
         if self.model.precision != "fp32" and self.train.mixed_precision == "no":
             yield "train.mixed_precision", (f"'no' cannot train a {self.model.precision} model: the trainable weights "
                                             "stay fp32, so compute must autocast (use auto or bf16)")
+
+    def _init_from_problems(self) -> Iterator[Problem]:
+        """The ``init_from`` folder is a checkpoint whose architecture is the recipe's model (empty
+        ``heads.entity_names`` are filled from the data at build time, so they are compared then, as weights)."""
+        config_file = Path(self.init_from) / "config.json"
+        if not (Path(self.init_from) / "manifest.json").is_file() or not config_file.is_file():
+            yield "init_from", f"not a MediRound checkpoint folder (no manifest.json/config.json): {self.init_from}"
+            return
+        try:
+            theirs = without_keys(MediRoundConfig.from_json(config_file).to_dict(), FINE_TUNE_KEYS)
+        except RecipeError as error:
+            yield "init_from", str(error)
+            return
+        ours = without_keys(self.model.to_dict(), FINE_TUNE_KEYS)
+        if not ours["heads"]["entity_names"]:
+            ours["heads"]["entity_names"] = theirs["heads"]["entity_names"]
+        differs = first_difference(theirs, ours)
+        if differs is not None:
+            yield f"model.{differs}", (f"the init_from checkpoint {self.init_from} has a different architecture "
+                                       f"({_value_at(theirs, differs)!r} there, {_value_at(ours, differs)!r} here)")
 
 
 @typed_config
@@ -228,8 +272,7 @@ class JCMRecipe(RunRecipe):
     def identity(self) -> dict:
         """Everything but the output folder, and the model folder's manifest (other weights, other run)."""
         data = super().identity()
-        manifest = Path(self.model) / "manifest.json"
-        data["model_manifest"] = manifest.read_text(encoding="utf-8") if manifest.is_file() else None
+        data["model_manifest"] = manifest_text(self.model)
         return data
 
     def own_problems(self) -> Iterator[Problem]:
@@ -249,11 +292,14 @@ class JCMRecipe(RunRecipe):
                 yield f"jcm.{key}", f"must be in [0, 1], got {value}"
 
 
-def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), require_weights: bool = False) -> Recipe:
+def load_recipe(
+    path: str | Path, overrides: typing.Sequence[str] = (), require_weights: bool = False, require_data: bool = True
+) -> Recipe:
     """Read a stage-1 recipe YAML, apply ``key=value`` overrides, check every key, type and file;
     ``require_weights`` also refuses a recipe whose LLaVA folder or SAM checkpoint is missing (training
-    needs them; ``mediround doctor`` reports them as rows of its own)."""
-    return recipe_from_dict(read_recipe_file(path, overrides), str(path), require_weights)
+    needs them) and ``require_data=False`` accepts missing data files and root (``mediround doctor``
+    reports weights and data as rows of its own)."""
+    return recipe_from_dict(read_recipe_file(path, overrides), str(path), require_weights, require_data)
 
 
 def load_jcm_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> JCMRecipe:
@@ -312,7 +358,9 @@ def read_recipe_file(path: str | Path, overrides: typing.Sequence[str] = ()) -> 
     return raw
 
 
-def recipe_from_dict(raw: dict, source: str = "<recipe>", require_weights: bool = False) -> Recipe:
+def recipe_from_dict(
+    raw: dict, source: str = "<recipe>", require_weights: bool = False, require_data: bool = True
+) -> Recipe:
     """Build and check a stage-1 ``Recipe`` from plain data (the parsed YAML)."""
     raw = dict(raw)
     model_raw = raw.pop("model", None) or {}
@@ -328,7 +376,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", require_weights: bool 
     recipe.source = source
     if require_weights:
         _check_files(recipe, _missing_weights(recipe.model))
-    check_recipe(recipe)
+    check_recipe(recipe, require_data)
     return recipe
 
 
@@ -357,21 +405,23 @@ def _check_files(recipe: RunRecipe, missing_weights: list[Problem]) -> None:
         raise RecipeError(f"{recipe.source}: {where}{page}")
 
 
-def check_recipe(recipe: RunRecipe) -> None:
-    """The one validator of both stages' values: the first problem as one ``RecipeError`` line."""
-    for key, reason in _problems(recipe):
+def check_recipe(recipe: RunRecipe, require_data: bool = True) -> None:
+    """The one validator of both stages' values: the first problem as one ``RecipeError`` line
+    (``require_data=False``: missing data files and root are not problems)."""
+    for key, reason in _problems(recipe, require_data):
         raise RecipeError(f"{recipe.source}: key '{key}': {reason}")
 
 
-def _problems(recipe: RunRecipe) -> Iterator[Problem]:
+def _problems(recipe: RunRecipe, require_data: bool) -> Iterator[Problem]:
     if not recipe.output:
         yield "output", f"missing: name the folder that receives checkpoints and {recipe.OUTPUT_HOLDS}"
     yield from recipe.own_problems()
     if not recipe.data.train:
         yield "data.train", "missing: name the training dialogue file"
-    yield from _missing_data(recipe)
-    if recipe.data.root is not None and not Path(recipe.data.root).is_dir():
-        yield "data.root", f"folder not found: {recipe.data.root}"
+    if require_data:
+        yield from _missing_data(recipe)
+        if recipe.data.root is not None and not Path(recipe.data.root).is_dir():
+            yield "data.root", f"folder not found: {recipe.data.root}"
     train = recipe.train
     # (key, value, least allowed): 1 for counts, 0 for what may be off.
     bounds = [("train.batch_size", train.batch_size, 1), ("train.grad_accum", train.grad_accum, 1),
@@ -394,6 +444,12 @@ def _problems(recipe: RunRecipe) -> Iterator[Problem]:
         yield "train.mixed_precision", f"{train.mixed_precision!r} is not one of {list(MIXED_PRECISION)}"
     if recipe.validation.max_dialogues is not None and recipe.validation.max_dialogues < 1:
         yield "validation.max_dialogues", "must be at least 1 (or null for all)"
+    for tracker in recipe.log.report_to:
+        if tracker not in TRACKERS:
+            yield "log.report_to", f"{tracker!r} is not one of {list(TRACKERS)}"
+        elif importlib.util.find_spec(TRACKERS[tracker]) is None:
+            yield "log.report_to", (f"{tracker!r} needs the {TRACKERS[tracker]} package: "
+                                    f"pip install -e \".[{tracker}]\"")
 
 
 def check_output(recipe: RunRecipe, resume: bool, overwrite: bool) -> None:
@@ -422,7 +478,8 @@ def check_output(recipe: RunRecipe, resume: bool, overwrite: bool) -> None:
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise RecipeError(f"{run_file}: unreadable run file; pass --overwrite to start over") from None
     if previous_hash != recipe.hash:
-        changed = _first_difference(previous.get("recipe", {}), recipe.to_dict())
+        changed = first_difference(without_resumable_keys(previous.get("recipe", {})),
+                                   without_resumable_keys(recipe.to_dict()))
         detail = f" (first difference: '{changed}')" if changed else ""
         raise RecipeError(
             f"{recipe.source}: key 'output': folder {output} holds another run (recipe {previous_hash}, "
@@ -433,6 +490,14 @@ def check_output(recipe: RunRecipe, resume: bool, overwrite: bool) -> None:
             f"{recipe.source}: key 'output': folder {output} already holds checkpoints of this recipe; "
             "pass --resume to continue it or --overwrite to start over"
         )
+
+
+def recorded_init_from(recipe: Recipe) -> str | None:
+    """The ``init_from`` checkpoint the run in ``recipe.output`` was started with (its ``run.json``), if any."""
+    try:
+        return json.loads((Path(recipe.output) / RUN_FILE).read_text(encoding="utf-8"))["recipe"]["init_from"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def run_record(recipe: RunRecipe) -> dict:
@@ -501,12 +566,40 @@ def _deep_merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+def manifest_text(folder: str) -> str | None:
+    """The manifest of a MediRound checkpoint folder as written (None when there is none)."""
+    manifest = Path(folder) / "manifest.json"
+    return manifest.read_text(encoding="utf-8") if manifest.is_file() else None
+
+
+def without_resumable_keys(recipe: dict) -> dict:
+    """A recipe's plain data (``to_dict``) without ``RESUMABLE_KEYS``."""
+    return without_keys(recipe, RESUMABLE_KEYS)
+
+
+def without_keys(data: dict, keys: typing.Sequence[str]) -> dict:
+    """A copy of nested plain data without the dotted ``keys`` (a section name drops the whole section)."""
+    data = copy.deepcopy(data)
+    for key in keys:
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section, {})
+        node.pop(name, None)
+    return data
+
+
+def _value_at(data: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The first dotted key (in sorted order) whose value differs between two nested mappings."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
-            if key == "output" and not prefix:
-                continue
-            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            found = first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
             if found:
                 return found
         return None

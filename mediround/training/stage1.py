@@ -23,7 +23,7 @@ from mediround.errors import RecipeError
 from mediround.inference.chain import Track, chain_dialogue
 from mediround.metrics import counts
 from mediround.model import MASK_THRESHOLD, MediRoundConfig, build_model, load_sample
-from mediround.model.checkpoint import save_checkpoint
+from mediround.model.checkpoint import load_checkpoint, save_checkpoint
 from mediround.model.processor import IGNORE
 from mediround.training.data import (
     BatchLoader,
@@ -70,8 +70,13 @@ class TeacherForcing(Objective):
         self.recipe = recipe
 
     def build(self, engine: TrainingEngine, start: RunStart) -> ModelParts:
-        self.model = build_model(with_entity_names(self.recipe.model, start.train_dialogues),
-                                 allow_partial=engine.allow_partial_load)
+        """The recipe's model: freshly built, or with the weights of the ``init_from`` checkpoint (on resume
+        too: its frozen weights are not in the training checkpoint)."""
+        config = with_entity_names(self.recipe.model, start.train_dialogues)
+        if self.recipe.init_from is None:
+            self.model = build_model(config, allow_partial=engine.allow_partial_load)
+        else:
+            self.model = load_checkpoint(self.recipe.init_from, allow_partial=engine.allow_partial_load, config=config)
         self.model.train()
         self.val_dialogues = start.val_dialogues
         self.val_log = (ValidationLog(engine.output, start.state["step"] if start.state else None)

@@ -195,7 +195,7 @@ def test_ref_to_a_round_without_mask_loads_for_inference_but_not_for_training(da
     loaded = load_dialogues(path)
     assert [d.id for d in loaded.dialogues] == ["good", "unlabelled", "first-only"] and not loaded.problems
     assert loaded.dialogues[2].rounds[1].ref == 1 and loaded.dialogues[2].rounds[0].mask is None
-    training = load_dialogues(path, require_masks=True)
+    training = load_dialogues(path, require_labels=True)
     assert [d.id for d in training.dialogues] == ["good"]
     assert [(p.item, p.field) for p in training.problems] == [
         ("line 2: id unlabelled", "rounds[0].mask"),

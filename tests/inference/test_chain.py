@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -22,14 +20,6 @@ def dialogue(tmp_path):
     loaded = load_dialogues(write_dialogues(tmp_path, n_dialogues=1, n_rounds=3))
     dialogue = loaded.dialogues[0]
     return dialogue, load_image(dialogue.image_path)
-
-
-@pytest.fixture
-def jcm_model(model):
-    """The session model with its JCM weights restored after the test."""
-    saved = copy.deepcopy(model.jcm.state_dict())
-    yield model
-    model.jcm.load_state_dict(saved)
 
 
 def _spy_references(monkeypatch) -> list:

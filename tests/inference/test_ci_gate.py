@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from inference_fixtures import write_dialogues
+from inference_fixtures import SIZE, write_dialogues, write_png
 
 from mediround import __version__
-from mediround.data.run_manifest import data_sha256
+from mediround.data.formats import load_dialogues
+from mediround.data.run_manifest import data_sha256, referenced_files_sha256
 from mediround.model.checkpoint import save_checkpoint
 from mediround.reports.rows import ROW_SCHEMA, read_rows, read_run_metadata
 from mediround_cli.common import SKIPPED_EXIT_CODE
@@ -119,3 +121,42 @@ def test_gate_fails_against_a_baseline_of_another_data_set(first_run, checkpoint
     gated = _run("eval", "--predictions", folder, "--baseline", out / "metrics.parquet", "--max-drop", "100")
     assert gated.exit_code == 1, gated.output
     assert "gate failed: dialogue ids differ from the baseline's" in gated.output
+
+
+def test_the_manifest_hashes_the_images_and_masks_and_eval_refuses_a_changed_mask(first_run, tmp_path):
+    data, folder, _ = first_run
+    manifest = json.loads((folder / "run.json").read_text())
+    assert manifest["data_files_sha256"] == referenced_files_sha256(load_dialogues(data).dialogues)
+
+    # The same bytes elsewhere (data moved to another machine) are the same data.
+    moved = tmp_path / "moved"
+    for part in ("images", "masks", "dialogues.jsonl"):
+        (shutil.copytree if (tmp_path / part).is_dir() else shutil.copy)(tmp_path / part, moved / part)
+    assert _run("eval", moved / "dialogues.jsonl", "--predictions", folder).exit_code == 0
+    good = (folder / "metrics.parquet").read_bytes()
+
+    mask = tmp_path / "masks" / "d0_r1.png"
+    write_png(mask, np.full((SIZE, SIZE), 255, dtype=np.uint8))  # the data file itself is unchanged
+    assert data_sha256(data) == manifest["data_sha256"]
+    refused = _run("eval")
+    assert refused.exit_code == 2, refused.output
+    assert "SHA-256 of the images and masks it names" in refused.output and "--force" in refused.output
+    assert (folder / "metrics.parquet").read_bytes() == good
+    assert _run("eval", "--force").exit_code == 0
+
+
+def test_eval_with_a_model_never_replaces_metrics_of_other_data(first_run, checkpoint, tmp_path):
+    _, folder, _ = first_run
+    metrics = folder / "metrics.parquet"
+    good = metrics.read_bytes()
+    other = write_dialogues(tmp_path / "other", n_dialogues=2, n_rounds=2, seed=5, name="dialogues.jsonl")
+    args = ["eval", other, "--model", checkpoint, "--cpu", "--out", metrics, "--predictions-out", tmp_path / "run"]
+    refused = _run(*args)
+    assert refused.exit_code == 2 and "--overwrite" in refused.output
+    assert metrics.read_bytes() == good and not (tmp_path / "run").exists()  # refused before inference ran
+    replaced = _run(*args, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert read_run_metadata(metrics)["scored_data_sha256"] == data_sha256(other)
+    # Metrics of the same data are replaced without --overwrite (--resume keeps the predictions folder).
+    again = _run(*args, "--resume")
+    assert again.exit_code == 0, again.output

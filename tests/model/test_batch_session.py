@@ -6,7 +6,7 @@ import pytest
 import torch
 from model_fixtures import perturb_lora, sample, tiny_model
 
-from mediround.model import DialogueSession, MASK_THRESHOLD
+from mediround.model import MASK_THRESHOLD, DialogueSession
 from mediround.model.batch_session import BatchSession
 from mediround.model.session import encode_images
 
@@ -75,7 +75,7 @@ def test_leaving_rows_free_the_columns_no_one_else_uses():
     batch = BatchSession(model)
     (first,) = batch.add(encode_images(model, [items[0].image]))
     batch.step([batch.prepare(first, "A long query " * 8, "It is [SEG].", None, False)])
-    (second,) = batch.add(encode_images(model, [items[1].image]))  # joins left-padded to the first's width
+    batch.add(encode_images(model, [items[1].image]))  # the second row joins left-padded to the first's width
     assert not bool(batch.mask[1, 0])
     width = batch.mask.shape[1]
     batch.remove([first])

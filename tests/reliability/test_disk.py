@@ -58,7 +58,7 @@ def test_convert_on_a_full_disk_is_one_line_and_the_earlier_output_stays(tmp_pat
     before = out.read_bytes()
     write_lines(data, [record("c")])
     monkeypatch.setattr(os, "replace", _no_space)
-    result = CliRunner().invoke(cli, ["convert", str(data), str(out)])
+    result = CliRunner().invoke(cli, ["convert", str(data), str(out), "--overwrite"])
     monkeypatch.undo()
     assert result.exit_code == 2
     assert "converted.jsonl: cannot write: No space left on device" in _one_error_line(result.output)

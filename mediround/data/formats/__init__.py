@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mediround.data.dialogue import Dialogue
-from mediround.data.formats.common import dialogue_label, mask_field
+from mediround.data.formats.common import dialogue_label, round_field
 from mediround.data.formats.jsonl import read_jsonl, write_jsonl
 from mediround.data.formats.mrmedseg import read_mrmedseg, write_mrmedseg
 from mediround.data.formats.samed2d import read_samed2d
@@ -62,14 +62,15 @@ def load_dialogues(
     root: str | os.PathLike | None = None,
     allow_outside_root: bool = False,
     format: str = "auto",
-    require_masks: bool = False,
+    require_labels: bool = False,
 ) -> LoadResult:
     """Read every valid dialogue of a data file (or SA-Med2D folder); bad ones are skipped and reported.
 
     Paths resolve relative to ``root`` when given, else to the data file's folder. A path that leaves
-    the root is a problem unless ``allow_outside_root``. Rounds without a ground-truth mask (and refs to
-    them) are valid: inference only needs the predicted masks. ``require_masks`` (training) skips and
-    reports every dialogue with a round that has none. Raises ``DataError`` for an unreadable file.
+    the root is a problem unless ``allow_outside_root``. Rounds without an answer or a ground-truth mask
+    (and refs to them) are valid: inference generates the answer and only needs the predicted masks.
+    ``require_labels`` (training) skips and reports every dialogue with a round that lacks either.
+    Raises ``DataError`` for an unreadable file.
     """
     path = Path(path)
     kind = detect(path) if format == "auto" else format
@@ -82,28 +83,33 @@ def load_dialogues(
         reader = read_jsonl if kind == "jsonl" else read_mrmedseg
         dialogues, problems, total = reader(path, base, allow_outside_root)
     unique = _drop_duplicate_ids(dialogues, problems, path, kind)
-    if require_masks:
+    if require_labels:
         unique = _drop_unlabelled(unique, problems, path, kind)
     return LoadResult(unique, problems, kind, total)
 
 
 def _drop_unlabelled(dialogues: list[Dialogue], problems: list[DataError], path: Path, kind: str) -> list[Dialogue]:
-    """Keep the dialogues whose every round has a ground-truth mask; report the others."""
+    """Keep the dialogues whose every round has an answer and a ground-truth mask; report the others."""
     kept = []
     for dialogue in dialogues:
-        missing = [number for number, round_ in enumerate(dialogue.rounds, start=1) if round_.mask is None]
-        if missing:
-            problems.append(
-                DataError(
-                    str(path),
-                    dialogue_label(dialogue, kind),
-                    mask_field(kind, missing[0]),
-                    f"round {missing[0]} has no ground-truth mask; training needs one for every round",
-                )
-            )
-        else:
+        problem = _missing_label(dialogue, kind)
+        if problem is None:
             kept.append(dialogue)
+        else:
+            problems.append(DataError(str(path), dialogue_label(dialogue, kind), *problem))
     return kept
+
+
+def _missing_label(dialogue: Dialogue, kind: str) -> tuple[str, str] | None:
+    """(field, reason) of the first round without an answer or a ground-truth mask, or None."""
+    for number, round_ in enumerate(dialogue.rounds, start=1):
+        if round_.answer is None:
+            return (round_field(kind, number, "answer"),
+                    f"round {number} has no answer; training needs one for every round")
+        if round_.mask is None:
+            return (round_field(kind, number),
+                    f"round {number} has no ground-truth mask; training needs one for every round")
+    return None
 
 
 def _drop_duplicate_ids(

@@ -27,11 +27,12 @@ def dialogue_label(dialogue: Dialogue, source_format: str) -> str:
     return item_label(ITEM_KINDS[source_format], number, dialogue.id)
 
 
-def mask_field(source_format: str, number: int) -> str:
-    """The field that holds the ground-truth mask of the 1-based round ``number`` in a source format."""
+def round_field(source_format: str, number: int, name: str = "mask") -> str:
+    """The field that holds the ground-truth mask (``name="mask"``) or the answer (``"answer"``) of the
+    1-based round ``number`` in a source format (MR-MedSeg keeps both in the round's gpt turn)."""
     if source_format == "mrmedseg":
         return f"conversations[{2 * number - 1}].value"
-    return f"rounds[{number - 1}].mask" if source_format == "jsonl" else "mask"
+    return f"rounds[{number - 1}].{name}" if source_format == "jsonl" else name
 
 
 def attach(file: Path, label: str, problems: list[Problem]) -> list[DataError]:

@@ -4,7 +4,8 @@
 "difficulty": "regular", "rounds": [{"query": "...", "answer": "... [SEG].", "mask": "masks/a_r1.png"},
 {"query": "...", "answer": "...", "mask": "masks/a_r2.png", "ref": 1}]}``
 
-``ref`` is the 1-based number of the earlier round the round refers to.
+``ref`` is the 1-based number of the earlier round the round refers to. Only ``query`` is required in a
+round: a round without ``answer`` gets the model's own answer at inference.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ ROUND_FIELDS = ("query", "answer", "mask", "ref", "entity", "difficulty", "names
 
 def round_to_record(round_: Round) -> dict:
     """The JSON object of one round; absent optional fields are left out."""
-    record: dict = {"query": round_.query, "answer": round_.answer}
-    for name in ROUND_FIELDS[2:]:
+    record: dict = {"query": round_.query}
+    for name in ROUND_FIELDS[1:]:
         value = getattr(round_, name)
         if value is not None:
             record[name] = value
@@ -66,7 +67,7 @@ DIALOGUE_TYPES: dict[str, tuple[type, ...]] = {
 }
 ROUND_TYPES: dict[str, tuple[type, ...]] = {
     "query": _TEXT,
-    "answer": _TEXT,
+    "answer": _OPTIONAL_TEXT,
     "mask": _OPTIONAL_TEXT,
     "ref": (int, type(None)),
     "entity": _OPTIONAL_TEXT,
@@ -132,7 +133,7 @@ def record_to_dialogue(
                 (f"rounds[{index}]", f"a round must be a JSON object, got {type(entry).__name__}")
             )
             continue
-        round_problems = _type_problems(entry, ROUND_TYPES, ("query", "answer"), prefix)
+        round_problems = _type_problems(entry, ROUND_TYPES, ("query",), prefix)
         problems += round_problems
         if round_problems:
             continue

@@ -8,7 +8,8 @@ the values name files relative to the dataset root: ``[IMAGE256:p]`` (the image,
 named in a gpt answer).
 
 Reading: query = human text without tokens; answer = gpt text with MASK-DECODE -> ``[SEG]`` and
-REF-DECODE removed; ref = the 1-based round of the k-th MASK-DECODE. Whatever the canonical rendering
+REF-DECODE removed (an empty gpt turn: no answer, the model writes its own at inference); ref = the
+1-based round of the k-th MASK-DECODE. Whatever the canonical rendering
 would not reproduce exactly (text layout, item fields) is kept in ``extra["mrmedseg"]`` so that
 MR-MedSeg -> Dialogue -> JSONL -> Dialogue -> MR-MedSeg gives back the same JSON.
 """
@@ -45,11 +46,13 @@ def _strip_tokens(value: str) -> str:
     return TOKEN.sub("", value).strip()
 
 
-def _answer_text(value: str) -> str:
+def _answer_text(value: str) -> str | None:
+    """The answer of a gpt turn; None for an empty turn (new data with questions only)."""
+
     def replace(match: re.Match) -> str:
         return SEG if match.group(1) == "MASK-DECODE" else ""
 
-    return TOKEN.sub(replace, value).strip()
+    return TOKEN.sub(replace, value).strip() or None
 
 
 def _parse_pair(
@@ -236,7 +239,7 @@ def _render_pair(round_: Round, rounds: list[Round], image: str, first: bool) ->
     for name in TURN_FIELDS_TO_ROUND:
         if getattr(round_, name) is not None:
             human[name] = getattr(round_, name)
-    answer = round_.answer
+    answer = round_.answer or ""
     if round_.mask is not None:
         decode = (
             f"[REF-DECODE:{reference}]" if reference is not None else ""
