@@ -29,10 +29,8 @@ from mediround_cli.partial_load import allow_partial_load_option, print_load_rep
 @click.command(epilog="""\b
 Examples:
   mediround infer dialogues.jsonl --beta 0.6            # writes ./dialogues-predictions/
-  mediround infer dialogues.jsonl --model runs/x/model --gpus 4 --out preds --report
-  mediround infer dialogues.jsonl --resume              # continue a killed run
-  mediround infer dialogues.jsonl --gpus 8 --num-machines 2 --machine-rank $SLURM_NODEID \\
-      --main-process-ip node01 --out /shared/preds      # one such line per machine""")
+  mediround infer dialogues.jsonl --model runs/x/model --gpus 4 --out preds --report --resume
+  mediround infer dialogues.jsonl --gpus 8 --num-machines 2 --machine-rank $SLURM_NODEID --main-process-ip node01 --out /shared/preds""")
 @click.argument("data", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Checkpoint folder (from `mediround train` / `train-jcm`) [default: the shipped tiny model].")

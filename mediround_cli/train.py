@@ -14,11 +14,9 @@ from mediround_cli.launch_options import LaunchOptions, StageView, launch_option
 
 @click.command(epilog="""\b
 Examples:
-  mediround train --gpus 4                                   # the paper's recipe (mediround-7b-4gpu)
-  mediround train tiny-cpu --cpu output=runs/tiny            # a shipped recipe by name
-  mediround train my-recipe.yaml --gpus 1 train.lr=1e-4 --resume
-  mediround train tiny-cpu --cpu --init-from runs/tiny/model output=runs/tiny-ft   # fine-tune
-  mediround train tiny-cpu --cpu --resume train.max_steps=400             # extend a finished run""")
+  mediround train --gpus 4 --deepspeed recipes/zero2.json   # the paper's recipe (mediround-7b-4gpu)
+  mediround train tiny-cpu --cpu --init-from runs/tiny/model output=runs/tiny-ft   # fine-tune a checkpoint
+  mediround train tiny-cpu --cpu --resume train.max_steps=400              # continue, or extend a finished run""")
 @click.argument("recipe_path", metavar="[RECIPE]", required=False, default=PAPER_RECIPE)
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--init-from", "init_from", default=None, metavar="CKPT",
