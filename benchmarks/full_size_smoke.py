@@ -286,7 +286,9 @@ class MeasuredTeacherForcing(TeacherForcing):
         for name, before in self.before.items():
             moved = params[name].detach() != before
             had_gradient = self.had_gradient.get(name, torch.zeros_like(moved))
-            entry = by_dtype.setdefault(str(before.dtype).removeprefix("torch."), [0, 0, 0, 0])
+            # Keyed by the dtype built and the dtype trained: the engine keeps trainable weights in fp32.
+            dtypes = [str(t).removeprefix("torch.") for t in (before.dtype, params[name].dtype)]
+            entry = by_dtype.setdefault(" built, ".join(dtypes) + " trained", [0, 0, 0, 0])
             entry[0] += int(moved.sum())
             entry[1] += before.numel()
             entry[2] += int(had_gradient.sum())
@@ -346,7 +348,7 @@ def verdicts(result: dict) -> list[str]:
              (f"received a gradient {result['with_gradient']:,}; changed by the step {result['updated']:,}; "
               f"frozen weights unchanged: {result['frozen_unchanged']}")]
     lines += [(f"  {dtype}: {v['trainable']:,} trainable, {v['with_gradient']:,} with a gradient, {v['updated']:,} "
-               f"changed, {v['gradient_but_unchanged']:,} with a gradient but unchanged (update below the dtype's step)")
+               f"changed, {v['gradient_but_unchanged']:,} with a gradient but unchanged")
               for dtype, v in result["updated_by_dtype"].items()]
     estimate = result["doctor_estimate_gib"]
     lines.append(f"doctor's estimate (GPU, {result['tokens']} tokens, batch 1): {estimate['total']} GiB "
