@@ -6,7 +6,6 @@ on first use); the one-process references run in this process."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -24,9 +23,6 @@ from mediround.training.recipe import SHIPPED_RECIPES, load_jcm_recipe, load_rec
 from mediround.training.stage1 import run_training
 from mediround.training.stage2 import run_jcm_training
 from mediround_cli.main import cli
-
-if importlib.util.find_spec("deepspeed") is None:  # found, not imported: infer below must run without it
-    pytest.skip("deepspeed is in the dev extra: pip install -e '.[dev]'", allow_module_level=True)
 
 STEPS = 5
 ZERO2 = SHIPPED_RECIPES / "zero2.json"
