@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from mediround.data.dialogue import Dialogue
-from mediround.data.formats import load_dialogues
 from mediround.errors import DataError
 
 MANIFEST_FILE = "run.json"
@@ -80,11 +79,6 @@ def referenced_files_sha256(dialogues: Sequence[Dialogue]) -> str:
                     per_file[path] = b"missing"
             digest.update(per_file[path])
     return digest.hexdigest()
-
-
-def data_files_sha256(data: str | os.PathLike, root: str | os.PathLike | None, allow_outside_root: bool) -> str:
-    """``referenced_files_sha256`` of the dialogues of a data file, paths resolved as inference resolves them."""
-    return referenced_files_sha256(load_dialogues(data, root=root, allow_outside_root=allow_outside_root).dialogues)
 
 
 def model_manifest_sha256(model_folder: str | os.PathLike) -> str | None:

@@ -58,9 +58,9 @@ from mediround.data.predictions import (
 )
 from mediround.data.run_manifest import (
     MANIFEST_FILE,
-    data_files_sha256,
     data_sha256,
     model_manifest_sha256,
+    referenced_files_sha256,
     utc_now,
 )
 from mediround.error_log import ERRORS_FILE, read_error_log, write_error_log
@@ -237,7 +237,7 @@ def load_plan(config: InferenceConfig) -> Plan:
     elif earlier and not config.resume:
         raise DataError(str(out), None, None, "already holds predictions: pass --resume to continue that run, "
                         "--overwrite to replace it, or choose another folder")
-    _check_same_run(config)
+    _check_same_run(config, loaded.dialogues)
     done: set[str] = set()
     if config.resume:
         finalize(config, loaded.dialogues, loaded.problems)
@@ -261,12 +261,13 @@ def remove_run_outputs(folder: Path) -> None:
                 path.unlink()
 
 
-def _run_settings(config: InferenceConfig) -> dict:
-    """The settings that decide what a run predicts; a resumed run must use the same."""
+def _run_settings(config: InferenceConfig, dialogues: Sequence[Dialogue]) -> dict:
+    """The settings that decide what a run predicts (``dialogues``: those loaded from ``config.data``); a
+    resumed run must use the same."""
     return {
         "data": os.path.abspath(config.data),
         "data_sha256": data_sha256(config.data),
-        "data_files_sha256": data_files_sha256(config.data, config.root, config.allow_outside_root),
+        "data_files_sha256": referenced_files_sha256(dialogues),
         "model": os.path.abspath(config.model),
         "model_manifest_sha256": model_manifest_sha256(config.model),
         "betas": list(config.betas),
@@ -284,11 +285,11 @@ def _check_settings(settings: dict, earlier: dict, source: str, what: str) -> No
                         f"({', '.join(f'{k}: {earlier.get(k)!r} -> {settings[k]!r}' for k in changed)})")
 
 
-def _check_same_run(config: InferenceConfig) -> None:
+def _check_same_run(config: InferenceConfig, dialogues: Sequence[Dialogue]) -> None:
     """Refuse to resume a folder written with other settings or data; write this run's manifest
     (``mediround.data.run_manifest``), its end time still unknown."""
     path = Path(config.out) / MANIFEST_FILE
-    settings = _run_settings(config)
+    settings = _run_settings(config, dialogues)
     started = utc_now()
     if config.resume and path.exists():
         earlier = json.loads(path.read_text(encoding="utf-8"))
@@ -761,12 +762,12 @@ def run_worker(plan_file: str | os.PathLike) -> list[LoadReport]:
     # Set by torchrun (Accelerate's launcher) in every worker: the rank of this worker's machine.
     machine_rank = int(os.environ.get("GROUP_RANK", "0"))
     # One check per other machine (its first process): the hashes read every data file and image.
+    loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
     if machine_rank > 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        _check_settings(_run_settings(config), saved["manifest"], config.data,
+        _check_settings(_run_settings(config, loaded.dialogues), saved["manifest"], config.data,
                         f"machine rank {machine_rank} sees other data or another model than machine rank 0")
     if config.device != "cpu":
         config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    loaded = load_dialogues(config.data, root=config.root, allow_outside_root=config.allow_outside_root)
     plan = Plan(loaded.dialogues, loaded.problems, saved["todo"], 0, loaded.format)
     model = load_model(config)
     run_shard(config, plan, model, rank=rank, world=world, machine_rank=machine_rank)
