@@ -2,9 +2,12 @@
 
 from mediround.data.synth.corpus import text_corpus
 from mediround.data.synth.generator import (
+    ANSWER_STYLES,
+    PHRASINGS,
     SPLITS,
     SyntheticDialogue,
     SynthSummary,
+    Wording,
     generate,
     iter_dialogues,
     make_dialogue,
@@ -14,11 +17,14 @@ from mediround.data.synth.scenarios import SCENARIOS
 from mediround.data.synth.textures import MODALITIES
 
 __all__ = [
+    "ANSWER_STYLES",
     "MODALITIES",
+    "PHRASINGS",
     "SCENARIOS",
     "SPLITS",
     "SynthSummary",
     "SyntheticDialogue",
+    "Wording",
     "generate",
     "iter_dialogues",
     "make_dialogue",

@@ -6,9 +6,10 @@ are generated, and splits never depend on each other.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,45 @@ NAMING_DESCRIPTION_FRACTION = 0.5
 RECENT_PHRASING_FRACTION = 0.6
 MAX_ATTEMPTS = 200
 MIN_IMAGE_SIZE = 32
+ANSWER_STYLES = ("mr-medseg", "named")
+PHRASINGS = ("all", "a", "b")
+KNOWLEDGE_SCENES = 1000
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How a set is worded.
+
+    ``answers``: ``"mr-medseg"`` (default) answers never name the target ("It is [SEG].", as MR-MedSeg's
+    "It is [REF-DECODE:...][MASK-DECODE:...]."), and a reference-only round is only planned when no text
+    of the dialogue determines its entity (see ``text_candidates``); ``"named"`` is the first benchmark's
+    style, where some answers name the target and references may be resolvable from the text.
+    ``phrasings``: ``"all"`` templates, or one half of every template list (``"a"``: even positions,
+    ``"b"``: odd), so a model trained on one half can be evaluated on wordings it never saw. The random
+    draws do not depend on ``phrasings``: the same seed gives the same scenes, targets and references in
+    every half, worded differently.
+    """
+
+    answers: str = "mr-medseg"
+    phrasings: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.answers not in ANSWER_STYLES:
+            raise ValueError(f"answers must be one of {', '.join(ANSWER_STYLES)}, not {self.answers!r}")
+        if self.phrasings not in PHRASINGS:
+            raise ValueError(f"phrasings must be one of {', '.join(PHRASINGS)}, not {self.phrasings!r}")
+
+    def choose(self, rng: np.random.Generator, templates: Sequence[str]) -> str:
+        """One template; the draw is over the whole list, so every half consumes the same random numbers."""
+        index = int(rng.integers(len(templates)))
+        if self.phrasings == "all":
+            return templates[index]
+        half = templates[PHRASINGS.index(self.phrasings) - 1 :: 2]
+        return half[index % len(half)]
+
+    @property
+    def names_in_answers(self) -> bool:
+        return self.answers == "named"
 
 
 @dataclass
@@ -55,6 +95,7 @@ class PlannedRound:
     names_target: bool
     depth: int
     relation: str | None = None
+    text_candidates: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -65,6 +106,7 @@ class SyntheticDialogue:
     image: np.ndarray
     masks: list[np.ndarray]
     scene: Scene
+    planned: list[PlannedRound]
 
 
 @dataclass
@@ -76,6 +118,7 @@ class SynthSummary:
     dialogues: Counter = field(default_factory=Counter)
     rounds: int = 0
     reference_only_rounds: int = 0
+    text_resolvable_reference_only_rounds: int = 0
     scenarios: Counter = field(default_factory=Counter)
     modalities: Counter = field(default_factory=Counter)
     difficulties: Counter = field(default_factory=Counter)
@@ -86,6 +129,11 @@ class SynthSummary:
         self.dialogues[split] += 1
         self.rounds += len(dialogue.rounds)
         self.reference_only_rounds += sum(1 for r in dialogue.rounds if not r.names_target)
+        self.text_resolvable_reference_only_rounds += sum(
+            1
+            for r, candidates in zip(dialogue.rounds, text_candidates(item.planned))
+            if not r.names_target and len(candidates) == 1
+        )
         self.scenarios[dialogue.scenario] += 1
         self.modalities[dialogue.modality] += 1
         self.difficulties[dialogue.difficulty] += 1
@@ -107,7 +155,9 @@ def dialogue_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
 
 
-def make_dialogue(seed: int, split: str, index: int, image_size: int = 128) -> SyntheticDialogue:
+def make_dialogue(
+    seed: int, split: str, index: int, image_size: int = 128, wording: Wording = Wording()
+) -> SyntheticDialogue:
     """The ``index``-th dialogue of ``split`` for ``seed``, in memory."""
     rng = dialogue_rng(seed, split, index)
     scenario = SCENARIOS[index % len(SCENARIOS)]
@@ -116,7 +166,7 @@ def make_dialogue(seed: int, split: str, index: int, image_size: int = 128) -> S
         scene = sample_scene(rng, image_size)
         if not well_formed(scene):
             continue
-        planned = plan_rounds(rng, scene, scenario, hard)
+        planned = plan_rounds(rng, scene, scenario, hard, wording)
         if planned is not None:
             break
     else:
@@ -148,7 +198,7 @@ def make_dialogue(seed: int, split: str, index: int, image_size: int = 128) -> S
         source="synthetic",
         item=index,
     )
-    return SyntheticDialogue(dialogue, image, [p.target.mask for p in planned], scene)
+    return SyntheticDialogue(dialogue, image, [p.target.mask for p in planned], scene, planned)
 
 
 def difficulty_of(planned: list[PlannedRound]) -> str:
@@ -158,7 +208,7 @@ def difficulty_of(planned: list[PlannedRound]) -> str:
 
 
 def plan_rounds(
-    rng: np.random.Generator, scene: Scene, scenario: str, hard: bool
+    rng: np.random.Generator, scene: Scene, scenario: str, hard: bool, wording: Wording = Wording()
 ) -> list[PlannedRound] | None:
     """Rounds of one ``scenario`` dialogue on ``scene``, or None when this scene cannot host one."""
     if hard:
@@ -173,21 +223,21 @@ def plan_rounds(
     firsts = [e for e in scene.entities.values() if any(r.resolve(scene, e) is not None for r in own)]
     if not firsts:
         return None
-    first = _opening_round(rng, scene, scenario, firsts)
-    second = _reference_moves(scene, [first], own, scenario, allow_chains=False)
+    first = _opening_round(rng, scene, scenario, firsts, wording)
+    second = _reference_moves(scene, [first], own, scenario, False, wording)
     if not second:
         return None
-    planned = [first, _phrase_reference(rng, second[int(rng.integers(len(second)))][1:], [first])]
+    planned = [first, _phrase_reference(rng, second[int(rng.integers(len(second)))][1:], [first], wording)]
     usable = [r for r in RELATIONS if len(r.blind_targets(scene)) >= 2]
     while len(planned) < count:
-        moves = _reference_moves(scene, planned, usable, scenario, allow_chains=hard)
+        moves = _reference_moves(scene, planned, usable, scenario, hard, wording)
         unused = [e for e in scene.entities.values() if e.name not in {p.target.name for p in planned}]
         if moves and (rng.random() < 0.75 or not unused):
             weights = np.array([m[0] for m in moves], float)
             choice = moves[int(rng.choice(len(moves), p=weights / weights.sum()))]
-            planned.append(_phrase_reference(rng, choice[1:], planned))
+            planned.append(_phrase_reference(rng, choice[1:], planned, wording))
         elif unused:
-            planned.append(_opening_round(rng, scene, None, unused))
+            planned.append(_opening_round(rng, scene, None, unused, wording))
         else:
             return None
     if hard and difficulty_of(planned) != "hard":
@@ -196,7 +246,7 @@ def plan_rounds(
 
 
 def _opening_round(
-    rng: np.random.Generator, scene: Scene, scenario: str | None, targets: list[Entity]
+    rng: np.random.Generator, scene: Scene, scenario: str | None, targets: list[Entity], wording: Wording
 ) -> PlannedRound:
     """A round that needs no reference: a scenario description when one fits, else the target's name.
 
@@ -209,24 +259,43 @@ def _opening_round(
         for o in OPENINGS
         if (scenario is None or o.scenario == scenario) and (e := o.pick(scene)) and e.name in names
     ]
+    if scenario is not None and not wording.names_in_answers:
+        # A first round the text alone resolves (a name, "the organ below the liver") leaves most
+        # references to it resolvable from the text too: prefer a description that needs the image,
+        # borrowed from another scenario when this one has none.
+        vague = [o.key for o in OPENINGS if len(text_knowledge().openings.get(o.key, ())) >= 2]
+        described = [o for o in described if o.key in vague] or [
+            o for o in OPENINGS if o.key in vague and (e := o.pick(scene)) and e.name in names
+        ]
     if described and rng.random() < 0.6:
         opening = described[int(rng.integers(len(described)))]
         target = opening.pick(scene)
-        query = opening.queries[int(rng.integers(len(opening.queries)))]
-        answers = NAMING_ANSWERS if rng.random() < NAMING_DESCRIPTION_FRACTION else PLAIN_ANSWERS
-        answer = answers[int(rng.integers(len(answers)))].format(name=target.name)
+        query = wording.choose(rng, opening.queries)
+        naming = bool(rng.random() < NAMING_DESCRIPTION_FRACTION) and wording.names_in_answers
+        answer = wording.choose(rng, NAMING_ANSWERS if naming else PLAIN_ANSWERS).format(name=target.name)
+        candidates = {target.name} | (set() if naming else text_knowledge().openings[opening.key])
     else:
         target = targets[int(rng.integers(len(targets)))]
-        query = NAMED_QUERIES[int(rng.integers(len(NAMED_QUERIES)))].format(name=target.name)
-        answers = NAMING_ANSWERS + PLAIN_ANSWERS
-        answer = answers[int(rng.integers(len(answers)))].format(name=target.name)
-    return PlannedRound(target, query, answer, None, True, 0)
+        query = wording.choose(rng, NAMED_QUERIES).format(name=target.name)
+        answers = NAMING_ANSWERS + PLAIN_ANSWERS if wording.names_in_answers else PLAIN_ANSWERS
+        answer = wording.choose(rng, answers).format(name=target.name)
+        candidates = {target.name}
+    return PlannedRound(target, query, answer, None, True, 0, None, frozenset(candidates))
 
 
 def _reference_moves(
-    scene: Scene, planned: list[PlannedRound], relations: list[Relation], scenario: str, allow_chains: bool
+    scene: Scene,
+    planned: list[PlannedRound],
+    relations: list[Relation],
+    scenario: str,
+    allow_chains: bool,
+    wording: Wording,
 ) -> list[tuple[float, Relation, int, Entity]]:
-    """(weight, relation, 0-based source round, target) for every reference that reaches a new entity."""
+    """(weight, relation, 0-based source round, target) for every reference that reaches a new entity.
+
+    In the MR-MedSeg style a move whose target the dialogue's text alone would determine is left out:
+    such a round would not need the referenced mask.
+    """
     used = {p.target.name for p in planned}
     moves = []
     for index, source in enumerate(planned):
@@ -235,6 +304,8 @@ def _reference_moves(
         for relation in relations:
             target = relation.resolve(scene, source.target)
             if target is None or target.name in used:
+                continue
+            if not wording.names_in_answers and _reference_candidates(relation, source, planned) <= {target.name}:
                 continue
             weight = (3.0 if relation.scenario == scenario else 1.0) * (
                 2.0 if index == len(planned) - 1 else 1.0
@@ -245,26 +316,81 @@ def _reference_moves(
 
 
 def _phrase_reference(
-    rng: np.random.Generator, move: tuple[Relation, int, Entity], planned: list[PlannedRound]
+    rng: np.random.Generator, move: tuple[Relation, int, Entity], planned: list[PlannedRound], wording: Wording
 ) -> PlannedRound:
     relation, source_index, target = move
     recent = source_index == len(planned) - 1 and rng.random() < RECENT_PHRASING_FRACTION
     templates = relation.recent if recent else relation.explicit
-    query = templates[int(rng.integers(len(templates)))].format(r=source_index + 1, noun=target.noun)
-    names_target = bool(rng.random() < NAMING_REFERENCE_FRACTION)
-    answers = NAMING_ANSWERS if names_target else PLAIN_ANSWERS
-    answer = answers[int(rng.integers(len(answers)))].format(name=target.name)
+    query = wording.choose(rng, templates).format(r=source_index + 1, noun=target.noun)
+    names_target = bool(rng.random() < NAMING_REFERENCE_FRACTION) and wording.names_in_answers
+    answer = wording.choose(rng, NAMING_ANSWERS if names_target else PLAIN_ANSWERS).format(name=target.name)
+    source = planned[source_index]
+    candidates = {target.name} | (set() if names_target else _reference_candidates(relation, source, planned))
     return PlannedRound(
-        target, query, answer, source_index + 1, names_target, planned[source_index].depth + 1, relation.key
+        target, query, answer, source_index + 1, names_target, source.depth + 1, relation.key, frozenset(candidates)
     )
 
 
+@dataclass(frozen=True)
+class TextKnowledge:
+    """What a reader of the text alone can know: which entities each opening description and each
+    relation (from a given source entity) can lead to, over many scenes."""
+
+    openings: dict[str, frozenset[str]]
+    relations: dict[str, dict[str, frozenset[str]]]
+
+
+@functools.cache
+def text_knowledge() -> TextKnowledge:
+    """Collected from ``KNOWLEDGE_SCENES`` fixed-seed 64-pixel scenes (about 2 s, once per process).
+
+    Every (opening or relation, source, target) triple the generator can produce appears within the
+    first 1,000 (the count stops growing after about 700); one missed would only make a candidate set
+    smaller, so the text-resolvability check errs on the strict side.
+    """
+    rng = np.random.default_rng(0)
+    openings: dict[str, set[str]] = defaultdict(set)
+    relations: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for _ in range(KNOWLEDGE_SCENES):
+        scene = sample_scene(rng, 64)
+        if not well_formed(scene):
+            continue
+        for opening in OPENINGS:
+            if (picked := opening.pick(scene)) is not None:
+                openings[opening.key].add(picked.name)
+        for relation in RELATIONS:
+            for source in scene.entities.values():
+                if (reached := relation.resolve(scene, source)) is not None:
+                    relations[relation.key][source.name].add(reached.name)
+    return TextKnowledge(
+        {key: frozenset(names) for key, names in openings.items()},
+        {key: {name: frozenset(t) for name, t in by_source.items()} for key, by_source in relations.items()},
+    )
+
+
+def _reference_candidates(relation: Relation, source: PlannedRound, planned: list[PlannedRound]) -> frozenset[str]:
+    """Entities a text-only reader could take a reference round's target to be.
+
+    The relation applied to every entity the source round's text allows, minus the entities that
+    earlier rounds' text already pins down (a dialogue never asks for the same entity twice).
+    """
+    reachable = text_knowledge().relations.get(relation.key, {})
+    found = set().union(*(reachable.get(name, frozenset()) for name in source.text_candidates))
+    pinned = {next(iter(p.text_candidates)) for p in planned if len(p.text_candidates) == 1}
+    return frozenset(found - pinned)
+
+
+def text_candidates(planned: Sequence[PlannedRound]) -> list[frozenset[str]]:
+    """Per round, the entities its dialogue's text alone allows (one: the text resolves the round)."""
+    return [p.text_candidates for p in planned]
+
+
 def iter_dialogues(
-    n_dialogues: int, seed: int, split: str = "train", image_size: int = 128
+    n_dialogues: int, seed: int, split: str = "train", image_size: int = 128, wording: Wording = Wording()
 ) -> Iterator[SyntheticDialogue]:
     """The first ``n_dialogues`` dialogues of ``split``, in memory."""
     for index in range(n_dialogues):
-        yield make_dialogue(seed, split, index, image_size)
+        yield make_dialogue(seed, split, index, image_size, wording)
 
 
 def generate(
@@ -274,6 +400,7 @@ def generate(
     split: str = "all",
     image_size: int = 128,
     progress: Callable[[str, int], None] | None = None,
+    wording: Wording = Wording(),
 ) -> SynthSummary:
     """Write ``n_dialogues`` dialogues (PNGs + ``<split>.jsonl``) under ``out_dir``.
 
@@ -290,7 +417,7 @@ def generate(
     summary = SynthSummary(out)
     for split_name, count in sizes.items():
         dialogues = []
-        for item in iter_dialogues(count, seed, split_name, image_size):
+        for item in iter_dialogues(count, seed, split_name, image_size, wording):
             _write_files(out, item)
             item.dialogue.root = out
             dialogues.append(item.dialogue)
