@@ -24,6 +24,7 @@ LM_MODES = ("lora", "full", "frozen")
 SEG_STATES = ("at_seg", "before_seg")
 JCM_REFINES = ("residual", "direct")
 JCM_ROUNDS = ("all", "referred")
+REFERENCE_TOKENS = ("crop+box", "crop", "box")
 EMBEDDING_MODES = ("full", "rows", "frozen")
 
 
@@ -108,6 +109,9 @@ class HeadsConfig:
     jcm_rounds: str = "all"
     """Rounds JCM judges and refines at inference: ``all``, or ``referred`` (only rounds whose mask a
     later round refers to; the others decode raw, as the authors' evaluation does)."""
+    reference_tokens: str = "crop+box"
+    """Tokens a referring round carries: ``crop+box`` (the paper's), or only ``crop`` or only ``box``, an
+    ablation that shows what each carries (docs/learning.md); not a deviation in any shipped 7B recipe."""
 
 
 @typed_config
@@ -202,6 +206,7 @@ class MediRoundConfig:
             ("heads.seg_state", self.heads.seg_state, SEG_STATES),
             ("heads.jcm_refine", self.heads.jcm_refine, JCM_REFINES),
             ("heads.jcm_rounds", self.heads.jcm_rounds, JCM_ROUNDS),
+            ("heads.reference_tokens", self.heads.reference_tokens, REFERENCE_TOKENS),
         ]
         for name, value, allowed in checks:
             if value not in allowed:

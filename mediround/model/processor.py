@@ -73,10 +73,13 @@ def answer_with_seg(answer: str) -> str:
 class ChatLayout:
     """Token ids of the prefix, user turns and answers for one tokenizer and one image-token count."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_tokens: int, crop_tokens: int, system_prompt: str):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_tokens: int, crop_tokens: int, system_prompt: str,
+                 reference_tokens: str = "crop+box"):
         self.tokenizer = tokenizer
         self.image_tokens = image_tokens
-        self.crop_tokens = crop_tokens
+        # A referring round's crop and box tokens; heads.reference_tokens may drop one (an ablation).
+        self.crop_tokens = crop_tokens if "crop" in reference_tokens else 0
+        self.box_tokens = 1 if "box" in reference_tokens else 0
         self.system_prompt = system_prompt
         ids = tokenizer.convert_tokens_to_ids
         self.seg_id, self.crop_id, self.box_id, self.image_id = ids(SEG_TOKEN), ids(CROP_TOKEN), ids(BOX_TOKEN), ids(IMAGE_TOKEN)
@@ -98,7 +101,7 @@ class ChatLayout:
         if round_index > 0:
             piece.add(self.text(USER_OPEN))
         if refers:
-            piece.add([self.crop_id] * self.crop_tokens, CROP).add([self.box_id], BOX)
+            piece.add([self.crop_id] * self.crop_tokens, CROP).add([self.box_id] * self.box_tokens, BOX)
         return piece.add(self.query(query)).add(self.text(USER_CLOSE))
 
     def query(self, query: str) -> list[int]:
@@ -209,6 +212,7 @@ class DialogueProcessor:
             image_tokens=(vision.image_size // vision.patch_size) ** 2,
             crop_tokens=config.mllm.crop_tokens,
             system_prompt=config.mllm.system_prompt,
+            reference_tokens=config.heads.reference_tokens,
         )
 
     def sam_pixels(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -3,12 +3,15 @@ each changes what it should, and configs without the keys (old checkpoints) keep
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from model_fixtures import perturb_lora, sample
 
+from mediround.errors import RecipeError
 from mediround.model import DialogueSession, MediRoundConfig, build_model, preset
 from mediround.model.jcm import JCM
+from mediround.model.processor import BOX, CROP
 
 
 def _model(**heads):
@@ -99,4 +102,40 @@ def test_an_unknown_convention_is_one_line_naming_the_field():
     config = preset("tiny")
     config.heads.seg_state = "after_seg"
     with pytest.raises(Exception, match="heads.seg_state"):
+        config.validate()
+
+
+@pytest.mark.parametrize("kept", ["crop", "box"])
+def test_reference_tokens_ablation_keeps_only_the_named_token(kept):
+    """heads.reference_tokens drops the other reference token from the sequence; the kept one still carries
+    the referenced mask (its feature changes with the mask), in training and round by round alike."""
+    torch.set_num_threads(2)
+    full, ablated = _model(), _model(reference_tokens=kept)
+    item = sample(3, seed=5)
+    full_ids = full.processor.collate([item]).kinds[0].tolist()
+    ablated_batch = ablated.processor.collate([item])
+    kinds = ablated_batch.kinds[0].tolist()
+    references = sum(r.ref is not None for r in item.dialogue.rounds)
+    dropped, kept_kind = (BOX, CROP) if kept == "crop" else (CROP, BOX)
+    assert references >= 1 and kinds.count(dropped) == 0
+    assert kinds.count(kept_kind) == full_ids.count(kept_kind) and len(kinds) == len(full_ids) - full_ids.count(dropped)
+    with torch.no_grad():
+        output = ablated(ablated_batch)
+    session = DialogueSession.for_image(ablated, item.image)
+    index = next(i for i, r in enumerate(item.dialogue.rounds) if r.ref is not None)
+    for before in item.dialogue.rounds[:index]:
+        session.step(before.query, before.answer, None if before.ref is None else item.masks[before.ref - 1])
+    round_ = item.dialogue.rounds[index]
+    true_feature = session.fork().step(round_.query, round_.answer, item.masks[round_.ref - 1]).seg_feature
+    assert torch.allclose(true_feature, output.seg_features[0][index], atol=1e-4)
+    moved = np.zeros_like(item.masks[round_.ref - 1])
+    moved[:8, :8] = 1
+    other_feature = session.step(round_.query, round_.answer, moved).seg_feature
+    assert (other_feature - true_feature).abs().max() > 1e-4
+
+
+def test_reference_tokens_refuses_an_unknown_value():
+    config = preset("tiny")
+    config.heads.reference_tokens = "mask"
+    with pytest.raises(RecipeError, match="heads.reference_tokens"):
         config.validate()
