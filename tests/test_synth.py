@@ -11,10 +11,18 @@ import pytest
 from click.testing import CliRunner
 
 from mediround.data.images import load_image, load_mask
-from mediround.data.synth import SCENARIOS, generate, iter_dialogues, make_dialogue, split_sizes, text_corpus
+from mediround.data.synth import (
+    SCENARIOS,
+    Wording,
+    generate,
+    iter_dialogues,
+    make_dialogue,
+    split_sizes,
+    text_corpus,
+)
 from mediround.data.synth.anatomy import entity_names, sample_scene
-from mediround.data.synth.generator import difficulty_of, plan_rounds
-from mediround.data.synth.scenarios import RELATIONS
+from mediround.data.synth.generator import difficulty_of, plan_rounds, text_candidates
+from mediround.data.synth.scenarios import PLAIN_ANSWERS, RELATIONS
 from mediround.data.synth.shapes import Blob, split_by_line
 from mediround.data.validate import validate
 from mediround.errors import DataError
@@ -104,7 +112,7 @@ def test_reference_only_rounds_exist_and_hide_the_name(sample):
 def test_every_relation_used_is_ambiguous_without_the_reference():
     rng = np.random.default_rng(0)
     checked = 0
-    for _ in range(40):
+    for _ in range(60):
         scene = sample_scene(rng, 64)
         planned = plan_rounds(rng, scene, SCENARIOS[checked % 5], hard=True)
         if planned is None:
@@ -157,6 +165,7 @@ def test_splits_are_independent():
 def test_written_set_validates_and_matches_summary(written):
     out, summary = written
     assert dict(summary.dialogues) == {"train": 16, "val": 2, "test": 2}
+    assert summary.reference_only_rounds > 20 and summary.text_resolvable_reference_only_rounds == 0
     for split in ("train", "val", "test"):
         report = validate(out / f"{split}.jsonl")
         assert report.problems == []
@@ -223,3 +232,44 @@ def test_an_output_path_that_is_a_file_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(cli, ["synth", str(blocker), "--dialogues", "2"])
     assert result.exit_code == 2
     assert "Traceback" not in result.output
+
+
+FIRST_BENCHMARK_TRAIN_SHA256 = "a1e02dadfeea843115ef133b2c4b31333919e3457632d0df36effd269d443793"
+"""train.jsonl of ``generate(out, 20, seed=7)`` as the generator wrote it before MR-MedSeg-style answers."""
+
+
+def test_mr_medseg_answers_never_name_the_target_and_no_text_resolves_a_reference_only_round(sample):
+    for item in sample:
+        text = ""
+        for round_, candidates in zip(item.dialogue.rounds, text_candidates(item.planned)):
+            text += f" {round_.query} {round_.answer}"
+            assert round_.answer in PLAIN_ANSWERS
+            assert round_.entity in candidates
+            if round_.ref is not None:
+                assert not round_.names_target and len(candidates) >= 2, round_
+                assert round_.entity not in text
+
+
+def test_the_named_style_reproduces_the_first_benchmark_and_its_summary_counts_text_resolvable_rounds(tmp_path):
+    summary = generate(tmp_path, 20, seed=7, wording=Wording(answers="named"))
+    assert hashlib.sha256((tmp_path / "train.jsonl").read_bytes()).hexdigest() == FIRST_BENCHMARK_TRAIN_SHA256
+    assert 0 < summary.text_resolvable_reference_only_rounds < summary.reference_only_rounds
+
+
+def test_phrasing_halves_word_the_same_rounds_with_disjoint_templates():
+    halves = {name: list(iter_dialogues(30, seed=3, wording=Wording(phrasings=name))) for name in ("a", "b")}
+    queries = {}
+    for name, items in halves.items():
+        queries[name] = {r.query for item in items for r in item.dialogue.rounds}
+        assert {r.answer for item in items for r in item.dialogue.rounds} <= set(PLAIN_ANSWERS[("a", "b").index(name) :: 2])
+    assert not queries["a"] & queries["b"]
+    for first, second in zip(halves["a"], halves["b"]):
+        assert np.array_equal(first.image, second.image)
+        assert [(r.entity, r.ref, r.mask) for r in first.dialogue.rounds] == [
+            (r.entity, r.ref, r.mask) for r in second.dialogue.rounds
+        ]
+
+
+def test_cli_refuses_an_unknown_wording(tmp_path):
+    result = CliRunner().invoke(cli, ["synth", str(tmp_path), "--phrasings", "c"])
+    assert result.exit_code == 2 and "--phrasings" in result.output
