@@ -1,25 +1,31 @@
-"""Learning benchmark of the tiny recipe (issue: train really learns); writes docs/learning.md and PNG curves.
+"""Learning benchmark of the tiny recipe: does the reference path carry the referenced mask? Writes
+docs/learning.md and PNG curves.
 
-    python benchmarks/learning.py --work ../bench --jcm            # 3 seeds x 3 settings + JCM
-    python benchmarks/learning.py --work ../bench --seeds 0 --settings mediround history-blind
+    python benchmarks/learning.py --work ../bench                  # 3 seeds x 2 models, 1 seed of each ablation
+    python benchmarks/learning.py --work ../bench --seeds 0 --settings mediround history-blind --jcm
 
-Each setting trains ``recipes/default-tiny.yaml`` (the shipped model's recipe; seed 0 of ``mediround`` is
-the shipped model's stage 1) with ``mediround train`` on the synthetic benchmark (``mediround synth
-data/synth --dialogues 500 --seed 0``), changing only the output folder and the seed (``--steps``
-overrides the recipe's step count), and validating teacher-forced on the whole validation split as the
-recipe says:
+Each setting trains ``recipes/default-tiny.yaml`` (the shipped model's recipe; seed 0 of ``mediround`` is the
+shipped model's stage 1) with ``mediround train`` on the synthetic benchmark in its MR-MedSeg style (answers
+never name the target; no reference-only round can be resolved from the dialogue's text), worded with one half
+of the generator's templates (``SYNTH_COMMAND``), changing only the output folder, the seed and the setting's
+overrides:
 
-- ``mediround``: the recipe as committed (answer CE 0.2, BCE 2, Dice 2, entity loss 1).
-- ``history-blind``: the same recipe and steps on every round as a dialogue of its own without its
-  reference (no history text, no crop/box tokens); each step sees as many rounds as a MediRound step.
+- ``mediround``: the recipe as committed.
+- ``history-blind``: the same recipe and steps on every round as a dialogue of its own without its reference
+  (no history text, no crop/box tokens); each step sees as many rounds as a MediRound step.
+- ``crop-only`` / ``box-only``: MediRound whose referring rounds carry only the crop token(s) or only the box
+  token (``model.heads.reference_tokens``).
 - ``paper-losses``: MediRound without the entity loss (``model.loss.entity=0``), the paper's objective.
 
-Scores are split by ``names_target``: "named" rounds name their target in the query or answer, "ref-only"
-rounds can only be resolved through the referenced round. For every MediRound run the final model is also
-scored with each reference replaced by the whole image (crop = image, box = [0, 0, 1, 1]): the drop on
-ref-only rounds is what the reference tokens contribute. With ``--jcm``, ``mediround train-jcm`` trains the
-JCM of every ``mediround`` run and the judge's Spearman correlation with the true IoU is reported.
-Runs whose model folder exists are reused, so an interrupted benchmark continues where it stopped.
+Every final model is scored on the 50 test dialogues twice: as worded in training ("in-style") and worded
+with the other half of the templates ("held-out", ``HELDOUT_COMMAND``: same images, rounds and references).
+MediRound-like models run chained (each reference from the model's own earlier mask) and teacher-forced
+(ground-truth reference masks) in one pass; the history-blind model has no references, so both are the same
+for it. Each MediRound model is also scored teacher-forced with every reference replaced by the whole image
+(crop = image, box = [0, 0, 1, 1]): the drop on reference-only rounds is what the referenced mask carries.
+Scores are split by ``names_target``: "named" rounds (openings: solvable from their own query and the image)
+and "ref-only" rounds (only the referenced round resolves them). Runs and evaluations whose outputs exist are
+reused, so an interrupted benchmark continues where it stopped.
 """
 
 from __future__ import annotations
@@ -41,26 +47,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_benchmark import (
     BLIND_BATCH,
     BLIND_DATA_OVERRIDES,
-    SYNTH_DIALOGUES,
-    SYNTH_SEED,
+    HELDOUT_COMMAND,
+    SYNTH_COMMAND,
     markdown_table,
+    prepare_benchmark,
     score_lines,
-    write_blind,
 )
 
 from mediround.atomic import atomic_open
 from mediround.data.formats import load_dialogues
+from mediround.inference.model_eval import ModelEvalConfig, evaluate_model
+from mediround.inference.runner import InferenceConfig
 from mediround.metrics import aggregate, counts
 from mediround.model import MASK_THRESHOLD, load_sample
 from mediround.model.checkpoint import load_checkpoint
 from mediround.model.mllm import clip_normalise
+from mediround.reports.rows import read_rows
+from mediround.reports.scoring import EvalConfig
 from mediround.training.recipe import SHIPPED_RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = SHIPPED_RECIPES / "default-tiny.yaml"
 JCM_RECIPE = SHIPPED_RECIPES / "default-tiny-jcm.yaml"
-SETTINGS = ("mediround", "history-blind", "paper-losses")
+SETTING_OVERRIDES = {
+    "mediround": (),
+    "history-blind": BLIND_DATA_OVERRIDES,
+    "crop-only": ("model.heads.reference_tokens=crop",),
+    "box-only": ("model.heads.reference_tokens=box",),
+    "paper-losses": ("model.loss.entity=0",),
+}
+SETTINGS = tuple(SETTING_OVERRIDES)
 SPLITS = {"all": None, "named": True, "ref-only": False}
+TEST_SETS = {"in-style": "synth/test", "held-out": "synth-heldout/test"}
+TRACKS = {"chained": "predicted", "teacher-forced": "ground-truth"}
+LEAD_TARGET, WHOLE_IMAGE_TARGET, HELDOUT_TARGET = 10.0, 5.0, 5.0
 
 
 def run_command(args: Sequence[str], work: Path, log: Path) -> subprocess.Popen:
@@ -95,13 +115,10 @@ def training_commands(work: Path, runs: Mapping[str, Sequence[int]], steps: int 
             output = work / "runs" / f"{setting}-s{seed}"
             if (output / "model").is_dir():
                 continue
-            overrides = [f"output=runs/{setting}-s{seed}", f"train.seed={seed}", "--resume"]
+            overrides = [f"output=runs/{setting}-s{seed}", f"train.seed={seed}", "--resume",
+                         *SETTING_OVERRIDES[setting]]
             if steps is not None:
                 overrides.append(f"train.max_steps={steps}")
-            if setting == "history-blind":
-                overrides += BLIND_DATA_OVERRIDES
-            if setting == "paper-losses":
-                overrides.append("model.loss.entity=0")
             commands.append((["train", str(RECIPE), "--cpu", *overrides], work / "runs" / f"{setting}-s{seed}.log"))
     return commands
 
@@ -129,13 +146,46 @@ def curves(run: Path) -> dict[str, dict[int, float]]:
     return result
 
 
+def split_dice(rows: Sequence[Mapping]) -> dict[str, float]:
+    """Dice (0-1, pooled over rounds as ``aggregate`` does) per split of ``SPLITS``."""
+    result = {}
+    for name, named in SPLITS.items():
+        chosen = [r for r in rows if named is None or r["names_target"] is named]
+        if chosen:
+            result[name] = aggregate(chosen).dice
+    return result
+
+
+def evaluation_scores(work: Path, setting: str, seed: int) -> dict[str, dict[str, dict[str, float]]]:
+    """test set -> track -> split -> Dice of a run's final model (evaluations cached under WORK/eval)."""
+    blind = setting == "history-blind"
+    model = work / "runs" / f"{setting}-s{seed}" / "model"
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for test_set, stem in TEST_SETS.items():
+        out = work / "eval" / f"{setting}-s{seed}" / test_set
+        rows_file = out / "rows.parquet"
+        if not rows_file.is_file():
+            data = work / "data" / f"{stem}{'-blind' if blind else ''}.jsonl"
+            config = InferenceConfig(data=str(data), model=str(model), out=str(out), betas=(None,),
+                                     teacher_forcing=(False,) if blind else (False, True), device="cpu")
+            evaluate_model(ModelEvalConfig(config, EvalConfig(out=rows_file)))
+        rows = read_rows(rows_file)
+        if blind:
+            # No references: chained and teacher-forced are the same run.
+            scores[test_set] = {track: split_dice(rows) for track in TRACKS}
+        else:
+            scores[test_set] = {track: split_dice([r for r in rows if r["references"] == references])
+                                for track, references in TRACKS.items()}
+    return scores
+
+
 @torch.no_grad()
-def whole_image_reference_dice(model_folder: Path, val: Path) -> dict[str, float]:
+def whole_image_reference_dice(model_folder: Path, data: Path) -> dict[str, float]:
     """Teacher-forced Dice with every reference replaced by the whole image: what is left without it."""
     model = load_checkpoint(model_folder)
     model.eval()
-    samples = [load_sample(d) for d in load_dialogues(val).dialogues]
-    rows = {name: [] for name in SPLITS}
+    samples = [load_sample(d) for d in load_dialogues(data).dialogues]
+    rows = []
     for start in range(0, len(samples), 10):
         chunk = samples[start : start + 10]
         batch = model.processor.collate(chunk)
@@ -147,11 +197,9 @@ def whole_image_reference_dice(model_folder: Path, val: Path) -> dict[str, float
         output = model(batch)
         for row, (sample, logits) in enumerate(zip(chunk, output.mask_logits)):
             mask_counts = counts((logits > MASK_THRESHOLD).numpy(), batch.target_masks[row].numpy() > 0.5)
-            for index, round_ in enumerate(sample.dialogue.rounds):
-                for name, named in SPLITS.items():
-                    if named is None or round_.names_target is named:
-                        rows[name].append({key: values[index] for key, values in mask_counts.items()})
-    return {name: aggregate(split_rows).dice for name, split_rows in rows.items() if split_rows}
+            rows += [{"names_target": round_.names_target, **{key: values[index] for key, values in mask_counts.items()}}
+                     for index, round_ in enumerate(sample.dialogue.rounds)]
+    return split_dice(rows)
 
 
 def jcm_spearman(run: Path) -> dict[str, float]:
@@ -169,89 +217,97 @@ def mean_sd(values: Sequence[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
 
 
+def mean_points(values: Sequence[float]) -> float:
+    return 100 * float(np.mean(values))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="Folder for data and runs (outside the repository).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS,
+                        default=["mediround", "history-blind", "crop-only", "box-only"])
+    parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0],
+                        help="Seeds of crop-only, box-only and paper-losses [default: 0].")
     parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per run [default: the recipe's].")
     parser.add_argument("--parallel", type=int, default=2, help="Runs at a time (one thread each).")
     parser.add_argument("--jcm", action="store_true", help="Also train the JCM of every mediround run.")
-    parser.add_argument("--jcm-seeds", type=int, nargs="+", help="Only these seeds' JCM [default: --seeds].")
-    parser.add_argument("--paper-losses-seeds", type=int, nargs="+",
-                        help="Only these seeds of the paper-losses setting [default: --seeds].")
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = args.work.resolve()
-    synth = work / "data" / "synth"
-    if not (synth / "train.jsonl").is_file():
-        run_all([(["synth", "data/synth", "--dialogues", str(SYNTH_DIALOGUES), "--seed", str(SYNTH_SEED)],
-                  work / "synth.log")], work, 1)
-    for split in ("train", "val"):
-        if not (synth / f"{split}-blind.jsonl").is_file():
-            write_blind(synth / f"{split}.jsonl", synth / f"{split}-blind.jsonl")
+    prepare_benchmark(work)
     (work / "runs").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    runs = {setting: (args.paper_losses_seeds or args.seeds) if setting == "paper-losses" else args.seeds
+    runs = {setting: args.seeds if setting in ("mediround", "history-blind") else args.ablation_seeds
             for setting in args.settings}
     run_all(training_commands(work, runs, args.steps), work, args.parallel)
-    jcm_seeds = (args.jcm_seeds or args.seeds) if args.jcm and "mediround" in args.settings else []
+    jcm_seeds = args.seeds if args.jcm and "mediround" in args.settings else []
     run_all(jcm_commands(work, jcm_seeds), work, args.parallel)
 
     results: dict[str, list[dict]] = {}
     for setting, seeds in runs.items():
         for seed in seeds:
             run = work / "runs" / f"{setting}-s{seed}"
-            entry = {"seed": seed, "curves": curves(run)}
+            entry = {"seed": seed, "curves": curves(run), "test": evaluation_scores(work, setting, seed)}
             if setting != "history-blind":
-                entry["whole_image"] = whole_image_reference_dice(run / "model", synth / "val.jsonl")
-            if setting == "mediround" and seed in jcm_seeds:
+                entry["whole_image"] = whole_image_reference_dice(run / "model", work / "data" / "synth" / "test.jsonl")
+            if seed in jcm_seeds and setting == "mediround":
                 entry["jcm"] = jcm_spearman(work / "runs" / f"jcm-s{seed}")
             results.setdefault(setting, []).append(entry)
     figures = args.docs / "learning"
     figures.mkdir(parents=True, exist_ok=True)
     write_page(results, args, figures, (time.monotonic() - started) / 60)
-    print(json.dumps({setting: [{"seed": e["seed"], **{k: e["curves"][k][max(e["curves"][k])] for k in SPLITS}}
-                                for e in entries] for setting, entries in results.items()}))
+    print(json.dumps({setting: [{"seed": e["seed"], **e["test"]} for e in entries]
+                      for setting, entries in results.items()}))
 
 
-def final(entries: Sequence[dict], split: str) -> list[float]:
-    return [e["curves"][split][max(e["curves"][split])] for e in entries]
+def dice_values(entries: Sequence[dict], test_set: str, track: str, split: str) -> list[float]:
+    return [e["test"][test_set][track][split] for e in entries]
 
 
-def targets(results: Mapping[str, list[dict]]) -> str:
-    """The issue's three targets, each with the measured number and whether it is reached."""
-    lines = ["Targets (teacher-forced, validation split, means over seeds):", ""]
-    if "mediround" in results:
-        named = 100 * float(np.mean(final(results["mediround"], "named")))
-        lines.append(f"- Dice >= 60 on rounds that name their target: {named:.1f} "
-                     f"({'reached' if named >= 60 else 'NOT reached'}).")
-    if "mediround" in results and "history-blind" in results:
-        ours = 100 * float(np.mean(final(results["mediround"], "ref-only")))
-        blind = 100 * float(np.mean(final(results["history-blind"], "ref-only")))
-        lines.append(f"- MediRound ahead of the history-blind model by >= 10 Dice points on reference-only rounds: "
-                     f"{ours:.1f} vs {blind:.1f}, {ours - blind:+.1f} ({'reached' if ours - blind >= 10 else 'NOT reached'}).")
-    with_jcm = [e["jcm"]["spearman_teacher-forced"] for e in results.get("mediround", []) if "jcm" in e]
-    if with_jcm:
-        mean = float(np.mean(with_jcm))
-        lines.append(f"- JCM judge vs true IoU, Spearman >= 0.5: {mean:.2f} over {len(with_jcm)} seed(s) "
-                     f"({'reached' if mean >= 0.5 else 'NOT reached'}).")
-    return "\n".join(lines)
+def lead_lines(results: Mapping[str, list[dict]]) -> list[str]:
+    """The issue's three targets, each with the measured numbers and whether it is reached."""
+    lines = []
+    ours = results.get("mediround", [])
+    blind = results.get("history-blind", [])
+    if ours and blind:
+        for track in TRACKS:
+            mine = mean_points(dice_values(ours, "in-style", track, "ref-only"))
+            theirs = mean_points(dice_values(blind, "in-style", track, "ref-only"))
+            by_seed = ", ".join(f"{100 * (a['test']['in-style'][track]['ref-only'] - b['test']['in-style'][track]['ref-only']):+.1f}"
+                                for a, b in zip(ours, blind))
+            lines.append(f"- MediRound ahead of the history-blind model by >= {LEAD_TARGET:g} Dice points on reference-only "
+                         f"rounds, {track}: {mine:.1f} vs {theirs:.1f}, {mine - theirs:+.1f} (by seed {by_seed}) "
+                         f"({'reached' if mine - theirs >= LEAD_TARGET else 'NOT reached'}).")
+    if ours:
+        forced = mean_points(dice_values(ours, "in-style", "teacher-forced", "ref-only"))
+        whole = mean_points([e["whole_image"]["ref-only"] for e in ours])
+        lines.append(f"- Whole-image references cost MediRound >= {WHOLE_IMAGE_TARGET:g} points on reference-only rounds "
+                     f"(teacher-forced): {forced:.1f} -> {whole:.1f}, {whole - forced:+.1f} "
+                     f"({'reached' if forced - whole >= WHOLE_IMAGE_TARGET else 'NOT reached'}).")
+        for track in TRACKS:
+            in_style = mean_points(dice_values(ours, "in-style", track, "ref-only"))
+            held_out = mean_points(dice_values(ours, "held-out", track, "ref-only"))
+            lines.append(f"- Held-out phrasings within {HELDOUT_TARGET:g} points of the in-style ones (MediRound, "
+                         f"reference-only, {track}): {in_style:.1f} vs {held_out:.1f}, {held_out - in_style:+.1f} "
+                         f"({'reached' if abs(held_out - in_style) <= HELDOUT_TARGET else 'NOT reached'}).")
+    return lines
 
 
-def write_page(results: Mapping[str, list[dict]], args: argparse.Namespace, figures: Path,
-               minutes: float) -> None:
+def write_page(results: Mapping[str, list[dict]], args: argparse.Namespace, figures: Path, minutes: float) -> None:
     steps = max(max(e["curves"]["all"]) for entries in results.values() for e in entries)
-    extra_flags = f" --jcm-seeds {' '.join(map(str, args.jcm_seeds))}" if args.jcm and args.jcm_seeds else ""
-    if args.paper_losses_seeds and "paper-losses" in args.settings:
-        extra_flags += f" --paper-losses-seeds {' '.join(map(str, args.paper_losses_seeds))}"
-    header = ["setting", "seeds", "all", "named", "ref-only", "ref-only, reference replaced by the whole image"]
-    rows = []
+    header = ["setting", "seeds", "named, chained", "named, teacher-forced", "ref-only, chained",
+              "ref-only, teacher-forced", "ref-only, whole-image references"]
+    main_rows, heldout_rows = [], []
     for setting, entries in results.items():
+        cells = [mean_sd(dice_values(entries, "in-style", track, split)) for split in ("named", "ref-only")
+                 for track in TRACKS]
         whole = [e["whole_image"]["ref-only"] for e in entries if "whole_image" in e]
-        rows.append([setting, str(len(entries)), *(mean_sd(final(entries, s)) for s in SPLITS),
-                     mean_sd(whole) if whole else "–"])
+        main_rows.append([setting, str(len(entries)), *cells, mean_sd(whole) if whole else "–"])
+        heldout_rows.append([setting, str(len(entries)), *(
+            f"{mean_sd(dice_values(entries, 'in-style', track, split))} / {mean_sd(dice_values(entries, 'held-out', track, split))}"
+            for split in ("named", "ref-only") for track in TRACKS)])
     for split in SPLITS:
         series = {}
         for setting, entries in results.items():
@@ -263,22 +319,33 @@ def write_page(results: Mapping[str, list[dict]], args: argparse.Namespace, figu
     jcm = ""
     with_jcm = [e for e in results.get("mediround", []) if "jcm" in e]
     if with_jcm:
-        spearmans = [e["jcm"] for e in with_jcm]
-        jcm = "\n".join(f"- seed {e['seed']}: " + ", ".join(f"{k} {v:.3f}" for k, v in e["jcm"].items())
-                        for e in with_jcm)
+        jcm = "\n".join(f"- seed {e['seed']}: " + ", ".join(f"{k} {v:.3f}" for k, v in e["jcm"].items()) for e in with_jcm)
         jcm = f"JCM judge vs true IoU (Spearman, `mediround train-jcm` with {JCM_RECIPE.name}):\n\n{jcm}\n"
-        jcm += f"\nMean over seeds: {np.mean([v for s in spearmans for k, v in s.items() if 'teacher' in k]):.3f} (teacher-forced features)\n"
-    page = f"""# Learning benchmark of the tiny recipe
+    flags = f" --seeds {' '.join(map(str, args.seeds))} --settings {' '.join(args.settings)}"
+    flags += f" --ablation-seeds {' '.join(map(str, args.ablation_seeds))}" + (" --jcm" if args.jcm else "")
+    page = f"""# Learning benchmark of the tiny recipe: the reference path
 
-Regenerated by `python benchmarks/learning.py --work DIR --seeds {' '.join(map(str, args.seeds))}{' --jcm' if args.jcm else ''}{extra_flags}`
-({minutes:.0f} min of training and scoring on 2 CPU cores, {args.parallel} runs at a time). Recipe:
+Regenerated by `python benchmarks/learning.py --work DIR{flags}` ({minutes:.0f} min of training and scoring
+on 2 CPU cores, {args.parallel} runs at a time; runs already trained are reused). Recipe:
 `recipes/{RECIPE.name}`, {steps} optimizer steps per run; history-blind runs see {BLIND_BATCH} single-round
-dialogues per step (as many rounds as a MediRound step). Teacher-forced validation Dice x100 on the
-whole validation split at the last step, mean ± standard deviation over seeds.
+dialogues per step (as many rounds as a MediRound step).
 
-{markdown_table(header, rows)}
+Data: `{SYNTH_COMMAND}` (train, validation and the in-style test) and `{HELDOUT_COMMAND}` (the same 50 test
+dialogues worded with the template half never seen in training). MR-MedSeg-style answers: no answer names its
+target, and the generator plans no reference-only round whose entity the dialogue's text alone determines
+(its summary counts 0 such rounds). Scores are Dice x100 on the test split, mean ± standard deviation over
+seeds; "named" rounds are solvable from their own query and the image, "ref-only" rounds only through the
+referenced round.
 
-{targets(results)}
+{markdown_table(header, main_rows)}
+
+In-style / held-out phrasings:
+
+{markdown_table(["setting", "seeds", "named, chained", "named, teacher-forced", "ref-only, chained", "ref-only, teacher-forced"], heldout_rows)}
+
+Targets (means over seeds, test split):
+
+{chr(10).join(lead_lines(results))}
 
 ![Dice, all rounds](learning/dice-all.png)
 ![Dice, named rounds](learning/dice-named.png)
@@ -292,37 +359,7 @@ whole validation split at the last step, mean ± standard deviation over seeds.
         handle.write(page)
 
 
-DISCUSSION = """Written for the run of 2026-11-28 (second session). The runs were trained beforehand by
-the same commands, two or three at a time on the 2 cores: 12 to 21 minutes for a MediRound run, 20 to
-30 for a history-blind run (34 images a step instead of 8). If you regenerate this page with other runs, check
-that the text still fits the numbers above.
-
-**Rounds that name their target: reached.** MediRound scores 73.8 (seeds 80.8, 69.4, 71.3). The
-paper's objective alone (`paper-losses`, no entity loss) stays at 33.4, the level of the average mask:
-the [SEG] state never learns which structure is asked for. The history-blind model is better on these
-rounds (79.3). Each of its sequences holds one round, so its [SEG] state has one query to read. A
-MediRound [SEG] has to find its own round's query in a dialogue of up to 8 rounds, at the same number of
-steps.
-
-**Reference-only rounds: MediRound ahead by 6.2 points; the 10-point target is not reached.** By seed
-the lead is +9.8, +3.9 and +4.9. What limits it:
-
-- The budget. On reference-only rounds the history-blind curve is flat from step 200 (46, 46, 45 for
-  seed 0 at steps 200, 300, 400): without the history it cannot tell which of at least two candidates
-  is meant. MediRound is still rising at step 400 (seed 0: 45, 49, 55). A run here is 400 steps (12-21
-  minutes). The issue's 60-minute budget would allow about 1,500 steps, but 3 seeds of both models at
-  that length were more CPU time than this session had.
-- The reference tokens carry little of the lead. Replacing every reference with the whole image (crop
-  = the image, box = [0, 0, 1, 1]) costs MediRound only 2.4 points (52.8 -> 50.4). Most of its lead
-  comes from the history text: the referenced round's query and answer often describe its entity. The
-  crop token is the CLS token of a randomly initialised tiny CLIP, which says little about appearance.
-  The box token gives the location, and its Fourier features are what made the reference usable at all
-  (`docs/training.md`).
-
-**JCM judge: reached.** The judge of `mediround train-jcm` ranks the raw masks' IoU with Spearman 0.77,
-0.79 and 0.69 (seeds 0, 1, 2). On the validation split JCM at beta 0.6 changes chained Dice from 67.5
-to 68.4 (seed 0), from 61.0 to 62.5 (seed 1) and from 60.4 to 60.6 (seed 2).
-"""
+DISCUSSION = """To be written for the run that produced the numbers above."""
 
 
 if __name__ == "__main__":

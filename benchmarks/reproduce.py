@@ -3,12 +3,12 @@
     python benchmarks/reproduce.py --work ../runs            # evaluate (about 10-20 min on 2 cores)
     python benchmarks/reproduce.py --work ../runs --train    # first train the three models (~1 h)
 
-Everything runs in ``--work`` (outside the repository): the synthetic benchmark
-(``mediround synth data/synth --dialogues 500 --seed 0``), its history-blind copies, the training runs
-and the evaluation outputs. The results are written to ``docs/results.md`` and ``docs/results/*.png``.
+Everything runs in ``--work`` (outside the repository): the synthetic benchmark of ``benchmarks/learning.py``
+(``SYNTH_COMMAND``: MR-MedSeg-style answers, one half of the template wordings), its history-blind copies,
+the training runs and the evaluation outputs. The results are written to ``docs/results.md`` and ``docs/results/*.png``.
 
 Compared, all on the same evaluation dialogues (the first ``--eval-dialogues`` dialogues of the synthetic
-test split of seed 0, never seen in training):
+test split of seed 0, worded as in training, never seen in training):
 
 - (a) history-blind baseline: the same architecture, recipe and number of optimizer steps, trained and
   evaluated on every round as a dialogue of its own with no reference (no history text, no reference
@@ -43,9 +43,11 @@ import yaml
 from synthetic_benchmark import (
     BLIND_DATA_OVERRIDES,
     BLIND_SUFFIX,
-    SYNTH_DIALOGUES,
+    SYNTH_COMMAND,
+    SYNTH_PHRASINGS,
     SYNTH_SEED,
     markdown_table,
+    prepare_benchmark,
     score_lines,
     write_blind,
 )
@@ -54,6 +56,7 @@ from mediround.atomic import atomic_open, write_json
 from mediround.data.formats import load_dialogues
 from mediround.data.images import load_mask
 from mediround.data.predictions import read_predictions
+from mediround.data.synth import Wording, generate
 from mediround.inference import DEFAULT_BETA
 from mediround.inference.model_eval import ModelEvalConfig, ModelEvaluation, evaluate_model
 from mediround.inference.runner import InferenceConfig
@@ -92,17 +95,12 @@ def mediround(args: Sequence[str], work: Path) -> None:
 
 
 def prepare_data(work: Path, eval_dialogues: int) -> tuple[Path, Path]:
-    """The training benchmark, its blind copies, and the evaluation split (plus its blind copy)."""
-    synth = work / "data" / "synth"
-    if not (synth / "train.jsonl").is_file():
-        mediround(["synth", "data/synth", "--dialogues", str(SYNTH_DIALOGUES), "--seed", str(SYNTH_SEED)], work)
-    for split in ("train", "val"):
-        if not (synth / f"{split}-blind.jsonl").is_file():
-            write_blind(synth / f"{split}.jsonl", synth / f"{split}-blind.jsonl")
+    """The training benchmark (``prepare_benchmark``), and the evaluation split worded as in training (plus
+    its blind copy)."""
+    prepare_benchmark(work)
     evaluation = work / "data" / "eval"
     if not (evaluation / "test.jsonl").is_file():
-        mediround(["synth", "data/eval", "--dialogues", str(eval_dialogues), "--split", "test",
-                   "--seed", str(SYNTH_SEED)], work)
+        generate(evaluation, eval_dialogues, SYNTH_SEED, split="test", wording=Wording(phrasings=SYNTH_PHRASINGS))
     return evaluation / "test.jsonl", write_blind(evaluation / "test.jsonl", evaluation / "test-blind.jsonl")
 
 
@@ -135,7 +133,7 @@ def pack(work: Path, target: Path) -> Path:
     recipes = {"stage1": "recipes/default-tiny.yaml", "jcm": "recipes/default-tiny-jcm.yaml"}
     record = {
         "seed": 0,
-        "data": f"mediround synth data/synth --dialogues {SYNTH_DIALOGUES} --seed {SYNTH_SEED}",
+        "data": SYNTH_COMMAND,
         "commands": [f"mediround train recipes/default-tiny.yaml --cpu output={STAGE1_RUN}",
                      (f"mediround train-jcm recipes/default-tiny-jcm.yaml --cpu --model {STAGE1_RUN}/model "
                       f"output={JCM_RUN}")],
@@ -447,11 +445,12 @@ with the committed recipes first). This run: {minutes} on 2 shared CPU cores.
 - Evaluation data: {data}, never seen in training. Metrics x100: Dice and gIoU are means over masks,
   cIoU is total intersection over total union (`mediround.metrics`).
 - **One training seed per model** (seed 0) on this page; `docs/learning.md` compares MediRound with the
-  history-blind baseline over 3 seeds (teacher-forced validation), so read differences of a few points
-  here with that spread in mind.
-- Every table is split by `names_target`: "named" rounds name their target in the query or answer (a
-  history-blind model can solve them); "ref-only" rounds can only be resolved through the round they
-  refer to.
+  history-blind baseline over 3 seeds (test split, chained and teacher-forced, in-style and held-out
+  wordings), so read differences of a few points here with that spread in mind.
+- Every table is split by `names_target`: "named" rounds are solvable from their own query and the image
+  (a history-blind model can solve them); "ref-only" rounds can only be resolved through the round they
+  refer to. In this benchmark's MR-MedSeg style no answer names its target and no reference-only round
+  can be resolved from the dialogue's text alone.
 
 ## Shape checks against the paper
 

@@ -12,9 +12,16 @@ from pathlib import Path
 from mediround.data.dialogue import Dialogue
 from mediround.data.formats import load_dialogues
 from mediround.data.formats.jsonl import write_jsonl
+from mediround.data.synth import Wording, generate, split_sizes
 from mediround.reports.plots import WIDTH, Curve, line_chart
 
 SYNTH_DIALOGUES, SYNTH_SEED = 500, 0
+SYNTH_PHRASINGS, HELDOUT_PHRASINGS = "a", "b"
+"""Training, validation and the in-style test use one half of every template list; the held-out test
+words the same test dialogues with the other half (``mediround synth --phrasings``)."""
+SYNTH_COMMAND = f"mediround synth data/synth --dialogues {SYNTH_DIALOGUES} --seed {SYNTH_SEED} --phrasings {SYNTH_PHRASINGS}"
+HELDOUT_COMMAND = (f"mediround synth data/synth-heldout --dialogues {split_sizes(SYNTH_DIALOGUES)['test']} "
+                   f"--split test --seed {SYNTH_SEED} --phrasings {HELDOUT_PHRASINGS}")
 BLIND_SUFFIX = "-r"
 BLIND_BATCH = 34
 """Single-round dialogues per history-blind step: the recipe's 8 dialogues x 4.2 rounds on average."""
@@ -38,6 +45,21 @@ def write_blind(source: Path, target: Path) -> Path:
         raise SystemExit(f"{source}: {loaded.problems[0].one_line()}")
     write_jsonl([blind for dialogue in loaded.dialogues for blind in history_blind(dialogue)], target)
     return target
+
+
+def prepare_benchmark(work: Path) -> Path:
+    """WORK/data/synth (``SYNTH_COMMAND``), WORK/data/synth-heldout (``HELDOUT_COMMAND``) and the history-blind
+    copy of every split, each written unless already there; returns WORK/data."""
+    data = work / "data"
+    if not (data / "synth" / "train.jsonl").is_file():
+        generate(data / "synth", SYNTH_DIALOGUES, SYNTH_SEED, wording=Wording(phrasings=SYNTH_PHRASINGS))
+    if not (data / "synth-heldout" / "test.jsonl").is_file():
+        generate(data / "synth-heldout", split_sizes(SYNTH_DIALOGUES)["test"], SYNTH_SEED, split="test",
+                 wording=Wording(phrasings=HELDOUT_PHRASINGS))
+    for split in ("synth/train", "synth/val", "synth/test", "synth-heldout/test"):
+        if not (data / f"{split}-blind.jsonl").is_file():
+            write_blind(data / f"{split}.jsonl", data / f"{split}-blind.jsonl")
+    return data
 
 
 def score_lines(series: Mapping[str, Mapping[float, float]], path: Path, title: str, x_label: str,
