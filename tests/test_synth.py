@@ -21,7 +21,7 @@ from mediround.data.synth import (
     text_corpus,
 )
 from mediround.data.synth.anatomy import entity_names, sample_scene
-from mediround.data.synth.generator import difficulty_of, plan_rounds, text_candidates
+from mediround.data.synth.generator import difficulty_of, plan_rounds
 from mediround.data.synth.scenarios import PLAIN_ANSWERS, RELATIONS
 from mediround.data.synth.shapes import Blob, split_by_line
 from mediround.data.validate import validate
@@ -241,7 +241,8 @@ FIRST_BENCHMARK_TRAIN_SHA256 = "a1e02dadfeea843115ef133b2c4b31333919e3457632d0df
 def test_mr_medseg_answers_never_name_the_target_and_no_text_resolves_a_reference_only_round(sample):
     for item in sample:
         text = ""
-        for round_, candidates in zip(item.dialogue.rounds, text_candidates(item.planned)):
+        for round_, planned in zip(item.dialogue.rounds, item.planned):
+            candidates = planned.text_candidates
             text += f" {round_.query} {round_.answer}"
             assert round_.answer in PLAIN_ANSWERS
             assert round_.entity in candidates

@@ -54,7 +54,7 @@ class Wording:
 
     ``answers``: ``"mr-medseg"`` (default) answers never name the target ("It is [SEG].", as MR-MedSeg's
     "It is [REF-DECODE:...][MASK-DECODE:...]."), and a reference-only round is only planned when no text
-    of the dialogue determines its entity (see ``text_candidates``); ``"named"`` is the first benchmark's
+    of the dialogue determines its entity (``PlannedRound.text_candidates``); ``"named"`` is the first benchmark's
     style, where some answers name the target and references may be resolvable from the text.
     ``phrasings``: ``"all"`` templates, or one half of every template list (``"a"``: even positions,
     ``"b"``: odd), so a model trained on one half can be evaluated on wordings it never saw. The random
@@ -86,7 +86,11 @@ class Wording:
 
 @dataclass
 class PlannedRound:
-    """A round before rendering: its target, wording, reference (1-based) and the relation it used."""
+    """A round before rendering: its target, wording, reference (1-based) and the relation it used.
+
+    ``text_candidates``: the entities a reader of the dialogue's text up to this round (but not of the
+    image) could take the target to be; one entity means the text alone resolves the round.
+    """
 
     target: Entity
     query: str
@@ -131,8 +135,8 @@ class SynthSummary:
         self.reference_only_rounds += sum(1 for r in dialogue.rounds if not r.names_target)
         self.text_resolvable_reference_only_rounds += sum(
             1
-            for r, candidates in zip(dialogue.rounds, text_candidates(item.planned))
-            if not r.names_target and len(candidates) == 1
+            for r, planned in zip(dialogue.rounds, item.planned)
+            if not r.names_target and len(planned.text_candidates) == 1
         )
         self.scenarios[dialogue.scenario] += 1
         self.modalities[dialogue.modality] += 1
@@ -378,11 +382,6 @@ def _reference_candidates(relation: Relation, source: PlannedRound, planned: lis
     found = set().union(*(reachable.get(name, frozenset()) for name in source.text_candidates))
     pinned = {next(iter(p.text_candidates)) for p in planned if len(p.text_candidates) == 1}
     return frozenset(found - pinned)
-
-
-def text_candidates(planned: Sequence[PlannedRound]) -> list[frozenset[str]]:
-    """Per round, the entities its dialogue's text alone allows (one: the text resolves the round)."""
-    return [p.text_candidates for p in planned]
 
 
 def iter_dialogues(
