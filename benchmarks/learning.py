@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_benchmark import (
@@ -179,6 +180,37 @@ def evaluation_scores(work: Path, setting: str, seed: int) -> dict[str, dict[str
     return scores
 
 
+def novel_rounds(work: Path, tokenizer_folder: Path) -> tuple[set[tuple[str, int]], int]:
+    """(dialogue id, round) of the held-out test rounds whose query holds a token that no training query or
+    answer holds, and the number of held-out rounds: words a model trained from scratch has never seen."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(f" {text}", add_special_tokens=False).input_ids
+
+    seen = {i for d in load_dialogues(work / "data" / "synth" / "train.jsonl").dialogues for r in d.rounds
+            for i in ids(r.query) + ids(r.answer)}
+    held_out = load_dialogues(work / "data" / "synth-heldout" / "test.jsonl").dialogues
+    novel = {(d.id, number) for d in held_out for number, r in enumerate(d.rounds, start=1)
+             if any(i not in seen for i in ids(r.query))}
+    return novel, sum(len(d.rounds) for d in held_out)
+
+
+def novelty_scores(work: Path, setting: str, seed: int, novel: set[tuple[str, int]]) -> dict[str, dict[str, float]]:
+    """Reference-only Dice of a MediRound-like run, chained and teacher-forced, on the held-out rounds whose
+    query holds an unseen token ("novel") and on the others ("seen"), and in-style on the same rounds."""
+    result: dict[str, dict[str, float]] = {}
+    for test_set in TEST_SETS:
+        rows = [r for r in read_rows(work / "eval" / f"{setting}-s{seed}" / test_set / "rows.parquet")
+                if r["names_target"] is False]
+        for track, references in TRACKS.items():
+            for group in ("novel", "seen"):
+                chosen = [r for r in rows if r["references"] == references
+                          and ((r["dialogue_id"], r["round"]) in novel) == (group == "novel")]
+                result.setdefault(f"{test_set}, {track}", {})[group] = aggregate(chosen).dice
+    return result
+
+
 @torch.no_grad()
 def whole_image_reference_dice(model_folder: Path, data: Path) -> dict[str, float]:
     """Teacher-forced Dice with every reference replaced by the whole image: what is left without it."""
@@ -252,6 +284,10 @@ def main() -> None:
             entry = {"seed": seed, "curves": curves(run), "test": evaluation_scores(work, setting, seed)}
             if setting != "history-blind":
                 entry["whole_image"] = whole_image_reference_dice(run / "model", work / "data" / "synth" / "test.jsonl")
+            if setting == "mediround":
+                novel, held_out_rounds = novel_rounds(work, run / "model" / "tokenizer")
+                entry["novelty"] = novelty_scores(work, setting, seed, novel)
+                entry["novel_rounds"] = (len(novel), held_out_rounds)
             if seed in jcm_seeds and setting == "mediround":
                 entry["jcm"] = jcm_spearman(work / "runs" / f"jcm-s{seed}")
             results.setdefault(setting, []).append(entry)
@@ -293,6 +329,24 @@ def lead_lines(results: Mapping[str, list[dict]]) -> list[str]:
                          f"reference-only, {track}): {in_style:.1f} vs {held_out:.1f}, {held_out - in_style:+.1f} "
                          f"({'reached' if abs(held_out - in_style) <= HELDOUT_TARGET else 'NOT reached'}).")
     return lines
+
+
+def novelty_section(results: Mapping[str, list[dict]]) -> str:
+    """Held-out vs in-style Dice of MediRound's reference-only rounds, split by whether the held-out query
+    holds a token that never occurs in the training text."""
+    entries = [e for e in results.get("mediround", []) if "novelty" in e]
+    if not entries:
+        return ""
+    novel, total = entries[0]["novel_rounds"]
+    rows = []
+    for track in TRACKS:
+        for group, label in (("novel", "a word never seen in training"), ("seen", "only words seen in training")):
+            in_style = [e["novelty"][f"in-style, {track}"][group] for e in entries]
+            held_out = [e["novelty"][f"held-out, {track}"][group] for e in entries]
+            rows.append([track, label, mean_sd(in_style), mean_sd(held_out)])
+    table = markdown_table(["track", "held-out query holds", "in-style wording", "held-out wording"], rows)
+    return (f"{novel} of the {total} held-out test rounds have a query with a token that no training query or answer "
+            f"holds. MediRound's reference-only Dice on the same rounds, by that:\n\n{table}")
 
 
 def write_page(results: Mapping[str, list[dict]], args: argparse.Namespace, figures: Path, minutes: float) -> None:
@@ -342,6 +396,8 @@ referenced round.
 In-style / held-out phrasings:
 
 {markdown_table(["setting", "seeds", "named, chained", "named, teacher-forced", "ref-only, chained", "ref-only, teacher-forced"], heldout_rows)}
+
+{novelty_section(results)}
 
 Targets (means over seeds, test split):
 
