@@ -418,9 +418,8 @@ Targets (means over seeds, test split):
 
 DISCUSSION = """Written for the run of 2026-11-30 (fourth session). The runs were trained beforehand by the same
 commands, two or three at a time on the 2 cores, one thread each: 28 to 33 minutes for a MediRound run, 45
-to 60 for a history-blind run (34 images a step instead of 8). The crop-only run had not finished when this
-page was written (see below). If you regenerate this page with other runs, check that the text still fits
-the numbers above.
+to 60 for a history-blind run (34 images a step instead of 8), 37 for the crop-only run. If you regenerate
+this page with other runs, check that the text still fits the numbers above.
 
 **The recipe.** `recipes/default-tiny.yaml` is the earlier tiny recipe (entity loss, Fourier box token)
 trained for 1,500 steps instead of 400. The curves ask for no more: teacher-forced validation Dice of seed 0
@@ -434,8 +433,10 @@ scores 82.7 on reference-only rounds, 31.5 points above the history-blind model 
 39.9, below the blind model: the dialogue's text no longer says which entity is meant, so without the mask
 the model is lost. On the first benchmark, whose answers named the targets, the same replacement cost 2.4
 points. The box-only model (one seed) scores as the full model with teacher forcing (82.7) and slightly
-higher chained (62.9): at this size the box token carries the reference; the crop token, the CLS of a
-randomly initialised tiny CLIP tower, adds nothing measurable.
+higher chained (62.9), while the crop-only model scores 49.0 on reference-only rounds chained, teacher-forced
+and with whole-image references alike, the level of the blind model: it ignores its crop. At this size the box
+token carries the reference; the crop token, the CLS of a randomly initialised tiny CLIP tower, carries
+nothing the model uses.
 
 **Chained, the lead is +8.9 points: NOT reached** (by seed +10.2, +13.2 and +3.3). What limits it is the
 model's own references: chained, its reference-only Dice falls from 82.7 to 60.1. Because the model follows
