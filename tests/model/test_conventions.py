@@ -112,13 +112,13 @@ def test_reference_tokens_ablation_keeps_only_the_named_token(kept):
     torch.set_num_threads(2)
     full, ablated = _model(), _model(reference_tokens=kept)
     item = sample(3, seed=5)
-    full_ids = full.processor.collate([item]).kinds[0].tolist()
+    full_kinds = full.processor.collate([item]).kinds[0].tolist()
     ablated_batch = ablated.processor.collate([item])
     kinds = ablated_batch.kinds[0].tolist()
     references = sum(r.ref is not None for r in item.dialogue.rounds)
     dropped, kept_kind = (BOX, CROP) if kept == "crop" else (CROP, BOX)
     assert references >= 1 and kinds.count(dropped) == 0
-    assert kinds.count(kept_kind) == full_ids.count(kept_kind) and len(kinds) == len(full_ids) - full_ids.count(dropped)
+    assert kinds.count(kept_kind) == full_kinds.count(kept_kind) and len(kinds) == len(full_kinds) - full_kinds.count(dropped)
     with torch.no_grad():
         output = ablated(ablated_batch)
     session = DialogueSession.for_image(ablated, item.image)

@@ -267,7 +267,7 @@ def _opening_round(
         # A first round the text alone resolves (a name, "the organ below the liver") leaves most
         # references to it resolvable from the text too: prefer a description that needs the image,
         # borrowed from another scenario when this one has none.
-        vague = [o.key for o in OPENINGS if len(text_knowledge().openings.get(o.key, ())) >= 2]
+        vague = text_knowledge().vague_openings
         described = [o for o in described if o.key in vague] or [
             o for o in OPENINGS if o.key in vague and (e := o.pick(scene)) and e.name in names
         ]
@@ -342,6 +342,11 @@ class TextKnowledge:
 
     openings: dict[str, frozenset[str]]
     relations: dict[str, dict[str, frozenset[str]]]
+
+    @functools.cached_property
+    def vague_openings(self) -> frozenset[str]:
+        """Keys of the descriptions that can pick more than one entity: only the image resolves them."""
+        return frozenset(key for key, names in self.openings.items() if len(names) >= 2)
 
 
 @functools.cache
