@@ -142,11 +142,22 @@ class ChatLayout:
 
 @dataclass
 class DialogueSample:
-    """One training/eval item: the dialogue, its image (H, W, 3) uint8, and per-round GT masks (bool or None)."""
+    """One training/eval item: the dialogue, its image (H, W, 3) uint8, and per-round GT masks (bool or None).
+
+    ``reference_masks`` replaces, by 0-based round index, the mask a referring round's crop and box are cut
+    from (training's reference swaps, ``mediround.training.reference_swaps``); any other referring round
+    refers to its referenced round's ground truth."""
 
     dialogue: Dialogue
     image: np.ndarray
     masks: list[np.ndarray | None]
+    reference_masks: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def reference_mask(self, index: int) -> np.ndarray | None:
+        """The mask round ``index`` (0-based, a referring round) takes its reference from."""
+        if index in self.reference_masks:
+            return self.reference_masks[index]
+        return self.masks[self.dialogue.rounds[index].ref - 1]
 
 
 def load_sample(dialogue: Dialogue) -> DialogueSample:
@@ -241,9 +252,9 @@ class DialogueProcessor:
             piece, positions = self.layout.dialogue(dialogue)
             pieces.append(piece)
             seg_positions.append(positions)
-            for round_ in dialogue.rounds:
+            for index, round_ in enumerate(dialogue.rounds):
                 if round_.ref is not None:
-                    references.append(reference_from_mask(sample.image, sample.masks[round_.ref - 1]))
+                    references.append(reference_from_mask(sample.image, sample.reference_mask(index)))
             pixels, resized_size = self.sam_pixels(sample.image)
             sam_pixels.append(pixels)
             clip_pixels.append(self.clip_pixels(sample.image))

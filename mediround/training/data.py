@@ -81,17 +81,24 @@ class ShardedStream:
 
 
 class DialogueDataset(torch.utils.data.Dataset):
-    """Dialogues turned into model samples on access (image decoding happens here, in workers)."""
+    """Dialogues turned into model samples on access (image decoding happens here, in workers).
 
-    def __init__(self, dialogues: Sequence[Dialogue], to_sample: Callable[[Dialogue], Any]):
+    Items are read by ``(epoch, index)``: ``augment(sample, epoch)``, when given, changes a sample as a
+    function of its epoch, so an augmentation is the same on every process, worker and resumed run."""
+
+    def __init__(self, dialogues: Sequence[Dialogue], to_sample: Callable[[Dialogue], Any],
+                 augment: Callable[[Any, int], Any] | None = None):
         self.dialogues = list(dialogues)
         self.to_sample = to_sample
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.dialogues)
 
-    def __getitem__(self, index: int) -> Any:
-        return self.to_sample(self.dialogues[index])
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        sample = self.to_sample(self.dialogues[index])
+        return sample if self.augment is None else self.augment(sample, epoch)
 
 
 class BatchLoader:
@@ -102,8 +109,8 @@ class BatchLoader:
         self.collate = collate
         self.num_workers = num_workers
 
-    def iterate(self, index_batches: Sequence[list[int]]) -> Iterator[Any]:
-        """Batches in the given order (a finite list of index lists)."""
+    def iterate(self, index_batches: Sequence[list[tuple[int, int]]]) -> Iterator[Any]:
+        """Batches in the given order (a finite list of lists of ``(epoch, index)`` keys)."""
         if self.num_workers == 0:
             for indices in index_batches:
                 yield self.collate([self.dataset[i] for i in indices])

@@ -106,6 +106,18 @@ class ValidationSection:
 
 @typed_config
 @dataclass
+class AugmentSection:
+    """Stage-1 changes to the training data that the paper does not make; all off by default and in every
+    7B recipe (docs/model.md)."""
+
+    reference_swap: float = 0.0
+    """Probability that a referring round's crop and box are cut from the ground-truth mask of another round
+    of the dialogue instead of its referenced round's, its target unchanged (``mediround.training.reference_swaps``):
+    practice for the wrong references of chained inference."""
+
+
+@typed_config
+@dataclass
 class CheckpointSection:
     """A checkpoint every ``every`` optimizer steps and at the end; the last ``keep_last`` are kept."""
 
@@ -202,6 +214,7 @@ class Recipe(RunRecipe):
 
     model: MediRoundConfig = field(default_factory=MediRoundConfig)
     validation: ValidationSection = field(default_factory=ValidationSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
     init_from: str | None = None
     """A MediRound checkpoint folder to fine-tune from (``--init-from``): its weights, a new optimizer and
     schedule; its model config must equal ``model`` but for ``FINE_TUNE_KEYS``."""
@@ -233,6 +246,8 @@ class Recipe(RunRecipe):
             yield from self._init_from_problems()
         if self.validation.batch_size < 1:
             yield "validation.batch_size", f"must be at least 1, got {self.validation.batch_size}"
+        if not 0.0 <= self.augment.reference_swap <= 1.0:
+            yield "augment.reference_swap", f"is a probability, from 0 to 1, got {self.augment.reference_swap}"
         if self.model.precision != "fp32" and self.train.mixed_precision == "no":
             yield "train.mixed_precision", (f"'no' cannot train a {self.model.precision} model: the trainable weights "
                                             "stay fp32, so compute must autocast (use auto or bf16)")

@@ -51,6 +51,7 @@ from mediround.training.events import (
 )
 from mediround.training.logging import ValidationLog, score_rows
 from mediround.training.recipe import Recipe
+from mediround.training.reference_swaps import ReferenceSwaps
 
 LOSS_KEYS = ("ce", "bce", "dice", "entity")
 
@@ -85,7 +86,9 @@ class TeacherForcing(Objective):
 
     def micro_batches(self, engine: TrainingEngine, start: RunStart,
                       position: StreamPosition) -> Iterator[MicroBatch]:
-        dataset = DialogueDataset(start.train_dialogues, load_sample)
+        swap = self.recipe.augment.reference_swap
+        dataset = DialogueDataset(start.train_dialogues, load_sample,
+                                  ReferenceSwaps(swap, self.recipe.train.seed) if swap > 0 else None)
         stream = engine.stream(len(dataset), position)
         loader = BatchLoader(dataset, self.model.processor.collate, self.recipe.train.num_workers)
         return _micro_batches(stream, loader, dataset)
@@ -180,10 +183,12 @@ def _micro_batches(stream: ShardedStream, loader: BatchLoader, dataset: Dialogue
     while True:
         index_batches, positions = [], []
         for _ in range(chunk):
-            index_batches.append(stream.next_indices())
+            indices = stream.next_indices()
+            # The stream's position is already past this batch, in the epoch the batch was read from.
+            index_batches.append([(stream.position.epoch, index) for index in indices])
             positions.append(stream.position)
-        for indices, batch, position in zip(index_batches, loader.iterate(index_batches), positions):
-            yield MicroBatch(batch, position, [dataset.dialogues[i].id for i in indices])
+        for keys, batch, position in zip(index_batches, loader.iterate(index_batches), positions):
+            yield MicroBatch(batch, position, [dataset.dialogues[index].id for _, index in keys])
 
 
 def _loss_counts(batch: Any) -> tuple[float, float, float]:
