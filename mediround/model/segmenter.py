@@ -21,6 +21,7 @@ from torch import nn
 from mediround.errors import CheckpointError
 from mediround.model.config import SegmenterConfig
 from mediround.model.load_report import LoadReport, load_into
+from mediround.model.mask_decoding import two_way_transformer, upscaled_mask
 from mediround.model.weight_sources import missing_path_detail
 
 SAM_MEAN = (123.675, 116.28, 103.53)
@@ -171,23 +172,20 @@ def decode_masks(sam: nn.Module, embedding: torch.Tensor, prompts: torch.Tensor)
     return logits
 
 
+@torch.no_grad()
 def decode_masks_per_image(sam: nn.Module, embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
     """n image embeddings (n, 256, g, g) with one prompt each (n, 256) -> low-res logits (n, 1, 4g, 4g) in
-    one pass: ``decode_masks`` of each pair. SAM's ``MaskDecoder.predict_masks`` repeats a single image
-    embedding for all its prompts, so its steps are run here with the i-th embedding for the i-th prompt,
-    computing only the first mask (the one ``multimask_output=False`` keeps)."""
+    one pass: ``decode_masks`` of each pair, for inference (no gradients). SAM's ``MaskDecoder.predict_masks``
+    repeats a single image embedding for all its prompts, so its steps are run here with the i-th embedding
+    for the i-th prompt, computing only the first mask (the one ``multimask_output=False`` keeps), and the
+    decoder's transformer and upscaling are computed as ``mask_decoding`` does."""
     decoder = sam.mask_decoder
     count = prompts.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).unsqueeze(0)
     tokens = torch.cat((output_tokens.expand(count, -1, -1), prompts[:, None, :].to(embeddings.dtype)), dim=1)
     src = embeddings + sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-    positions = sam.prompt_encoder.get_dense_pe().expand(count, -1, -1, -1)
-    batch, channels, height, width = src.shape
-    hidden, src = decoder.transformer(src, positions, tokens)
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).view(batch, channels, height, width))
-    hyper_in = decoder.output_hypernetworks_mlps[0](hidden[:, 1])[:, None]
-    batch, channels, height, width = upscaled.shape
-    return (hyper_in @ upscaled.view(batch, channels, height * width)).view(batch, 1, height, width)
+    hidden, image = two_way_transformer(decoder.transformer, src, sam.prompt_encoder.get_dense_pe(), tokens)
+    return upscaled_mask(decoder, image, src.shape[-2:], decoder.output_hypernetworks_mlps[0](hidden[:, 1]))
 
 
 def upsample_logits(low_res: torch.Tensor, size: int, resized: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from mediround.model.mediround import MediRound
 from mediround.model.processor import TEXT
 from mediround.model.references import reference_from_mask
-from mediround.model.segmenter import upsample_logits
+from mediround.model.segmenter import decode_masks_per_image, upsample_logits
 
 
 @dataclass
@@ -68,7 +68,9 @@ def encode_images(model: MediRound, images: list[np.ndarray]) -> list[ImageConte
 
 def decode_features(model: MediRound, context: ImageContext, features: torch.Tensor) -> torch.Tensor:
     """(n, 256) features on ``context``'s image -> (n, H, W) mask logits at the original image size."""
-    low_res = model.decode_low_res(context.sam_embedding, features.reshape(-1, model.config.heads.seg_dim))
+    prompts = features.reshape(-1, model.config.heads.seg_dim)
+    embeddings = context.sam_embedding.expand(prompts.shape[0], -1, -1, -1)
+    low_res = decode_masks_per_image(model.sam, embeddings, prompts)
     return upsample_logits(low_res, model.config.segmenter.image_size, context.resized_size, context.original_size)
 
 

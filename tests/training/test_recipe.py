@@ -53,6 +53,7 @@ def test_shipped_recipes_parse(synth_data):
         ("train.batch_size=two", "key 'train.batch_size': expected an integer, got 'two'"),
         ("train.skip_nonfinite=3", "key 'train.skip_nonfinite': expected true/false, got 3"),
         ("data.train=/nowhere/train.jsonl", "key 'data.train': file not found: /nowhere/train.jsonl"),
+        ("augment.reference_swap=1.5", "'augment.reference_swap': is a probability, from 0 to 1, got 1.5"),
     ],
 )
 def test_bad_recipe_is_one_line_before_launch(write_recipe, override, expected):

@@ -25,8 +25,10 @@ from mediround_cli.main import cli
 STEPS = 8
 CHECKPOINT_FILES = {"trainer_state.json", "trainable.safetensors", "optimizer.json", "optimizer.safetensors",
                     "scheduler.json", "rng-rank0.json", "rng-rank0.safetensors", "model"}
-# LoRA dropout stays on (0.05): equal weights then also need the RNG states restored.
-SECTIONS = {"train": {"max_steps": STEPS, "batch_size": 2}, "checkpoint": {"every": 2, "keep_last": 2}}
+# LoRA dropout stays on (0.05): equal weights then also need the RNG states restored. Reference swaps are on:
+# the resumed run must swap the same references as the uninterrupted one.
+SECTIONS = {"train": {"max_steps": STEPS, "batch_size": 2}, "checkpoint": {"every": 2, "keep_last": 2},
+            "augment": {"reference_swap": 0.5}}
 
 
 def final_checkpoints(checkpoints: Path) -> dict[int, Path]:
