@@ -106,12 +106,16 @@ def chain_batched(
                 prepared += rounds
                 owners.append((item, len(rounds)))
             results = iter(batch.step(prepared) if prepared else [])
+            finished = []
             for item, count in owners:
                 item.chain.record([next(results) for _ in range(count)])
                 if item.chain.finished:
-                    in_progress.remove(item)
-                    batch.remove(item.chain.sessions)
-                    yield ChainOutcome(item.dialogue, item.chain.results, item.image)
+                    finished.append(item)
+            # One removal for all of them: each removal copies the whole cache.
+            batch.remove([session for item in finished for session in item.chain.sessions])
+            for item in finished:
+                in_progress.remove(item)
+                yield ChainOutcome(item.dialogue, item.chain.results, item.image)
 
 
 def _data_error(error: DataError | ValueError, file: str, dialogue: Dialogue) -> DataError:

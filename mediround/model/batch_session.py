@@ -115,6 +115,8 @@ class BatchSession:
 
     def remove(self, rows: list[BatchRow]) -> None:
         """Drop ``rows``; columns that only they used go too, so finished dialogues cost nothing later."""
+        if not rows:
+            return
         gone = {id(row) for row in rows}
         keep = [index for index, row in enumerate(self.rows) if id(row) not in gone]
         self.rows = [self.rows[index] for index in keep]
