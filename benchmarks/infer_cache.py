@@ -1,7 +1,7 @@
 """KV-cached inference vs ``--no-cache``, round-8 vs round-2 cost, and 1- vs 2-process throughput.
 
 Run: ``python benchmarks/infer_cache.py [--dialogues 4] [--repeats 2] [--threads 1] [--throughput-dialogues 8]
-[--batch-sizes 1,4,16,64] [--sweep-dialogues 64] [--sweep-only]``.
+[--batch-sizes 1,4,16,64] [--sweep-dialogues 64] [--sweep-threads 1,2] [--sweep-only]``.
 Everything uses 8-round dialogues of the synthetic benchmark and a random tiny model (speed does not
 depend on training). Printed, measured side by side in one run:
 
@@ -15,7 +15,9 @@ depend on training). Printed, measured side by side in one run:
   beforehand): dialogues/s of one dialogue at a time (``chain_dialogue``) and of ``chain_batched`` at each
   batch size, the speed-up over one at a time, and the median seconds of one batched round step (every
   dialogue in the batch advances one round) per round index. All dialogues have 8 rounds, so a batch
-  joins and leaves together and step k of a batch is round k of each of its dialogues.
+  joins and leaves together and step k of a batch is round k of each of its dialogues. The sweep runs at each
+  of ``--sweep-threads`` torch thread counts (default 1 and 2, this CPU's cores) and ends with the best
+  batched rate over the fastest one-at-a-time rate of any thread count.
 
 The machine has 2 shared cores: the load average is printed before and after; compare ratios only.
 """
@@ -77,14 +79,16 @@ def timed_rounds(model, dialogue, image) -> dict[int, float]:
     return costs
 
 
-def batched_sweep(model, dialogues, images, batch_sizes: list[int]) -> None:
-    """Dialogues/s one at a time and batched at each size, and the batched step cost per round index."""
+def batched_sweep(model, dialogues, images, batch_sizes: list[int]) -> tuple[float, dict[int, float]]:
+    """Dialogues/s one at a time and batched at each size, and the batched step cost per round index;
+    returns the rates (one at a time, by batch size)."""
     start = time.perf_counter()
     for dialogue, image in zip(dialogues, images):
         chain_dialogue(model, dialogue, image, [Track(None)])
     one_at_a_time = len(dialogues) / (time.perf_counter() - start)
-    print(f"batch sweep over {len(dialogues)} dialogues of {ROUNDS} rounds; one at a time (chain_dialogue): "
-          f"{one_at_a_time:.2f} dialogues/s")
+    rates = {}
+    print(f"batch sweep over {len(dialogues)} dialogues of {ROUNDS} rounds, {torch.get_num_threads()} torch "
+          f"thread(s); one at a time (chain_dialogue): {one_at_a_time:.2f} dialogues/s")
     by_id = {dialogue.id: image for dialogue, image in zip(dialogues, images)}
     step = BatchSession.step
     for batch_size in batch_sizes:
@@ -102,7 +106,7 @@ def batched_sweep(model, dialogues, images, batch_sizes: list[int]) -> None:
             for _ in chain_batched(model, dialogues, lambda d: (by_id[d.id], None), [Track(None)],
                                    batch_size=batch_size):
                 pass
-            rate = len(dialogues) / (time.perf_counter() - start)
+            rate = rates[batch_size] = len(dialogues) / (time.perf_counter() - start)
         finally:
             BatchSession.step = step
         medians = [statistics.median(step_costs[n]) * 1000 for n in range(1, ROUNDS + 1)]
@@ -110,6 +114,22 @@ def batched_sweep(model, dialogues, images, batch_sizes: list[int]) -> None:
               f"step ms per round index: " + " ".join(f"{ms:.0f}" for ms in medians)
               + f"; per dialogue-round {statistics.median(medians) / batch_size:.1f} ms; "
               f"round 8 / round 2 {medians[7] / medians[1]:.2f}x")
+    return one_at_a_time, rates
+
+
+def thread_sweeps(model, dialogues, images, batch_sizes: list[int], thread_counts: list[int]) -> None:
+    """``batched_sweep`` at each torch thread count, then the best batched rate over the fastest way to run
+    one dialogue at a time (on a small model one thread can beat two there: the work is too small to share)."""
+    results = {}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        results[threads] = batched_sweep(model, dialogues, images, batch_sizes)
+    alone_threads = max(results, key=lambda t: results[t][0])
+    batched_threads, best_size = max(((t, size) for t in results for size in results[t][1]),
+                                     key=lambda pair: results[pair[0]][1][pair[1]])
+    alone, best = results[alone_threads][0], results[batched_threads][1][best_size]
+    print(f"best: batch {best_size} with {batched_threads} thread(s), {best:.2f} dialogues/s = {best / alone:.2f}x the "
+          f"fastest one at a time ({alone:.2f} dialogues/s with {alone_threads} thread(s))")
 
 
 def run_cli(data: Path, checkpoint: Path, out: Path, processes: int) -> float:
@@ -130,6 +150,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes to sweep")
     parser.add_argument("--sweep-dialogues", type=int, default=64)
+    parser.add_argument("--sweep-threads", default="1,2", help="comma-separated torch thread counts of the sweep")
     parser.add_argument("--sweep-only", action="store_true", help="only the batch-size sweep")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,8 +163,10 @@ def main() -> None:
         )
         model = build_model(preset("tiny")).eval()
         sweep = dialogues[: args.sweep_dialogues]
-        batched_sweep(model, sweep, [load_image(d.image_path) for d in sweep],
-                      [int(size) for size in args.batch_sizes.split(",")])
+        thread_sweeps(model, sweep, [load_image(d.image_path) for d in sweep],
+                      [int(size) for size in args.batch_sizes.split(",")],
+                      [int(count) for count in args.sweep_threads.split(",")])
+        torch.set_num_threads(args.threads)
         if args.sweep_only:
             print(f"load average after: {os.getloadavg()[0]:.2f}")
             return
