@@ -112,8 +112,8 @@ class BatchLoader:
     def iterate(self, index_batches: Sequence[list[tuple[int, int]]]) -> Iterator[Any]:
         """Batches in the given order (a finite list of lists of ``(epoch, index)`` keys)."""
         if self.num_workers == 0:
-            for indices in index_batches:
-                yield self.collate([self.dataset[i] for i in indices])
+            for keys in index_batches:
+                yield self.collate([self.dataset[key] for key in keys])
             return
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=list(index_batches), collate_fn=self.collate, num_workers=self.num_workers
