@@ -38,14 +38,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _through_tokens(token_projection: nn.Linear, image_weight: torch.Tensor, tokens: torch.Tensor,
+                    heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, T, C) tokens projected per head, (n, T, H, d), and carried through the image side's projection
+    weight (H*d, C): the (n, H*T, C) matrix the image is multiplied with instead of being projected."""
+    count, length, _ = tokens.shape
+    projected = token_projection(tokens).view(count, length, heads, -1)
+    weight = image_weight.view(heads, projected.shape[-1], -1)
+    return projected, torch.einsum("nthd,hdc->nhtc", projected, weight).reshape(count, heads * length, -1)
+
+
 def tokens_to_image(attention: nn.Module, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``attention(q=queries, k=keys, v=values)`` for (n, T, C) queries and (n, P, C) keys/values."""
     heads = attention.num_heads
     width = attention.internal_dim // heads
     count, tokens, _ = queries.shape
-    projected = attention.q_proj(queries).view(count, tokens, heads, width)
-    key_weight = attention.k_proj.weight.view(heads, width, -1)
-    through_keys = torch.einsum("nthd,hdc->nhtc", projected, key_weight).reshape(count, heads * tokens, -1)
+    _, through_keys = _through_tokens(attention.q_proj, attention.k_proj.weight, queries, heads)
     weights = torch.softmax(through_keys @ keys.transpose(1, 2) / math.sqrt(width), dim=-1)
     value_weight = attention.v_proj.weight.view(heads, width, -1)
     mixed = torch.einsum("nhtc,hdc->nthd", (weights @ values).view(count, heads, tokens, -1), value_weight)
@@ -63,9 +71,7 @@ def add_image_to_tokens_(attention: nn.Module, image: torch.Tensor, queries: tor
     heads = attention.num_heads
     width = attention.internal_dim // heads
     count, tokens, _ = keys.shape
-    projected_keys = attention.k_proj(keys).view(count, tokens, heads, width)
-    query_weight = attention.q_proj.weight.view(heads, width, -1)
-    through_keys = torch.einsum("nthd,hdc->nhtc", projected_keys, query_weight).reshape(count, heads * tokens, -1)
+    projected_keys, through_keys = _through_tokens(attention.k_proj, attention.q_proj.weight, keys, heads)
     bias = torch.einsum("nthd,hd->nht", projected_keys, attention.q_proj.bias.view(heads, width))
     scores = (through_keys @ queries.transpose(1, 2)).view(count, heads, tokens, -1) + bias[..., None]
     weights = torch.softmax(scores / math.sqrt(width), dim=2).view(count, heads * tokens, -1)
