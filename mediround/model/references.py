@@ -45,7 +45,8 @@ def reference_from_mask(image: np.ndarray, mask: np.ndarray | None) -> Reference
     rows = np.flatnonzero(keep.any(axis=1))
     cols = np.flatnonzero(keep.any(axis=0))
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    region = np.where(keep[..., None], image, 0)[top:bottom, left:right]
+    # Cut the box first: masking the whole image costs a pass over every pixel of a large slice.
+    region = np.where(keep[top:bottom, left:right, None], image[top:bottom, left:right], 0)
     side = max(region.shape[0], region.shape[1])
     crop = np.zeros((side, side, 3), dtype=np.uint8)
     crop[: region.shape[0], : region.shape[1]] = region
