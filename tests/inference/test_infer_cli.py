@@ -112,13 +112,16 @@ def _subprocess_env() -> dict[str, str]:
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_output(checkpoints, tmp_path):
-    data = write_dialogues(tmp_path / "data", n_dialogues=6, n_rounds=3)
+    # Batches of 2 among 12 dialogues: when the second dialogue is recorded, five more batches are still to
+    # run, so the kill lands mid-run however fast a batch is (one batch of all would finish at once).
+    data = write_dialogues(tmp_path / "data", n_dialogues=12, n_rounds=3)
     reference = tmp_path / "reference"
-    assert _infer(data, "--model", checkpoints["jcm"], "--out", reference, "--cpu").exit_code == 0
+    batching = ("--batch-size", "2")
+    assert _infer(data, "--model", checkpoints["jcm"], "--out", reference, "--cpu", *batching).exit_code == 0
 
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "mediround_cli.main", "infer", str(data), "--model", str(checkpoints["jcm"]),
-               "--out", str(out), "--cpu"]
+               "--out", str(out), "--cpu", *batching]
     process = subprocess.Popen(command, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / ".parts" / "rank-0" / "progress.jsonl"
     deadline = time.monotonic() + 120
@@ -131,7 +134,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_output(checkpoints, tmp_path
     process.wait()
     assert not (out / "predictions.jsonl").exists()
 
-    result = _infer(data, "--model", checkpoints["jcm"], "--out", out, "--cpu", "--resume")
+    result = _infer(data, "--model", checkpoints["jcm"], "--out", out, "--cpu", "--resume", *batching)
     assert result.exit_code == 0, result.output
     assert _folder(out) == _folder(reference)
     assert not (out / ".parts").exists()

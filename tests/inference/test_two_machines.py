@@ -50,7 +50,8 @@ def test_two_machines_merge_what_one_process_writes(checkpoint, tmp_path):
 
 
 def test_a_killed_machine_is_named_and_resume_on_both_finishes_the_run(checkpoint, tmp_path):
-    data = write_dialogues(tmp_path / "data", n_dialogues=8, n_rounds=3)
+    # Six dialogues a machine, one at a time: five are still to run when rank 1 has recorded its first.
+    data = write_dialogues(tmp_path / "data", n_dialogues=12, n_rounds=3)
     reference = _one_process(data, checkpoint, tmp_path / "one")
     out = tmp_path / "two"
     command = ["infer", str(data), "--model", str(checkpoint), "--out", str(out), "--batch-size", "1",
