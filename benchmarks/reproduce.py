@@ -344,10 +344,12 @@ def shape_checks(methods: Mapping[str, Sequence[dict]], beta_overall: Mapping[fl
         trend = spearman(list(gains), list(gains.values())) if len(gains) > 2 else float("nan")
         lines.append(f"- JCM gain grows with the round index: {'yes' if trend > 0 else 'NO'} ({listed}; rank "
                      f"correlation with the round index {trend:.2f}).")
-    best = max(beta_overall, key=lambda beta: beta_overall[beta].ciou)
-    inside = 0.0 < best < 1.0
-    lines.append(f"- The beta curve peaks inside (0, 1): {'yes' if inside else 'NO'} (best overall cIoU at "
-                 f"beta {best:g}: {beta_overall[best].points('ciou'):.1f}).")
+    # A peak is a point inside (0, 1) above both ends as printed: a curve level with beta 0 is flat, not peaked.
+    points = {beta: round(scores.points("ciou"), 1) for beta, scores in beta_overall.items()}
+    best = max((beta for beta in points if 0.0 < beta < 1.0), key=points.get)
+    inside = points[best] > max(points[0.0], points[1.0])
+    lines.append(f"- The beta curve peaks inside (0, 1): {'yes' if inside else 'NO'} (overall cIoU: best inside at "
+                 f"beta {best:g} {points[best]:.1f}; beta 0 {points[0.0]:.1f}; beta 1 {points[1.0]:.1f}).")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from mediround.model.mediround import MediRound
 from mediround.model.processor import TEXT, Piece
-from mediround.model.references import Reference, reference_from_mask
+from mediround.model.references import Reference
 from mediround.model.segmenter import decode_masks_per_image, upsample_logits
 from mediround.model.session import GreedyAnswer, ImageContext, RoundResult, decode_features, seg_feature
 
@@ -137,7 +137,7 @@ class BatchSession:
         """``DialogueSession.step``'s inputs for one row, as token ids and a reference; raises
         ``ValueError`` for an answer without exactly one [SEG] or a reference mask of the wrong size."""
         layout = self.model.processor.layout
-        reference = reference_from_mask(row.context.image, reference_mask) if refers else None
+        reference = self.model.processor.reference(row.context.image, reference_mask) if refers else None
         piece = layout.user(row.rounds, query, refers)
         if answer is None:
             return PreparedRound(row, piece, None, [], reference)

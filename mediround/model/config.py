@@ -112,6 +112,10 @@ class HeadsConfig:
     reference_tokens: str = "crop+box"
     """Tokens a referring round carries: ``crop+box`` (the paper's), or only ``crop`` or only ``box``, an
     ablation that shows what each carries (docs/learning.md); not a deviation in any shipped 7B recipe."""
+    reference_min_fragment: float = 0.0
+    """0: a reference's crop and box cover every pixel of the referenced mask (the paper's). f in (0, 1):
+    the mask's 8-connected parts holding less than f of its foreground are left out first, so that stray
+    pixels of a predicted mask do not stretch the box (docs/model.md). Not a deviation in any 7B recipe."""
 
 
 @typed_config
@@ -211,6 +215,11 @@ class MediRoundConfig:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise RecipeError(f"model config: field '{name}': {value!r} is not one of {list(allowed)}")
+        if not 0 <= self.heads.reference_min_fragment < 1:
+            raise RecipeError(
+                "model config: field 'heads.reference_min_fragment': must be at least 0 and below 1, got "
+                f"{self.heads.reference_min_fragment}"
+            )
         grid = round((self.mllm.crop_tokens - 1) ** 0.5)
         if self.mllm.crop_tokens < 1 or grid * grid != self.mllm.crop_tokens - 1:
             raise RecipeError(

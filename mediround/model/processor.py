@@ -221,6 +221,7 @@ class DialogueProcessor:
         self.clip_size = vision.image_size
         self.crop_size = config.mllm.crop_size or vision.image_size
         self.entity_index = {name: index for index, name in enumerate(config.heads.entity_names)}
+        self.reference_min_fragment = config.heads.reference_min_fragment
         self.layout = ChatLayout(
             tokenizer,
             image_tokens=(vision.image_size // vision.patch_size) ** 2,
@@ -236,6 +237,11 @@ class DialogueProcessor:
     def clip_pixels(self, image: np.ndarray) -> torch.Tensor:
         """CLIP's (1, 3, s, s) input of an (H, W, 3) uint8 image (the image tokens)."""
         return clip_normalise(_to_tensor(image), self.clip_size)
+
+    def reference(self, image: np.ndarray, mask: np.ndarray | None) -> Reference:
+        """The crop and box a referring round gets from ``mask`` (references.py), with this model's
+        stray-fragment rule; the same for ground-truth masks in training and predicted ones in a chain."""
+        return reference_from_mask(image, mask, self.reference_min_fragment)
 
     def reference_inputs(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
         """The crops' CLIP pixels (n, 3, s, s) and the boxes (n, 4) of ``references``, in order."""
@@ -257,7 +263,7 @@ class DialogueProcessor:
             seg_positions.append(positions)
             for index, round_ in enumerate(dialogue.rounds):
                 if round_.ref is not None:
-                    references.append(reference_from_mask(sample.image, sample.reference_mask(index)))
+                    references.append(self.reference(sample.image, sample.reference_mask(index)))
             pixels, resized_size = self.sam_pixels(sample.image)
             sam_pixels.append(pixels)
             clip_pixels.append(self.clip_pixels(sample.image))

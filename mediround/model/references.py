@@ -3,6 +3,12 @@
 This module owns the "predicted mask too small" rule: a reference mask with at most
 ``MIN_REFERENCE_PIXELS`` foreground pixels is replaced by the whole image (full box), as in the authors'
 evaluation. Training applies the same rule to (rare) empty ground-truth masks.
+
+It also owns the optional stray-fragment rule (``heads.reference_min_fragment``, off in the paper's
+configuration): the connected parts of a reference mask that hold less than that share of its foreground
+are left out of the crop and the box. A predicted mask often carries a few stray pixels far from the
+structure; its bounding box then spans both and the box token points at another place
+(docs/model.md).
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 
 MIN_REFERENCE_PIXELS = 9
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 FOURIER_SCALE = 3.0
 """Standard deviation of the random frequencies (per unit of the [-1, 1] box coordinates)."""
 
@@ -27,21 +35,37 @@ class Reference:
     whole_image: bool
 
 
-def reference_from_mask(image: np.ndarray, mask: np.ndarray | None) -> Reference:
+def without_small_fragments(mask: np.ndarray, min_fragment: float) -> np.ndarray:
+    """``mask`` (bool) without its 8-connected parts that hold less than ``min_fragment`` of its
+    foreground; the largest part always stays."""
+    labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    kept = sizes >= min_fragment * sizes.sum()
+    kept[int(np.argmax(sizes))] = True
+    kept[0] = False
+    return kept[labels]
+
+
+def reference_from_mask(image: np.ndarray, mask: np.ndarray | None, min_fragment: float = 0.0) -> Reference:
     """Mask the image with ``mask``, crop to its bounding box and zero-pad to a square (bottom/right).
 
-    The box uses exclusive right/bottom edges, so the whole image is ``[0, 0, 1, 1]``. A missing mask or
-    one with <= 9 pixels means the whole image.
+    The box uses exclusive right/bottom edges, so the whole image is ``[0, 0, 1, 1]``. With
+    ``min_fragment > 0`` the mask's parts below that share of its foreground are dropped first. A missing
+    mask or one with <= 9 pixels (after dropping) means the whole image.
     """
     height, width = image.shape[:2]
-    if mask is None or int(np.count_nonzero(mask)) <= MIN_REFERENCE_PIXELS:
-        keep = np.ones((height, width), dtype=bool)
-        whole = True
-    else:
-        keep = np.asarray(mask, dtype=bool)
+    keep = None if mask is None else np.asarray(mask, dtype=bool)
+    if keep is not None:
         if keep.shape != (height, width):
             raise ValueError(f"reference mask shape {keep.shape} differs from image shape {(height, width)}")
-        whole = False
+        if min_fragment > 0:
+            keep = without_small_fragments(keep, min_fragment)
+    whole = keep is None or int(np.count_nonzero(keep)) <= MIN_REFERENCE_PIXELS
+    if whole:
+        keep = np.ones((height, width), dtype=bool)
     rows = np.flatnonzero(keep.any(axis=1))
     cols = np.flatnonzero(keep.any(axis=0))
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1

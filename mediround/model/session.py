@@ -20,7 +20,6 @@ from transformers import DynamicCache
 
 from mediround.model.mediround import MediRound
 from mediround.model.processor import TEXT
-from mediround.model.references import reference_from_mask
 from mediround.model.segmenter import decode_masks_per_image, upsample_logits
 
 
@@ -183,7 +182,7 @@ class DialogueSession:
         layout = self.model.processor.layout
         crop_pixels = boxes = None
         if refers:
-            reference = reference_from_mask(self.context.image, reference_mask)
+            reference = self.model.processor.reference(self.context.image, reference_mask)
             crop_pixels, boxes = self.model.processor.reference_inputs([reference])
         user = layout.user(self.rounds, query, refers)
         if answer is not None:

@@ -7,12 +7,12 @@ import pytest
 import torch
 from inference_fixtures import SIZE, rect, set_judge_score, write_dialogues
 
-import mediround.model.session as session_module
 from mediround.data.formats import load_dialogues
 from mediround.data.images import load_image, load_mask
 from mediround.errors import DataError
 from mediround.inference.chain import Track, chain_dialogue, check_dialogue
 from mediround.model import DialogueSession
+from mediround.model.processor import DialogueProcessor
 
 
 @pytest.fixture
@@ -25,14 +25,14 @@ def dialogue(tmp_path):
 def _spy_references(monkeypatch) -> list:
     """Record every (reference mask, crop, box) the model builds in ``step``."""
     seen = []
-    original = session_module.reference_from_mask
+    original = DialogueProcessor.reference
 
-    def spy(image, mask):
-        reference = original(image, mask)
+    def spy(processor, image, mask):
+        reference = original(processor, image, mask)
         seen.append((None if mask is None else np.array(mask), reference.crop.copy(), reference.box.copy()))
         return reference
 
-    monkeypatch.setattr(session_module, "reference_from_mask", spy)
+    monkeypatch.setattr(DialogueProcessor, "reference", spy)
     return seen
 
 

@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 from inference_fixtures import set_judge_score, write_dialogues
 
-import mediround.model.session as session_module
 from mediround.data.formats import load_dialogues
 from mediround.data.images import load_image, load_mask
 from mediround.inference.chain import Track, chain_dialogue
 from mediround.inference.chat import ChatSession, Question, QuestionError, parse_question
 from mediround.model.checkpoint import save_checkpoint
 from mediround.model.mediround import MediRound
+from mediround.model.processor import DialogueProcessor
 from mediround_cli.main import cli
 
 QUESTIONS = ["Segment the liver.", "@1 Segment the organ beside it.", "Segment the left kidney."]
@@ -150,9 +150,9 @@ def referred_model(jcm_model, monkeypatch):
 def test_referred_rounds_are_judged_when_a_question_refers_to_them_as_infer_judges_them(
         referred_model, image, tmp_path, monkeypatch):
     fed: list[np.ndarray] = []
-    reference_from_mask = session_module.reference_from_mask
-    monkeypatch.setattr(session_module, "reference_from_mask", lambda pixels, mask: (
-        fed.append(np.array(mask)), reference_from_mask(pixels, mask))[1])
+    reference = DialogueProcessor.reference
+    monkeypatch.setattr(DialogueProcessor, "reference", lambda processor, pixels, mask: (
+        fed.append(np.array(mask)), reference(processor, pixels, mask))[1])
     out = tmp_path / "chat"
     chat = ChatSession(referred_model, image, beta=0.6, out=out)
     first = chat.ask("Segment the liver.")

@@ -134,6 +134,45 @@ def test_reference_tokens_ablation_keeps_only_the_named_token(kept):
     assert (other_feature - true_feature).abs().max() > 1e-4
 
 
+def test_reference_min_fragment_reaches_training_and_chained_references():
+    """``heads.reference_min_fragment`` is applied wherever a reference is built: the training batch and the
+    round-by-round session see the clean reference of a mask with a stray pixel; the paper's default does not."""
+    torch.set_num_threads(2)
+    item = sample(3, seed=5)
+    index = next(i for i, r in enumerate(item.dialogue.rounds) if r.ref is not None)
+    round_ = item.dialogue.rounds[index]
+    clean = item.masks[round_.ref - 1]
+    stray = np.array(clean, dtype=bool)
+    corner = (0, 0) if not stray[:4, :4].any() else (-1, -1)
+    assert not stray[:4, :4].any() or not stray[-4:, -4:].any()  # an isolated pixel in an empty corner
+    stray[corner] = True
+
+    def features(model):
+        session = DialogueSession.for_image(model, item.image)
+        for before in item.dialogue.rounds[:index]:
+            session.step(before.query, before.answer, None if before.ref is None else item.masks[before.ref - 1])
+        return [session.fork().step(round_.query, round_.answer, mask).seg_feature for mask in (clean, stray)]
+
+    cleaning, paper = _model(reference_min_fragment=0.1), _model()
+    with_clean, with_stray = features(cleaning)
+    assert torch.equal(with_clean, with_stray)
+    paper_clean, paper_stray = features(paper)
+    assert (paper_clean - paper_stray).abs().max() > 1e-4
+    boxes = cleaning.processor.collate([item]).boxes
+    swapped = sample(3, seed=5)
+    swapped.reference_masks[index] = stray
+    np.testing.assert_array_equal(cleaning.processor.collate([swapped]).boxes, boxes)
+    assert not torch.equal(paper.processor.collate([swapped]).boxes, boxes)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_reference_min_fragment_outside_0_1_is_refused(value):
+    config = preset("tiny")
+    config.heads.reference_min_fragment = value
+    with pytest.raises(RecipeError, match="heads.reference_min_fragment"):
+        config.validate()
+
+
 def test_reference_tokens_refuses_an_unknown_value():
     config = preset("tiny")
     config.heads.reference_tokens = "mask"

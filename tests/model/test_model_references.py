@@ -47,3 +47,38 @@ def test_fourier_box_encoder_is_the_linear_map_of_box_sines_and_cosines():
     assert "frequencies" in encoder.state_dict()
     assert torch.equal(BoxEncoder(6, 3, seed=4).frequencies, encoder.frequencies)
     assert "frequencies" not in BoxEncoder(hidden=6).state_dict()
+
+
+def test_stray_fragments_leave_the_box_only_when_asked():
+    """A predicted mask with two stray pixels far from its structure: by default (the paper's rule) the box
+    spans them; with ``min_fragment`` the crop and box are the structure's alone."""
+    image = np.full((40, 40, 3), 90, dtype=np.uint8)
+    structure = np.zeros((40, 40), dtype=bool)
+    structure[5:15, 6:16] = True
+    stray = structure.copy()
+    stray[35, 38] = stray[36, 38] = True
+    spanning = reference_from_mask(image, stray)
+    np.testing.assert_allclose(spanning.box, [6 / 40, 5 / 40, 39 / 40, 37 / 40])
+    cleaned = reference_from_mask(image, stray, min_fragment=0.1)
+    alone = reference_from_mask(image, structure)
+    np.testing.assert_array_equal(cleaned.box, alone.box)
+    np.testing.assert_array_equal(cleaned.crop, alone.crop)
+
+
+def test_min_fragment_keeps_large_parts_and_the_largest_one():
+    image = np.full((40, 40, 3), 90, dtype=np.uint8)
+    two = np.zeros((40, 40), dtype=bool)
+    two[2:8, 2:8] = True  # 36 pixels
+    two[30:35, 30:35] = True  # 25 pixels: 41% of the foreground, kept at 0.1
+    np.testing.assert_allclose(reference_from_mask(image, two, min_fragment=0.1).box, [2 / 40, 2 / 40, 35 / 40, 35 / 40])
+    # Every part below the share: the largest stays; the other is dropped.
+    np.testing.assert_allclose(reference_from_mask(image, two, min_fragment=0.9).box, [2 / 40, 2 / 40, 8 / 40, 8 / 40])
+    # Diagonal neighbours are one part (8-connected).
+    diagonal = np.zeros((40, 40), dtype=bool)
+    diagonal[range(10, 22), range(10, 22)] = True
+    np.testing.assert_allclose(reference_from_mask(image, diagonal, min_fragment=0.5).box, [10 / 40, 10 / 40, 22 / 40, 22 / 40])
+    # What is left after dropping is held to the same <= 9 pixel rule.
+    scattered = np.zeros((40, 40), dtype=bool)
+    scattered[::8, ::8] = True  # 25 single pixels
+    assert not reference_from_mask(image, scattered).whole_image
+    assert reference_from_mask(image, scattered, min_fragment=0.1).whole_image
