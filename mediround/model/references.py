@@ -38,7 +38,12 @@ class Reference:
 def without_small_fragments(mask: np.ndarray, min_fragment: float) -> np.ndarray:
     """``mask`` (bool) without its 8-connected parts that hold less than ``min_fragment`` of its
     foreground; the largest part always stays."""
-    labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return mask
+    # Label inside the mask's box only: a one-part mask of a large slice then costs little.
+    window = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    labels, count = ndimage.label(mask[window], structure=EIGHT_CONNECTED)
     if count <= 1:
         return mask
     sizes = np.bincount(labels.ravel())
@@ -46,7 +51,9 @@ def without_small_fragments(mask: np.ndarray, min_fragment: float) -> np.ndarray
     kept = sizes >= min_fragment * sizes.sum()
     kept[int(np.argmax(sizes))] = True
     kept[0] = False
-    return kept[labels]
+    cleaned = np.zeros_like(mask)
+    cleaned[window] = kept[labels]
+    return cleaned
 
 
 def reference_from_mask(image: np.ndarray, mask: np.ndarray | None, min_fragment: float = 0.0) -> Reference:
