@@ -72,6 +72,19 @@ def test_masks_are_non_empty_and_image_sized(sample):
             assert mask.sum() >= 0.004 * mask.size
 
 
+def test_every_mask_is_one_part_so_the_stray_fragment_rule_changes_no_training_reference(sample):
+    """The tiny recipes leave parts under 10% of a reference mask out of its crop and box
+    (``heads.reference_min_fragment``); on the synthetic benchmark that must not touch a ground-truth mask,
+    so training with the rule is training without it (docs/model.md)."""
+    from mediround.model.references import without_small_fragments
+
+    masks = [np.asarray(mask, dtype=bool) for item in sample for mask in item.masks]
+    assert len(masks) > 200
+    for mask in masks:
+        np.testing.assert_array_equal(without_small_fragments(mask, 0.1), mask)
+        np.testing.assert_array_equal(without_small_fragments(mask, 0.9), mask)
+
+
 def test_refs_point_to_earlier_rounds_with_different_targets(sample):
     for item in sample:
         rounds = item.dialogue.rounds
