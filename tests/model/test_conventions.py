@@ -88,14 +88,17 @@ def test_7b_preset_turns_the_authors_conventions_on_and_tiny_keeps_todays():
     assert big.mllm.system_prompt == ""
     tiny = preset("tiny")
     assert (tiny.heads.seg_state, tiny.heads.jcm_refine, tiny.heads.jcm_rounds) == ("at_seg", "residual", "all")
+    # The paper's reference rule in both presets: only the tiny recipes turn the stray-fragment rule on.
+    assert big.heads.reference_min_fragment == tiny.heads.reference_min_fragment == 0.0
 
 
 def test_a_config_without_the_keys_loads_with_todays_behaviour():
     data = preset("tiny").to_dict()
-    for key in ("seg_state", "jcm_refine", "jcm_rounds"):
+    for key in ("seg_state", "jcm_refine", "jcm_rounds", "reference_min_fragment"):
         del data["heads"][key]
     config = MediRoundConfig.from_dict(data)
     assert (config.heads.seg_state, config.heads.jcm_refine, config.heads.jcm_rounds) == ("at_seg", "residual", "all")
+    assert config.heads.reference_min_fragment == 0.0
 
 
 def test_an_unknown_convention_is_one_line_naming_the_field():

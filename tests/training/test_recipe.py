@@ -37,11 +37,14 @@ def test_shipped_recipes_parse(synth_data):
     tiny = load_recipe(SHIPPED_RECIPES / "tiny-cpu.yaml",
                        [f"data.train={synth_data / 'train.jsonl'}", f"data.val={synth_data / 'val.jsonl'}"])
     assert tiny.model_preset == "tiny"
+    assert tiny.model.heads.reference_min_fragment == 0.1
     for name in ("mediround-7b-4gpu.yaml", "mediround-7b-24gb.yaml"):
         text = (SHIPPED_RECIPES / name).read_text(encoding="utf-8")
         with pytest.raises(RecipeError, match="data.train': file not found"):
             load_recipe(SHIPPED_RECIPES / name)
         assert "preset: llava-med-7b" in text
+        # The paper's reference rule (the preset's 0): the stray-fragment rule is a tiny-recipe deviation.
+        assert "reference_min_fragment" not in text
     assert json.loads((SHIPPED_RECIPES / "zero2.json").read_text())["zero_optimization"]["stage"] == 2
 
 
