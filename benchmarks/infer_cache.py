@@ -38,11 +38,10 @@ import torch
 from mediround.data.formats import load_dialogues, write_jsonl
 from mediround.data.images import load_image
 from mediround.data.synth import generate
-from mediround.inference.batching import chain_batched
-from mediround.inference.chain import Track, chain_dialogue
+from mediround.inference.chain import Track, chain_batched, chain_dialogue
 from mediround.model import DialogueSession, build_model, preset
-from mediround.model.batch_session import BatchSession
 from mediround.model.checkpoint import save_checkpoint
+from mediround.model.session import BatchSession
 
 ROUNDS = 8
 

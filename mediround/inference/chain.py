@@ -4,26 +4,29 @@ For every round ``t`` the model reads the query (and, unless it generates, the d
 together with the crop and box of the mask of the round ``t`` refers to. That mask is the model's own
 prediction for that round (``Track.teacher_forcing`` uses the ground truth instead); the crop/box rule,
 including "a predicted mask of <= 9 pixels means the whole image", lives in ``mediround.model.references``
-and is applied inside ``DialogueSession.step``. The [SEG] feature ``h_c`` then goes through JCM: with score
-``q = judge(h_c)``, the round's mask is ``decode(h_c)`` when ``q > beta`` and ``decode(refine(h_c))``
-otherwise. ``beta=None`` turns JCM off (always ``decode(h_c)``). With ``jcm_rounds="referred"`` (the
+and is applied when a session prepares the round. The [SEG] feature ``h_c`` then goes through JCM
+(``mediround.model.jcm.apply_jcm``): with score ``q = judge(h_c)``, the round's mask is ``decode(h_c)``
+when ``q > beta`` and ``decode(refine(h_c))`` otherwise. ``beta=None`` turns JCM off (always ``decode(h_c)``). With ``jcm_rounds="referred"`` (the
 authors' evaluation) only rounds whose mask a later round refers to are judged; the others, the final
 round included, decode ``h_c`` raw.
 
 Several tracks (JCM thresholds, predicted or ground-truth references) run in one pass over a dialogue.
 What they share: the decoded image and both image encoders (``encode_image`` runs once per dialogue), and
-one ``DialogueSession`` (the text model's state) for as long as the tracks have fed it identical
-reference masks. Tracks split when their references differ (one track refined the referred round's [SEG]
-and another did not, or one uses ground truth); the split forks the session (a copy of its KV cache), so
-every track computes exactly what a run with that track alone computes. Within a shared session,
-``h_c`` with its raw decode, ``q`` and (when a track refines) the refined decode are computed once per
-round.
+one session row (the text model's state) for as long as the tracks have fed it identical reference
+masks. Tracks split when their references differ (one track refined the referred round's [SEG] and
+another did not, or one uses ground truth); the split forks the row (a copy of its KV cache), so every
+track computes what a run with that track alone computes. Within a shared row, ``h_c`` with its raw
+decode, ``q`` and (when a track refines) the refined decode are computed once per round.
+
+``chain_batched`` runs many dialogues this way, their rounds sharing each forward (``BatchSession``);
+``chain_dialogue`` is ``chain_batched`` of one dialogue, or, without the cache, the authors' re-forward of
+the whole history every round (``_ReplaySession``, over the same session code).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +35,16 @@ import torch
 
 from mediround.data.dialogue import Dialogue
 from mediround.errors import DataError
-from mediround.model import MASK_THRESHOLD, DialogueSession, ImageContext, MediRound, RoundResult
+from mediround.model import DialogueSession, ImageContext, MediRound, RoundResult
+from mediround.model.frame import mask_from_logits
+from mediround.model.jcm import apply_jcm
 from mediround.model.processor import answer_with_seg
+from mediround.model.session import BatchSession, encode_images
 from mediround.reports.rows import REFERENCES
+
+Prepare = Callable[[Dialogue], tuple[np.ndarray, Mapping[int, np.ndarray] | None]]
+"""A dialogue -> its decoded image and the ground-truth masks of its referred rounds (None without
+teacher forcing); raises ``DataError`` for a dialogue that cannot be predicted."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,8 @@ def check_dialogue(dialogue: Dialogue, file: str, generate: bool = False) -> Non
 
 class _ReplaySession:
     """The authors' path (``--no-cache``): every round re-runs the image encoders and the whole history in
-    a fresh ``DialogueSession``; the latest one decodes the round's refined feature."""
+    a fresh ``DialogueSession`` (the same round code as the cached path); the latest one decodes the
+    round's refined feature."""
 
     def __init__(self, model: MediRound, image: np.ndarray):
         self.model = model
@@ -112,7 +123,7 @@ class _ReplaySession:
         for past_query, past_answer, past_reference, past_refers in self.history:
             session.step(past_query, past_answer, past_reference, refers=past_refers)
         result = session.step(query, answer, reference, refers=refers)
-        self.history.append((query, _answer_text(self.model, result), reference, refers))
+        self.history.append((query, result.answer, reference, refers))
         self.latest = session
         return result
 
@@ -144,17 +155,6 @@ def _reference_key(track: Track, ref: int, results: Mapping[Track, list[RoundPre
     return ("predicted", results[track][ref - 1].refined)
 
 
-def _answer_text(model: MediRound, result: RoundResult) -> str:
-    """The round's answer as text, without the end-of-turn token the model appends."""
-    eos = getattr(model.tokenizer, "eos_token", None)
-    text = result.answer.strip()
-    return text[: -len(eos)].rstrip() if eos and text.endswith(eos) else text
-
-
-def _mask_from_logits(logits: torch.Tensor) -> np.ndarray:
-    return (logits.detach().float().cpu().reshape(logits.shape[-2:]) > MASK_THRESHOLD).numpy()
-
-
 @dataclass
 class SessionStep:
     """One session step a round needs: the arguments of ``session.step`` for one group of tracks."""
@@ -168,8 +168,7 @@ class SessionStep:
 
 class DialogueChain:
     """Algorithm 1 over one dialogue as a state machine, so that a caller can run the session steps of a
-    round itself (one by one in ``chain_dialogue``, batched with other dialogues in
-    ``mediround.inference.batching``).
+    round itself (batched with other dialogues in ``chain_batched``, one by one in the no-cache replay).
 
     ``next_steps()`` splits the track groups for the next round and gives one ``SessionStep`` per group;
     ``record(results)`` takes those steps' ``RoundResult``s in the same order and finishes the round (JCM
@@ -237,20 +236,30 @@ def chain_dialogue(
 
     ``generate`` lets the model write its answers (greedy) and keeps them in the history; otherwise the
     dialogue's own answers are fed, and a round without one (``answer`` None) is generated.
-    ``use_cache=False`` re-runs the whole model for every round.
+    ``use_cache=False`` re-runs the whole model for every round (the authors' path).
     ``reference_truth`` maps referred round numbers to ground-truth masks; teacher-forcing tracks need it.
     ``context`` is ``image`` already encoded (``encode_image``); the cached path then encodes nothing.
     ``jcm_rounds`` (``all`` or ``referred``) defaults to the model's ``heads.jcm_rounds``.
+    With the cache this is ``chain_batched`` of one dialogue; a failing input raises its ``DataError``.
     """
+    if not use_cache:
+        return _replay(model, dialogue, image, tracks, generate=generate, reference_truth=reference_truth,
+                       jcm_rounds=jcm_rounds)
+    encode = None if context is None else (lambda images: [context])
+    (outcome,) = chain_batched(model, [dialogue], lambda _: (image, reference_truth), tracks, batch_size=1,
+                               generate=generate, jcm_rounds=jcm_rounds, encode=encode)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.results
+
+
+def _replay(model: MediRound, dialogue: Dialogue, image: np.ndarray, tracks: Sequence[Track], *,
+            generate: bool, reference_truth: Mapping[int, np.ndarray] | None,
+            jcm_rounds: str | None) -> dict[Track, list[RoundPrediction]]:
+    """``chain_dialogue`` without the cache: the same chain, each session step a full re-forward."""
     with torch.no_grad():
-        if not use_cache:
-            root = _ReplaySession(model, image)
-        elif context is None:
-            root = DialogueSession.for_image(model, image)
-        else:
-            root = DialogueSession(model, context)
-        chain = DialogueChain(model, dialogue, tracks, root, generate=generate, reference_truth=reference_truth,
-                              jcm_rounds=jcm_rounds)
+        chain = DialogueChain(model, dialogue, tracks, _ReplaySession(model, image), generate=generate,
+                              reference_truth=reference_truth, jcm_rounds=jcm_rounds)
         while not chain.finished:
             chain.record([step.session.step(step.query, step.answer, step.reference, step.refers)
                           for step in chain.next_steps()])
@@ -295,27 +304,131 @@ def _record_round(
     results: dict[Track, list[RoundPrediction]],
     judged: bool,
 ) -> None:
-    """Finish one round for one group from its session step (which decoded the raw feature): one JCM
-    score when the round is ``judged``, the refined feature decoded once when a track needs it."""
+    """Finish one round for one group from its session step (which decoded the raw feature): JCM applied
+    once for the group's thresholds when the round is ``judged``, each distinct mask thresholded once."""
     feature = result.seg_feature
-    uses_jcm = judged and any(track.beta is not None for track in group.tracks)
-    score = float(model.jcm.judge(feature).reshape(-1)[0]) if uses_jcm else None
-    answer_text = _answer_text(model, result)
-    decoded: dict[bool, np.ndarray] = {}
+    betas = [track.beta for track in group.tracks if track.beta is not None] if judged else []
+    decision = apply_jcm(model.jcm, feature, betas, group.session.decode) if betas else None
+    logits = {False: result.mask_logits, True: None if decision is None else decision.refined_logits}
+    masks: dict[bool, np.ndarray] = {}
     for track in group.tracks:
-        refined = uses_jcm and track.beta is not None and not score > track.beta
-        if refined not in decoded:
-            logits = group.session.decode(model.jcm.refine(feature)) if refined else result.mask_logits
-            decoded[refined] = _mask_from_logits(logits)
+        refined = decision is not None and track.beta is not None and decision.refines(track.beta)
+        if refined not in masks:
+            masks[refined] = mask_from_logits(logits[refined][0])
         results[track].append(
             RoundPrediction(
                 round=number,
-                mask=decoded[refined],
-                answer=answer_text,
+                mask=masks[refined],
+                answer=result.answer,
                 ref_round=ref,
-                jcm_score=score if uses_jcm and track.beta is not None else None,
+                jcm_score=decision.score if decision is not None and track.beta is not None else None,
                 refined=refined,
                 seg_found=not result.seg_fed,
                 seg_feature=feature,
             )
         )
+
+
+@dataclass
+class ChainOutcome:
+    """A finished dialogue: its rounds per track and its image, or the error that stopped it."""
+
+    dialogue: Dialogue
+    results: dict[Track, list[RoundPrediction]] | None
+    image: np.ndarray | None
+    error: DataError | None = None
+
+
+@dataclass
+class _InProgress:
+    dialogue: Dialogue
+    image: np.ndarray
+    chain: DialogueChain
+
+
+def chain_batched(
+    model: MediRound,
+    dialogues: Iterable[Dialogue],
+    prepare: Prepare,
+    tracks: Sequence[Track],
+    *,
+    batch_size: int,
+    generate: bool = False,
+    jcm_rounds: str | None = None,
+    file: str = "",
+    encode: Callable[[list[np.ndarray]], list[ImageContext]] | None = None,
+) -> Iterator[ChainOutcome]:
+    """``chain_dialogue`` of every dialogue, ``batch_size`` at a time sharing each forward (continuous
+    batching); yields each dialogue's outcome as it finishes.
+
+    Each round step gathers the session steps of every dialogue in progress (``DialogueChain.next_steps``:
+    one per group of tracks) and runs them as one ``BatchSession.step``; each dialogue then finishes its
+    round itself (``DialogueChain.record``: its own JCM scores and refined decodes), and its next
+    referring round uses its own predicted masks. A dialogue that has run all its rounds leaves the batch
+    at once (its cache rows are dropped) and the next one joins; the images joining in one step go through
+    both image encoders together (``encode``, default ``encode_images``). A dialogue whose inputs fail
+    (``prepare`` raising ``DataError``, or a round that cannot be turned into tokens) leaves with its error
+    and the others go on. ``file`` names the data file in errors found mid-dialogue; ``jcm_rounds`` is as
+    in ``chain_dialogue``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    encode = encode or (lambda images: encode_images(model, images))
+    batch = BatchSession(model)
+    waiting = iter(dialogues)
+    in_progress: list[_InProgress] = []
+    exhausted = False
+    with torch.no_grad():
+        while True:
+            joining: list[tuple[Dialogue, np.ndarray, Mapping[int, np.ndarray] | None]] = []
+            while not exhausted and len(in_progress) + len(joining) < batch_size:
+                dialogue = next(waiting, None)
+                if dialogue is None:
+                    exhausted = True
+                    break
+                try:
+                    image, truth = prepare(dialogue)
+                except DataError as error:
+                    yield ChainOutcome(dialogue, None, None, error)
+                    continue
+                joining.append((dialogue, image, truth))
+            if joining:
+                rows = batch.add(encode([image for _, image, _ in joining]))
+                in_progress += [
+                    _InProgress(dialogue, image, DialogueChain(model, dialogue, tracks, row, generate=generate,
+                                                               reference_truth=truth, jcm_rounds=jcm_rounds))
+                    for (dialogue, image, truth), row in zip(joining, rows)
+                ]
+            if not in_progress:
+                return
+
+            prepared, owners = [], []
+            for item in list(in_progress):
+                try:
+                    rounds = [batch.prepare(step.session, step.query, step.answer, step.reference, step.refers)
+                              for step in item.chain.next_steps()]
+                except (DataError, ValueError) as error:
+                    in_progress.remove(item)
+                    batch.remove(item.chain.sessions)
+                    yield ChainOutcome(item.dialogue, None, item.image, _data_error(error, file, item.dialogue))
+                    continue
+                prepared += rounds
+                owners.append((item, len(rounds)))
+            results = iter(batch.step(prepared) if prepared else [])
+            finished = []
+            for item, count in owners:
+                item.chain.record([next(results) for _ in range(count)])
+                if item.chain.finished:
+                    finished.append(item)
+            # One removal for all of them: each removal copies the whole cache.
+            batch.remove([session for item in finished for session in item.chain.sessions])
+            for item in finished:
+                in_progress.remove(item)
+                yield ChainOutcome(item.dialogue, item.chain.results, item.image)
+
+
+def _data_error(error: DataError | ValueError, file: str, dialogue: Dialogue) -> DataError:
+    if isinstance(error, DataError):
+        return error
+    item = dialogue.item if dialogue.item is not None else dialogue.id
+    return DataError(file, item, None, str(error))

@@ -33,7 +33,9 @@ from mediround.data.dialogue import Dialogue, Round
 from mediround.data.formats import write_jsonl
 from mediround.data.images import load_image, save_mask
 from mediround.errors import MediRoundError
-from mediround.model import MASK_THRESHOLD, DialogueSession, MediRound, encode_image
+from mediround.model import DialogueSession, MediRound, encode_image
+from mediround.model.frame import mask_from_logits
+from mediround.model.jcm import apply_jcm
 from mediround.reports.overlays import write_overlay
 
 REFERENCE = re.compile(r"@(\d+)")
@@ -139,9 +141,8 @@ class ChatSession:
         reference = None if ref is None else self.rounds[ref - 1].mask
         with torch.no_grad():
             result = self.session.step(query, None, reference, refers=ref is not None)
-        mask = (result.mask_logits[0] > MASK_THRESHOLD).cpu().numpy()
-        answer = self.model.tokenizer.decode(result.answer_ids[:-1], skip_special_tokens=False).strip()
-        round_ = ChatRound(number, query, ref, answer, mask, seg_found=not result.seg_fed, seconds=0.0,
+        mask = mask_from_logits(result.mask_logits[0])
+        round_ = ChatRound(number, query, ref, result.answer, mask, seg_found=not result.seg_fed, seconds=0.0,
                            raw_mask=mask, seg_feature=result.seg_feature)
         if self.jcm_rounds == "all":
             self._judge(round_, number)
@@ -200,12 +201,10 @@ class ChatSession:
         its mask decoded from refine(h_c) when ``q <= beta``. Returns whether its mask changed."""
         if self.beta is None or round_.judged_at is not None:
             return False
-        with torch.no_grad():
-            round_.jcm_score = float(self.model.jcm.judge(round_.seg_feature).reshape(-1)[0])
-            round_.refined = not round_.jcm_score > self.beta
-            if round_.refined:
-                logits = self.session.decode(self.model.jcm.refine(round_.seg_feature))
-                round_.mask = (logits[0] > MASK_THRESHOLD).cpu().numpy()
+        decision = apply_jcm(self.model.jcm, round_.seg_feature, [self.beta], self.session.decode)
+        round_.jcm_score, round_.refined = decision.score, decision.refines(self.beta)
+        if round_.refined:
+            round_.mask = mask_from_logits(decision.refined_logits[0])
         round_.judged_at = at
         return round_.refined
 

@@ -66,8 +66,14 @@ from mediround.data.run_manifest import (
 from mediround.error_log import ERRORS_FILE, read_error_log, write_error_log
 from mediround.errors import CheckpointError, DataError, LaunchError, RecipeError
 from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
-from mediround.inference.batching import ChainOutcome, chain_batched
-from mediround.inference.chain import RoundPrediction, Track, chain_dialogue, check_dialogue
+from mediround.inference.chain import (
+    ChainOutcome,
+    RoundPrediction,
+    Track,
+    chain_batched,
+    chain_dialogue,
+    check_dialogue,
+)
 from mediround.inference.events import InferenceEvents
 from mediround.launch import LaunchPlan, join_process_group, plan_launch, relaunch
 from mediround.model.checkpoint import load_checkpoint
@@ -112,7 +118,7 @@ Beta = Annotated[float, Field(ge=0.0, le=1.0)]
 class InferenceConfig:
     """Everything one ``mediround infer`` run needs; JSON round trip so re-launched workers read the same.
 
-    ``batch_size`` dialogues advance together round by round (``mediround.inference.batching``; the
+    ``batch_size`` dialogues advance together round by round (``mediround.inference.chain.chain_batched``; the
     ``use_cache=False`` path runs one at a time). ``betas`` empty means the default: ``DEFAULT_BETA`` when the checkpoint has trained JCM weights, else
     JCM off (``resolve_betas``). ``None`` in ``betas`` is a JCM-off track. ``allow_partial_load`` loads a
     checkpoint whose weight files miss or add keys (what was left random is in the summary's load reports).

@@ -2,9 +2,9 @@
 
 from mediround.model.build import build_model, trainable_parameters
 from mediround.model.config import MediRoundConfig, preset
+from mediround.model.frame import MASK_THRESHOLD
 from mediround.model.mediround import MediRound
 from mediround.model.processor import DialogueProcessor, DialogueSample, load_sample
-from mediround.model.segmenter import MASK_THRESHOLD
 from mediround.model.session import DialogueSession, ImageContext, RoundResult, encode_image
 
 __all__ = [

@@ -13,6 +13,8 @@ outputs the new feature, as in the authors' code.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,3 +52,27 @@ class JCM(nn.Module):
         the MLP's output (direct)."""
         refined = self.refine_mlp(features)
         return features + refined if self.residual else refined
+
+
+@dataclass
+class JCMDecision:
+    """JCM applied to one [SEG] feature h_c: its score q = judge(h_c), and decode(refine(h_c)) when some
+    threshold asked for it (None otherwise)."""
+
+    score: float
+    refined_logits: torch.Tensor | None
+
+    def refines(self, beta: float) -> bool:
+        """Whether the round's mask comes from the refined feature at threshold ``beta``: q <= beta."""
+        return not self.score > beta
+
+
+def apply_jcm(jcm: JCM, feature: torch.Tensor, betas: Sequence[float],
+              decode: Callable[[torch.Tensor], torch.Tensor]) -> JCMDecision:
+    """Algorithm 1's judgement and correction of one (256,) [SEG] feature for one or more thresholds (a
+    beta sweep shares it): the score once, and the refined feature decoded once when any ``beta`` refines.
+    The one place JCM is applied at inference (chained dialogues and chat alike)."""
+    with torch.no_grad():
+        score = float(jcm.judge(feature).reshape(-1)[0])
+        refining = any(not score > beta for beta in betas)
+        return JCMDecision(score, decode(jcm.refine(feature)) if refining else None)

@@ -28,7 +28,7 @@ from mediround.model.losses import cross_entropy, mask_losses, weighted_loss
 from mediround.model.mllm import CropEncoder
 from mediround.model.processor import BOX, CROP, IGNORE, IMAGE, DialogueBatch, DialogueProcessor
 from mediround.model.references import BoxEncoder
-from mediround.model.segmenter import decode_masks, upsample_logits
+from mediround.model.segmenter import decode_masks
 
 
 @dataclass
@@ -147,6 +147,12 @@ class MediRound(nn.Module):
         """Where h_c sits relative to the [SEG] token: 0 (its own state) or -1 (the state that emits it)."""
         return -1 if self.config.heads.seg_state == "before_seg" else 0
 
+    def seg_states(self, hidden: torch.Tensor, seg_positions: list[int]) -> torch.Tensor:
+        """The states h_c (n, hidden) of the [SEG] tokens at ``seg_positions`` of one sequence's hidden
+        states (length, hidden): the one place that reads the [SEG] state (its own or the one before it,
+        ``seg_state_offset``), for training and inference alike. Generation passes its last two states."""
+        return hidden[[position + self.seg_state_offset for position in seg_positions]]
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """[SEG] hidden states -> [SEG] features (the SAM prompt), (..., seg_dim)."""
         return self.seg_projection(hidden.to(self.seg_projection[0].weight.dtype))
@@ -174,14 +180,12 @@ class MediRound(nn.Module):
 
         seg_features, mask_logits, all_logits, all_targets = [], [], [], []
         seg_states, entity_labels = [], []
-        size = self.config.segmenter.image_size
         for row, positions in enumerate(batch.seg_positions):
-            seg_states.append(hidden[row, [position + self.seg_state_offset for position in positions]])
+            seg_states.append(self.seg_states(hidden[row], positions))
             entity_labels.append(batch.entity_labels[row])
             features = self.project(seg_states[-1])
             low_res = self.decode_low_res(embeddings[row : row + 1], features)
-            resized = batch.resized_sizes[row]
-            logits = upsample_logits(low_res, size, resized, resized)
+            logits = batch.frames[row].resized_logits(low_res)
             seg_features.append(features)
             mask_logits.append(logits)
             valid = batch.target_valid[row]

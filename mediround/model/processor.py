@@ -20,16 +20,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from mediround.data.dialogue import Dialogue
 from mediround.data.images import load_image, load_mask
 from mediround.errors import DataError, InputWarning
 from mediround.model.config import MediRoundConfig
+from mediround.model.frame import ImageFrame
 from mediround.model.mllm import clip_normalise
 from mediround.model.references import Reference, reference_from_mask
-from mediround.model.segmenter import sam_input
 from mediround.model.tokenizer import BOX_TOKEN, CROP_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
 TEXT, IMAGE, CROP, BOX = 0, 1, 2, 3
@@ -133,14 +132,27 @@ class ChatLayout:
         piece = self.prefix()
         seg_positions = []
         for index, round_ in enumerate(dialogue.rounds):
-            piece.extend(self.user(index, round_.query, round_.ref is not None))
             try:
-                answer = self.answer(round_.answer)
+                if round_.answer is None:
+                    raise ValueError("no answer: a teacher-forced round needs one")
+                tokens, seg_at = self.round(index, round_.query, round_.ref is not None, round_.answer)
             except ValueError as error:
                 raise DataError(f"dialogue {dialogue.id}", dialogue.item, f"rounds[{index}].answer", str(error)) from None
-            seg_positions.append(len(piece.ids) + answer.ids.index(self.seg_id))
-            piece.extend(answer)
+            seg_positions.append(len(piece.ids) + seg_at)
+            piece.extend(tokens)
         return piece, seg_positions
+
+    def round(self, round_index: int, query: str, refers: bool, answer: str | None) -> tuple[Piece, int | None]:
+        """One round's tokens: the user turn, then the answer when one is given (teacher forcing), and where
+        [SEG] sits among them (None without an answer: it will be generated). The one place that lays out a
+        round, for the training forward and inference alike; raises ``ValueError`` for an answer without
+        exactly one [SEG]."""
+        piece = self.user(round_index, query, refers)
+        if answer is None:
+            return piece, None
+        answer_piece = self.answer(answer)
+        seg_at = len(piece.ids) + answer_piece.ids.index(self.seg_id)
+        return piece.extend(answer_piece), seg_at
 
 
 @dataclass
@@ -198,8 +210,7 @@ class DialogueBatch:
     clip_pixels: torch.Tensor
     crop_pixels: torch.Tensor
     boxes: torch.Tensor
-    resized_sizes: list[tuple[int, int]]
-    original_sizes: list[tuple[int, int]]
+    frames: list[ImageFrame]
     target_masks: list[torch.Tensor]
     target_valid: list[torch.Tensor]
     entity_labels: list[torch.Tensor]
@@ -230,9 +241,13 @@ class DialogueProcessor:
             reference_tokens=config.heads.reference_tokens,
         )
 
-    def sam_pixels(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        """SAM's (1, 3, size, size) input of an (H, W, 3) uint8 image and the size it was resized to."""
-        return sam_input(image, self.segmenter.image_size, self.segmenter.normalisation)
+    def frame(self, image: np.ndarray) -> ImageFrame:
+        """The image's frame in this model's SAM input."""
+        return ImageFrame.of(image, self.segmenter.image_size)
+
+    def sam_pixels(self, image: np.ndarray) -> torch.Tensor:
+        """SAM's (1, 3, size, size) input of an (H, W, 3) uint8 image."""
+        return self.frame(image).pixels(image, self.segmenter.normalisation)
 
     def clip_pixels(self, image: np.ndarray) -> torch.Tensor:
         """CLIP's (1, 3, s, s) input of an (H, W, 3) uint8 image (the image tokens)."""
@@ -253,7 +268,7 @@ class DialogueProcessor:
     def collate(self, samples: list[DialogueSample]) -> DialogueBatch:
         """Token layout, encoder inputs, reference crops/boxes (from GT masks) and targets of B dialogues."""
         pieces, seg_positions, references = [], [], []
-        sam_pixels, clip_pixels, resized, originals, targets, valid = [], [], [], [], [], []
+        sam_pixels, clip_pixels, frames, targets, valid = [], [], [], [], []
         entity_labels = []
         for sample in samples:
             dialogue = sample.dialogue
@@ -264,18 +279,15 @@ class DialogueProcessor:
             for index, round_ in enumerate(dialogue.rounds):
                 if round_.ref is not None:
                     references.append(self.reference(sample.image, sample.reference_mask(index)))
-            pixels, resized_size = self.sam_pixels(sample.image)
-            sam_pixels.append(pixels)
+            frame = self.frame(sample.image)
+            frames.append(frame)
+            sam_pixels.append(frame.pixels(sample.image, self.segmenter.normalisation))
             clip_pixels.append(self.clip_pixels(sample.image))
-            resized.append(resized_size)
-            originals.append(tuple(sample.image.shape[:2]))
-            masks = torch.zeros(len(dialogue.rounds), *resized_size)
-            for index, mask in enumerate(sample.masks):
-                if mask is not None:
-                    full = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
-                    masks[index] = F.interpolate(full, size=resized_size, mode="nearest-exact")[0, 0]
+            present = torch.tensor([m is not None for m in sample.masks])
+            masks = torch.zeros(len(dialogue.rounds), *frame.resized)
+            masks[present] = frame.resized_masks([m for m in sample.masks if m is not None]).float()
             targets.append(masks)
-            valid.append(torch.tensor([m is not None for m in sample.masks]))
+            valid.append(present)
             entity_labels.append(torch.tensor([self.entity_index.get(r.entity, IGNORE) for r in dialogue.rounds]))
         length = max(len(p.ids) for p in pieces)
         input_ids = torch.full((len(pieces), length), self.layout.pad_id, dtype=torch.long)
@@ -300,8 +312,7 @@ class DialogueProcessor:
             clip_pixels=torch.cat(clip_pixels),
             crop_pixels=crop_pixels,
             boxes=boxes,
-            resized_sizes=resized,
-            original_sizes=originals,
+            frames=frames,
             target_masks=targets,
             target_valid=valid,
             entity_labels=entity_labels,

@@ -1,4 +1,5 @@
-"""The segmentation backbone: stock ``segment_anything.modeling`` SAM (tiny, ViT-B/L/H) and its preprocessing.
+"""The segmentation backbone: stock ``segment_anything.modeling`` SAM (tiny, ViT-B/L/H); its input frame is
+``mediround.model.frame``.
 
 The [SEG] features are the sparse prompts of SAM's mask decoder (no point or box prompt, the prompt
 encoder's no-mask dense embedding), one image embedding per decoder call, single-mask output.
@@ -13,22 +14,17 @@ import types
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mediround.errors import CheckpointError
 from mediround.model.config import SegmenterConfig
+from mediround.model.frame import SAM_MEAN, SAM_STD
 from mediround.model.load_report import LoadReport, load_into
 from mediround.model.mask_decoding import two_way_transformer, upscaled_mask
 from mediround.model.weight_sources import missing_path_detail
 
-SAM_MEAN = (123.675, 116.28, 103.53)
-SAM_STD = (58.395, 57.12, 57.375)
 PROMPT_DIM = 256
-MASK_THRESHOLD = 0.0
-"""A pixel is foreground when its mask logit is above this (logit > 0, probability > 0.5)."""
 VIT_LAYOUTS = {
     "vit_b": {"embed_dim": 768, "depth": 12, "num_heads": 12, "global_attn_indexes": (2, 5, 8, 11)},
     "vit_l": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "global_attn_indexes": (5, 11, 17, 23)},
@@ -140,22 +136,6 @@ def load_sam(
     return sam.to(device), report
 
 
-def sam_input(image: np.ndarray, size: int, normalisation: str) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(H, W, 3) uint8 -> (1, 3, size, size): longest side resized to ``size``, normalised, padded
-    bottom-right. ``sam``: ImageNet mean/std on 0-255 (authors, LISA); ``medsam``: min-max to [0, 1]."""
-    height, width = image.shape[:2]
-    scale = size / max(height, width)
-    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
-    tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
-    tensor = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    if normalisation == "sam":
-        tensor = (tensor - torch.tensor(SAM_MEAN).view(1, 3, 1, 1)) / torch.tensor(SAM_STD).view(1, 3, 1, 1)
-    else:
-        low, high = tensor.min(), tensor.max()
-        tensor = (tensor - low) / (high - low).clamp(min=1e-8)
-    return F.pad(tensor, (0, size - new_w, 0, size - new_h)), (new_h, new_w)
-
-
 def decode_masks(sam: nn.Module, embedding: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
     """One image embedding (1, 256, g, g) and n prompts (n, 256) -> low-res logits (n, 1, 4g, 4g)."""
     sparse = prompts[:, None, :].to(embedding.dtype)
@@ -186,12 +166,3 @@ def decode_masks_per_image(sam: nn.Module, embeddings: torch.Tensor, prompts: to
     src = embeddings + sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
     hidden, image = two_way_transformer(decoder.transformer, src, sam.prompt_encoder.get_dense_pe(), tokens)
     return upscaled_mask(decoder, image, src.shape[-2:], decoder.output_hypernetworks_mlps[0](hidden[:, 1]))
-
-
-def upsample_logits(low_res: torch.Tensor, size: int, resized: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
-    """Low-res logits (n, 1, h, w) -> (n, *out): to the padded input size, crop the padding, resize."""
-    logits = F.interpolate(low_res.float(), size=(size, size), mode="bilinear", align_corners=False)
-    logits = logits[..., : resized[0], : resized[1]]
-    if tuple(out) != tuple(resized):
-        logits = F.interpolate(logits, size=tuple(out), mode="bilinear", align_corners=False)
-    return logits[:, 0]

@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mediround.inference.chain import Track, chain_dialogue
 from mediround.metrics import counts
-from mediround.model import MASK_THRESHOLD, ImageContext, MediRound, encode_image
+from mediround.model import ImageContext, MediRound, encode_image
+from mediround.model.frame import ImageFrame, mask_from_logits
 from mediround.model.processor import DialogueSample
-from mediround.model.segmenter import decode_masks, upsample_logits
 
 TEACHER_FORCED = "teacher-forced"
 ROLLOUT = "rollout"
@@ -37,42 +36,29 @@ SOURCES = (TEACHER_FORCED, ROLLOUT)
 
 @dataclass
 class DialogueFeatures:
-    """One dialogue's frozen-model outputs: SAM embedding (1, 256, g, g), ground-truth masks at the
-    supervision size (n, h, w) bool, and per source the [SEG] features (n, 256) and the IoU of their raw
-    masks with the ground truth (n,). Only rounds with a ground-truth mask are kept (n of them)."""
+    """One dialogue's frozen-model outputs: SAM embedding (1, 256, g, g), its image's frame, ground-truth
+    masks in the resized (supervision) frame (n, h, w) bool, and per source the [SEG] features (n, 256) and
+    the IoU of their raw masks with the ground truth (n,). Only rounds with a ground-truth mask are kept
+    (n of them)."""
 
     embedding: torch.Tensor
+    frame: ImageFrame
     targets: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     iou: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(self.targets.shape[-2:])
 
-
-def decode_at_supervision_size(model: Any, embedding: torch.Tensor, features: torch.Tensor,
-                               size: tuple[int, int]) -> torch.Tensor:
-    """(n, 256) features -> (n, h, w) float logits at the supervision size through the frozen decoder.
+def decode_at_supervision_size(model: Any, entry: DialogueFeatures, features: torch.Tensor) -> torch.Tensor:
+    """(n, 256) features -> (n, h, w) float logits in the entry's resized frame through the frozen decoder.
 
     Gradients flow to ``features`` (the refine MLP's output), never into the decoder's frozen weights.
     """
-    low_res = decode_masks(model.sam, embedding, features)
-    return upsample_logits(low_res, model.config.segmenter.image_size, size, size)
-
-
-def supervision_targets(masks: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
-    """Ground-truth masks resized to the supervision size exactly as ``DialogueProcessor.collate`` does (bool)."""
-    if not masks:
-        return torch.zeros(0, *size, dtype=torch.bool)
-    stacked = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) for m in masks]))[:, None]
-    return F.interpolate(stacked, size=size, mode="nearest-exact")[:, 0] > 0.5
+    return entry.frame.resized_logits(model.decode_low_res(entry.embedding, features))
 
 
 def raw_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """IoU of (logits > 0) with the targets, per mask, by ``mediround.metrics`` (1.0 when both are empty)."""
-    predicted = (logits.detach().float() > MASK_THRESHOLD).cpu().numpy()
-    return torch.from_numpy(counts(predicted, targets.cpu().numpy())["iou"]).float()
+    return torch.from_numpy(counts(mask_from_logits(logits), targets.cpu().numpy())["iou"]).float()
 
 
 def rollout_features(model: MediRound, sample: DialogueSample, context: ImageContext) -> torch.Tensor:
@@ -95,12 +81,12 @@ def collect_features(model: Any, samples: Sequence[Any], sources: Sequence[str],
         forced = model(model.processor.collate(list(samples))).seg_features if TEACHER_FORCED in sources else None
         for index, (sample, context) in enumerate(zip(samples, contexts)):
             valid = [i for i, mask in enumerate(sample.masks) if mask is not None]
-            targets = supervision_targets([sample.masks[i] for i in valid], context.resized_size)
-            entry = DialogueFeatures(context.sam_embedding, targets.to(context.sam_embedding.device))
+            targets = context.frame.resized_masks([sample.masks[i] for i in valid])
+            entry = DialogueFeatures(context.sam_embedding, context.frame, targets.to(context.sam_embedding.device))
             for source in sources:
                 features = forced[index] if source == TEACHER_FORCED else rollout_features(model, sample, context)
                 features = features[valid].detach()
-                logits = decode_at_supervision_size(model, entry.embedding, features, entry.size)
+                logits = decode_at_supervision_size(model, entry, features)
                 entry.features[source] = features
                 entry.iou[source] = raw_iou(logits, targets).to(features.device)
             entries.append(entry)

@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather_object
 
 from mediround.errors import RecipeError
 from mediround.inference.chain import Track, chain_dialogue
 from mediround.metrics import counts
-from mediround.model import MASK_THRESHOLD, MediRoundConfig, build_model, load_sample
+from mediround.model import MediRoundConfig, build_model, load_sample
 from mediround.model.checkpoint import load_checkpoint, save_checkpoint
+from mediround.model.frame import mask_from_logits
 from mediround.model.processor import IGNORE
 from mediround.training.data import (
     BatchLoader,
@@ -133,10 +133,11 @@ class TeacherForcing(Objective):
         for start in range(0, len(indices), settings.batch_size):
             samples = [load_sample(self.val_dialogues[i]) for i in indices[start : start + settings.batch_size]]
             with engine.accelerator.autocast():
-                output = model(model.processor.collate(samples))
+                batch = model.processor.collate(samples)
+                output = model(batch)
                 losses.append(float(output.loss))
-                for sample, logits in zip(samples, output.mask_logits):
-                    masks = _logits_to_masks(logits, sample.image.shape[:2])
+                for sample, frame, logits in zip(samples, batch.frames, output.mask_logits):
+                    masks = mask_from_logits(frame.to_original(logits))
                     rows[TEACHER_FORCED_TRACK].extend(_mask_rows(sample, masks))
                     if settings.chained:
                         rows[CHAINED_TRACK].extend(_mask_rows(sample, _chained_masks(model, sample)))
@@ -198,12 +199,6 @@ def _loss_counts(batch: Any) -> tuple[float, float, float]:
     masks = float(sum(int(valid.sum()) for valid in batch.target_valid))
     entities = float(sum(int((labels != IGNORE).sum()) for labels in batch.entity_labels))
     return tokens, masks, entities
-
-
-def _logits_to_masks(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(rounds, h, w) teacher-forced logits at the supervision size -> (rounds, H, W) bool masks of the image."""
-    full = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-    return (full > MASK_THRESHOLD).cpu().numpy()
 
 
 def _chained_masks(model: Any, sample: Any) -> list[np.ndarray]:

@@ -92,7 +92,7 @@ class JCMObjective(nn.Module):
             features = features.to(dtype)
             logits = self.jcm.judge_logits(features)
             judge = judge + nn.functional.binary_cross_entropy_with_logits(logits, iou.to(dtype), reduction="sum")
-            refined = decode_at_supervision_size(model, entry.embedding, self.jcm.refine(features), entry.size)
+            refined = decode_at_supervision_size(model, entry, self.jcm.refine(features))
             targets = entry.targets.to(refined.dtype)
             count = features.shape[0]
             refine_bce = refine_bce + bce_loss(refined, targets) * count

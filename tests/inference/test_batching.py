@@ -11,8 +11,7 @@ from inference_fixtures import write_dialogues
 from mediround.data.formats import load_dialogues
 from mediround.data.images import load_image, load_mask
 from mediround.errors import DataError
-from mediround.inference.batching import chain_batched
-from mediround.inference.chain import Track, chain_dialogue
+from mediround.inference.chain import Track, chain_batched, chain_dialogue
 from mediround.inference.runner import InferenceConfig, run_inference
 
 TRACKS = [Track(None), Track(0.3), Track(0.5), Track(0.7), Track(0.5, teacher_forcing=True)]

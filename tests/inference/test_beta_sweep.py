@@ -48,7 +48,8 @@ def test_one_pass_sweep_equals_separate_runs(model, tmp_path, monkeypatch):
         for track in tracks:
             alone = chain_dialogue(model, dialogue, image, [track], reference_truth=truth)[track]
             assert [p.refined for p in swept[track]] == [p.refined for p in alone]
-            assert [p.jcm_score for p in swept[track]] == [p.jcm_score for p in alone]
+            # Forked tracks are rows of one batched forward: equal up to the order of float additions.
+            assert [p.jcm_score for p in swept[track]] == pytest.approx([p.jcm_score for p in alone], abs=1e-5)
             for a, b in zip(swept[track], alone):
                 np.testing.assert_array_equal(a.mask, b.mask)
             patterns.add(tuple(p.refined for p in alone))

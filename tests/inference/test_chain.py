@@ -12,6 +12,7 @@ from mediround.data.images import load_image, load_mask
 from mediround.errors import DataError
 from mediround.inference.chain import Track, chain_dialogue, check_dialogue
 from mediround.model import DialogueSession
+from mediround.model import session as session_module
 from mediround.model.processor import DialogueProcessor
 
 
@@ -37,18 +38,18 @@ def _spy_references(monkeypatch) -> list:
 
 
 def _force_first_mask(monkeypatch, mask: np.ndarray) -> None:
-    """Make the first session ``decode`` call of the run return logits whose foreground is exactly ``mask``."""
-    original = DialogueSession.decode
+    """Make the first mask decode of the run return logits whose foreground is exactly ``mask``."""
+    original = session_module.decode_features
     calls = {"n": 0}
 
-    def decode(session, features):
+    def decode(model, embeddings, features, frames):
         calls["n"] += 1
-        logits = original(session, features)
+        logits = original(model, embeddings, features, frames)
         if calls["n"] == 1:
-            return torch.where(torch.from_numpy(mask), 5.0, -5.0).to(logits.dtype)[None]
+            return [torch.where(torch.from_numpy(mask), 5.0, -5.0).to(logits[0].dtype)[None]]
         return logits
 
-    monkeypatch.setattr(DialogueSession, "decode", decode)
+    monkeypatch.setattr(session_module, "decode_features", decode)
 
 
 def test_round_references_come_from_the_predicted_mask(model, dialogue, monkeypatch):

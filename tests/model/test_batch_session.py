@@ -7,8 +7,7 @@ import torch
 from model_fixtures import perturb_lora, sample, tiny_model
 
 from mediround.model import MASK_THRESHOLD, DialogueSession
-from mediround.model.batch_session import BatchSession
-from mediround.model.session import encode_images
+from mediround.model.session import BatchSession, encode_images
 
 # Rows differ from a lone session only in the order of float additions inside batched matrix products
 # (measured: logits within 2e-7, [SEG] features within 4e-7 on the tiny preset in fp32).

@@ -77,7 +77,7 @@ def test_mask_targets_follow_the_resized_frame():
     wide.masks = [np.zeros((64, 256), dtype=bool)]
     wide.masks[0][:, :128] = True
     batch = model.processor.collate([wide])
-    assert batch.resized_sizes == [(32, 128)]
+    assert [frame.resized for frame in batch.frames] == [(32, 128)]
     assert batch.target_masks[0].shape == (1, 32, 128)
     assert batch.target_masks[0][0, :, :64].all() and not batch.target_masks[0][0, :, 64:].any()
 
