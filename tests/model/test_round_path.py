@@ -1,4 +1,6 @@
-"""BatchSession: rows of different lengths, joining, forked and leaving, compute what DialogueSession does."""
+"""The one round path: rows of a BatchSession of different lengths, joining, forked and leaving, compute
+what the training forward computes for their dialogues (teacher-forced) and what a lone one-row session
+computes (generated answers)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ from model_fixtures import perturb_lora, sample, tiny_model
 from mediround.model import MASK_THRESHOLD, DialogueSession
 from mediround.model.session import BatchSession, encode_images
 
-# Rows differ from a lone session only in the order of float additions inside batched matrix products
-# (measured: logits within 2e-7, [SEG] features within 4e-7 on the tiny preset in fp32).
+# Rows differ from a lone dialogue only in the order of float additions inside batched matrix products
+# (measured: logits within 2e-7, [SEG] features within 4e-7 on the tiny preset in fp32); the training
+# forward reads the whole dialogue in one sequence (measured within 3e-6).
 LOGIT_TOLERANCE = 1e-5
+FORWARD_TOLERANCE = 1e-4
 
 
 def _lone(model, item, generate: bool):
@@ -33,8 +37,19 @@ def _assert_same(lone, batched):
         assert torch.equal(expected.mask_logits > MASK_THRESHOLD, got.mask_logits > MASK_THRESHOLD)
 
 
+def _assert_as_training_forward(model, item, batched):
+    """Teacher-forced rounds: the [SEG] features and mask logits of the training forward over the whole
+    dialogue (128-px images: the supervision frame is the original size)."""
+    with torch.no_grad():
+        whole = model(model.processor.collate([item]))
+    features = torch.stack([result.seg_feature for result in batched])
+    logits = torch.cat([result.mask_logits for result in batched])
+    assert (features - whole.seg_features[0]).abs().max() < FORWARD_TOLERANCE
+    assert (logits - whole.mask_logits[0]).abs().max() < FORWARD_TOLERANCE
+
+
 @pytest.mark.parametrize("seg_state", ["at_seg", "before_seg"])
-def test_rows_joining_forking_and_leaving_match_lone_sessions(seg_state):
+def test_rows_joining_forking_and_leaving_match_the_training_forward_and_lone_rows(seg_state):
     torch.set_num_threads(1)
     model = tiny_model(seed=3)
     model.config.heads.seg_state = seg_state  # h_c read at [SEG] (tiny preset) or before it (the authors')
@@ -42,7 +57,6 @@ def test_rows_joining_forking_and_leaving_match_lone_sessions(seg_state):
     model.eval()
     items = [sample(4, seed=21), sample(2, seed=22), sample(3, seed=23)]
     for generate in (False, True):
-        lone = [_lone(model, item, generate) for item in items]
         batch = BatchSession(model, max_new_tokens=5)
         rows = dict(enumerate(batch.add(encode_images(model, [items[0].image, items[1].image]))))
         got = {0: [], 1: [], 2: [], "fork": []}
@@ -63,8 +77,12 @@ def test_rows_joining_forking_and_leaving_match_lone_sessions(seg_state):
             finished = [key for key, row in rows.items() if row.rounds == len(items[0 if key == "fork" else key].dialogue.rounds)]
             batch.remove([rows.pop(key) for key in finished])
         assert not rows and batch.cache is None
-        for key, expected in ((0, lone[0]), (1, lone[1]), (2, lone[2]), ("fork", lone[0])):
-            _assert_same(expected, got[key])
+        for key in got:
+            item = items[0 if key == "fork" else key]
+            if generate:
+                _assert_same(_lone(model, item, generate), got[key])
+            else:
+                _assert_as_training_forward(model, item, got[key])
 
 
 def test_leaving_rows_free_the_columns_no_one_else_uses():
@@ -80,3 +98,26 @@ def test_leaving_rows_free_the_columns_no_one_else_uses():
     batch.remove([first])
     assert batch.cache.layers[0].keys.shape[:3:2] == (1, batch.mask.shape[1])
     assert batch.mask.shape[1] < width and bool(batch.mask[0].all())  # only the joined row's prefix is left
+
+
+def test_undo_of_one_row_leaves_what_a_row_without_that_round_computes():
+    torch.set_num_threads(1)
+    model = tiny_model(seed=5).eval()
+    items = [sample(2, seed=41), sample(2, seed=42)]
+    batch = BatchSession(model, max_new_tokens=4)
+    first, second = batch.add(encode_images(model, [item.image for item in items]))
+    rounds = [item.dialogue.rounds[0] for item in items]
+    batch.step([batch.prepare(row, r.query, r.answer, None, False) for row, r in zip((first, second), rounds)])
+    width = batch.mask.shape[1]
+    batch.step([batch.prepare(first, "An extra question that will be taken back.", "It is [SEG].", None, False)])
+    batch.undo(first)
+    assert first.rounds == 1 and batch.mask.shape[1] == width  # the undone columns no row uses are gone
+    follow_up = items[0].dialogue.rounds[1]
+    (got,) = batch.step([batch.prepare(first, follow_up.query, follow_up.answer, items[0].masks[0], True)])
+    lone = DialogueSession.for_image(model, items[0].image)
+    lone.step(rounds[0].query, rounds[0].answer)
+    expected = lone.step(follow_up.query, follow_up.answer, items[0].masks[0])
+    assert (expected.seg_feature - got.seg_feature).abs().max() < LOGIT_TOLERANCE
+    (fresh,) = batch.add(encode_images(model, [items[1].image]))
+    with pytest.raises(ValueError, match="no round to undo"):
+        batch.undo(fresh)
