@@ -337,7 +337,7 @@ def load_jcm_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> J
 
 
 def shipped_recipes() -> dict[str, Path]:
-    """The recipes (and DeepSpeed configs) shipped in the package, by name (the file name without suffix)."""
+    """The shipped recipes (and DeepSpeed configs; ``SHIPPED_RECIPES``), by name (the file name without suffix)."""
     found = {path.stem: path for path in SHIPPED_RECIPES.iterdir() if path.suffix in (".yaml", ".json")}
     return dict(sorted(found.items()))
 
