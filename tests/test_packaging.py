@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import zipfile
 from pathlib import Path
@@ -82,8 +81,8 @@ def test_the_installed_wheel_lists_shows_and_resolves_its_recipes(wheel, tmp_pat
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(installed)
     # -S: no site hooks (such as an editable install's finder) import anything for the package; the
-    # dependencies come from this environment, after the wheel's own files.
-    paths = [str(installed), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    # dependencies come from this interpreter's path, after the wheel's own files.
+    paths = [str(installed), *filter(None, sys.path)]
     probe = textwrap.dedent("""
         import contextlib, io, json
         from mediround_cli.main import cli
