@@ -1,4 +1,4 @@
-"""``mediround recipes``: list the recipes shipped in the package; ``recipes show NAME`` prints one."""
+"""``mediround recipes``: list the shipped recipes (the repository's ``recipes/``); ``recipes show NAME`` prints one."""
 
 from __future__ import annotations
 

@@ -9,9 +9,10 @@ a typo).
 
 Relative paths in a recipe are resolved against the working directory, as command-line paths are.
 
-The recipes shipped with the package live in ``mediround/recipes/`` (package data, the repository's only
-copy): wherever a recipe path is taken, a shipped recipe's NAME (``mediround-7b-4gpu``) or the repository
-path the docs use (``recipes/mediround-7b-4gpu.yaml``) works as well, from any folder and any install.
+The shipped recipes are the repository's top-level ``recipes/`` folder (its only copy), which a wheel carries
+inside the package as ``mediround/recipes/`` (pyproject.toml maps it there): wherever a recipe path is taken,
+a shipped recipe's NAME (``mediround-7b-4gpu``) or the repository path the docs use
+(``recipes/mediround-7b-4gpu.yaml``) works as well, from any folder and any install.
 """
 
 from __future__ import annotations
@@ -48,7 +49,16 @@ FINE_TUNE_KEYS = ("mllm.source", "segmenter.checkpoint", "loss", "lora.dropout",
                   "precision")
 """Model-config keys in which an ``init_from`` checkpoint may differ from the recipe's model: where the base
 weights lie, the loss weights, dropout and how compute runs. The rest is the architecture its weights fit."""
-SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _shipped_recipes_folder() -> Path:
+    package = Path(__file__).resolve().parents[1]
+    # An installed wheel holds the recipes inside the package; a source checkout (editable install, or the
+    # source folder on PYTHONPATH) has no such folder and keeps them at the top of the repository.
+    return package / "recipes" if (package / "recipes").is_dir() else package.parent / "recipes"
+
+
+SHIPPED_RECIPES = _shipped_recipes_folder()
 PAPER_RECIPE = "mediround-7b-4gpu"
 """What ``mediround train`` runs without a RECIPE: the paper's setting on 4 GPUs."""
 # A problem a validator found: the dotted key and why its value is refused.
@@ -327,7 +337,7 @@ def load_jcm_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> J
 
 
 def shipped_recipes() -> dict[str, Path]:
-    """The recipes (and DeepSpeed configs) shipped in the package, by name (the file name without suffix)."""
+    """The shipped recipes (and DeepSpeed configs; ``SHIPPED_RECIPES``), by name (the file name without suffix)."""
     found = {path.stem: path for path in SHIPPED_RECIPES.iterdir() if path.suffix in (".yaml", ".json")}
     return dict(sorted(found.items()))
 
