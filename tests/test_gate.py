@@ -6,7 +6,7 @@ import pytest
 
 from mediround.errors import DataError
 from mediround.metrics import MaskCounts
-from mediround.reports.gate import compare_rows, coverage_failures, read_baseline
+from mediround.reports.gate import GateSettings, check_scores, coverage_checks, read_baseline
 from mediround.reports.rows import write_rows
 
 
@@ -14,6 +14,15 @@ def _row(dialogue_id: str, number: int, intersection: int, union: int, pred_area
     counted = MaskCounts(intersection, union, pred_area, gt_area)
     return {"dialogue_id": dialogue_id, "round": number, "intersection": intersection, "union": union,
             "pred_area": pred_area, "gt_area": gt_area, "iou": counted.iou, "dice": counted.dice}
+
+
+def compare_rows(current: list[dict], baseline: list[dict], max_drop: float) -> list:
+    """The scores that failed the plain threshold of ``max_drop`` points (default scopes)."""
+    return [check for check in check_scores(current, baseline, GateSettings(max_drop=max_drop)) if check.failed]
+
+
+def coverage_failures(current: list[dict], baseline: list[dict], skipped: int) -> list[str]:
+    return [check.failure for check in coverage_checks(current, baseline, skipped) if check.failure is not None]
 
 
 BASELINE = [
@@ -63,7 +72,7 @@ def test_improvement_and_rounds_only_in_one_run_do_not_lower_the_scores():
 
 def test_bad_allowance_and_bad_baseline_are_refused(tmp_path):
     with pytest.raises(ValueError):
-        compare_rows(BASELINE, BASELINE, -1.0)
+        GateSettings(max_drop=-1.0)
     with pytest.raises(DataError, match="no such metrics file"):
         read_baseline(tmp_path / "absent.parquet")
     write_rows(tmp_path / "empty.parquet", [])
