@@ -202,7 +202,7 @@ def print_gate(report: GateReport, scores: str = "scores") -> None:
                                if check.baseline is not None and check.not_gated is not None))
     if small:
         console.print(f"{len(small)} group(s) reported, not gated: {', '.join(small)} "
-                      f"(fewer than {settings.min_group_size} dialogues, or none in both runs)", soft_wrap=True)
+                      f"(fewer than {settings.min_group_size} dialogues)", soft_wrap=True)
     if not report.passed:
         sys.exit(GATE_FAILED_EXIT_CODE)
     console.print(f"[green]gate passed:[/green] same coverage, and no score fell by more than {settings.max_drop:g} "

@@ -206,3 +206,14 @@ def test_without_a_baseline_every_score_is_reported_and_only_skipped_dialogues_f
     assert len(report.scores) == 3 * 3  # overall, round 1, round 2
     skipped = run_gate(BASELINE, None, skipped=2, settings=GateSettings())
     assert not skipped.passed and skipped.coverage_failures[0].startswith("2 dialogue(s) skipped")
+
+
+def test_a_group_whose_dialogues_differ_between_runs_gets_the_wide_interval_of_two_unpaired_samples():
+    baseline = _cohort(n_dialogues=40, seed=1)
+    # The same masks, each dialogue relabelled with the next modality: every modality group of the current
+    # run holds dialogues its baseline group does not.
+    current = [{**row, "modality": MODALITIES[(MODALITIES.index(row["modality"]) + 1) % 4]} for row in baseline]
+    settings = GateSettings(max_drop=0.0, confidence=0.95, scopes=("modality",))
+    for check in check_scores(current, baseline, settings):
+        low, high = check.interval  # 10 dialogues a side, per-mask Dice spread over 30-90: several points wide
+        assert low <= check.drop <= high and high - low > 5.0, check

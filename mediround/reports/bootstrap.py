@@ -3,7 +3,10 @@
 Both runs are resampled with the same draws of dialogues (with replacement), so what a dialogue brings to
 both runs (an easy case stays easy) cancels out and only the change between the runs varies. The dialogue
 is the unit, not the round: its rounds share an image and a chain of references, so they are not
-independent. Each resample recomputes Dice (mean per-mask Dice), gIoU (mean per-mask IoU) and cIoU
+independent. The draws are over every dialogue of either run; a dialogue only one run holds (a group
+whose members differ between the runs) counts on its side alone, so such a group gets the wider interval
+of two unpaired samples rather than a falsely narrow one from the few dialogues both hold. A resample
+that draws no dialogue of one side is left out. Each resample recomputes Dice (mean per-mask Dice), gIoU (mean per-mask IoU) and cIoU
 (sum I / sum U) from per-dialogue sums, so every metric keeps its definition (``mediround.metrics``). The
 interval is the percentile interval of the drop (baseline - current, x100) over the resamples.
 
@@ -44,12 +47,14 @@ def _draw_counts(rng: np.random.Generator, dialogues: int, resamples: int) -> np
 
 
 def _resampled_points(weights: np.ndarray, sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each metric (x100) of each resample; ``weights[b, d]``: how often resample b drew dialogue d."""
+    """Each metric (x100) of each resample (NaN where it drew no mask of this side); ``weights[b, d]``: how
+    often resample b drew dialogue d."""
     masks = weights @ sums["masks"]
     union = weights @ sums["union"]
+    drawn = np.where(masks == 0, np.nan, masks)
     ciou = np.where(union == 0, 1.0, (weights @ sums["intersection"]) / np.where(union == 0, 1.0, union))
-    return {"dice": 100.0 * (weights @ sums["dice"]) / masks, "giou": 100.0 * (weights @ sums["iou"]) / masks,
-            "ciou": 100.0 * ciou}
+    return {"dice": 100.0 * (weights @ sums["dice"]) / drawn, "giou": 100.0 * (weights @ sums["iou"]) / drawn,
+            "ciou": np.where(masks == 0, np.nan, 100.0 * ciou)}
 
 
 def paired_drop_intervals(
@@ -57,21 +62,21 @@ def paired_drop_intervals(
     resamples: int = DEFAULT_RESAMPLES, seed: int = 0, stream: str = "",
 ) -> dict[str, tuple[float, float]]:
     """``{metric: (low, high)}``: the ``confidence`` percentile interval of each metric's drop, in x100
-    points, over ``resamples`` paired resamples of the dialogues both row sets hold (empty when they hold
-    none in common)."""
+    points, over ``resamples`` paired resamples of the dialogues of either row set (empty when a row set is
+    empty)."""
     if not 0 < confidence < 1:
         raise ValueError(f"the confidence must lie strictly between 0 and 1, got {confidence}")
-    common = sorted({row["dialogue_id"] for row in baseline_rows} & {row["dialogue_id"] for row in current_rows})
-    if not common:
+    if not baseline_rows or not current_rows:
         return {}
-    index = {dialogue_id: position for position, dialogue_id in enumerate(common)}
+    drawn = sorted({row["dialogue_id"] for row in baseline_rows} | {row["dialogue_id"] for row in current_rows})
+    index = {dialogue_id: position for position, dialogue_id in enumerate(drawn)}
     rng = np.random.default_rng([seed, zlib.crc32(stream.encode("utf-8"))])
-    weights = _draw_counts(rng, len(common), resamples)
+    weights = _draw_counts(rng, len(drawn), resamples)
     before = _resampled_points(weights, _dialogue_sums(baseline_rows, index))
     now = _resampled_points(weights, _dialogue_sums(current_rows, index))
     tail = (1.0 - confidence) / 2.0
     intervals = {}
     for metric in METRICS:
-        low, high = np.quantile(before[metric] - now[metric], [tail, 1.0 - tail])
+        low, high = np.nanquantile(before[metric] - now[metric], [tail, 1.0 - tail])
         intervals[metric] = (float(low), float(high))
     return intervals

@@ -208,8 +208,6 @@ def check_scores(
         not_gated = None
         if scope != "overall" and dialogues < settings.min_group_size:
             not_gated = f"{dialogues} dialogue(s), fewer than the minimum group size {settings.min_group_size}"
-        elif settings.confidence is not None and not intervals:
-            not_gated = "no dialogue of this group in both runs"
         for metric in METRICS:
             points_before, points_now, interval = before.points(metric), now.points(metric), intervals.get(metric)
             failed = not_gated is None and _is_failure(points_before - points_now, interval, settings.max_drop)
