@@ -38,9 +38,7 @@ def _summary_table(n_dialogues: int, evaluation: Evaluation, n_problems: int) ->
 @click.command("eval", epilog="""\b
 Examples:
   mediround eval --per-round                    # the ./*-predictions folder infer wrote, its own data
-  mediround eval --predictions preds --baseline baselines/ci-eval.parquet --max-drop 1
-  mediround eval --predictions preds --baseline base.parquet --max-drop 1 --confidence 0.95 \\
-      --junit-xml reports/junit.xml --summary-md "$GITHUB_STEP_SUMMARY"     # CI: docs/ci.md
+  mediround eval --predictions preds --baseline base.parquet --max-drop 1 --junit-xml junit.xml  # CI: docs/ci.md
   mediround eval dialogues.jsonl --model runs/x/model --beta 0.2,0.4,0.6,0.8""")
 @click.argument("data", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--predictions", "predictions_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),

@@ -101,7 +101,6 @@ class GateReport:
     coverage: list[CoverageCheck]
     baseline: str | None = None
     """The baseline file compared with (None: a first baseline, nothing gated but the skipped dialogues)."""
-    skipped: int = 0
 
     @property
     def regressions(self) -> list[ScoreCheck]:
@@ -255,7 +254,7 @@ def run_gate(
     ``baseline``, with ``skipped`` dialogues skipped before or during scoring."""
     return GateReport(settings=settings, scores=check_scores(current_rows, baseline_rows, settings),
                       coverage=coverage_checks(current_rows, baseline_rows, skipped),
-                      baseline=None if baseline is None else str(baseline), skipped=skipped)
+                      baseline=None if baseline is None else str(baseline))
 
 
 def read_baseline(baseline_parquet: str | os.PathLike) -> list[dict]:

@@ -70,10 +70,13 @@ def gate_markdown(report: GateReport, plot_link: str | None = None) -> str:
 
 def plot_link(plot: str | os.PathLike, summary: str | os.PathLike | None) -> str:
     """The link to ``plot`` from a summary written to the file ``summary`` (relative to its folder), or the
-    path as given when the summary goes to stdout (``summary`` None)."""
+    path as given when the summary goes to stdout (``summary`` None) or lies on another Windows drive."""
     if summary is None:
         return Path(plot).as_posix()
-    return Path(os.path.relpath(Path(plot).resolve(), Path(summary).resolve().parent)).as_posix()
+    try:
+        return Path(os.path.relpath(Path(plot).resolve(), Path(summary).resolve().parent)).as_posix()
+    except ValueError:  # no relative path between two drives
+        return Path(plot).resolve().as_posix()
 
 
 def write_gate_markdown(path: str | os.PathLike, text: str) -> None:
