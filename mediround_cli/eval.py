@@ -14,7 +14,8 @@ from mediround.error_log import ERRORS_FILE
 from mediround.reports.scoring import EvalConfig, Evaluation, evaluate_predictions, scoring_inputs
 from mediround_cli.common import console, err_console, exit_skipped, handle_errors
 from mediround_cli.eval_model import ModelOptions, evaluate_with_model, model_options
-from mediround_cli.output import print_gate, print_report, progress_bar, write_folder_report
+from mediround_cli.gate_options import GateOptions, finish_gate, gate_options
+from mediround_cli.output import print_report, progress_bar, write_folder_report
 
 
 def _summary_table(n_dialogues: int, evaluation: Evaluation, n_problems: int) -> Table:
@@ -37,7 +38,7 @@ def _summary_table(n_dialogues: int, evaluation: Evaluation, n_problems: int) ->
 @click.command("eval", epilog="""\b
 Examples:
   mediround eval --per-round                    # the ./*-predictions folder infer wrote, its own data
-  mediround eval --predictions preds --baseline baselines/ci-eval.parquet --max-drop 1
+  mediround eval --predictions preds --baseline base.parquet --max-drop 1 --junit-xml junit.xml  # CI: docs/ci.md
   mediround eval dialogues.jsonl --model runs/x/model --beta 0.2,0.4,0.6,0.8""")
 @click.argument("data", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--predictions", "predictions_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -52,7 +53,7 @@ Examples:
 @click.option("--baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Metrics Parquet of an earlier run; exit 1 if a score fell by more than --max-drop.")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Allowed drop in x100 points (overall and per round, Dice/gIoU/cIoU).")
+              help="Allowed drop in x100 points of each gated score (Dice/gIoU/cIoU of each --gate-scopes group).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the per-round curve PNG here.")
 @click.option("--force", is_flag=True,
               help="Score against DATA even when its SHA-256 differs from the data the predictions were made from.")
@@ -60,6 +61,7 @@ Examples:
 @click.option("--report", is_flag=True, help="Write PREDICTIONS/report.html (scores, each dialogue's rounds and overlay).")
 @model_options
 @handle_errors
+@gate_options
 def eval_command(
     data: Path | None,
     predictions_dir: Path | None,
@@ -74,6 +76,7 @@ def eval_command(
     overwrite: bool,
     report: bool,
     model_path: Path | None,
+    gate: GateOptions,
     **model_settings: Any,
 ) -> None:
     """Score predicted masks against the ground truth of DATA (JSONL, MR-MedSeg JSON or an SA-Med2D folder).
@@ -89,15 +92,17 @@ def eval_command(
         if model_path is None:
             model_path = default_checkpoint()
             err_console.print(default_model_notice(model_path), soft_wrap=True)
-        scoring = EvalConfig(out=out, baseline=baseline, max_drop=max_drop, plot=plot, overwrite=overwrite)
+        scoring = EvalConfig(out=out, baseline=baseline, gate=gate.settings(max_drop), plot=plot, overwrite=overwrite,
+                             write_baseline=gate.write_baseline)
         options = ModelOptions(**model_settings)
-        evaluate_with_model(options.evaluation_config(data, model_path, root, allow_outside_root, scoring), per_round)
+        evaluate_with_model(options.evaluation_config(data, model_path, root, allow_outside_root, scoring), per_round,
+                            gate)
         return
     predictions_dir = predictions_dir or find_predictions_folder()
     scored = scoring_inputs(predictions_dir, data, force, root, allow_outside_root)
-    config = EvalConfig(out=out or predictions_dir / "metrics.parquet", baseline=baseline, max_drop=max_drop,
-                        plot=plot, beta=scored.beta, references=scored.references, manifest=scored.manifest,
-                        overwrite=overwrite)
+    config = EvalConfig(out=out or predictions_dir / "metrics.parquet", baseline=baseline,
+                        gate=gate.settings(max_drop), plot=plot, beta=scored.beta, references=scored.references,
+                        manifest=scored.manifest, overwrite=overwrite, write_baseline=gate.write_baseline)
     loaded = scored.loaded
     config.skipped = len(loaded.problems) + scored.skipped_by_infer
     with progress_bar("scoring") as progress:
@@ -114,6 +119,5 @@ def eval_command(
     if report:
         page = write_folder_report(predictions_dir, scored.data, root, allow_outside_root, evaluation.rows)
         console.print(f"report: {page}", soft_wrap=True)
-    if baseline is not None:
-        print_gate(evaluation.regressions, evaluation.gate_failures, max_drop, baseline)
+    finish_gate(evaluation.gate, gate, scored.manifest, evaluation.plot, evaluation.baseline_written)
     exit_skipped(evaluation.skipped, "dialogue(s)", f"the problems above and {predictions_dir / ERRORS_FILE}")

@@ -17,6 +17,7 @@ from rich.table import Table
 from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
 from mediround.reports.scoring import EvalConfig
 from mediround_cli.common import console, err_console, exit_skipped
+from mediround_cli.gate_options import GateOptions, finish_gate
 from mediround_cli.output import (
     MACHINE_OPTIONS,
     inference_summary_table,
@@ -25,7 +26,6 @@ from mediround_cli.output import (
     parse_betas,
     predict_this_machines_shards,
     prediction_progress,
-    print_gate,
     print_report,
     shard_timeout_option,
 )
@@ -142,9 +142,9 @@ class ModelOptions:
         return ModelEvalConfig(inference, scoring, self.beta_plot or predictions_out / "beta_curve.png")
 
 
-def evaluate_with_model(config: ModelEvalConfig, per_round: bool) -> None:
-    """Run the checkpoint, score every track, print the tables and apply the gate (exit 1); on a machine of
-    rank > 0, only predict its shards (machine rank 0 scores)."""
+def evaluate_with_model(config: ModelEvalConfig, per_round: bool, gate: GateOptions) -> None:
+    """Run the checkpoint, score every track, print the tables, write the ``gate`` reports and apply the gate
+    (exit 1); on a machine of rank > 0, only predict its shards (machine rank 0 scores)."""
     from mediround.inference.model_eval import evaluate_model
 
     if config.inference.machine_rank > 0:
@@ -172,8 +172,6 @@ def evaluate_with_model(config: ModelEvalConfig, per_round: bool) -> None:
     if evaluation.round_plot is not None:
         written.append(f"round curve: {evaluation.round_plot}")
     console.print("; ".join(written), soft_wrap=True)
-    scoring = config.scoring
-    if scoring.baseline is not None:
-        print_gate(evaluation.regressions, evaluation.gate_failures, scoring.max_drop, scoring.baseline,
-                   scores=f"scores of {primary.label}")
+    finish_gate(evaluation.gate, gate, evaluation.manifest, evaluation.round_plot, evaluation.baseline_written,
+                scores=f"scores of {primary.label}")
     exit_skipped(evaluation.inference.skipped, "dialogue(s)", evaluation.inference.errors_file)

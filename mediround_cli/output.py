@@ -21,10 +21,11 @@ from rich.table import Table
 from mediround.inference.events import InferenceEvents
 from mediround.launch import plan_launch
 from mediround.metrics import Scores
-from mediround.reports.gate import Regression
+from mediround.reports.gate import GateReport
 from mediround.reports.tables import (
     difficulty_table,
     group_table,
+    interval_table,
     missing_table,
     overall_table,
     regression_table,
@@ -182,20 +183,30 @@ def print_report(summary: Mapping[str, Mapping[Any, Scores]], missing: Sequence[
         console.print(missing_table(missing))
 
 
-def print_gate(regressions: Sequence[Regression], failures: Sequence[str], max_drop: float, baseline: Path,
-               scores: str = "scores") -> None:
-    """Say whether the regression gate passed against ``baseline``; when it failed, exit 1 after one line
-    per coverage failure and the table of the ``scores`` that fell by more than ``max_drop`` points."""
-    for reason in failures:
+def print_gate(report: GateReport, scores: str = "scores") -> None:
+    """Say whether the regression gate passed against ``report.baseline``; when it failed, exit 1 after one
+    line per coverage failure and the table of the ``scores`` that fell by more than the allowed drop (the
+    statistical gate: the table of every score with the interval of its drop)."""
+    settings = report.settings
+    at_confidence = "" if settings.confidence is None else f" at {settings.confidence:.0%} confidence"
+    for reason in report.coverage_failures:
         err_console.print(f"[red]gate failed:[/red] {escape(reason)}", soft_wrap=True)
-    if regressions:
-        console.print(regression_table(list(regressions), max_drop))
-        err_console.print(f"[red]gate failed:[/red] {len(regressions)} {scores} fell by more than {max_drop:g} "
-                          f"points against {baseline}", soft_wrap=True)
-    if failures or regressions:
+    if settings.confidence is not None:
+        console.print(interval_table(report.scores, settings))
+    if report.regressions:
+        console.print(regression_table(report.regressions, settings.max_drop))
+    if report.regressions:
+        err_console.print(f"[red]gate failed:[/red] {len(report.regressions)} {scores} fell by more than "
+                          f"{settings.max_drop:g} points{at_confidence} against {report.baseline}", soft_wrap=True)
+    small = list(dict.fromkeys(check.scope for check in report.scores
+                               if check.baseline is not None and check.not_gated is not None))
+    if small:
+        console.print(f"{len(small)} group(s) reported, not gated: {', '.join(small)} "
+                      f"(fewer than {settings.min_group_size} dialogues)", soft_wrap=True)
+    if not report.passed:
         sys.exit(GATE_FAILED_EXIT_CODE)
-    console.print(f"[green]gate passed:[/green] same coverage, and no score fell by more than {max_drop:g} points "
-                  f"against {baseline}", soft_wrap=True)
+    console.print(f"[green]gate passed:[/green] same coverage, and no score fell by more than {settings.max_drop:g} "
+                  f"points{at_confidence} against {report.baseline}", soft_wrap=True)
 
 
 def write_folder_report(folder: str | Path, data: str | Path, root: str | Path | None, allow_outside_root: bool,

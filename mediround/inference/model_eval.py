@@ -32,17 +32,18 @@ from mediround.inference.runner import (
 )
 from mediround.metrics import Scores, aggregate, group_scores, summarize
 from mediround.reports.beta_curve import beta_curve
-from mediround.reports.gate import Regression, compare_rows, coverage_failures
+from mediround.reports.gate import GateReport, run_gate
 from mediround.reports.plots import round_curve
 from mediround.reports.rows import read_rows, write_rows
-from mediround.reports.scoring import EvalConfig, check_replaceable
+from mediround.reports.scoring import EvalConfig, check_replaceable, write_passed_baseline
 
 
 @dataclass
 class ModelEvalConfig:
     """A model-based evaluation: the inference run (every track in one pass), then what to do with the
     scores (``scoring.out``: the rows of every track; ``scoring.plot``: the primary track's per-round
-    curve; ``scoring.baseline``/``max_drop``: the gate), and where to draw the beta-vs-score curve."""
+    curve; ``scoring.baseline``/``gate``: the gate; ``scoring.write_baseline``: where the rows go as the
+    next baseline when it passes), and where to draw the beta-vs-score curve."""
 
     inference: InferenceConfig
     scoring: EvalConfig = field(default_factory=EvalConfig)
@@ -77,8 +78,11 @@ class ModelEvaluation:
     tf_gap: list[RoundGap] = field(default_factory=list)
     beta_plot: Path | None = None
     round_plot: Path | None = None
-    regressions: list[Regression] = field(default_factory=list)
-    gate_failures: list[str] = field(default_factory=list)
+    gate: GateReport | None = None
+    """The gate's verdict on the primary track (without a baseline: on skipped dialogues only)."""
+    manifest: dict = field(default_factory=dict)
+    """The run manifest the rows were written with (``scored_manifest``)."""
+    baseline_written: Path | None = None
 
 
 def primary_track(tracks: Sequence[Track]) -> Track:
@@ -134,10 +138,11 @@ def evaluate_model(
         rows.extend(evaluation.rows)
         problems.extend(evaluation.problems)
     out_path = Path(scoring.out) if scoring.out is not None else Path(config.out) / "metrics.parquet"
-    write_rows(out_path, rows, scored_manifest(config))
+    manifest = scored_manifest(config)
+    write_rows(out_path, rows, manifest)
     primary = primary_track(tracks)
     result = ModelEvaluation(summary, tracks, primary, summaries, rows, out_path, problems,
-                             evaluations[primary.label].missing)
+                             evaluations[primary.label].missing, manifest=manifest)
     primary_rows = evaluations[primary.label].rows
     forced = Track(primary.beta, teacher_forcing=True)
     if not primary.teacher_forcing and forced in tracks:
@@ -149,9 +154,8 @@ def evaluate_model(
     if settings.beta_plot is not None and len(swept) >= 2:
         beta_curve({t.beta: aggregate(evaluations[t.label].rows) for t in swept}, settings.beta_plot)
         result.beta_plot = Path(settings.beta_plot)
-    if baseline_rows is not None:
-        matching = _matching_rows(baseline_rows, Path(baseline), primary)
-        result.regressions = compare_rows(primary_rows, matching, scoring.max_drop)
-        skipped = summary.skipped + evaluations[primary.label].skipped
-        result.gate_failures = coverage_failures(primary_rows, matching, skipped)
+    matching = _matching_rows(baseline_rows, Path(baseline), primary) if baseline_rows is not None else None
+    skipped = summary.skipped + evaluations[primary.label].skipped
+    result.gate = run_gate(primary_rows, matching, skipped, scoring.gate, baseline)
+    result.baseline_written = write_passed_baseline(scoring.write_baseline, result.gate, rows, manifest)
     return result

@@ -22,7 +22,7 @@ from mediround.data.run_manifest import MANIFEST_FILE, check_data_matches, data_
 from mediround.error_log import ERRORS_FILE, read_error_log
 from mediround.errors import DataError
 from mediround.metrics import Scores, pair_counts, summarize
-from mediround.reports.gate import Regression, compare_rows, coverage_failures, read_baseline
+from mediround.reports.gate import GateReport, GateSettings, read_baseline, run_gate
 from mediround.reports.plots import round_curve
 from mediround.reports.rows import REFERENCES, read_run_metadata, write_rows
 
@@ -197,16 +197,27 @@ def scoring_inputs(
     )
 
 
+def write_passed_baseline(path: str | os.PathLike | None, gate: GateReport, rows: Sequence[dict],
+                          manifest: dict | None) -> Path | None:
+    """Write ``rows`` to ``path`` as the next baseline when ``gate`` passed (with a baseline: no score fell
+    and the coverage held; without: nothing was skipped); the path written, or None."""
+    if path is None or not gate.passed:
+        return None
+    write_rows(path, rows, manifest)
+    return Path(path)
+
+
 @dataclass
 class EvalConfig:
-    """What to do after scoring: where to write rows, which baseline to gate against, where to plot, the
-    track the predictions come from (``beta``, ``references``: written into every row) and the run
-    ``manifest`` of the predictions (the rows' file metadata). ``skipped``: dialogues already skipped before
-    scoring (unreadable in the data file, or not predicted); they fail the gate as the scoring's own do."""
+    """What to do after scoring: where to write rows, which baseline to gate against and how (``gate``),
+    where to plot, the track the predictions come from (``beta``, ``references``: written into every row)
+    and the run ``manifest`` of the predictions (the rows' file metadata). ``skipped``: dialogues already
+    skipped before scoring (unreadable in the data file, or not predicted); they fail the gate as the
+    scoring's own do."""
 
     out: Path | None = None
     baseline: Path | None = None
-    max_drop: float = 0.0
+    gate: GateSettings = field(default_factory=GateSettings)
     plot: Path | None = None
     beta: float | None = None
     references: str | None = None
@@ -214,6 +225,8 @@ class EvalConfig:
     skipped: int = 0
     overwrite: bool = False
     """Replace an ``out`` file that holds the metrics of other data (refused otherwise)."""
+    write_baseline: Path | None = None
+    """Also write the rows here, as the next baseline, when the gate passes (``write_passed_baseline``)."""
 
 
 @dataclass
@@ -227,11 +240,12 @@ class Evaluation:
     unmatched: int = 0
     skipped: int = 0
     """Dialogues skipped before or during scoring."""
-    regressions: list[Regression] = field(default_factory=list)
-    gate_failures: list[str] = field(default_factory=list)
-    """Why the run could not be compared with the baseline (``mediround.reports.gate.coverage_failures``)."""
+    gate: GateReport | None = None
+    """The gate's verdict: against ``EvalConfig.baseline``, or, without one, on skipped dialogues only."""
     out: Path | None = None
     plot: Path | None = None
+    baseline_written: Path | None = None
+    """``EvalConfig.write_baseline`` when the gate passed and the rows were written there."""
 
 
 def evaluate_predictions(
@@ -240,7 +254,8 @@ def evaluate_predictions(
     config: EvalConfig,
     advance: Callable[[], None] | None = None,
 ) -> Evaluation:
-    """Score a predictions folder, write the rows, draw the per-round curve and gate against a baseline.
+    """Score a predictions folder, write the rows, draw the per-round curve, gate against a baseline, and
+    write the rows as the next baseline when asked and the gate passed.
 
     Raises ``DataError`` when nothing could be scored (no rows) since there is no score to report, and,
     before scoring, when ``config.out`` holds metrics of other data than ``config.manifest``'s
@@ -255,14 +270,14 @@ def evaluate_predictions(
         raise DataError(str(predictions_dir), None, None, "no round could be scored (no dialogue with ground truth)")
     evaluation = Evaluation(rows=scored.rows, summary=summarize(scored.rows), problems=scored.problems,
                             missing=scored.missing, unmatched=scored.unmatched, skipped=config.skipped + scored.skipped)
-    if config.baseline is not None:
-        # Before writing: the baseline may be the very file this run is about to replace.
-        baseline_rows = read_baseline(config.baseline)
-        evaluation.regressions = compare_rows(scored.rows, baseline_rows, config.max_drop)
-        evaluation.gate_failures = coverage_failures(scored.rows, baseline_rows, evaluation.skipped)
+    # Before writing: the baseline may be the very file this run is about to replace.
+    baseline_rows = read_baseline(config.baseline) if config.baseline is not None else None
+    evaluation.gate = run_gate(scored.rows, baseline_rows, evaluation.skipped, config.gate, config.baseline)
     if config.out is not None:
         write_rows(config.out, scored.rows, config.manifest)
         evaluation.out = Path(config.out)
+    evaluation.baseline_written = write_passed_baseline(config.write_baseline, evaluation.gate, scored.rows,
+                                                        config.manifest)
     if config.plot is not None:
         round_curve(evaluation.summary["round"], config.plot)
         evaluation.plot = Path(config.plot)

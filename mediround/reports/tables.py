@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from mediround.metrics import METRIC_LABELS, METRICS, Scores
-from mediround.reports.gate import Regression
+from mediround.reports.gate import GateSettings, ScoreCheck, interval_text, regressions_first, rule_text
 
 NAMES_TARGET_LABELS = {True: "named in the text", False: "reference only", None: "unknown"}
 GROUP_TITLES = {
@@ -117,15 +117,36 @@ def missing_table(missing: Sequence[tuple[str, int]], limit: int = 20) -> Table:
     return table
 
 
-def regression_table(regressions: Sequence[Regression], max_drop: float) -> Table:
-    """What fell by more than ``max_drop`` points against the baseline."""
+def regression_table(regressions: Sequence[ScoreCheck], max_drop: float) -> Table:
+    """What fell by more than ``max_drop`` points against the baseline (with the interval of each drop
+    under the statistical gate)."""
     table = _table(title=f"Regressions (drop > {max_drop:g} points)")
+    intervals = any(regression.interval is not None for regression in regressions)
     table.add_column("scope")
     table.add_column("metric")
     table.add_column("baseline", justify="right")
     table.add_column("current", justify="right")
     table.add_column("drop", justify="right", style="red")
+    if intervals:
+        table.add_column("interval", justify="right", style="red")
     for regression in regressions:
-        table.add_row(regression.scope, METRIC_LABELS[regression.metric], f"{regression.baseline:.2f}",
-                      f"{regression.current:.2f}", f"{regression.drop:.2f}")
+        cells = [regression.scope, METRIC_LABELS[regression.metric], f"{regression.baseline:.2f}",
+                 f"{regression.current:.2f}", f"{regression.drop:.2f}"]
+        table.add_row(*cells, *([interval_text(regression.interval)] if intervals else []))
+    return table
+
+
+def interval_table(checks: Sequence[ScoreCheck], settings: GateSettings) -> Table:
+    """The statistical gate: the drop of every compared score with its confidence interval, failures first
+    (n: the group's baseline dialogues)."""
+    table = _table(title=f"Gate (x100 points): a score fails when {rule_text(settings)}")
+    table.add_column("scope", overflow="fold", min_width=16)
+    for column in ("metric", "n", "drop", f"{settings.confidence:.0%} interval", "result"):
+        table.add_column(column, justify="left" if column in ("metric", "result") else "right", no_wrap=True)
+    for check in regressions_first(checks):
+        if check.baseline is None:
+            continue
+        table.add_row(check.scope, METRIC_LABELS[check.metric], str(check.dialogues), f"{check.drop:.2f}",
+                      interval_text(check.interval), check.verdict,
+                      style="red" if check.failed else ("dim" if check.not_gated else None))
     return table

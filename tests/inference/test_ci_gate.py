@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from inference_fixtures import SIZE, write_dialogues, write_png
+from junitparser import JUnitXml
 
 from mediround import __version__
 from mediround.data.formats import load_dialogues
@@ -160,3 +161,45 @@ def test_eval_with_a_model_never_replaces_metrics_of_other_data(first_run, check
     # Metrics of the same data are replaced without --overwrite (--resume keeps the predictions folder).
     again = _run(*args, "--resume")
     assert again.exit_code == 0, again.output
+
+
+def test_a_refused_run_still_writes_its_junit_and_markdown_saying_why(first_run, tmp_path):
+    _, folder, _ = first_run
+    other = write_dialogues(tmp_path / "other", n_dialogues=2, n_rounds=2, seed=5, name="dialogues.jsonl")
+    junit, summary = tmp_path / "reports" / "junit.xml", tmp_path / "reports" / "summary.md"
+    refused = _run("eval", other, "--predictions", folder, "--baseline", folder / "metrics.parquet",
+                   "--junit-xml", junit, "--summary-md", summary)
+    assert refused.exit_code == 2, refused.output
+    [suite] = list(JUnitXml.fromfile(str(junit)))
+    [case] = list(suite)
+    assert (case.classname, case.name, suite.failures) == ("mediround.gate", "input", 1)
+    assert "differs" in case.result[0].message and "--force" in case.result[0].message
+    assert summary.read_text().startswith("### MediRound eval: refused") and "differs" in summary.read_text()
+
+
+def test_the_junit_properties_carry_the_run_manifest(first_run, tmp_path):
+    data, folder, _ = first_run
+    junit = tmp_path / "junit.xml"
+    result = _run("eval", "--baseline", folder / "metrics.parquet", "--junit-xml", junit)
+    assert result.exit_code == 0, result.output
+    [suite] = list(JUnitXml.fromfile(str(junit)))
+    properties = {prop.name: prop.value for prop in suite.properties()}
+    manifest = json.loads((folder / "run.json").read_text())
+    assert properties["data_sha256"] == data_sha256(data) == manifest["data_sha256"]
+    assert properties["model_manifest_sha256"] == manifest["model_manifest_sha256"]
+    assert properties["mediround_version"] == properties["gate.mediround_version"] == __version__
+    assert suite.failures == 0 and suite.tests == 3 * 3 + 4  # overall, rounds 1-2; four coverage checks
+
+
+def test_eval_with_a_model_writes_the_reports_and_the_next_baseline(first_run, checkpoint, tmp_path):
+    data, folder, _ = first_run
+    junit, summary, next_baseline = tmp_path / "junit.xml", tmp_path / "summary.md", tmp_path / "next.parquet"
+    result = _run("eval", data, "--model", checkpoint, "--cpu", "--beta", "0.6", "--predictions-out", tmp_path / "run",
+                  "--baseline", folder / "metrics.parquet", "--junit-xml", junit, "--summary-md", summary,
+                  "--write-baseline", next_baseline)
+    assert result.exit_code == 0, result.output
+    assert "gate passed" in result.output and "next baseline written" in result.output
+    assert read_rows(next_baseline) == read_rows(tmp_path / "run" / "metrics.parquet")
+    [suite] = list(JUnitXml.fromfile(str(junit)))
+    assert suite.failures == 0 and {prop.name for prop in suite.properties()} >= {"data_sha256", "model_manifest_sha256"}
+    assert summary.read_text().startswith("### MediRound eval: gate passed")
