@@ -140,9 +140,9 @@ def test_predictions_folder_given_as_data_is_named_with_the_command_that_scores_
     result = CliRunner().invoke(cli, ["eval", str(predictions)])
     assert result.exit_code == 2
     # No run manifest (the folder was written by hand): it cannot name its data, so DATA stays in the hint.
-    assert result.output.strip().splitlines() == [
-        f"error: {predictions}: is a predictions folder (it holds predictions.jsonl), not data with ground truth: "
-        f"score it with `mediround eval DATA --predictions {predictions}`"]
+    expected = (f"error: {predictions}: is a predictions folder (it holds predictions.jsonl), not data with ground "
+                f"truth: score it with `mediround eval DATA --predictions {predictions}`")
+    assert result.output.strip().splitlines() == [expected]
     (predictions / "run.json").write_text(json.dumps({"data": str(dataset / "data.jsonl")}), encoding="utf-8")
     result = CliRunner().invoke(cli, ["eval", str(predictions), "--model", str(dataset)])
     assert result.exit_code == 2
