@@ -3,7 +3,8 @@ jcm-tiny-cpu recipes with validation on: the loss curve and the validation score
 one process with the same global batch, two real ranks, kill + --resume equal to the uninterrupted run, a
 checkpoint without pickle that infer loads without DeepSpeed, and train-jcm under ZeRO-2 (its evaluation
 gathered from both processes) against its one-process run. Slow: four launches of two processes (DeepSpeed
-JIT-builds a comm op on first use); the one-process references run in this process."""
+JIT-builds a comm op on first use); the one-process references run in this process. Fast: the check that
+refuses a process Accelerate counts otherwise than torch.distributed."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,6 +23,8 @@ from safetensors.torch import load_file
 
 from mediround.data.formats import load_dialogues
 from mediround.default_model import default_checkpoint
+from mediround.errors import LaunchError
+from mediround.training.engine import process_group
 from mediround.training.logging import read_events
 from mediround.training.recipe import SHIPPED_RECIPES, load_jcm_recipe, load_recipe
 from mediround.training.stage1 import run_training
@@ -101,6 +105,16 @@ def assert_same_validation(run: Path, reference: Path, step: int, scores: bool) 
     for row, want in zip(rows, expected):
         if scores:
             assert [row[k] for k in SCORES] == pytest.approx([want[k] for k in SCORES], rel=1e-6, abs=1e-12), row
+
+
+def test_a_process_accelerate_counts_otherwise_than_torch_distributed_is_refused(monkeypatch):
+    """What the run checks before training: Accelerate's gather_object would size its results by its count."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    assert process_group(SimpleNamespace(num_processes=2, process_index=1)) == (2, 1)
+    with pytest.raises(LaunchError, match="process rank 1 of 2: Accelerate counts it as rank 0 of 1"):
+        process_group(SimpleNamespace(num_processes=1, process_index=0))
 
 
 @pytest.mark.slow
