@@ -8,9 +8,11 @@ from typing import Any
 import click
 from rich.table import Table
 
-from mediround.data.run_manifest import find_predictions_folder
+from mediround.data.predictions import PREDICTIONS_FILE, is_predictions_folder
+from mediround.data.run_manifest import MANIFEST_FILE, find_predictions_folder
 from mediround.default_model import default_checkpoint, default_model_notice
 from mediround.error_log import ERRORS_FILE
+from mediround.errors import DataError
 from mediround.reports.scoring import EvalConfig, Evaluation, evaluate_predictions, scoring_inputs
 from mediround_cli.common import console, err_console, exit_skipped, handle_errors
 from mediround_cli.eval_model import ModelOptions, evaluate_with_model, model_options
@@ -88,6 +90,11 @@ def eval_command(
         raise click.UsageError("--predictions and --model exclude each other")
     if data is None and model_path is not None:
         raise click.UsageError("--model needs DATA")
+    if data is not None and is_predictions_folder(data):
+        # Without a run manifest the folder does not name its data, so DATA must still be given.
+        data_argument = "" if (data / MANIFEST_FILE).is_file() else "DATA "
+        raise DataError(str(data), None, None, f"is a predictions folder (it holds {PREDICTIONS_FILE}), not data with "
+                        f"ground truth: score it with `mediround eval {data_argument}--predictions {data}`")
     if data is not None and predictions_dir is None:
         if model_path is None:
             model_path = default_checkpoint()

@@ -139,7 +139,7 @@ def run_training_command(
                            allow_partial_load=launch.allow_partial_load, deepspeed_config=launched_deepspeed_config())
         finally:
             display.progress.stop()
-        # RANK (set by the launcher), not Accelerate's state: under DeepSpeed on CPU that reads "main" everywhere.
+        # RANK is set by the launcher in every process: only rank 0 prints the summary.
         if int(os.environ.get("RANK", "0")) == 0:
             print_summary(view, result)
 

@@ -135,6 +135,23 @@ def test_bad_predictions_file_is_one_line_error_naming_line_and_field(dataset):
     assert "Traceback" not in result.output
 
 
+def test_predictions_folder_given_as_data_is_named_with_the_command_that_scores_it(dataset):
+    predictions = dataset / "predictions"
+    result = CliRunner().invoke(cli, ["eval", str(predictions)])
+    assert result.exit_code == 2
+    # No run manifest (the folder was written by hand): it cannot name its data, so DATA stays in the hint.
+    expected = (f"error: {predictions}: is a predictions folder (it holds predictions.jsonl), not data with ground "
+                f"truth: score it with `mediround eval DATA --predictions {predictions}`")
+    assert result.output.strip().splitlines() == [expected]
+    (predictions / "run.json").write_text(json.dumps({"data": str(dataset / "data.jsonl")}), encoding="utf-8")
+    result = CliRunner().invoke(cli, ["eval", str(predictions), "--model", str(dataset)])
+    assert result.exit_code == 2
+    assert result.output.strip().endswith(f"score it with `mediround eval --predictions {predictions}`")
+    assert "SA-Med2D" not in result.output and len(result.output.strip().splitlines()) == 1
+    # The command it suggests scores the folder.
+    assert _run("--predictions", predictions).exit_code == 0
+
+
 def test_scoring_path_does_not_import_torch():
     code = ("import sys, mediround_cli.eval, mediround.reports.scoring, mediround.reports.gate; "
             "print('torch' in sys.modules)")

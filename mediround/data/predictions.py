@@ -104,6 +104,11 @@ def read_predictions(predictions_dir: str | os.PathLike) -> dict[tuple[str, int]
     return records
 
 
+def is_predictions_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a predictions folder (one holding ``predictions.jsonl``), not data to score against."""
+    return (Path(path) / PREDICTIONS_FILE).is_file()
+
+
 def complete_dialogue_ids(
     records: Mapping[tuple[str, int], dict], rounds_per_dialogue: Mapping[str, int]
 ) -> set[str]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
 from mediround.atomic import write_json
 from mediround.data.formats import load_dialogues
@@ -211,13 +211,18 @@ def run_stage(
     AcceleratorState._reset_state()
     mixed_precision = recipe.resolved_mixed_precision(on_gpu=not cpu)
     plugin = None
+    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=recipe.train.find_unused_parameters)]
     if deepspeed_config is not None:
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_settings(deepspeed_config, recipe, mixed_precision))
+        if cpu:
+            # Accelerate finds no backend for DeepSpeed on CPU and then counts one process in each, so its
+            # gather_object sizes its list for one rank and fails; naming gloo makes it count torch.distributed's.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
         cpu=cpu and plugin is None,
         mixed_precision=mixed_precision,
         deepspeed_plugin=plugin,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.train.find_unused_parameters)],
+        kwargs_handlers=handlers,
         log_with=recipe.log.report_to or None,
         project_dir=recipe.output,
     )
@@ -247,11 +252,16 @@ def flat_scalars(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def process_group(accelerator: Accelerator) -> tuple[int, int]:
-    """This run's world size and rank. torch.distributed decides: under DeepSpeed on CPU, Accelerate
-    reports 1 and 0 in every process."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return accelerator.num_processes, accelerator.process_index
+    """This run's world size and rank, as torch.distributed counts them. Accelerate must count the same:
+    its ``gather_object`` (validation) sizes what it gathers by its own count, which under DeepSpeed on CPU
+    reads 1 in every process unless ``run_stage`` names the gloo backend."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return accelerator.num_processes, accelerator.process_index
+    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if (accelerator.num_processes, accelerator.process_index) != (world_size, rank):
+        raise LaunchError(f"process rank {rank} of {world_size}: Accelerate counts it as rank "
+                          f"{accelerator.process_index} of {accelerator.num_processes}; refusing to run")
+    return world_size, rank
 
 
 def deepspeed_settings(path: str, recipe: RunRecipe, mixed_precision: str) -> dict:
@@ -293,7 +303,6 @@ class TrainingEngine:
         self.output = Path(recipe.output)
         self.checkpoints = self.output / "checkpoints"
         self.log: TrainingLog | None = None
-        # Rank 0 of torch.distributed only: under DeepSpeed on CPU every process reads as Accelerate's main one.
         self.report_to = recipe.log.report_to if self.is_main else []
 
     def emit(self, event: Event) -> None:
