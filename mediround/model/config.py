@@ -82,7 +82,8 @@ class TinyVisionConfig:
     hidden_size: int = 64
     intermediate_size: int = 256
     num_layers: int = 3
-    num_heads: int = 4
+    num_heads: Annotated[int, BEHAVIOUR] = 4
+    """CLIP's q/k/v projections are hidden x hidden whatever the number of heads: no count changes."""
 
 
 @typed_config
@@ -95,7 +96,8 @@ class TinyTextConfig:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    max_positions: int = 4096
+    max_positions: Annotated[int, BEHAVIOUR] = 4096
+    """Rotary positions: no weights."""
     vocab_size: int = 2000
 
 
