@@ -63,8 +63,8 @@ def _adapter(cls: type) -> TypeAdapter:
 
 
 def check(rule: Callable[[Any], bool], reason: str) -> AfterValidator:
-    """A rule on a field's value, declared beside its type (``Annotated[float, check(...)]``): a value for
-    which ``rule`` is false is refused with ``reason``, where ``{value}`` is the value as the file writes it."""
+    """A rule on a field's value, declared beside its type (``Annotated[float, check(...)]``): a value
+    for which ``rule`` is false is refused with ``reason`` (``{value}`` in it: the value as a file writes it)."""
 
     def validate(value: Any) -> Any:
         if not rule(value):
@@ -118,11 +118,13 @@ def _one_line(cls: type, problem: dict, source: str, where: str) -> str:
     if kind in _BOUNDS:
         name, wording = _BOUNDS[kind]
         bound = ctx[name]
-        # The value as the field holds it (a float field shows -1 as -1.0), as ``check`` reasons show it.
-        shown = type(bound)(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         if bound == 0 and kind in ("greater_than_equal", "greater_than"):
             wording = "must not be negative" if kind == "greater_than_equal" else "must be positive"
-        return f"{source}: key '{key}': {wording.format(bound=bound if isinstance(bound, int) else f'{bound:g}')}, got {shown}"
+        # The value as the field holds it (a float field shows -1 as -1.0), as ``check`` reasons show it.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = type(bound)(value)
+        shown_bound = bound if isinstance(bound, int) else f"{bound:g}"
+        return f"{source}: key '{key}': {wording.format(bound=shown_bound)}, got {value}"
     expected = _EXPECTED.get(kind.split("_")[0])
     if expected is None:
         return f"{source}: key '{key}': {problem['msg']}, got {value!r}"

@@ -110,10 +110,11 @@ class MLLMConfig:
     tiny_vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)
     tiny_text: TinyTextConfig = field(default_factory=TinyTextConfig)
     vision_feature_layer: Annotated[int, BEHAVIOUR] = -2
-    crop_tokens: Annotated[int, BEHAVIOUR, check(_cls_plus_grid, "must be 1 (CLS) or 1 + g*g (CLS plus a g x g "
-                                                 "grid of pooled patches), got {value}")] = 1
+    crop_tokens: Annotated[int, BEHAVIOUR, check(_cls_plus_grid, "must be 1 (CLS) or 1 + g*g (CLS plus a "
+                                                 "g x g grid of pooled patches), got {value}")] = 1
     crop_size: Annotated[int | None, BEHAVIOUR] = None
-    system_prompt: Annotated[str, BEHAVIOUR] = "You are a medical imaging assistant that segments what the user asks for."
+    system_prompt: Annotated[str, BEHAVIOUR] = (
+        "You are a medical imaging assistant that segments what the user asks for.")
     seed: Annotated[int, BEHAVIOUR] = 0
 
 
@@ -257,8 +258,9 @@ class MediRoundConfig:
         MediRoundConfig.from_dict(self.to_dict())
 
 
-def key_settings(section: type = MediRoundConfig, prefix: str = "", inherited: Setting = SHAPE) -> dict[str, Setting]:
-    """Every leaf key of ``section`` (dotted) with its ``Setting``: its own, else its section's, else ``SHAPE``."""
+def key_settings(section: type = MediRoundConfig, prefix: str = "",
+                 inherited: Setting = SHAPE) -> dict[str, Setting]:
+    """Every leaf key of ``section`` (dotted) with its ``Setting``: its own, else its section's, else SHAPE."""
     settings = {}
     hints = typing.get_type_hints(section, include_extras=True)
     for item in dataclasses.fields(section):

@@ -47,9 +47,12 @@ def tiny_with_entities() -> MediRoundConfig:
 
 def flipped(key: str, value: typing.Any, hint: typing.Any, moved: Path) -> typing.Any:
     """Another valid value of ``key``."""
-    # The tiny tokenizer's corpus holds under 1,000 tokens to learn: a larger vocab_size gives the same vocabulary.
-    special = {"mllm.source": str(moved), "mllm.crop_tokens": 5, "mllm.crop_size": 224, "mllm.tiny_text.vocab_size": 500,
-               "segmenter.checkpoint": "/elsewhere/medsam.pth", "lora.target_modules": r".*language_model.*\.q_proj"}
+    special = {
+        "mllm.source": str(moved), "mllm.crop_tokens": 5, "mllm.crop_size": 224,
+        # The tiny tokenizer's corpus has under 1,000 tokens to learn: a larger vocab_size gives the same one.
+        "mllm.tiny_text.vocab_size": 500,
+        "segmenter.checkpoint": "/elsewhere/medsam.pth", "lora.target_modules": r".*language_model.*\.q_proj",
+    }
     if key in special:
         return special[key]
     if typing.get_origin(hint) is typing.Literal:
