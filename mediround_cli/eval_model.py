@@ -15,6 +15,7 @@ import click
 from rich.table import Table
 
 from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
+from mediround.metrics import METRIC_LABELS, METRICS
 from mediround.reports.scoring import EvalConfig
 from mediround_cli.common import console, err_console, exit_skipped
 from mediround_cli.gate_options import GateOptions, finish_gate
@@ -34,6 +35,8 @@ from mediround_cli.partial_load import allow_partial_load_option, print_load_rep
 if TYPE_CHECKING:
     from mediround.inference.model_eval import ModelEvalConfig, ModelEvaluation
 
+GAP_METRICS = ("dice", "ciou")
+"""The metrics of the error-propagation table (of ``mediround.metrics.METRICS``)."""
 MODEL_OPTIONS = (
     click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path),
                  help="Run this checkpoint on DATA and score its predictions (instead of --predictions) "
@@ -71,7 +74,7 @@ def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def tracks_table(evaluation: ModelEvaluation) -> Table:
     table = Table(title="Overall per track (x100)")
-    for column in ("beta", "references", "masks", "Dice", "gIoU", "cIoU", "refined"):
+    for column in ("beta", "references", "masks", *(METRIC_LABELS[metric] for metric in METRICS), "refined"):
         table.add_column(column, justify="left" if column in ("beta", "references") else "right")
     for track in evaluation.tracks:
         scores = evaluation.summaries[track]["overall"][None]
@@ -79,19 +82,19 @@ def tracks_table(evaluation: ModelEvaluation) -> Table:
         refined = sum(1 for r in rows if r.get("refined"))
         style = "bold" if track == evaluation.primary else None
         table.add_row("off" if track.beta is None else f"{track.beta:g}", track.references, str(scores.count),
-                      f"{scores.points('dice'):.1f}", f"{scores.points('giou'):.1f}", f"{scores.points('ciou'):.1f}",
-                      f"{refined}/{len(rows)}", style=style)
+                      *(f"{scores.points(metric):.1f}" for metric in METRICS), f"{refined}/{len(rows)}", style=style)
     return table
 
 
 def gap_table(evaluation: ModelEvaluation) -> Table:
     table = Table(title=f"Error propagation per round ({evaluation.primary.label}; x100, ground truth - predicted)")
-    for column in ("round", "Dice pred", "Dice GT-ref", "Dice gap", "cIoU pred", "cIoU GT-ref", "cIoU gap"):
-        table.add_column(column, justify="right")
+    table.add_column("round", justify="right")
+    for metric in GAP_METRICS:
+        for column in ("pred", "GT-ref", "gap"):
+            table.add_column(f"{METRIC_LABELS[metric]} {column}", justify="right")
     for gap in evaluation.tf_gap:
-        table.add_row(str(gap.round), f"{gap.predicted.points('dice'):.1f}", f"{gap.teacher_forced.points('dice'):.1f}",
-                      f"{gap.gap('dice'):+.1f}", f"{gap.predicted.points('ciou'):.1f}",
-                      f"{gap.teacher_forced.points('ciou'):.1f}", f"{gap.gap('ciou'):+.1f}")
+        table.add_row(str(gap.round), *(cell for metric in GAP_METRICS for cell in (
+            f"{gap.predicted.points(metric):.1f}", f"{gap.teacher_forced.points(metric):.1f}", f"{gap.gap(metric):+.1f}")))
     return table
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
+from mediround.metrics import METRIC_LABELS, METRICS
 from mediround.training.engine import TrainingResult
-from mediround.training.events import CHAINED_TRACK, TEACHER_FORCED_TRACK, StepLogged, Validated
+from mediround.training.events import CHAINED_TRACK, TEACHER_FORCED_TRACK, StepLogged, TrackScores, Validated
 from mediround.training.recipe import PAPER_RECIPE, check_output, load_recipe, recorded_init_from
 from mediround.training.stage1 import run_training
 from mediround_cli.common import handle_errors
@@ -51,13 +52,16 @@ def _per_round(rounds: dict[int, float]) -> str:
 
 def _validation_lines(event: Validated) -> list[str]:
     forced = event.tracks[TEACHER_FORCED_TRACK]
-    lines = [(f"validation step {event.step}: teacher-forced Dice {forced.dice:.4f} gIoU {forced.giou:.4f} "
-              f"cIoU {forced.ciou:.4f} loss {event.loss:.4f} | per round Dice {_per_round(forced.rounds)}")]
+    lines = [(f"validation step {event.step}: teacher-forced {_scores(forced)} loss {event.loss:.4f} | per round "
+              f"Dice {_per_round(forced.rounds)}")]
     chained = event.tracks.get(CHAINED_TRACK)
     if chained is not None:
-        lines.append(f"  chained from own masks: Dice {chained.dice:.4f} gIoU {chained.giou:.4f} "
-                     f"cIoU {chained.ciou:.4f} | per round Dice {_per_round(chained.rounds)}")
+        lines.append(f"  chained from own masks: {_scores(chained)} | per round Dice {_per_round(chained.rounds)}")
     return lines
+
+
+def _scores(track: TrackScores) -> str:
+    return " ".join(f"{METRIC_LABELS[metric]} {getattr(track, metric):.4f}" for metric in METRICS)
 
 
 def _summary_rows(result: TrainingResult) -> list[tuple[str, str]]:

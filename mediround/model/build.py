@@ -11,8 +11,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from mediround.errors import RecipeError
-from mediround.model.config import MediRoundConfig
+from mediround.model.config import PARTS, MediRoundConfig, Part
 from mediround.model.mediround import MediRound
 from mediround.model.mllm import load_llava
 from mediround.model.segmenter import load_sam
@@ -59,8 +58,6 @@ def build_model(
 def _wrap_language_model(llava: nn.Module, tokenizer: PreTrainedTokenizerBase, config: MediRoundConfig) -> nn.Module:
     mode, embeddings = config.trainable.language_model, config.trainable.token_embeddings
     if mode != "lora":
-        if embeddings == "rows":
-            raise RecipeError("model config: field 'trainable.token_embeddings': 'rows' needs language_model 'lora'")
         return llava
     lora = config.lora
     settings = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": lora.target_modules}
@@ -77,8 +74,19 @@ def _wrap_language_model(llava: nn.Module, tokenizer: PreTrainedTokenizerBase, c
         return get_peft_model(llava, LoraConfig(**settings))
 
 
+def part_module(model: MediRound, part: Part) -> nn.Module | None:
+    """The module ``part`` names in ``model`` (None for a head the config leaves out: the entity head)."""
+    module = model
+    for name in part.module.split("."):
+        module = getattr(module, name)
+        if module is None:
+            return None
+    return module
+
+
 def apply_trainability(model: MediRound) -> None:
-    """Set ``requires_grad`` on every parameter from ``config.trainable`` (peft already froze the base)."""
+    """Set ``requires_grad`` on every parameter from ``config.trainable`` (peft already froze the base):
+    the language model by its mode, each ``Part`` by its switch, in declaration order."""
     switches = model.config.trainable
     llava = model.llava
     lm_owned = switches.language_model == "lora"
@@ -87,23 +95,10 @@ def apply_trainability(model: MediRound) -> None:
             param.requires_grad_(False)
         elif not lm_owned:
             param.requires_grad_(switches.language_model == "full" and ".language_model." in name)
-    groups: list[tuple[bool, nn.Module]] = [
-        (switches.sam_image_encoder, model.sam.image_encoder),
-        (switches.sam_prompt_encoder, model.sam.prompt_encoder),
-        (switches.sam_mask_decoder, model.sam.mask_decoder),
-        (switches.clip_tower, llava.model.vision_tower),
-        (switches.projector, llava.model.multi_modal_projector),
-        (switches.box_encoder, model.box_encoder),
-        (switches.seg_projection, model.seg_projection),
-        (switches.jcm, model.jcm),
-    ]
-    if model.entity_head is not None:
-        groups.append((switches.entity_head, model.entity_head))
-    for flag, module in groups:
-        if flag:
-            module.requires_grad_(True)
-    if not switches.sam_iou_head:
-        model.sam.mask_decoder.iou_prediction_head.requires_grad_(False)
+    for switch, part in PARTS.items():
+        module = part_module(model, part)
+        if module is not None:
+            module.requires_grad_(getattr(switches, switch))
     if not lm_owned and switches.token_embeddings == "full":
         llava.get_input_embeddings().requires_grad_(True)
         llava.get_output_embeddings().requires_grad_(True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -38,15 +39,17 @@ from transformers import AutoTokenizer
 
 from mediround.atomic import write_json
 from mediround.errors import CheckpointError, RecipeError
-from mediround.model.build import apply_trainability, build_model
-from mediround.model.config import MediRoundConfig
+from mediround.model.build import apply_trainability, build_model, part_module
+from mediround.model.config import PARTS, MediRoundConfig
 from mediround.model.load_report import LoadReport, load_into, report_from_lists
 from mediround.model.mediround import MediRound
 
 FORMAT = "mediround-checkpoint/1"
-HEAD_MODULES = ("seg_projection", "box_encoder", "jcm", "sam.mask_decoder", "entity_head")
-SAM_IN_HEADS = "mask_decoder."
-"""SAM keys that ``heads.safetensors`` holds, so ``base_sam.safetensors`` leaves them out."""
+HEAD_PARTS = tuple(part for part in PARTS.values() if part.heads_file)
+"""The modules ``heads.safetensors`` holds whole (``config.Part.heads_file``)."""
+SAM_IN_HEADS = tuple(part.module.removeprefix("sam.") + "." for part in HEAD_PARTS if part.module.startswith("sam."))
+"""Prefixes of the SAM keys that ``heads.safetensors`` holds, so ``base_sam.safetensors`` leaves them out."""
+_SAM_IN_HEADS_PATTERN = "|".join(f"^{re.escape(prefix)}" for prefix in SAM_IN_HEADS)
 ADAPTER_MARKERS = ("lora_", "modules_to_save", "trainable_tokens_delta")
 
 
@@ -69,11 +72,10 @@ def _adapter_owned(name: str) -> bool:
 def head_state(model: MediRound) -> dict[str, torch.Tensor]:
     """Trained weights outside the adapter: the head modules plus every other trainable parameter."""
     state = {}
-    for prefix in HEAD_MODULES:
-        if getattr(model, prefix.split(".")[0]) is None:
-            continue  # the entity head exists only when the config names entities
-        module = model.get_submodule(prefix)
-        state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    for part in HEAD_PARTS:
+        module = part_module(model, part)
+        if module is not None:  # the entity head exists only when the config names entities
+            state.update({f"{part.module}.{k}": v for k, v in module.state_dict().items()})
     for name, param in model.named_parameters():
         if param.requires_grad and not _adapter_owned(name):
             state[name] = param
@@ -208,7 +210,7 @@ def load_checkpoint(
                 llava.get_output_embeddings().weight[base_vocab:] = rows["lm_head"]
         sam_file = folder / "base_sam.safetensors"
         if sam_file.is_file():
-            reports.append(load_into(sam, _read(sam_file), str(sam_file), expected_missing=f"^{SAM_IN_HEADS}",
+            reports.append(load_into(sam, _read(sam_file), str(sam_file), expected_missing=_SAM_IN_HEADS_PATTERN,
                                      allow_partial=allow_partial))
 
     model = build_model(config, tokenizer=tokenizer, device=device, allow_partial=allow_partial, on_base=load_base)

@@ -2,30 +2,74 @@
 
 Every component is built from this config and nothing else, so a checkpoint's ``config.json`` is enough
 to rebuild the model. ``MediRoundConfig.to_dict``/``from_dict`` round-trip through JSON;
-``mediround.typed`` checks every key and type (one ``RecipeError`` line naming the dotted key).
+``mediround.typed`` checks every key, type and value (one ``RecipeError`` line naming the dotted key).
+
+What the rest of the tool needs to know of a key is declared on the key, so that a new key or module is
+added in one place: a ``Setting`` says whether the key changes a parameter count (``memory.known_sizes``)
+and whether a fine-tune may change it (``FINE_TUNE_KEYS``); a ``Part`` on a ``Trainability`` switch names
+the module it trains and whether a checkpoint saves it with the heads (``PARTS``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
 
 from mediround.atomic import write_json
 from mediround.errors import RecipeError
-from mediround.typed import load_typed, typed_config
+from mediround.typed import check, load_typed, refuse, typed_config
 
-SAM_VARIANTS = ("tiny", "vit_b", "vit_l", "vit_h")
-PRECISIONS = ("fp32", "bf16", "fp16")
-SAM_NORMALISATIONS = ("sam", "medsam")
-LM_MODES = ("lora", "full", "frozen")
-SEG_STATES = ("at_seg", "before_seg")
-JCM_REFINES = ("residual", "direct")
-JCM_ROUNDS = ("all", "referred")
-REFERENCE_TOKENS = ("crop+box", "crop", "box")
-EMBEDDING_MODES = ("full", "rows", "frozen")
+
+@dataclass(frozen=True)
+class Setting:
+    """What a config key is to the tool besides the component that reads it."""
+
+    counts: bool
+    """It may change a parameter count (``known_sizes`` gives no sizes for a value other than the preset's)."""
+    fine_tunable: bool
+    """An ``init_from`` checkpoint's config may hold another value (its weights still fit)."""
+
+
+SHAPE = Setting(counts=True, fine_tunable=False)
+"""The undeclared default: the key shapes the weights (a size, a layer layout, what is trained)."""
+BEHAVIOUR = Setting(counts=False, fine_tunable=False)
+"""Changes what the model computes from its weights, not their number (seeds, prompts, conventions)."""
+RUNTIME = Setting(counts=False, fine_tunable=True)
+"""Where the base weights lie, the loss weights, dropout and how compute runs."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """The module of MediRound that a ``Trainability`` switch trains, declared on the switch."""
+
+    module: str
+    """Its path from the MediRound (``llava.`` reaches the LLaVA model inside peft's wrapper); a part may lie
+    inside an earlier one (the IoU head in the mask decoder), whose switch it then overrides."""
+    heads_file: bool = False
+    """Its weights are saved in a checkpoint's ``heads.safetensors`` (with every other trained weight the
+    LoRA adapter does not hold)."""
+
+
+SamVariant = Literal["tiny", "vit_b", "vit_l", "vit_h"]
+Precision = Literal["fp32", "bf16", "fp16"]
+SamNormalisation = Literal["sam", "medsam"]
+LanguageModelMode = Literal["lora", "full", "frozen"]
+EmbeddingMode = Literal["full", "rows", "frozen"]
+SegState = Literal["at_seg", "before_seg"]
+JcmRefine = Literal["residual", "direct"]
+JcmRounds = Literal["all", "referred"]
+ReferenceTokens = Literal["crop+box", "crop", "box"]
+
+
+def _cls_plus_grid(tokens: int) -> bool:
+    grid = round((tokens - 1) ** 0.5)
+    return tokens >= 1 and grid * grid == tokens - 1
 
 
 @typed_config
@@ -38,7 +82,8 @@ class TinyVisionConfig:
     hidden_size: int = 64
     intermediate_size: int = 256
     num_layers: int = 3
-    num_heads: int = 4
+    num_heads: Annotated[int, BEHAVIOUR] = 4
+    """CLIP's q/k/v projections are hidden x hidden whatever the number of heads: no count changes."""
 
 
 @typed_config
@@ -51,7 +96,8 @@ class TinyTextConfig:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    max_positions: int = 4096
+    max_positions: Annotated[int, BEHAVIOUR] = 4096
+    """Rotary positions: no weights."""
     vocab_size: int = 2000
 
 
@@ -60,14 +106,16 @@ class TinyTextConfig:
 class MLLMConfig:
     """The LLaVA model: ``source`` is ``"tiny"`` (built from config) or an HF-format LLaVA folder."""
 
-    source: str = "tiny"
+    source: Annotated[str, RUNTIME] = "tiny"
     tiny_vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)
     tiny_text: TinyTextConfig = field(default_factory=TinyTextConfig)
-    vision_feature_layer: int = -2
-    crop_tokens: int = 1
-    crop_size: int | None = None
-    system_prompt: str = "You are a medical imaging assistant that segments what the user asks for."
-    seed: int = 0
+    vision_feature_layer: Annotated[int, BEHAVIOUR] = -2
+    crop_tokens: Annotated[int, BEHAVIOUR, check(_cls_plus_grid, "must be 1 (CLS) or 1 + g*g (CLS plus a "
+                                                 "g x g grid of pooled patches), got {value}")] = 1
+    crop_size: Annotated[int | None, BEHAVIOUR] = None
+    system_prompt: Annotated[str, BEHAVIOUR] = (
+        "You are a medical imaging assistant that segments what the user asks for.")
+    seed: Annotated[int, BEHAVIOUR] = 0
 
 
 @typed_config
@@ -75,17 +123,17 @@ class MLLMConfig:
 class SegmenterConfig:
     """The SAM/MedSAM backbone: ``variant`` picks the layout, ``checkpoint`` an optional .pth state dict."""
 
-    variant: str = "tiny"
-    checkpoint: str | None = None
+    variant: SamVariant = "tiny"
+    checkpoint: Annotated[str | None, RUNTIME] = None
     image_size: int = 1024
-    normalisation: str = "sam"
+    normalisation: Annotated[SamNormalisation, BEHAVIOUR] = "sam"
     tiny_patch_size: int = 8
     tiny_width: int = 64
     tiny_depth: int = 2
     tiny_heads: int = 2
     tiny_window: int = 4
     decoder_mlp_dim: int = 2048
-    seed: int = 1
+    seed: Annotated[int, BEHAVIOUR] = 1
 
 
 @typed_config
@@ -95,24 +143,24 @@ class HeadsConfig:
 
     seg_dim: int = 256
     jcm_hidden: int = 512
-    seed: int = 2
+    seed: Annotated[int, BEHAVIOUR] = 2
     box_fourier_features: int = 0
     """0: the paper's ``Linear(4, hidden)`` box token; n > 0: also n random Fourier features of the box."""
     entity_names: list[str] = field(default_factory=list)
     """Classes of the entity head (``loss.entity``); filled from the training data when left empty."""
-    seg_state: str = "at_seg"
+    seg_state: Annotated[SegState, BEHAVIOUR] = "at_seg"
     """Which last-layer hidden state is h_c: ``at_seg`` (the state of the [SEG] token itself) or
     ``before_seg`` (the state that emits [SEG], the authors' and LISA's convention)."""
-    jcm_refine: str = "residual"
+    jcm_refine: Annotated[JcmRefine, BEHAVIOUR] = "residual"
     """``residual``: refine(h) = h + MLP(h), last layer zero-initialised (starts as the identity);
     ``direct``: refine(h) = MLP(h), the authors' form."""
-    jcm_rounds: str = "all"
+    jcm_rounds: Annotated[JcmRounds, BEHAVIOUR] = "all"
     """Rounds JCM judges and refines at inference: ``all``, or ``referred`` (only rounds whose mask a
     later round refers to; the others decode raw, as the authors' evaluation does)."""
-    reference_tokens: str = "crop+box"
+    reference_tokens: Annotated[ReferenceTokens, BEHAVIOUR] = "crop+box"
     """Tokens a referring round carries: ``crop+box`` (the paper's), or only ``crop`` or only ``box``, an
     ablation that shows what each carries (docs/learning.md); not a deviation in any shipped 7B recipe."""
-    reference_min_fragment: float = 0.0
+    reference_min_fragment: Annotated[float, BEHAVIOUR, Field(ge=0, lt=1)] = 0.0
     """0: a reference's crop and box cover every pixel of the referenced mask (the paper's). f in (0, 1):
     the mask's 8-connected parts holding less than f of its foreground are left out first, so that stray
     pixels of a predicted mask do not stretch the box (docs/model.md). Not a deviation in any 7B recipe."""
@@ -124,8 +172,8 @@ class LoraSettings:
     """LoRA on the language model only (the regex keeps CLIP's q_proj/v_proj out)."""
 
     r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    alpha: Annotated[int, BEHAVIOUR] = 16
+    dropout: Annotated[float, RUNTIME] = 0.05
     target_modules: str = r".*language_model.*\.(q_proj|v_proj)"
 
 
@@ -148,20 +196,28 @@ class LossWeights:
 @typed_config
 @dataclass
 class Trainability:
-    """Which parts receive gradients. Defaults follow the authors' split (reference-facts.md)."""
+    """Which parts receive gradients. Defaults follow the authors' split (reference-facts.md). Each switch
+    declares the module it trains (``Part``); ``PARTS`` lists them for ``build.apply_trainability`` and
+    the checkpoint's heads file. JCM is trained by stage 2 (``train-jcm``), which switches it on."""
 
-    sam_image_encoder: bool = False
-    sam_prompt_encoder: bool = False
-    sam_mask_decoder: bool = True
-    sam_iou_head: bool = False
-    clip_tower: bool = False
-    projector: bool = False
-    language_model: str = "lora"
-    token_embeddings: str = "full"
-    box_encoder: bool = True
-    seg_projection: bool = True
-    entity_head: bool = True
-    jcm: bool = False
+    sam_image_encoder: Annotated[bool, Part("sam.image_encoder")] = False
+    sam_prompt_encoder: Annotated[bool, Part("sam.prompt_encoder")] = False
+    sam_mask_decoder: Annotated[bool, Part("sam.mask_decoder", heads_file=True)] = True
+    sam_iou_head: Annotated[bool, Part("sam.mask_decoder.iou_prediction_head")] = False
+    clip_tower: Annotated[bool, Part("llava.model.vision_tower")] = False
+    projector: Annotated[bool, Part("llava.model.multi_modal_projector")] = False
+    language_model: LanguageModelMode = "lora"
+    token_embeddings: EmbeddingMode = "full"
+    box_encoder: Annotated[bool, Part("box_encoder", heads_file=True)] = True
+    seg_projection: Annotated[bool, Part("seg_projection", heads_file=True)] = True
+    entity_head: Annotated[bool, Part("entity_head", heads_file=True)] = True
+    jcm: Annotated[bool, Part("jcm", heads_file=True)] = False
+
+    @model_validator(mode="after")
+    def _rows_need_lora(self) -> Trainability:
+        if self.token_embeddings == "rows" and self.language_model != "lora":
+            refuse("token_embeddings", "'rows' needs language_model 'lora'")
+        return self
 
 
 @typed_config
@@ -173,10 +229,10 @@ class MediRoundConfig:
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    loss: LossWeights = field(default_factory=LossWeights)
+    loss: Annotated[LossWeights, RUNTIME] = field(default_factory=LossWeights)
     trainable: Trainability = field(default_factory=Trainability)
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
+    precision: Annotated[Precision, RUNTIME] = "fp32"
+    gradient_checkpointing: Annotated[bool, RUNTIME] = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -184,9 +240,7 @@ class MediRoundConfig:
     @classmethod
     def from_dict(cls, data: dict, source: str = "model config") -> MediRoundConfig:
         """The config of plain data (a ``config.json``); ``source`` names where it came from in errors."""
-        config = load_typed(cls, data, source)
-        config.validate()
-        return config
+        return load_typed(cls, data, source)
 
     def to_json(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
@@ -200,32 +254,37 @@ class MediRoundConfig:
         return cls.from_dict(data, str(path))
 
     def validate(self) -> None:
-        """Refuse values no component can be built from, naming the field."""
-        checks = [
-            ("segmenter.variant", self.segmenter.variant, SAM_VARIANTS),
-            ("segmenter.normalisation", self.segmenter.normalisation, SAM_NORMALISATIONS),
-            ("precision", self.precision, PRECISIONS),
-            ("trainable.language_model", self.trainable.language_model, LM_MODES),
-            ("trainable.token_embeddings", self.trainable.token_embeddings, EMBEDDING_MODES),
-            ("heads.seg_state", self.heads.seg_state, SEG_STATES),
-            ("heads.jcm_refine", self.heads.jcm_refine, JCM_REFINES),
-            ("heads.jcm_rounds", self.heads.jcm_rounds, JCM_ROUNDS),
-            ("heads.reference_tokens", self.heads.reference_tokens, REFERENCE_TOKENS),
-        ]
-        for name, value, allowed in checks:
-            if value not in allowed:
-                raise RecipeError(f"model config: field '{name}': {value!r} is not one of {list(allowed)}")
-        if not 0 <= self.heads.reference_min_fragment < 1:
-            raise RecipeError(
-                "model config: field 'heads.reference_min_fragment': must be at least 0 and below 1, got "
-                f"{self.heads.reference_min_fragment}"
-            )
-        grid = round((self.mllm.crop_tokens - 1) ** 0.5)
-        if self.mllm.crop_tokens < 1 or grid * grid != self.mllm.crop_tokens - 1:
-            raise RecipeError(
-                "model config: field 'mllm.crop_tokens': must be 1 (CLS) or 1 + g*g (CLS plus a g x g "
-                f"grid of pooled patches), got {self.mllm.crop_tokens}"
-            )
+        """Check a config built or changed in code as a loaded one is checked (one ``RecipeError`` line)."""
+        MediRoundConfig.from_dict(self.to_dict())
+
+
+def key_settings(section: type = MediRoundConfig, prefix: str = "",
+                 inherited: Setting = SHAPE) -> dict[str, Setting]:
+    """Every leaf key of ``section`` (dotted) with its ``Setting``: its own, else its section's, else SHAPE."""
+    settings = {}
+    hints = typing.get_type_hints(section, include_extras=True)
+    for item in dataclasses.fields(section):
+        hint = hints[item.name]
+        marks = [mark for mark in getattr(hint, "__metadata__", ()) if isinstance(mark, Setting)]
+        setting = marks[0] if marks else inherited
+        kind = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+        if dataclasses.is_dataclass(kind):
+            settings.update(key_settings(kind, f"{prefix}{item.name}.", setting))
+        else:
+            settings[f"{prefix}{item.name}"] = setting
+    return settings
+
+
+def _declared_parts() -> dict[str, Part]:
+    hints = typing.get_type_hints(Trainability, include_extras=True)
+    return {name: mark for name, hint in hints.items() for mark in getattr(hint, "__metadata__", ())
+            if isinstance(mark, Part)}
+
+
+PARTS = _declared_parts()
+"""Each ``Trainability`` switch that trains a module, with its ``Part``, in declaration order."""
+FINE_TUNE_KEYS = tuple(key for key, setting in key_settings().items() if setting.fine_tunable)
+"""Model-config keys in which an ``init_from`` checkpoint may differ from the recipe's model."""
 
 
 def tiny_config() -> MediRoundConfig:

@@ -3,6 +3,8 @@ head's cross-entropy, and their weighted sum (``LossWeights``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +38,11 @@ def mask_losses(logits: list[torch.Tensor], targets: list[torch.Tensor]) -> tupl
     return bce, dice
 
 
+LOSS_KEYS = tuple(weight.name for weight in dataclasses.fields(LossWeights))
+"""The components of stage 1's objective, one per weight of ``LossWeights``: ce, bce, dice, entity."""
+
+
 def weighted_loss(weights: LossWeights, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``ce * CE + bce * BCE + dice * Dice + entity * entity`` (the training objective of stage 1)."""
-    return (weights.ce * losses["ce"] + weights.bce * losses["bce"] + weights.dice * losses["dice"]
-            + weights.entity * losses["entity"])
+    """The training objective of stage 1, ``ce * CE + bce * BCE + dice * Dice + entity * entity``: each
+    component of ``losses`` (one per ``LOSS_KEYS``) times its weight, summed in that order."""
+    return sum(getattr(weights, key) * losses[key] for key in LOSS_KEYS)

@@ -7,12 +7,13 @@ is a standard transformer estimate. It is a planning number for ``doctor`` and t
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 
 from mediround.model.build import build_model
-from mediround.model.config import MediRoundConfig, preset
+from mediround.model.config import MediRoundConfig, key_settings, preset
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 1024**3
@@ -80,22 +81,21 @@ EMBEDDING_COPIES = 2 * 32_003 * 4_096
 SAM_VIT_B = 93_735_472
 HEADS_7B = 18_770_945
 TRAINED_OUTSIDE_LLAVA_7B = 21_776_352
-# Config fields that change no parameter count (paths, seeds, prompts, behaviour switches, precision,
-# losses); token_embeddings does, and known_sizes looks it up.
-COUNT_NEUTRAL = (
-    "mllm.source", "mllm.system_prompt", "mllm.seed", "segmenter.checkpoint", "segmenter.normalisation",
-    "segmenter.seed", "heads.seed", "heads.seg_state", "heads.jcm_refine", "heads.jcm_rounds", "lora.alpha",
-    "lora.dropout", "loss", "precision", "gradient_checkpointing", "trainable.token_embeddings",
-)
+# The config keys known_sizes compares with the preset's: those declared to change a count (config.Setting),
+# but token_embeddings, whose two trained splits it knows.
+COMPARED_KEYS = tuple(key for key, setting in key_settings().items()
+                      if setting.counts and key != "trainable.token_embeddings")
 
 
 def known_sizes(preset_name: str, config: MediRoundConfig) -> ModelSizes | None:
     """The sizes of the ``llava-med-7b`` preset without its weights (both token-embedding splits), or None
-    for another preset or a config that changes a count (another LoRA rank, other trainable parts)."""
-    if preset_name != "llava-med-7b" or config.trainable.token_embeddings not in ("full", "rows"):
+    for another preset, a tiny LLaVA, or a config that changes a count (another LoRA rank, other trainable
+    parts: any key declared to, see ``config.Setting``)."""
+    if (preset_name != "llava-med-7b" or config.mllm.source == "tiny"
+            or config.trainable.token_embeddings not in ("full", "rows")):
         return None
     reference = preset(preset_name, mllm_path=config.mllm.source, sam_checkpoint=config.segmenter.checkpoint)
-    if _count_fields(config) != _count_fields(reference):
+    if _compared(config) != _compared(reference):
         return None
     # "rows" trains a separate copy of the new tokens' rows; "full" trains copies of both whole matrices.
     trained_copies = EMBEDDING_COPIES if config.trainable.token_embeddings == "full" else NEW_TOKEN_ROWS
@@ -112,20 +112,8 @@ def known_sizes(preset_name: str, config: MediRoundConfig) -> ModelSizes | None:
     )
 
 
-def _count_fields(config: MediRoundConfig) -> dict:
-    flat = {}
-
-    def walk(prefix: str, value) -> None:
-        if prefix in COUNT_NEUTRAL:
-            return
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, item)
-        else:
-            flat[prefix] = value
-
-    walk("", config.to_dict())
-    return flat
+def _compared(config: MediRoundConfig) -> dict:
+    return {key: operator.attrgetter(key)(config) for key in COMPARED_KEYS}
 
 
 def estimate_training_memory(

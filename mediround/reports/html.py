@@ -17,7 +17,7 @@ from typing import Any
 from mediround.atomic import atomic_open
 from mediround.data.dialogue import Dialogue
 from mediround.data.predictions import read_predictions, safe_name
-from mediround.metrics import Scores, summarize
+from mediround.metrics import METRIC_LABELS, METRICS, Scores, summarize
 from mediround.reports.overlays import ALPHA, OVERLAYS_FOLDER, PREDICTED_COLOUR, TRUTH_COLOUR
 from mediround.reports.tables import NAMES_TARGET_LABELS
 
@@ -69,11 +69,11 @@ def _legend() -> str:
 
 
 def _scores_table(groups: Mapping[Any, Scores], grouping: str) -> str:
-    header = (grouping, "masks", "Dice", "gIoU", "cIoU")
+    header = (grouping, "masks", *(METRIC_LABELS[metric] for metric in METRICS))
     lines = ["<table><tr>" + "".join(f"<th>{html.escape(name)}</th>" for name in header) + "</tr>"]
     for value, scores in sorted(groups.items(), key=lambda item: _order(item[0])):
         lines.append("<tr>" + _cell(_label(grouping, value)) + _cell(scores.count, True)
-                     + "".join(_cell(f"{scores.points(m):.1f}", True) for m in ("dice", "giou", "ciou")) + "</tr>")
+                     + "".join(_cell(f"{scores.points(m):.1f}", True) for m in METRICS) + "</tr>")
     lines.append("</table>")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mediround.atomic import append_jsonl_line, atomic_open, atomic_path
-from mediround.metrics import Scores, aggregate, group_scores
+from mediround.metrics import METRICS, Scores, aggregate, group_scores
 from mediround.training.events import TEACHER_FORCED_TRACK, Event
 
 TRAIN_LOG = "train_log.jsonl"
@@ -30,9 +30,7 @@ VALIDATION_SCHEMA = pa.schema(
         ("round", pa.int32()),
         ("names_target", pa.bool_()),
         ("count", pa.int64()),
-        ("dice", pa.float64()),
-        ("giou", pa.float64()),
-        ("ciou", pa.float64()),
+        *((metric, pa.float64()) for metric in METRICS),
     ]
 )
 
@@ -107,7 +105,5 @@ def _row(step: int, track: str, split: str, round_number: int | None, names_targ
         "round": round_number,
         "names_target": names_target,
         "count": scores.count,
-        "dice": scores.dice,
-        "giou": scores.giou,
-        "ciou": scores.ciou,
+        **{metric: getattr(scores, metric) for metric in METRICS},
     }

@@ -3,9 +3,10 @@
 Everything about a run is in the recipe. Stage 1 (``Recipe``): the model (a preset from
 ``mediround.model.config`` plus any ``MediRoundConfig`` field), the data files, the output folder and every
 hyperparameter. Stage 2 (``JCMRecipe``): the frozen checkpoint folder and the JCM settings instead of the
-model; the other sections are stage 1's. A recipe is validated completely before any process is launched;
-every problem is ONE ``RecipeError`` line naming the file and the dotted key (with the closest known key for
-a typo).
+model; the other sections are stage 1's. A recipe is validated completely before any process is launched:
+every value by the typed loader (each rule declared with its field, or a section's ``model_validator``),
+then the files and packages it names on this machine; every problem is ONE ``RecipeError`` line naming the
+file and the dotted key (with the closest known key for a typo).
 
 Relative paths in a recipe are resolved against the working directory, as command-line paths are.
 
@@ -27,30 +28,26 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
+from pydantic import Field, model_validator
 
 from mediround.errors import RecipeError
 from mediround.inference import DEFAULT_BETA
-from mediround.model.config import MediRoundConfig, preset
+from mediround.model.config import FINE_TUNE_KEYS, MediRoundConfig, preset
 from mediround.model.weight_sources import WEIGHTS_PAGE
-from mediround.typed import load_typed, typed_config
+from mediround.typed import check, load_typed, refuse, typed_config
 
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 """The experiment trackers ``log.report_to`` accepts, each with the package (and extra) it needs."""
+Tracker = Literal[tuple(TRACKERS)]
 RUN_FILE = "run.json"
 RESUMABLE_KEYS = ("output", "train.max_steps", "log", "checkpoint")
 """What may change between a run and its ``--resume``, so is not part of the run's identity: the output
 folder, how long it runs (the LR schedule follows the new total from the next step on) and how often it logs,
 reports and checkpoints. Everything else changes what a step computes."""
-FINE_TUNE_KEYS = ("mllm.source", "segmenter.checkpoint", "loss", "lora.dropout", "gradient_checkpointing",
-                  "precision")
-"""Model-config keys in which an ``init_from`` checkpoint may differ from the recipe's model: where the base
-weights lie, the loss weights, dropout and how compute runs. The rest is the architecture its weights fit."""
-
-
 def _shipped_recipes_folder() -> Path:
     package = Path(__file__).resolve().parents[1]
     # An installed wheel holds the recipes inside the package; a source checkout (editable install, or the
@@ -61,8 +58,13 @@ def _shipped_recipes_folder() -> Path:
 SHIPPED_RECIPES = _shipped_recipes_folder()
 PAPER_RECIPE = "mediround-7b-4gpu"
 """What ``mediround train`` runs without a RECIPE: the paper's setting on 4 GPUs."""
-# A problem a validator found: the dotted key and why its value is refused.
+# A problem on this machine: the dotted key and why what it names is refused.
 Problem = tuple[str, str]
+Count = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+AtLeastOneOrAll = Annotated[int, check(lambda count: count >= 1, "must be at least 1 (or null for all)")]
+Weight = Annotated[float, Field(ge=0)]
+Unit = Annotated[float, check(lambda value: 0 <= value <= 1, "must be in [0, 1], got {value}")]
 
 
 @typed_config
@@ -83,20 +85,22 @@ class TrainSection:
     100 warm-up steps then linear decay to 0, gradient clipping 1.0."""
 
     seed: int = 0
-    batch_size: int = 15
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
+    batch_size: Count = 15
+    grad_accum: Count = 1
+    epochs: Count = 1
+    max_steps: Count | None = None
+    lr: Annotated[float, Field(gt=0)] = 3e-4
+    betas: Annotated[tuple[float, float], check(lambda betas: all(0 <= beta < 1 for beta in betas),
+                                                 "each beta must be in [0, 1), got {value}")] = (0.9, 0.95)
     eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    clip_grad_norm: float | None = 1.0
-    mixed_precision: str = "auto"
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup_steps: NonNegative = 100
+    clip_grad_norm: Annotated[float, check(lambda norm: norm > 0, "must be positive (or null for no clipping)")] \
+        | None = 1.0
+    mixed_precision: MixedPrecision = "auto"
     skip_nonfinite: bool = False
     find_unused_parameters: bool = False
-    num_workers: int = 0
+    num_workers: NonNegative = 0
     threads: int | None = None
 
 
@@ -107,10 +111,10 @@ class ValidationSection:
     ``chained`` also the rounds chained from the model's own masks through ``mediround.inference.chain``
     (the code path ``mediround eval`` scores; JCM off)."""
 
-    every: int = 500
+    every: NonNegative = 500
     at_start: bool = True
-    batch_size: int = 4
-    max_dialogues: int | None = None
+    batch_size: Count = 4
+    max_dialogues: AtLeastOneOrAll | None = None
     chained: bool = True
 
 
@@ -120,7 +124,7 @@ class AugmentSection:
     """Stage-1 changes to the training data that the paper does not make; all off by default and in every
     7B recipe (docs/model.md)."""
 
-    reference_swap: float = 0.0
+    reference_swap: Annotated[float, check(lambda p: 0 <= p <= 1, "is a probability, from 0 to 1, got {value}")] = 0.0
     """Probability that a referring round's crop and box are cut from the ground-truth mask of another round
     of the dialogue instead of its referenced round's, its target unchanged (``mediround.training.reference_swaps``):
     practice for the wrong references of chained inference."""
@@ -131,8 +135,8 @@ class AugmentSection:
 class CheckpointSection:
     """A checkpoint every ``every`` optimizer steps and at the end; the last ``keep_last`` are kept."""
 
-    every: int = 500
-    keep_last: int = 3
+    every: NonNegative = 500
+    keep_last: Count = 3
 
 
 @typed_config
@@ -141,8 +145,8 @@ class LogSection:
     """A training-log line (loss components, lr, samples/s) every ``every`` optimizer steps, also sent to
     the experiment trackers of ``report_to`` (``tensorboard``, ``wandb``; none by default) through Accelerate."""
 
-    every: int = 10
-    report_to: list[str] = field(default_factory=list)
+    every: Count = 10
+    report_to: list[Tracker] = field(default_factory=list)
 
 
 @typed_config
@@ -150,13 +154,13 @@ class LogSection:
 class JCMSection:
     """Stage-2 settings: loss weights (the paper's), the feature source, the validation threshold."""
 
-    judge_weight: float = 2.0
-    refine_bce_weight: float = 2.0
-    refine_dice_weight: float = 0.5
+    judge_weight: Weight = 2.0
+    refine_bce_weight: Weight = 2.0
+    refine_dice_weight: Weight = 0.5
     rollout: bool = False
-    rollout_fraction: float = 1.0
+    rollout_fraction: Unit = 1.0
     cache_features: bool = True
-    beta: float = DEFAULT_BETA
+    beta: Unit = DEFAULT_BETA
 
 
 @typed_config
@@ -165,9 +169,9 @@ class JCMValidationSection:
     """Validation every ``every`` optimizer steps (0: only at the end): judge/IoU rank correlation and
     chained Dice/cIoU with JCM at ``jcm.beta`` versus JCM off."""
 
-    every: int = 0
+    every: NonNegative = 0
     at_start: bool = False
-    max_dialogues: int | None = 50
+    max_dialogues: AtLeastOneOrAll | None = 50
 
 
 @typed_config
@@ -212,8 +216,16 @@ class RunRecipe:
             return "bf16" if on_gpu else "no"
         return self.train.mixed_precision
 
-    def own_problems(self) -> Iterator[Problem]:
-        """The problems of the stage's own keys (the shared sections are checked by ``check_recipe``)."""
+    @model_validator(mode="after")
+    def _names_output_and_data(self) -> RunRecipe:
+        if not self.output:
+            refuse("output", f"missing: name the folder that receives checkpoints and {self.OUTPUT_HOLDS}")
+        if not self.data.train:
+            refuse("data.train", "missing: name the training dialogue file")
+        return self
+
+    def machine_problems(self) -> Iterator[Problem]:
+        """What the stage's own keys name that this machine lacks (the shared sections': ``check_machine``)."""
         return iter(())
 
 
@@ -251,16 +263,16 @@ class Recipe(RunRecipe):
             data["init_from_manifest"] = manifest_text(self.init_from)
         return data
 
-    def own_problems(self) -> Iterator[Problem]:
+    @model_validator(mode="after")
+    def _autocasts_a_low_precision_model(self) -> Recipe:
+        if self.model.precision != "fp32" and self.train.mixed_precision == "no":
+            refuse("train.mixed_precision", f"'no' cannot train a {self.model.precision} model: the trainable "
+                   "weights stay fp32, so compute must autocast (use auto or bf16)")
+        return self
+
+    def machine_problems(self) -> Iterator[Problem]:
         if self.init_from is not None:
             yield from self._init_from_problems()
-        if self.validation.batch_size < 1:
-            yield "validation.batch_size", f"must be at least 1, got {self.validation.batch_size}"
-        if not 0.0 <= self.augment.reference_swap <= 1.0:
-            yield "augment.reference_swap", f"is a probability, from 0 to 1, got {self.augment.reference_swap}"
-        if self.model.precision != "fp32" and self.train.mixed_precision == "no":
-            yield "train.mixed_precision", (f"'no' cannot train a {self.model.precision} model: the trainable weights "
-                                            "stay fp32, so compute must autocast (use auto or bf16)")
 
     def _init_from_problems(self) -> Iterator[Problem]:
         """The ``init_from`` folder is a checkpoint whose architecture is the recipe's model (empty
@@ -300,21 +312,17 @@ class JCMRecipe(RunRecipe):
         data["model_manifest"] = manifest_text(self.model)
         return data
 
-    def own_problems(self) -> Iterator[Problem]:
+    @model_validator(mode="after")
+    def _names_a_model_apart_from_output(self) -> JCMRecipe:
         if not self.model:
-            yield "model", "missing: pass --model CKPT (a MediRound checkpoint folder from `mediround train`)"
-        elif not (Path(self.model) / "manifest.json").is_file():
+            refuse("model", "missing: pass --model CKPT (a MediRound checkpoint folder from `mediround train`)")
+        if self.output and Path(self.output).resolve() == Path(self.model).resolve():
+            refuse("output", "must differ from the model folder (train-jcm writes a new checkpoint)")
+        return self
+
+    def machine_problems(self) -> Iterator[Problem]:
+        if not (Path(self.model) / "manifest.json").is_file():
             yield "model", f"not a MediRound checkpoint folder (no manifest.json): {self.model}"
-        elif Path(self.output).resolve() == Path(self.model).resolve():
-            yield "output", "must differ from the model folder (train-jcm writes a new checkpoint)"
-        for key in ("judge_weight", "refine_bce_weight", "refine_dice_weight"):
-            value = getattr(self.jcm, key)
-            if value < 0:
-                yield f"jcm.{key}", f"must not be negative, got {value}"
-        for key in ("rollout_fraction", "beta"):
-            value = getattr(self.jcm, key)
-            if not 0 <= value <= 1:
-                yield f"jcm.{key}", f"must be in [0, 1], got {value}"
 
 
 def load_recipe(
@@ -332,7 +340,7 @@ def load_jcm_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> J
     source = str(path)
     recipe = load_typed(JCMRecipe, read_recipe_file(path, overrides), source)
     recipe.source = source
-    check_recipe(recipe)
+    check_machine(recipe)
     return recipe
 
 
@@ -395,13 +403,12 @@ def recipe_from_dict(
     preset_name = model_raw.pop("preset", "tiny")
     if not isinstance(preset_name, str):
         raise RecipeError(f"{source}: key 'model.preset': expected a string, got {preset_name!r}")
-    recipe = load_typed(Recipe, raw, source)
+    recipe = load_typed(Recipe, {**raw, "model": _model_data(preset_name, model_raw, source)}, source)
     recipe.model_preset = preset_name
-    recipe.model = _model_config(preset_name, model_raw, source)
     recipe.source = source
     if require_weights:
         _check_files(recipe, _missing_weights(recipe.model))
-    check_recipe(recipe, require_data)
+    check_machine(recipe, require_data)
     return recipe
 
 
@@ -430,49 +437,22 @@ def _check_files(recipe: RunRecipe, missing_weights: list[Problem]) -> None:
         raise RecipeError(f"{recipe.source}: {where}{page}")
 
 
-def check_recipe(recipe: RunRecipe, require_data: bool = True) -> None:
-    """The one validator of both stages' values: the first problem as one ``RecipeError`` line
-    (``require_data=False``: missing data files and root are not problems)."""
-    for key, reason in _problems(recipe, require_data):
+def check_machine(recipe: RunRecipe, require_data: bool = True) -> None:
+    """What loading cannot check: the files, folders and packages a checked recipe names are on this
+    machine; the first problem as one ``RecipeError`` line (``require_data=False``: missing data files and
+    root are not problems)."""
+    for key, reason in _machine_problems(recipe, require_data):
         raise RecipeError(f"{recipe.source}: key '{key}': {reason}")
 
 
-def _problems(recipe: RunRecipe, require_data: bool) -> Iterator[Problem]:
-    if not recipe.output:
-        yield "output", f"missing: name the folder that receives checkpoints and {recipe.OUTPUT_HOLDS}"
-    yield from recipe.own_problems()
-    if not recipe.data.train:
-        yield "data.train", "missing: name the training dialogue file"
+def _machine_problems(recipe: RunRecipe, require_data: bool) -> Iterator[Problem]:
+    yield from recipe.machine_problems()
     if require_data:
         yield from _missing_data(recipe)
         if recipe.data.root is not None and not Path(recipe.data.root).is_dir():
             yield "data.root", f"folder not found: {recipe.data.root}"
-    train = recipe.train
-    # (key, value, least allowed): 1 for counts, 0 for what may be off.
-    bounds = [("train.batch_size", train.batch_size, 1), ("train.grad_accum", train.grad_accum, 1),
-              ("train.epochs", train.epochs, 1), ("checkpoint.keep_last", recipe.checkpoint.keep_last, 1),
-              ("log.every", recipe.log.every, 1), ("train.warmup_steps", train.warmup_steps, 0),
-              ("train.weight_decay", train.weight_decay, 0), ("train.num_workers", train.num_workers, 0),
-              ("validation.every", recipe.validation.every, 0), ("checkpoint.every", recipe.checkpoint.every, 0)]
-    for key, value, least in bounds:
-        if value < least:
-            yield key, f"must be at least 1, got {value}" if least else f"must not be negative, got {value}"
-    if train.max_steps is not None and train.max_steps < 1:
-        yield "train.max_steps", f"must be at least 1, got {train.max_steps}"
-    if train.lr <= 0:
-        yield "train.lr", f"must be positive, got {train.lr}"
-    if not all(0 <= beta < 1 for beta in train.betas):
-        yield "train.betas", f"each beta must be in [0, 1), got {list(train.betas)}"
-    if train.clip_grad_norm is not None and train.clip_grad_norm <= 0:
-        yield "train.clip_grad_norm", "must be positive (or null for no clipping)"
-    if train.mixed_precision not in MIXED_PRECISION:
-        yield "train.mixed_precision", f"{train.mixed_precision!r} is not one of {list(MIXED_PRECISION)}"
-    if recipe.validation.max_dialogues is not None and recipe.validation.max_dialogues < 1:
-        yield "validation.max_dialogues", "must be at least 1 (or null for all)"
     for tracker in recipe.log.report_to:
-        if tracker not in TRACKERS:
-            yield "log.report_to", f"{tracker!r} is not one of {list(TRACKERS)}"
-        elif importlib.util.find_spec(TRACKERS[tracker]) is None:
+        if importlib.util.find_spec(TRACKERS[tracker]) is None:
             yield "log.report_to", (f"{tracker!r} needs the {TRACKERS[tracker]} package: "
                                     f"pip install -e \".[{tracker}]\"")
 
@@ -530,7 +510,9 @@ def run_record(recipe: RunRecipe) -> dict:
     return {"recipe_hash": recipe.hash, "recipe": recipe.to_dict(), "source": recipe.source}
 
 
-def _model_config(preset_name: str, overrides: dict, source: str) -> MediRoundConfig:
+def _model_data(preset_name: str, overrides: dict, source: str) -> dict:
+    """The recipe's model section as plain data: the preset's config with the recipe's keys merged in
+    (checked with the rest of the recipe)."""
     paths = {}
     if preset_name != "tiny":
         paths = {
@@ -541,12 +523,7 @@ def _model_config(preset_name: str, overrides: dict, source: str) -> MediRoundCo
         base = preset(preset_name, **paths).to_dict()
     except RecipeError as error:
         raise RecipeError(f"{source}: key 'model.preset': {error}") from None
-    config = load_typed(MediRoundConfig, _deep_merge(base, overrides), source, where="model")
-    try:
-        config.validate()
-    except RecipeError as error:
-        raise RecipeError(f"{source}: key 'model': {error}") from None
-    return config
+    return _deep_merge(base, overrides)
 
 
 def _apply_override(raw: dict, override: str, source: str) -> None:

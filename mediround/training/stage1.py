@@ -20,10 +20,11 @@ from accelerate.utils import gather_object
 
 from mediround.errors import RecipeError
 from mediround.inference.chain import Track, chain_dialogue
-from mediround.metrics import counts
+from mediround.metrics import METRICS, counts
 from mediround.model import MediRoundConfig, build_model, load_sample
 from mediround.model.checkpoint import load_checkpoint, save_checkpoint
 from mediround.model.frame import mask_from_logits
+from mediround.model.losses import LOSS_KEYS, weighted_loss
 from mediround.model.processor import IGNORE
 from mediround.training.data import (
     BatchLoader,
@@ -52,8 +53,6 @@ from mediround.training.events import (
 from mediround.training.logging import ValidationLog, score_rows
 from mediround.training.recipe import Recipe
 from mediround.training.reference_swaps import ReferenceSwaps
-
-LOSS_KEYS = ("ce", "bce", "dice", "entity")
 
 
 def run_training(recipe: Recipe, *, resume: bool = False, cpu: bool = True, expected_processes: int = 1,
@@ -97,25 +96,21 @@ class TeacherForcing(Objective):
         accelerator, world_size = engine.accelerator, engine.world_size
         local_counts = torch.tensor([_loss_counts(batch.data) for batch in micro], dtype=torch.float64).sum(0)
         global_counts = accelerator.reduce(local_counts.to(accelerator.device), "sum").cpu()
-        weights = self.recipe.model.loss
         report = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64)
         nonfinite = False
         for index, batch in enumerate(micro):
-            tokens, masks, entities = _loss_counts(batch.data)
-            scale_tokens = tokens * world_size / max(1.0, float(global_counts[0]))
-            scale_masks = masks * world_size / max(1.0, float(global_counts[1]))
-            scale_entities = entities * world_size / max(1.0, float(global_counts[2]))
+            shares = [count * world_size / max(1.0, float(total))
+                      for count, total in zip(_loss_counts(batch.data), global_counts)]
             with engine.accumulating(last=index == len(micro) - 1):
                 with accelerator.autocast():
                     output = engine.wrapped(batch.data)
-                parts = [output.losses["ce"] * scale_tokens, output.losses["bce"] * scale_masks,
-                         output.losses["dice"] * scale_masks, output.losses["entity"] * scale_entities]
-                loss = (weights.ce * parts[0] + weights.bce * parts[1] + weights.dice * parts[2]
-                        + weights.entity * parts[3])
+                parts = {key: output.losses[key] * share for key, share in zip(LOSS_KEYS, shares)}
+                loss = weighted_loss(self.recipe.model.loss, parts)
                 if not torch.isfinite(loss.detach()):
                     nonfinite = True
                 engine.backward(loss)
-            report += torch.tensor([float(loss.detach()), *(float(p.detach()) for p in parts)], dtype=torch.float64)
+            report += torch.tensor([float(loss.detach()), *(float(p.detach()) for p in parts.values())],
+                                   dtype=torch.float64)
         total = [float(v) for v in accelerator.reduce(report.to(accelerator.device), "sum").cpu() / world_size]
         return total[0], dict(zip(LOSS_KEYS, total[1:])), nonfinite
 
@@ -153,8 +148,8 @@ class TeacherForcing(Objective):
             table = score_rows(step, track_rows, track)
             self.val_log.add(table)
             overall = table[0]
-            tracks[track] = TrackScores(overall["dice"], overall["giou"], overall["ciou"],
-                                        {r["round"]: r["dice"] for r in table if r["split"] == "round"})
+            tracks[track] = TrackScores(**{metric: overall[metric] for metric in METRICS},
+                                        rounds={r["round"]: r["dice"] for r in table if r["split"] == "round"})
         return Validated(step, tracks, loss=float(np.mean(losses)), masks=len(gathered[TEACHER_FORCED_TRACK]))
 
     def write_checkpoint_extra(self, folder: Path) -> None:
@@ -192,13 +187,14 @@ def _micro_batches(stream: ShardedStream, loader: BatchLoader, dataset: Dialogue
             yield MicroBatch(batch, position, [dataset.dialogues[index].id for _, index in keys])
 
 
-def _loss_counts(batch: Any) -> tuple[float, float, float]:
-    """What the model's loss averages over in this batch: answer tokens (CE), supervised masks (BCE, Dice)
-    and rounds with a known entity (entity loss)."""
+def _loss_counts(batch: Any) -> list[float]:
+    """What each loss of ``LOSS_KEYS`` averages over in this batch: answer tokens (CE), supervised masks
+    (BCE, Dice) and rounds with a known entity (entity loss)."""
     tokens = float((batch.labels[:, 1:] != IGNORE).sum())
     masks = float(sum(int(valid.sum()) for valid in batch.target_valid))
     entities = float(sum(int((labels != IGNORE).sum()) for labels in batch.entity_labels))
-    return tokens, masks, entities
+    counts = {"ce": tokens, "bce": masks, "dice": masks, "entity": entities}
+    return [counts[key] for key in LOSS_KEYS]
 
 
 def _chained_masks(model: Any, sample: Any) -> list[np.ndarray]:

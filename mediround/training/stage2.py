@@ -26,7 +26,7 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from mediround.inference.chain import Track, chain_dialogue
-from mediround.metrics import aggregate, counts, spearman
+from mediround.metrics import METRICS, aggregate, counts, spearman
 from mediround.model import load_sample
 from mediround.model.build import DTYPES, apply_trainability
 from mediround.model.checkpoint import load_checkpoint, save_checkpoint, verify_manifest
@@ -239,7 +239,7 @@ def summarize_evaluation(step: int, pieces: list[dict], beta: float) -> JCMValid
     chained = {}
     for name in ("off", "jcm"):
         scores = aggregate([r for p in pieces for r in p["rows"][name]])
-        chained[name] = ChainedScores(scores.dice, scores.giou, scores.ciou, scores.count)
+        chained[name] = ChainedScores(**{metric: getattr(scores, metric) for metric in METRICS}, masks=scores.count)
     refined = [r["refined"] for p in pieces for r in p["rows"]["jcm"]]
     return JCMValidated(step, beta, spearmans, chained["off"], chained["jcm"],
                         refined_share=float(np.mean(refined)) if refined else float("nan"))

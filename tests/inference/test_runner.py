@@ -140,10 +140,10 @@ def test_teacher_forcing_skips_dialogues_whose_reference_truth_is_unusable(model
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"betas": [1.5]}, "key 'betas[0]': Input should be less than or equal to 1"),
+    ({"betas": [1.5]}, "key 'betas[0]': must be at most 1, got 1.5"),
     ({"betas": [0.2, 0.2]}, "key 'betas': Value error, repeats a value"),
     ({"teacher_forcing": []}, "key 'teacher_forcing'"),
-    ({"num_processes": 0}, "key 'num_processes': Input should be greater than or equal to 1"),
+    ({"num_processes": 0}, "key 'num_processes': must be at least 1, got 0"),
     ({"device": "gpu"}, "key 'device': Value error, expected 'cpu', 'cuda' or 'cuda:N'"),
     ({"beta": 0.5}, "unknown key 'beta' (did you mean 'betas'?)"),
 ])

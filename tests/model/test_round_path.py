@@ -77,12 +77,12 @@ def test_rows_joining_forking_and_leaving_match_the_training_forward_and_lone_ro
             finished = [key for key, row in rows.items() if row.rounds == len(items[0 if key == "fork" else key].dialogue.rounds)]
             batch.remove([rows.pop(key) for key in finished])
         assert not rows and batch.cache is None
-        for key in got:
+        for key, results in got.items():
             item = items[0 if key == "fork" else key]
             if generate:
-                _assert_same(_lone(model, item, generate), got[key])
+                _assert_same(_lone(model, item, generate), results)
             else:
-                _assert_as_training_forward(model, item, got[key])
+                _assert_as_training_forward(model, item, results)
 
 
 def test_leaving_rows_free_the_columns_no_one_else_uses():
