@@ -63,17 +63,17 @@ IMAGE = "s0114_111"
 DIALOGUES = [
     [("[IMAGE256:data_demo/images/{i}.png] Segment the right middle lobe of the lung.",
       "It is [MASK-DECODE:data_demo/masks/{i}_lung_middle_lobe_right_000.png]."),
-     ("[MASK-ENCODE:data_demo/masks/{i}_lung_middle_lobe_right_000.png][BOX-ENCODE:data_demo/masks/"
-      "{i}_lung_middle_lobe_right_000.png] Segment the heart chamber next to this region.", 0,
-      "It is [REF-DECODE:data_demo/masks/{i}_lung_middle_lobe_right_000.png]"
-      "[MASK-DECODE:data_demo/masks/{i}_heart_ventricle_right_000.png]."),
-     ("[MASK-ENCODE:data_demo/masks/{i}_heart_ventricle_right_000.png][BOX-ENCODE:data_demo/masks/"
-      "{i}_heart_ventricle_right_000.png] Segment the rib on the other side of it.", 1,
+     (("[MASK-ENCODE:data_demo/masks/{i}_lung_middle_lobe_right_000.png][BOX-ENCODE:data_demo/masks/"
+       "{i}_lung_middle_lobe_right_000.png] Segment the heart chamber next to this region."), 0,
+      ("It is [REF-DECODE:data_demo/masks/{i}_lung_middle_lobe_right_000.png]"
+       "[MASK-DECODE:data_demo/masks/{i}_heart_ventricle_right_000.png].")),
+     (("[MASK-ENCODE:data_demo/masks/{i}_heart_ventricle_right_000.png][BOX-ENCODE:data_demo/masks/"
+       "{i}_heart_ventricle_right_000.png] Segment the rib on the other side of it."), 1,
       "[MASK-DECODE:data_demo/masks/{i}_rib_left_9_000.png].")],
     [("[IMAGE256:data_demo/images/{i}.png] Where is the left lower lobe? Segment it.",
       "Sure, it is [MASK-DECODE:data_demo/masks/{i}_lung_lower_lobe_left_000.png]."),
-     ("[MASK-ENCODE:data_demo/masks/{i}_lung_lower_lobe_left_000.png][BOX-ENCODE:data_demo/masks/"
-      "{i}_lung_lower_lobe_left_000.png] Segment the rib beside the previous output.", 0,
+     (("[MASK-ENCODE:data_demo/masks/{i}_lung_lower_lobe_left_000.png][BOX-ENCODE:data_demo/masks/"
+       "{i}_lung_lower_lobe_left_000.png] Segment the rib beside the previous output."), 0,
       "[MASK-DECODE:data_demo/masks/{i}_rib_left_9_000.png].")],
 ]
 
@@ -235,10 +235,9 @@ def authors_side(work: Path) -> None:
     """Build their model from ``work``'s weights as train_ds.py's ``main`` does (CPU, fp32, LoRA dropout
     0), run their dataset, collate and stage-1 forward/backward, and save what is compared."""
     import torch
-    from safetensors.torch import load_file, save_file
-
     import transformers
     from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
 
     # After transformers and peft: they probe for torchvision and deepspeed with find_spec.
     install_stand_ins(work)
@@ -298,7 +297,7 @@ def authors_side(work: Path) -> None:
         model.get_input_embeddings().weight[rows] = heads.pop("new_rows.embed_tokens")
         model.get_output_embeddings().weight[rows] = heads.pop("new_rows.lm_head")
     stage1 = {k: v for k, v in heads.items() if "MLP" not in k}
-    missing, unexpected = model.load_state_dict(stage1, strict=False)
+    _, unexpected = model.load_state_dict(stage1, strict=False)
     assert not unexpected, unexpected
 
     dataset = MultiTurnMedSegDataset(str(DATA_ROOT), tokenizer, str(work / "clip"), str(work / "data.json"),
@@ -505,7 +504,8 @@ def compare(work: Path, model, authors: dict, info: dict, report: Report) -> Non
     report.tensor("1f CLIP pixels of the image", batch.clip_pixels, authors["images_clip"][:len(rows)], 1e-5)
     report.tensor("1g CLIP pixels of the reference crops", batch.crop_pixels, authors["crops"], 1e-5)
     report.tensor("1h reference boxes", batch.boxes, authors["boxes"], 1e-6)
-    report.tensor("1i SAM pixels", batch.sam_pixels, authors["images_sam"], 1e-5)
+    theirs_sam = authors["images_sam"] if "images_sam" in authors else sam_pixels_from_uint8(authors)
+    report.tensor("1i SAM pixels", batch.sam_pixels, theirs_sam, 1e-5)
 
     captured = []
     hook = model.sam.mask_decoder.register_forward_hook(lambda module, args, out: captured.append(out[0]))
@@ -535,9 +535,9 @@ def ensure_env(env: Path) -> Path:
     python = env / "bin" / "python"
     if not python.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    check = subprocess.run([str(python), "-c", "import transformers, peft, sentencepiece, cv2, torch; "
-                            "assert transformers.__version__ == '4.40.2' and peft.__version__ == '0.4.0'"],
-                           capture_output=True)
+    check = subprocess.run([str(python), "-c", ("import transformers, peft, sentencepiece, cv2, torch; "
+                            "assert transformers.__version__ == '4.40.2' and peft.__version__ == '0.4.0'")],
+                           capture_output=True, check=False)
     if check.returncode != 0:
         subprocess.run([str(python), "-m", "pip", "install", "-q", *ENV_PINS], check=True)
     return python
@@ -567,6 +567,35 @@ def run(work: Path, env: Path, fixture: Path | None) -> int:
     return 0
 
 
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+
+
+def sam_pixels_as_uint8(pixels) -> dict:
+    """Their SAM input is (uint8 PIL resize - mean) / std, zero-padded, and both dialogues share the image:
+    the first row's uint8 resized image holds it exactly in 1/12 of the bytes (3 MB instead of 25)."""
+    import torch
+
+    mean, std = torch.tensor(SAM_MEAN).view(3, 1, 1), torch.tensor(SAM_STD).view(3, 1, 1)
+    values = (pixels[0] * std + mean).round()
+    inside = (pixels[0] != 0).any(0)
+    height, width = int(inside.any(1).nonzero().max()) + 1, int(inside.any(0).nonzero().max()) + 1
+    return {"images_sam_uint8": values[:, :height, :width].to(torch.uint8),
+            "images_sam_rows": torch.tensor([pixels.shape[0], pixels.shape[-1]])}
+
+
+def sam_pixels_from_uint8(authors: dict):
+    """The inverse of ``sam_pixels_as_uint8``."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, size = authors["images_sam_rows"].tolist()
+    image = authors["images_sam_uint8"].float()
+    image = (image - torch.tensor(SAM_MEAN).view(3, 1, 1)) / torch.tensor(SAM_STD).view(3, 1, 1)
+    image = F.pad(image, (0, size - image.shape[-1], 0, size - image.shape[-2]))
+    return image[None].expand(rows, -1, -1, -1)
+
+
 def write_fixture(work: Path, fixture: Path, authors: dict, info: dict, checksum: str, report: Report) -> None:
     """The authors' outputs the CI test compares against (no gradients of large tensors, no weights)."""
     import shutil
@@ -576,6 +605,7 @@ def write_fixture(work: Path, fixture: Path, authors: dict, info: dict, checksum
     fixture.mkdir(parents=True, exist_ok=True)
     kept = {k: v for k, v in authors.items() if not k.startswith("grad.") or "text_hidden_fcs.0.2.weight" in k
             or "bbox_encoder.weight" in k}
+    kept.update(sam_pixels_as_uint8(kept.pop("images_sam")))
     save_file(kept, str(fixture / "authors.safetensors"))
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(work / "llava" / name, fixture / name)
