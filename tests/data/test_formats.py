@@ -334,6 +334,18 @@ def test_ind_beyond_earlier_masks_is_reported(dataset: Path) -> None:
     ]
 
 
+def test_one_pretty_printed_item_reads_as_that_item(dataset: Path, tmp_path: Path) -> None:
+    # The authors' data_sample.json is one item object over many lines, not a list (issue #27).
+    item = json.loads((dataset / "mr.json").read_text())[0]
+    single, listed = tmp_path / "data_sample.json", tmp_path / "listed.json"
+    single.write_text(json.dumps(item, indent=4))
+    listed.write_text(json.dumps([item]))
+    assert detect(single) == "mrmedseg"
+    one = load_dialogues(single, root=dataset)
+    assert one.problems == [] and one.total == 1
+    assert one.dialogues == load_dialogues(listed, root=dataset).dialogues
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [

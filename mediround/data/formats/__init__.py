@@ -31,7 +31,8 @@ class LoadResult:
 
 
 def detect(path: str | os.PathLike) -> str:
-    """``"jsonl"`` or ``"mrmedseg"`` from the file's content (``"sa-med2d"`` for a folder)."""
+    """``"jsonl"`` or ``"mrmedseg"`` from the file's content (``"sa-med2d"`` for a folder). An MR-MedSeg
+    file is a JSON list of items or one item object (the authors' ``data_sample.json``)."""
     path = Path(path)
     if path.is_dir():
         return "sa-med2d"
@@ -48,6 +49,13 @@ def detect(path: str | os.PathLike) -> str:
     start = first_line.lstrip()[:1]
     if not start:
         raise DataError(str(path), None, None, "empty file: no dialogues")
+    if start == b"{":
+        # A pretty-printed single object (the authors' data_sample.json) does not parse line by line.
+        try:
+            record = json.loads(first_line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "mrmedseg"
+        return "mrmedseg" if isinstance(record, dict) and "conversations" in record and not has_more_lines else "jsonl"
     if start != b"[":
         return "jsonl"
     try:

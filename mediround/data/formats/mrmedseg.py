@@ -361,9 +361,12 @@ def read_mrmedseg(
         raise DataError(
             str(path), None, None, f"invalid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
         ) from None
+    if isinstance(items, dict):
+        items = [items]  # one item object, as the authors' data_sample.json
     if not isinstance(items, list):
         raise DataError(
-            str(path), None, None, f"an MR-MedSeg file must be a JSON list, got {type(items).__name__}"
+            str(path), None, None,
+            f"an MR-MedSeg file must be a JSON list or one item object, got {type(items).__name__}",
         )
     guard = guard_for(root, allow_outside_root)
     dialogues: list[Dialogue] = []

@@ -1,0 +1,630 @@
+#!/usr/bin/env python
+"""Run the authors' released MediRound code and ours on the same tiny weights and dialogues; compare.
+
+    python benchmarks/authors_parity.py                    # build/reuse ../parity-env, run, compare
+    python benchmarks/authors_parity.py --write-fixture    # also refresh tests/parity/fixture from their run
+
+The authors' code (``../shared/reference/mediround-authors``) is imported from that path, never copied,
+in an environment of its own (``ENV_PINS``) by this same file run as ``--authors-side WORKDIR``; the
+patches it needs at run time are in ``authors_side`` and listed in docs/parity.md. Both sides read one
+set of random weights written here in the authors' layout (``write_weights``: every tensor drawn from
+one seed, in sorted key order, so a run without their code can rebuild them and check ``checksum``):
+a tiny CLIP (48 px, patch 2: the 24 x 24 = 576 image tokens their code hard-codes), a full ViT-B SAM, a
+two-layer Mistral and a SentencePiece tokenizer. Ours reads them through ``mediround convert-llava`` and
+our SAM loader with the 7B preset's switches (``parity_config``). Each quantity prints one line and the
+run ends with ``parity: N of M quantities within tolerance`` (docs/parity.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SHARED = REPO.parent / "shared"
+REFERENCE = SHARED / "reference" / "mediround-authors"
+DATA_ROOT = SHARED / "data" / "sam-med2d-demo"
+DEFAULT_ENV = REPO.parent / "parity-env"
+DEFAULT_WORK = REPO.parent / "parity-work"
+FIXTURE = REPO / "tests" / "parity" / "fixture"
+ENV_PINS = (
+    "torch==2.13.0",
+    "transformers==4.40.2",  # their 4.31.0 pin cannot import the Mistral classes (added in 4.34)
+    "tokenizers==0.19.1",
+    "peft==0.4.0",
+    "sentencepiece",
+    "einops",
+    "opencv-python-headless",  # their opencv_python pin needs a display library this machine lacks
+    "safetensors",
+    "protobuf",  # transformers' conversion of the SentencePiece model to tokenizer.json
+)
+SEED = 27
+VOCAB = 400
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "image_size": 48, "patch_size": 2, "projection_dim": 32}
+CLIP_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "vocab_size": 64, "max_position_embeddings": 16, "projection_dim": 32}
+"""A full CLIP checkpoint (text half included) as openai/clip-vit-large-patch14-336 ships: transformers
+4.40 reads a vision-only ``vision_model.*`` file without its prefix and leaves the tower random."""
+LORA_R = 8
+# Their added tokens in the order train_ds.py adds them, and ours for the same role.
+ADDED = {"[SEG]": "[SEG]", "[BBOXINPUT]": "[REF_BOX]", "[CROPPEDIMAGE]": "[REF_CROP]"}
+IMAGE = "s0114_111"
+DIALOGUES = [
+    [("[IMAGE256:data_demo/images/{i}.png] Segment the right middle lobe of the lung.",
+      "It is [MASK-DECODE:data_demo/masks/{i}_lung_middle_lobe_right_000.png]."),
+     (("[MASK-ENCODE:data_demo/masks/{i}_lung_middle_lobe_right_000.png][BOX-ENCODE:data_demo/masks/"
+       "{i}_lung_middle_lobe_right_000.png] Segment the heart chamber next to this region."), 0,
+      ("It is [REF-DECODE:data_demo/masks/{i}_lung_middle_lobe_right_000.png]"
+       "[MASK-DECODE:data_demo/masks/{i}_heart_ventricle_right_000.png].")),
+     (("[MASK-ENCODE:data_demo/masks/{i}_heart_ventricle_right_000.png][BOX-ENCODE:data_demo/masks/"
+       "{i}_heart_ventricle_right_000.png] Segment the rib on the other side of it."), 1,
+      "[MASK-DECODE:data_demo/masks/{i}_rib_left_9_000.png].")],
+    [("[IMAGE256:data_demo/images/{i}.png] Where is the left lower lobe? Segment it.",
+      "Sure, it is [MASK-DECODE:data_demo/masks/{i}_lung_lower_lobe_left_000.png]."),
+     (("[MASK-ENCODE:data_demo/masks/{i}_lung_lower_lobe_left_000.png][BOX-ENCODE:data_demo/masks/"
+       "{i}_lung_lower_lobe_left_000.png] Segment the rib beside the previous output."), 0,
+      "[MASK-DECODE:data_demo/masks/{i}_rib_left_9_000.png].")],
+]
+
+
+def data_items() -> list[dict]:
+    """The dialogues in the authors' ``data_sample.json`` layout (a list of items)."""
+    items = []
+    for rounds in DIALOGUES:
+        turns = []
+        for turn in rounds:
+            human, answer = turn[0], turn[-1]
+            record = {"from": "human", "value": human.format(i=IMAGE)}
+            if len(turn) == 3:
+                record["ind"] = turn[1]
+            turns += [record, {"from": "gpt", "value": answer.format(i=IMAGE)}]
+        items.append({"task": "segmentation", "base": "[null]", "conversations": turns})
+    return items
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def _llava_config(clip_dir: Path) -> dict:
+    return {"architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral", "vocab_size": VOCAB,
+            **TEXT, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+            "sliding_window": None, "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1,
+            "eos_token_id": 2, "torch_dtype": "float32", "mm_vision_tower": str(clip_dir), "mm_hidden_size":
+            CLIP["hidden_size"], "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+            "mm_vision_select_feature": "patch", "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
+
+
+def weight_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
+    """Key -> shape of every file's tensors, from models built on the meta device (same keys in
+    transformers 4.40 and 5.x): ``clip``, ``llava`` (authors' layout), ``sam`` (ViT-B) and ``heads``
+    (the parts their training initialises itself, in their peft-wrapped names)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, MistralConfig, MistralForCausalLM
+
+    from mediround.model.config import SegmenterConfig
+    from mediround.model.segmenter import build_sam
+
+    with torch.device("meta"):
+        clip = CLIPModel(CLIPConfig(text_config=CLIP_TEXT, vision_config=CLIP, projection_dim=CLIP["projection_dim"]))
+        text = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, **TEXT, tie_word_embeddings=False))
+        sam = build_sam(SegmenterConfig(variant="vit_b"), "meta")
+    hidden, kv = TEXT["hidden_size"], TEXT["hidden_size"] * TEXT["num_key_value_heads"] // TEXT["num_attention_heads"]
+    llava = {k: tuple(v.shape) for k, v in text.state_dict().items()}
+    llava.update({"model.mm_projector.0.weight": (hidden, CLIP["hidden_size"]), "model.mm_projector.0.bias": (hidden,),
+                  "model.mm_projector.2.weight": (hidden, hidden), "model.mm_projector.2.bias": (hidden,)})
+    heads = {"new_rows.embed_tokens": (len(ADDED), hidden), "new_rows.lm_head": (len(ADDED), hidden)}
+    prefix = "base_model.model.model."
+    for layer in range(TEXT["num_hidden_layers"]):
+        for proj, out in (("q_proj", hidden), ("v_proj", kv)):
+            base = f"{prefix}layers.{layer}.self_attn.{proj}"
+            heads[f"{base}.lora_A.default.weight"] = (LORA_R, hidden)
+            heads[f"{base}.lora_B.default.weight"] = (out, LORA_R)
+    for name, shape in (("text_hidden_fcs.0.0.weight", (hidden, hidden)), ("text_hidden_fcs.0.0.bias", (hidden,)),
+                        ("text_hidden_fcs.0.2.weight", (256, hidden)), ("text_hidden_fcs.0.2.bias", (256,)),
+                        ("bbox_encoder.weight", (hidden, 4)), ("bbox_encoder.bias", (hidden,))):
+        heads[prefix + name] = shape
+    for mlp, out in (("mask_quality_MLP", 1), ("refine_MLP", 256)):
+        for fc, shape in (("fc1", (512, 256)), ("fc2", (512, 512)), ("fc3", (out, 512))):
+            heads[f"{prefix}{mlp}.{fc}.weight"] = shape
+            heads[f"{prefix}{mlp}.{fc}.bias"] = shape[:1]
+    return {"clip": {k: tuple(v.shape) for k, v in clip.state_dict().items()}, "llava": llava,
+            "sam": {k: tuple(v.shape) for k, v in sam.state_dict().items()}, "heads": heads}
+
+
+def generate_weights(seed: int = SEED) -> tuple[dict[str, dict], str]:
+    """Every tensor of ``weight_shapes`` drawn from one generator in sorted (file, key) order: normal with
+    std 0.02, and 1 + that for 1-D ``.weight`` tensors (norm layers). Returns them and their sha256."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    digest = hashlib.sha256()
+    weights: dict[str, dict] = {}
+    for group, shapes in sorted(weight_shapes().items()):
+        weights[group] = {}
+        for key in sorted(shapes):
+            tensor = torch.randn(shapes[key], generator=generator) * 0.02
+            if len(shapes[key]) == 1 and key.endswith(".weight"):
+                tensor += 1.0
+            weights[group][key] = tensor
+            digest.update(key.encode() + tensor.numpy().tobytes())
+    return weights, digest.hexdigest()
+
+
+def write_weights(work: Path, seed: int = SEED) -> str:
+    """Write the weights in the authors' layout under ``work``; return their checksum."""
+    import torch
+    from safetensors.torch import save_file
+
+    weights, checksum = generate_weights(seed)
+    clip_dir, llava_dir = work / "clip", work / "llava"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    llava_dir.mkdir(parents=True, exist_ok=True)
+    save_file(weights["clip"], str(clip_dir / "model.safetensors"), metadata={"format": "pt"})
+    (clip_dir / "config.json").write_text(json.dumps({
+        "model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": CLIP["projection_dim"],
+        "text_config": CLIP_TEXT, "vision_config": CLIP}))
+    (clip_dir / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": CLIP["image_size"], "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "image_processor_type": "CLIPImageProcessor", "resample": 3, "size": CLIP["image_size"],
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    save_file(weights["llava"], str(llava_dir / "model.safetensors"), metadata={"format": "pt"})
+    (llava_dir / "config.json").write_text(json.dumps(_llava_config(clip_dir.resolve())))
+    torch.save(weights["sam"], work / "sam_vit_b.pth")
+    save_file(weights["heads"], str(work / "heads.safetensors"))
+    (work / "data.json").write_text(json.dumps(data_items(), indent=1))
+    (work / "checksum.txt").write_text(checksum)
+    return checksum
+
+
+def write_tokenizer(llava_dir: Path) -> None:
+    """A SentencePiece BPE model both sides load (their slow ``LlamaTokenizer``; ours through the fast
+    conversion saved as tokenizer.json, which is what transformers 5 reads)."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizerFast
+
+    corpus = [turn["value"] for item in data_items() for turn in item["conversations"]]
+    corpus += ["[INST] Segment the liver, the kidney, the lung, the heart and the rib. [/INST] It is here."] * 4
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_prefix=str(llava_dir / "tokenizer"), model_type="bpe",
+        vocab_size=VOCAB, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=False, num_threads=1,
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    (llava_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    (llava_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 1024}))
+    fast = LlamaTokenizerFast.from_pretrained(str(llava_dir), from_slow=True)
+    fast.backend_tokenizer.save(str(llava_dir / "tokenizer.json"))
+
+
+# --------------------------------------------------------------------------------------- authors' side
+def install_stand_ins(work: Path) -> None:
+    """Modules their code imports that this machine cannot: torchvision (PIL resize only), deepspeed
+    (only while train_ds.py is imported), tensorboard's SummaryWriter."""
+    import numpy as np
+    from PIL import Image
+
+    def resize(image, size, *args, **kwargs):
+        height, width = size
+        return image.resize((width, height), Image.BILINEAR)
+
+    def unused(*args, **kwargs):
+        raise RuntimeError("torchvision stand-in: not used by the compared path")
+
+    modules = {name: types.ModuleType(name) for name in (
+        "torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.ops",
+        "torchvision.ops.boxes", "torch.utils.tensorboard")}
+    modules["torchvision.transforms.functional"].resize = resize
+    modules["torchvision.transforms.functional"].to_pil_image = lambda array: Image.fromarray(np.asarray(array))
+    modules["torchvision.ops.boxes"].box_area = unused
+    modules["torchvision.ops.boxes"].batched_nms = unused
+    modules["torch.utils.tensorboard"].SummaryWriter = unused
+    sys.modules.update(modules)
+    sys.modules["deepspeed"] = types.ModuleType("deepspeed")
+
+
+def authors_side(work: Path) -> None:
+    """Build their model from ``work``'s weights as train_ds.py's ``main`` does (CPU, fp32, LoRA dropout
+    0), run their dataset, collate and stage-1 forward/backward, and save what is compared."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    # After transformers and peft: they probe for torchvision and deepspeed with find_spec.
+    install_stand_ins(work)
+    sys.path.insert(0, str(REFERENCE))
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # their code calls .cuda() on CPU tensors
+    histc = torch.histc
+    torch.histc = lambda input, *args, **kwargs: histc(input.float(), *args, **kwargs)  # int histc: CUDA only
+
+    import train_ds  # noqa: F401  (imports their model, dataset and metric code)
+    from model.llava import conversation as conversation_lib
+    from model.mediround import MediRoundForCausalLM
+    from utils.dataset import collate_fn
+    from utils.multi_turn_med_seg import MultiTurnMedSegDataset
+
+    del sys.modules["deepspeed"]  # accelerate's find_spec("deepspeed") fails on a bare stand-in
+    torch.manual_seed(0)
+    llava_dir = work / "llava"
+    if not (llava_dir / "tokenizer.model").is_file():
+        write_tokenizer(llava_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(llava_dir), model_max_length=1024, padding_side="right", use_fast=False)
+    tokenizer.pad_token = tokenizer.unk_token
+    for token in ADDED:
+        tokenizer.add_tokens(token)
+    ids = {token: tokenizer(token, add_special_tokens=False).input_ids[0] for token in ADDED}
+    model = MediRoundForCausalLM.from_pretrained(
+        str(llava_dir), torch_dtype=torch.float32, low_cpu_mem_usage=True, train_mask_decoder=True, out_dim=256,
+        ce_loss_weight=1.0, dice_loss_weight=0.5, bce_loss_weight=2.0, bbox_loss_weight=2.0,
+        seg_token_idx=ids["[SEG]"], box_token_idx=ids["[BBOXINPUT]"], croppedimage_token_idx=ids["[CROPPEDIMAGE]"],
+        vision_pretrained=str(work / "sam_vit_b.pth"), vision_tower=str(work / "clip"), use_mm_start_end=False)
+    model.config.stage = 1
+    model.config.eos_token_id, model.config.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.enable_input_require_grads()
+    model.get_model().initialize_vision_modules(model.get_model().config)
+    vision_tower = model.get_model().get_vision_tower()
+    vision_tower.to(dtype=torch.float32)
+    model.get_model().config.stage = 1
+    model.get_model().initialize_mediround_modules(model.get_model().config, False)
+    for p in vision_tower.parameters():
+        p.requires_grad = False
+    for p in model.get_model().mm_projector.parameters():
+        p.requires_grad = False
+    conversation_lib.default_conversation = conversation_lib.conv_templates["mistral_instruct"]
+    targets = sorted({n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and
+                      not any(x in n for x in ("visual_model", "vision_tower", "mm_projector", "text_hidden_fcs",
+                                                "bbox_encoder")) and any(x in n for x in ("q_proj", "v_proj"))})
+    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
+                                             bias="none", task_type="CAUSAL_LM"))
+    model.resize_token_embeddings(len(tokenizer))
+    for n, p in model.named_parameters():
+        if any(x in n for x in ["lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs", "bbox_encoder"]):
+            p.requires_grad = True
+    heads = load_file(str(work / "heads.safetensors"))
+    rows = [ids[token] for token in ADDED]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[rows] = heads.pop("new_rows.embed_tokens")
+        model.get_output_embeddings().weight[rows] = heads.pop("new_rows.lm_head")
+    stage1 = {k: v for k, v in heads.items() if "MLP" not in k}
+    _, unexpected = model.load_state_dict(stage1, strict=False)
+    assert not unexpected, unexpected
+
+    dataset = MultiTurnMedSegDataset(str(DATA_ROOT), tokenizer, str(work / "clip"), str(work / "data.json"),
+                                     precision="fp32", random_sample=False)
+    batch = collate_fn([(*dataset[i], False) for i in range(len(dataset))], tokenizer=tokenizer,
+                       conv_type="mistral_instruct", use_mm_start_end=False)
+    batch["encode_bboxes_list"] = [b.float() for b in batch["encode_bboxes_list"]]  # float64 out of their dataset
+    captured: dict[str, list] = {"projected": [], "low_res": []}
+    inner = model.base_model.model
+    inner.model.text_hidden_fcs[0].register_forward_hook(
+        lambda module, args, out: captured["projected"].append(out))
+    inner.model.visual_model.mask_decoder.register_forward_hook(
+        lambda module, args, out: captured["low_res"].append(out[0]))
+    model.train()
+    started = time.perf_counter()
+    forward_inputs = {k: v for k, v in batch.items() if k not in ("image_paths", "conversation_list", "questions_list",
+                                                                   "sampled_classes_list")}
+    out = model(**forward_inputs)
+    out["loss"].backward()
+    forward_seconds = time.perf_counter() - started
+    input_ids = batch["input_ids"]
+    seg_mask = torch.cat([torch.zeros(input_ids.shape[0], 575, dtype=torch.bool), input_ids[:, 1:] == ids["[SEG]"],
+                          torch.zeros(input_ids.shape[0], 1, dtype=torch.bool)], dim=1)
+    tensors = {
+        "input_ids": input_ids, "labels": batch["labels"], "attention_masks": batch["attention_masks"].long(),
+        "images_clip": batch["images_clip"], "images_sam": batch["images"],
+        "crops": torch.cat(batch["cropped_images_encode"]), "boxes": torch.cat(batch["encode_bboxes_list"]),
+"seg_features": captured["projected"][0][seg_mask].detach(),
+        "low_res": torch.cat(captured["low_res"]).detach(),
+    }
+    for name in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss"):
+        tensors[name] = out[name].detach().reshape(1)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    tensors.update({f"grad.{name}": grad for name, grad in grads.items()})
+    save_file({k: v.contiguous().float() if v.is_floating_point() else v.contiguous() for k, v in tensors.items()},
+              str(work / "authors.safetensors"))
+    (work / "authors.json").write_text(json.dumps({
+        "prompts": batch["conversation_list"], "added_token_ids": ids,
+        "pieces": [["<image>" if i == -200 else tokenizer.convert_ids_to_tokens(i) for i, keep in zip(row, mask) if keep]
+                   for row, mask in zip(input_ids.tolist(), batch["attention_masks"].tolist())],
+        "forward_backward_seconds": round(forward_seconds, 1),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}, indent=1))
+
+
+# ------------------------------------------------------------------------------------------- our side
+def parity_config(converted: Path, sam: Path):
+    """The 7B preset's switches at tiny size: fp32 (bf16 rounding would hide differences) and LoRA
+    dropout 0 (the comparison must be deterministic); everything else as ``llava_med_7b_config``."""
+    from mediround.model.config import llava_med_7b_config
+
+    config = llava_med_7b_config(str(converted), str(sam))
+    config.precision = "fp32"
+    config.gradient_checkpointing = False
+    config.lora.dropout = 0.0
+    return config
+
+
+def convert(work: Path) -> Path:
+    """``mediround convert-llava`` of the authors'-layout folder (the conversion is part of what is proven)."""
+    converted = work / "converted"
+    command = [sys.executable, "-c", "from mediround_cli.main import cli; cli()", "convert-llava",
+               str(work / "llava"), str(converted), "--overwrite"]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return converted
+
+
+def our_model(work: Path):
+    """Our model from the converted folder and the SAM .pth, with the authors' head weights mapped in."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file
+
+    from mediround.model.build import build_model
+
+    model = build_model(parity_config(work / "converted", work / "sam_vit_b.pth"))
+    heads = load_file(str(work / "heads.safetensors"))
+    ours = dict(model.named_parameters())
+    rows = model.tokenizer.convert_tokens_to_ids(list(ADDED.values()))
+    with torch.no_grad():
+        for name, param in ours.items():
+            if "embed_tokens" in name or "lm_head" in name:
+                param[rows] = heads["new_rows.embed_tokens" if "embed_tokens" in name else "new_rows.lm_head"]
+        for key, value in heads.items():
+            lora = re.search(r"layers\.(\d+)\.self_attn\.(q_proj|v_proj)\.lora_(A|B)", key)
+            target = None
+            if lora:
+                target = (f"mllm.base_model.model.model.language_model.layers.{lora[1]}.self_attn.{lora[2]}"
+                          f".lora_{lora[3]}.default.weight")
+            elif "text_hidden_fcs" in key:
+                target = "seg_projection." + key.split("text_hidden_fcs.0.")[1]
+            elif "bbox_encoder" in key:
+                target = "box_encoder.linear." + key.rsplit(".", 1)[1]
+            elif "MLP" in key or key.startswith("new_rows."):
+                continue  # JCM (stage 2) and the rows set above
+            ours[target].copy_(value)
+    return model
+
+
+def canonical(ids: list[int], names: dict[int, str], image_run: int = 1) -> list[str]:
+    """Token ids as names both sides share: base-vocabulary ids as numbers, added tokens by role, the
+    image placeholder as ``image_run`` ``<image>`` entries (theirs is one id that becomes 576 positions)."""
+    out = []
+    for i in ids:
+        if i in names:
+            out += [names[i]] * (image_run if names[i] == "<image>" else 1)
+        else:
+            out.append(str(i))
+    return out
+
+
+class Report:
+    """One line per quantity; the closing count."""
+
+    def __init__(self):
+        self.results: dict[str, dict] = {}
+
+    def tensor(self, name: str, ours, theirs, atol: float, rtol: float = 0.0) -> None:
+        ours, theirs = ours.detach().float().reshape(-1), theirs.detach().float().reshape(-1)
+        if ours.shape != theirs.shape:
+            self.add(name, False, f"shape {tuple(ours.shape)} vs {tuple(theirs.shape)}", atol)
+            return
+        diff = float((ours - theirs).abs().max()) if ours.numel() else 0.0
+        tol = atol + rtol * float(theirs.abs().max()) if theirs.numel() else atol
+        self.add(name, diff <= tol, f"{diff:.3g}", tol)
+
+    def same(self, name: str, ours, theirs, detail: str) -> None:
+        self.add(name, ours == theirs, detail, 0)
+
+    def add(self, name: str, ok: bool, detail: str, tol: float) -> None:
+        self.results[name] = {"ok": bool(ok), "detail": detail, "tol": tol}
+        print(f"{name:<42} {'equal within ' + format(tol, '.3g') if ok else 'differs by ' + detail}", flush=True)
+
+    def summary(self) -> str:
+        good = sum(r["ok"] for r in self.results.values())
+        return f"parity: {good} of {len(self.results)} quantities within tolerance"
+
+
+def first_difference(a: list, b: list) -> str:
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"position {index}: ours {x!r} vs theirs {y!r}"
+    return f"length {len(a)} vs {len(b)}" if len(a) != len(b) else "nothing"
+
+
+def compare(work: Path, model, authors: dict, info: dict, report: Report) -> None:
+    """Every quantity of our side against the authors' outputs (``authors``: tensors, ``info``: JSON)."""
+    import torch
+
+    from mediround.data.formats import load_dialogues
+    from mediround.model.processor import load_sample
+
+    dialogues = load_dialogues(work / "data.json", root=DATA_ROOT).dialogues
+    batch = model.processor.collate([load_sample(d) for d in dialogues])
+    tokenizer = model.tokenizer
+    ours_names = {tokenizer.convert_tokens_to_ids(t): t for t in ADDED.values()}
+    ours_names[tokenizer.convert_tokens_to_ids("<image>")] = "<image>"
+    theirs_names = {info["added_token_ids"][a]: ours for a, ours in ADDED.items()}
+    theirs_names[-200] = "<image>"
+    their_ids = [[i for i, keep in zip(row, mask) if keep] for row, mask in
+                 zip(authors["input_ids"].tolist(), authors["attention_masks"].tolist())]
+    their_labels = authors["labels"].tolist()
+    rows = [batch.input_ids[r, : int(batch.attention_mask[r].sum())].tolist() for r in range(len(dialogues))]
+    # Prompt text as the tokens spell it: SentencePiece pieces joined ("▁" is a space), image runs as one.
+    ours_prompts, theirs_prompts = [], []
+    for ids in rows:
+        pieces = []
+        for i in ids:
+            piece = "<image>" if ours_names.get(i) == "<image>" else tokenizer.convert_ids_to_tokens(i)
+            if not (piece == "<image>" and pieces and pieces[-1] == "<image>"):
+                pieces.append(piece)
+        ours_prompts.append("".join(pieces))
+    for pieces in info["pieces"]:
+        theirs_prompts.append("".join(pieces).replace(
+            "[BBOXINPUT]", "[REF_BOX]").replace("[CROPPEDIMAGE]", "[REF_CROP]"))
+    report.same("1a prompt text (as tokenized pieces)", ours_prompts, theirs_prompts,
+                first_difference(ours_prompts[0], theirs_prompts[0]))
+    ours_seq = [canonical(ids, ours_names) for ids in rows]
+    theirs_seq = [canonical(ids, theirs_names, 576) for ids in their_ids]
+    report.same("1b token ids (added tokens by role)", ours_seq, theirs_seq,
+                first_difference(ours_seq[0], theirs_seq[0]))
+
+    def labelled(row_labels, names):
+        return canonical([i for i in row_labels if i != -100], names)
+
+    ours_lab = [labelled(batch.labels[r].tolist(), ours_names) for r in range(len(rows))]
+    theirs_lab = [labelled(row, theirs_names) for row in their_labels]  # no image among labels
+    report.same("1c label mask (labelled tokens)", ours_lab, theirs_lab, first_difference(ours_lab[0], theirs_lab[0]))
+    ours_len = [int(m.sum()) for m in batch.attention_mask]
+    theirs_len = [len(canonical(ids, theirs_names, 576)) for ids in their_ids]
+    report.same("1d attention mask (lengths)", ours_len, theirs_len, f"{ours_len} vs {theirs_len}")
+
+    def positions(seq):
+        return {kind: [i for i, t in enumerate(seq) if t == kind] for kind in ("[REF_CROP]", "[REF_BOX]")}
+
+    ours_pos = [positions(s) for s in ours_seq]
+    theirs_pos = [positions(s) for s in theirs_seq]
+    for r, seq in enumerate(theirs_seq):
+        theirs_pos[r]["h_c"] = [i - 1 for i, t in enumerate(seq) if t == "[SEG]"]
+        theirs_pos[r]["image"] = [i for i, t in enumerate(seq) if t == "<image>"][:1]
+        ours_pos[r]["h_c"] = [p + model.seg_state_offset for p in batch.seg_positions[r]]
+        ours_pos[r]["image"] = [i for i, t in enumerate(ours_seq[r]) if t == "<image>"][:1]
+    report.same("1e positions of image/crop/box/h_c", ours_pos, theirs_pos, f"{ours_pos[0]} vs {theirs_pos[0]}")
+    report.tensor("1f CLIP pixels of the image", batch.clip_pixels, authors["images_clip"][:len(rows)], 1e-5)
+    report.tensor("1g CLIP pixels of the reference crops", batch.crop_pixels, authors["crops"], 1e-5)
+    report.tensor("1h reference boxes", batch.boxes, authors["boxes"], 1e-6)
+    theirs_sam = authors["images_sam"] if "images_sam" in authors else sam_pixels_from_uint8(authors)
+    report.tensor("1i SAM pixels", batch.sam_pixels, theirs_sam, 1e-5)
+
+    captured = []
+    hook = model.sam.mask_decoder.register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    model.train()
+    out = model(batch)
+    hook.remove()
+    out.loss.backward()
+    ours_features = torch.cat(out.seg_features)
+    report.tensor("2 h_c: projected [SEG] state per round", ours_features, authors["seg_features"], 1e-5, 1e-4)
+    report.tensor("3a low-res mask logits per round", torch.cat(captured), authors["low_res"], 1e-5, 1e-4)
+    weights = model.config.loss
+    report.tensor("3b CE loss", out.losses["ce"] * weights.ce, authors["ce_loss"], 1e-6, 1e-5)
+    report.tensor("3c BCE loss (x2)", out.losses["bce"] * weights.bce, authors["mask_bce_loss"], 1e-6, 1e-5)
+    report.tensor("3d Dice loss (x0.5)", out.losses["dice"] * weights.dice, authors["mask_dice_loss"], 1e-6, 1e-5)
+    report.tensor("3e total loss", out.loss, authors["loss"], 1e-6, 1e-5)
+    seg_grad = dict(model.named_parameters())["seg_projection.2.weight"].grad
+    report.tensor("3f gradient of the [SEG] projection", seg_grad,
+                  authors["grad.base_model.model.model.text_hidden_fcs.0.2.weight"], 1e-7, 1e-3)
+    box_grad = dict(model.named_parameters())["box_encoder.linear.weight"].grad
+    report.tensor("3g gradient of the box encoder", box_grad,
+                  authors["grad.base_model.model.model.bbox_encoder.weight"], 1e-7, 1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def ensure_env(env: Path) -> Path:
+    """The reference environment's python, created with ``ENV_PINS`` when missing."""
+    python = env / "bin" / "python"
+    if not python.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    check = subprocess.run([str(python), "-c", ("import transformers, peft, sentencepiece, cv2, torch; "
+                            "assert transformers.__version__ == '4.40.2' and peft.__version__ == '0.4.0'")],
+                           capture_output=True, check=False)
+    if check.returncode != 0:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *ENV_PINS], check=True)
+    return python
+
+
+def run(work: Path, env: Path, fixture: Path | None) -> int:
+    from safetensors.torch import load_file
+
+    started = time.perf_counter()
+    python = ensure_env(env)
+    work.mkdir(parents=True, exist_ok=True)
+    checksum = write_weights(work)
+    authors_started = time.perf_counter()
+    subprocess.run([str(python), str(Path(__file__).resolve()), "--authors-side", str(work)], check=True,
+                   env={**os.environ, "PYTHONPATH": ""})
+    authors_seconds = time.perf_counter() - authors_started
+    convert(work)
+    model = our_model(work)
+    authors = load_file(str(work / "authors.safetensors"))
+    info = json.loads((work / "authors.json").read_text())
+    report = Report()
+    compare(work, model, authors, info, report)
+    print(report.summary())
+    print(f"(authors' side {authors_seconds:.0f} s, whole run {time.perf_counter() - started:.0f} s)")
+    if fixture is not None:
+        write_fixture(work, fixture, authors, info, checksum, report)
+    return 0
+
+
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+
+
+def sam_pixels_as_uint8(pixels) -> dict:
+    """Their SAM input is (uint8 PIL resize - mean) / std, zero-padded, and both dialogues share the image:
+    the first row's uint8 resized image holds it exactly in 1/12 of the bytes (3 MB instead of 25)."""
+    import torch
+
+    mean, std = torch.tensor(SAM_MEAN).view(3, 1, 1), torch.tensor(SAM_STD).view(3, 1, 1)
+    values = (pixels[0] * std + mean).round()
+    inside = (pixels[0] != 0).any(0)
+    height, width = int(inside.any(1).nonzero().max()) + 1, int(inside.any(0).nonzero().max()) + 1
+    return {"images_sam_uint8": values[:, :height, :width].to(torch.uint8),
+            "images_sam_rows": torch.tensor([pixels.shape[0], pixels.shape[-1]])}
+
+
+def sam_pixels_from_uint8(authors: dict):
+    """The inverse of ``sam_pixels_as_uint8``."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, size = authors["images_sam_rows"].tolist()
+    image = authors["images_sam_uint8"].float()
+    image = (image - torch.tensor(SAM_MEAN).view(3, 1, 1)) / torch.tensor(SAM_STD).view(3, 1, 1)
+    image = F.pad(image, (0, size - image.shape[-1], 0, size - image.shape[-2]))
+    return image[None].expand(rows, -1, -1, -1)
+
+
+def write_fixture(work: Path, fixture: Path, authors: dict, info: dict, checksum: str, report: Report) -> None:
+    """The authors' outputs the CI test compares against (no gradients of large tensors, no weights)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    fixture.mkdir(parents=True, exist_ok=True)
+    kept = {k: v for k, v in authors.items() if not k.startswith("grad.") or "text_hidden_fcs.0.2.weight" in k
+            or "bbox_encoder.weight" in k}
+    kept.update(sam_pixels_as_uint8(kept.pop("images_sam")))
+    save_file(kept, str(fixture / "authors.safetensors"))
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(work / "llava" / name, fixture / name)
+    (fixture / "authors.json").write_text(json.dumps({**info, "weights_sha256": checksum, "seed": SEED,
+                                                      "results": report.results}, indent=1) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", type=Path, default=DEFAULT_ENV, help="the reference environment (created if missing)")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="weights and outputs of both sides")
+    parser.add_argument("--write-fixture", action="store_true", help=f"refresh {FIXTURE.relative_to(REPO)}")
+    parser.add_argument("--authors-side", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.authors_side is not None:
+        authors_side(args.authors_side)
+        return 0
+    return run(args.work, args.env, FIXTURE if args.write_fixture else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
