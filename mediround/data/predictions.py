@@ -104,6 +104,13 @@ def read_predictions(predictions_dir: str | os.PathLike) -> dict[tuple[str, int]
     return records
 
 
+def read_predictions_if_any(predictions_dir: str | os.PathLike) -> dict[tuple[str, int], dict]:
+    """``read_predictions`` of a folder that may hold no predictions file yet (then no records)."""
+    if not (Path(predictions_dir) / PREDICTIONS_FILE).exists():
+        return {}
+    return read_predictions(predictions_dir)
+
+
 def complete_dialogue_ids(
     records: Mapping[tuple[str, int], dict], rounds_per_dialogue: Mapping[str, int]
 ) -> set[str]:
