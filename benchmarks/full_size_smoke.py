@@ -49,7 +49,8 @@ from mediround.data.dialogue import Dialogue, Round
 from mediround.data.formats import load_dialogues, write_jsonl
 from mediround.data.images import load_image, load_mask
 from mediround.data.predictions import read_predictions
-from mediround.inference.runner import InferenceConfig, run_inference
+from mediround.inference.runner import run_inference
+from mediround.inference.settings import InferenceConfig
 from mediround.model import build_model, preset, trainable_parameters
 from mediround.model.memory import GIB, estimate_training_memory
 from mediround.model.stand_in import llava_med_v15_config, write_stand_in_folder

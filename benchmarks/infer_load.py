@@ -26,7 +26,8 @@ import torch
 
 from mediround.data.synth import generate
 from mediround.inference.events import InferenceEvents
-from mediround.inference.runner import InferenceConfig, run_inference
+from mediround.inference.runner import run_inference
+from mediround.inference.settings import InferenceConfig
 from mediround.model import build_model, preset
 from mediround.model.checkpoint import save_checkpoint
 

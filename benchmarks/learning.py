@@ -60,7 +60,7 @@ from synthetic_benchmark import (
 from mediround.atomic import atomic_open
 from mediround.data.formats import load_dialogues
 from mediround.inference.model_eval import ModelEvalConfig, evaluate_model
-from mediround.inference.runner import InferenceConfig
+from mediround.inference.settings import InferenceConfig
 from mediround.metrics import aggregate, counts
 from mediround.model import MASK_THRESHOLD, MediRoundConfig, load_sample
 from mediround.model.checkpoint import load_checkpoint, save_checkpoint

@@ -59,7 +59,7 @@ from mediround.data.predictions import read_predictions
 from mediround.data.synth import Wording, generate
 from mediround.inference import DEFAULT_BETA
 from mediround.inference.model_eval import ModelEvalConfig, ModelEvaluation, evaluate_model
-from mediround.inference.runner import InferenceConfig
+from mediround.inference.settings import InferenceConfig
 from mediround.metrics import Scores, aggregate, pair_counts, spearman
 from mediround.reports.scoring import EvalConfig
 from mediround.training.recipe import SHIPPED_RECIPES, resolve_recipe

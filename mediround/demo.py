@@ -24,9 +24,10 @@ from mediround.data.synth import Wording, generate
 from mediround.default_model import default_checkpoint
 from mediround.errors import DataError
 from mediround.inference import DEFAULT_BETA
+from mediround.inference.checkpoint_policy import model_folder
 from mediround.inference.events import InferenceEvents
 from mediround.inference.model_eval import ModelEvalConfig, ModelEvaluation, evaluate_model
-from mediround.inference.runner import InferenceConfig, model_folder
+from mediround.inference.settings import InferenceConfig
 from mediround.reports.html import write_predictions_report
 from mediround.reports.scoring import EvalConfig
 

@@ -142,7 +142,7 @@ def chat(image: Path, model_path: Path | None, beta: str | None, out: Path | Non
     """
     # The model pulls in torch: imported here so that `mediround chat --help` stays fast.
     from mediround.inference.chat import ChatSession, QuestionError, parse_question
-    from mediround.inference.runner import checked_betas, model_folder
+    from mediround.inference.checkpoint_policy import checked_betas, model_folder
     from mediround.model.checkpoint import load_checkpoint
 
     if model_path is None:

@@ -126,7 +126,7 @@ class ModelOptions:
                           scoring: EvalConfig) -> ModelEvalConfig:
         """The checked settings of a model-based evaluation of ``data`` with these options."""
         from mediround.inference.model_eval import ModelEvalConfig
-        from mediround.inference.runner import InferenceConfig
+        from mediround.inference.settings import InferenceConfig
 
         if self.teacher_forcing and self.compare_tf:
             raise click.UsageError("--teacher-forcing and --compare-tf exclude each other (--compare-tf runs both)")

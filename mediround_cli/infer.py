@@ -92,7 +92,10 @@ def infer(
     Writes the predictions folder (predictions.jsonl, masks/, errors.jsonl, the run manifest run.json and,
     when DATA has ground truth, metrics.parquet). Exits 3 when any dialogue was skipped."""
     # The runner pulls in torch: imported here so that `mediround infer --help` stays fast.
-    from mediround.inference.runner import InferenceConfig, run_inference, run_worker, score_outputs
+    from mediround.inference.runner import run_inference
+    from mediround.inference.settings import InferenceConfig
+    from mediround.inference.workers import run_worker
+    from mediround.reports.scoring import score_run
 
     if worker_plan is not None:
         reports = run_worker(worker_plan)
@@ -122,7 +125,7 @@ def infer(
     config = summary.config
     if allow_partial_load and summary.load_reports:
         print_load_reports(summary.load_reports)
-    evaluations = score_outputs(config)
+    evaluations = score_run(config.data, config.track_folders, config.out, config.root, config.allow_outside_root)
     for label, evaluation in evaluations.items():
         if len(evaluations) > 1:
             console.print(f"[bold]{label}[/bold]")

@@ -34,7 +34,9 @@ from mediround.reports.tables import (
 from mediround_cli.common import GATE_FAILED_EXIT_CODE, console, err_console
 
 if TYPE_CHECKING:
-    from mediround.inference.runner import InferenceConfig, InferenceSummary, Plan
+    from mediround.inference.plan import Plan
+    from mediround.inference.runner import InferenceSummary
+    from mediround.inference.settings import InferenceConfig
 
 
 jcm_rounds_option = click.option(
@@ -140,7 +142,7 @@ def prediction_progress(name: str, label: str = "predicting") -> Iterator[Infere
 def predict_this_machines_shards(config: InferenceConfig, name: str) -> None:
     """The whole run of a machine of rank > 0: its workers predict their shards of machine rank 0's plan;
     machine rank 0 merges and scores."""
-    from mediround.inference.runner import join_inference
+    from mediround.inference.workers import join_inference
 
     console.print(f"machine rank {config.machine_rank} of {config.num_machines}: predicting this machine's "
                   f"shards; machine rank 0 merges them into {config.out}", soft_wrap=True)

@@ -109,6 +109,13 @@ def is_predictions_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / PREDICTIONS_FILE).is_file()
 
 
+def read_predictions_if_any(predictions_dir: str | os.PathLike) -> dict[tuple[str, int], dict]:
+    """``read_predictions`` of a folder that may hold no predictions file yet (then no records)."""
+    if not (Path(predictions_dir) / PREDICTIONS_FILE).exists():
+        return {}
+    return read_predictions(predictions_dir)
+
+
 def complete_dialogue_ids(
     records: Mapping[tuple[str, int], dict], rounds_per_dialogue: Mapping[str, int]
 ) -> set[str]:

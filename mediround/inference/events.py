@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mediround.inference.runner import Plan
+    from mediround.inference.plan import Plan
 
 
 class InferenceEvents:

@@ -23,19 +23,21 @@ from mediround.data.run_manifest import data_sha256
 from mediround.errors import DataError
 from mediround.inference.chain import Track
 from mediround.inference.events import InferenceEvents
-from mediround.inference.runner import (
-    InferenceConfig,
-    InferenceSummary,
-    run_inference,
-    score_outputs,
-    scored_manifest,
-)
+from mediround.inference.runner import InferenceSummary, run_inference
+from mediround.inference.settings import InferenceConfig
 from mediround.metrics import Scores, aggregate, group_scores, summarize
 from mediround.reports.beta_curve import beta_curve
 from mediround.reports.gate import GateReport, run_gate
 from mediround.reports.plots import round_curve
 from mediround.reports.rows import read_rows, write_rows
-from mediround.reports.scoring import EvalConfig, check_replaceable, write_passed_baseline
+from mediround.reports.scoring import (
+    METRICS_FILE,
+    EvalConfig,
+    check_replaceable,
+    run_scored_manifest,
+    score_run,
+    write_passed_baseline,
+)
 
 
 @dataclass
@@ -81,7 +83,7 @@ class ModelEvaluation:
     gate: GateReport | None = None
     """The gate's verdict on the primary track (without a baseline: on skipped dialogues only)."""
     manifest: dict = field(default_factory=dict)
-    """The run manifest the rows were written with (``scored_manifest``)."""
+    """The run manifest the rows were written with (``run_scored_manifest``)."""
     baseline_written: Path | None = None
 
 
@@ -125,7 +127,7 @@ def evaluate_model(
         check_replaceable(scoring.out, data_sha256(settings.inference.data))
     summary = run_inference(settings.inference, model=model, events=events)
     config = summary.config
-    evaluations = score_outputs(config)
+    evaluations = score_run(config.data, config.track_folders, config.out, config.root, config.allow_outside_root)
     if not evaluations:
         raise DataError(config.data, None, None, "no predicted dialogue has ground-truth masks: nothing to score")
     tracks = config.tracks
@@ -137,8 +139,8 @@ def evaluate_model(
         summaries[track] = evaluation.summary
         rows.extend(evaluation.rows)
         problems.extend(evaluation.problems)
-    out_path = Path(scoring.out) if scoring.out is not None else Path(config.out) / "metrics.parquet"
-    manifest = scored_manifest(config)
+    out_path = Path(scoring.out) if scoring.out is not None else Path(config.out) / METRICS_FILE
+    manifest = run_scored_manifest(config.out)
     write_rows(out_path, rows, manifest)
     primary = primary_track(tracks)
     result = ModelEvaluation(summary, tracks, primary, summaries, rows, out_path, problems,

@@ -1,11 +1,13 @@
 """Predictions folder + ground truth -> metric rows (Parquet) -> summary, plot and regression gate.
 
 ``evaluate_predictions`` is the one scoring path: ``mediround eval --predictions DIR`` calls it, and
-model-based evaluation calls it after writing its own predictions folder.
+``score_run`` calls it for every track folder of an ``infer`` run (``mediround infer``, model-based
+evaluation).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ import numpy as np
 from mediround.data.dialogue import Dialogue
 from mediround.data.formats import LoadResult, load_dialogues
 from mediround.data.images import load_mask
-from mediround.data.predictions import PREDICTIONS_FILE, read_predictions
+from mediround.data.predictions import PREDICTIONS_FILE, read_predictions, read_predictions_if_any
 from mediround.data.run_manifest import MANIFEST_FILE, check_data_matches, data_sha256, read_manifest
 from mediround.error_log import ERRORS_FILE, read_error_log
 from mediround.errors import DataError
@@ -137,6 +139,8 @@ def score_predictions(
     return result
 
 
+METRICS_FILE = "metrics.parquet"
+"""The metric rows of a predictions folder, written beside its predictions."""
 SCORED_DATA_KEY = "scored_data_sha256"
 """Metadata key of a metrics file: the SHA-256 of the data its rows were scored against."""
 
@@ -282,3 +286,48 @@ def evaluate_predictions(
         round_curve(evaluation.summary["round"], config.plot)
         evaluation.plot = Path(config.plot)
     return evaluation
+
+
+@dataclass(frozen=True)
+class TrackFolder:
+    """One track of an ``infer`` run as scoring sees it: its label, its predictions folder, and what its
+    rows record (``beta``, ``references``)."""
+
+    label: str
+    folder: Path
+    beta: float | None
+    references: str
+
+
+def run_scored_manifest(run_folder: str | os.PathLike) -> dict:
+    """The run manifest of the ``infer`` run folder ``run_folder``, plus the data its predictions are scored
+    against (the run's own): the file metadata of its metric rows."""
+    manifest = json.loads((Path(run_folder) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    return {**manifest, "scored_data": manifest["data"], SCORED_DATA_KEY: manifest["data_sha256"]}
+
+
+def score_run(
+    data: str | os.PathLike,
+    tracks: Sequence[TrackFolder],
+    run_folder: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
+) -> dict[str, Evaluation]:
+    """Score each track of the ``infer`` run in ``run_folder`` against the ground truth of ``data`` (paths
+    under ``root``), writing ``metrics.parquet`` into each track folder.
+
+    Only dialogues that were predicted are scored (skipped ones are in ``errors.jsonl``). Returns
+    ``{track label: Evaluation}``; empty when no predicted dialogue carries a ground-truth mask.
+    """
+    loaded = load_dialogues(data, root=root, allow_outside_root=allow_outside_root)
+    with_truth = [d for d in loaded.dialogues if any(r.mask is not None for r in d.rounds)]
+    manifest = run_scored_manifest(run_folder)
+    evaluations = {}
+    for track in tracks:
+        predicted = {dialogue_id for dialogue_id, _ in read_predictions_if_any(track.folder)}
+        scored = [d for d in with_truth if d.id in predicted]
+        if scored:
+            scoring = EvalConfig(out=track.folder / METRICS_FILE, beta=track.beta, references=track.references,
+                                 manifest=manifest)
+            evaluations[track.label] = evaluate_predictions(scored, track.folder, scoring)
+    return evaluations

@@ -12,7 +12,8 @@ from mediround.data.formats import load_dialogues
 from mediround.data.images import load_image, load_mask
 from mediround.errors import DataError
 from mediround.inference.chain import Track, chain_batched, chain_dialogue
-from mediround.inference.runner import InferenceConfig, run_inference
+from mediround.inference.runner import run_inference
+from mediround.inference.settings import InferenceConfig
 
 TRACKS = [Track(None), Track(0.3), Track(0.5), Track(0.7), Track(0.5, teacher_forcing=True)]
 

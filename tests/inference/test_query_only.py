@@ -11,7 +11,8 @@ from inference_fixtures import write_dialogues
 
 from mediround.data.formats import load_dialogues
 from mediround.data.images import load_image, load_mask
-from mediround.inference.runner import InferenceConfig, run_inference
+from mediround.inference.runner import run_inference
+from mediround.inference.settings import InferenceConfig
 from mediround.model import DialogueSession
 from mediround_cli.main import cli
 

@@ -10,16 +10,14 @@ from inference_fixtures import write_dialogues
 
 from mediround.data.images import load_mask
 from mediround.data.predictions import read_predictions
+from mediround.error_log import ERRORS_FILE
 from mediround.errors import DataError, RecipeError
 from mediround.inference.chain import Track
-from mediround.inference.runner import (
-    ERRORS_FILE,
-    PARTS_FOLDER,
-    InferenceConfig,
-    load_plan,
-    run_inference,
-    run_shard,
-)
+from mediround.inference.outputs import PARTS_FOLDER
+from mediround.inference.plan import load_plan
+from mediround.inference.runner import run_inference
+from mediround.inference.settings import InferenceConfig
+from mediround.inference.sharding import run_shard
 
 
 def _config(data, out, **overrides) -> InferenceConfig:
