@@ -24,8 +24,8 @@ import numpy as np
 
 from mediround.data.build.relations import Structure, display_name
 from mediround.data.build.volumes import (
-    INTENSITY_MAPS,
     SliceRule,
+    check_window,
     choose_slices,
     display_slice,
     find_dicom_seg,
@@ -34,6 +34,7 @@ from mediround.data.build.volumes import (
     map_intensities,
     optional_module,
     read_dicom_series,
+    resolve_window,
 )
 from mediround.data.formats.samed2d import class_from_mask_name, image_masks, modality_from_name
 from mediround.data.images import image_size, load_mask
@@ -60,8 +61,8 @@ class Case:
 
 @dataclass(frozen=True)
 class SliceOptions:
-    """How volumes become images: axis, slice rule, intensity mapping ("auto": abdomen window for CT,
-    percentile scaling otherwise)."""
+    """How volumes become images: axis, slice rule, intensity mapping (a ``--window`` value: "auto" is the
+    abdomen window for CT, percentile scaling otherwise; see ``volumes.check_window``)."""
 
     axis: str = "axial"
     rule: SliceRule = field(default_factory=SliceRule)
@@ -307,14 +308,15 @@ def _slices(case: Case, source: Path, options: SliceOptions) -> list[LabelledIma
             labels, names = load_dicom_seg(Path(label_path), series)
     if labels.shape != intensities.shape:
         raise DataError(label_path, item, "labels", f"label volume is {labels.shape} but the image volume is {intensities.shape}")
-    mapping = options.intensities
-    if mapping == "auto":
-        mapping = "abdomen" if modality == "CT" else "percentile"
-    if mapping not in INTENSITY_MAPS:
-        raise DataError(image_path, None, None, f"unknown intensity mapping '{mapping}' ({', '.join(INTENSITY_MAPS)})")
+    try:
+        mapping = resolve_window(check_window(options.intensities), modality)
+    except ValueError as error:
+        raise DataError(image_path, item, "window", str(error)) from None
     display = map_intensities(intensities, mapping)
     images = []
-    for index in choose_slices(labels, options.axis, options.rule, names):
+    with reading(item, "slices"):
+        chosen = choose_slices(labels, options.axis, options.rule, names, image_path)
+    for index in chosen:
         plane = display_slice(labels, options.axis, index)
         masks = [(names[value], plane == value) for value in sorted(names)]
         images.append(
