@@ -206,11 +206,31 @@ def modality_from_channel(name: str) -> str:
     return "MRI" if any(word in name.upper() for word in MR_WORDS) else name
 
 
+def channel_modality(meta: dict, channel: str = "0") -> str:
+    """The modality of one channel of an nnU-Net ``dataset.json`` (CT when it names no channels)."""
+    channels = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
+    return modality_from_channel(str(channels.get(channel, next(iter(channels.values())))))
+
+
+def nifti_modality(path: Path) -> str | None:
+    """The modality of a NIfTI image file as ``build-dialogues`` reads it when the file is an nnU-Net
+    image (``<case>_<channel>.nii.gz`` in a folder beside ``dataset.json``); None for any other file."""
+    stem = next((path.name[: -len(ending)] for ending in NIFTI_ENDINGS if path.name.endswith(ending)), path.name)
+    match = re.fullmatch(r".+_(\d{4})", stem)
+    meta_path = path.parent.parent / "dataset.json"
+    if match is None or not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return channel_modality(meta, str(int(match.group(1)))) if isinstance(meta, dict) else None
+
+
 def _nnunet_cases(source: Path) -> list[Case]:
     optional_module("nibabel", str(source))  # a missing extra stops the build, it is not a bad case
     _, meta = read_labels(source / "dataset.json")
-    channels = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
-    modality = modality_from_channel(str(channels.get("0", next(iter(channels.values())))))
+    modality = channel_modality(meta)
     ending = meta.get("file_ending", ".nii.gz")
     cases = []
     for label in sorted((source / "labelsTr").glob(f"*{ending}")):

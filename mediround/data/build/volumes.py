@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,20 +130,30 @@ class DicomSeries:
     affine: np.ndarray
     modality: str | None
 
-    def volume(self, planes: list[np.ndarray]) -> np.ndarray:
-        """One (rows, columns) plane per slice, in slice order, as a RAS+ volume."""
+    def volume(self, planes: Iterable[np.ndarray], dtype: type) -> np.ndarray:
+        """One (rows, columns) plane per slice, in slice order, as a RAS+ volume of ``dtype`` (filled
+        plane by plane: no second copy of the volume)."""
         nibabel = optional_module("nibabel", str(self.folder))
-        # pixel_array is (row, column); voxel axis 0 follows the columns (the row cosine) as in NIfTI.
-        voxels = np.stack([plane.T for plane in planes], axis=-1)
+        first = self.slices[0]
+        voxels = np.empty((int(first.Columns), int(first.Rows), len(self.slices)), dtype)
+        for index, plane in enumerate(planes):
+            # pixel_array is (row, column); voxel axis 0 follows the columns (the row cosine) as in NIfTI.
+            voxels[:, :, index] = plane.T
         return canonical(nibabel.Nifti1Image(voxels, self.affine), str(self.folder))
 
-    def intensities(self) -> np.ndarray:
-        """Rescaled (Hounsfield for CT) values in RAS+, each slice with its own slope and intercept."""
-        return self.volume([
-            pixels(d).astype(np.float64) * float(getattr(d, "RescaleSlope", 1) or 1)
-            + float(getattr(d, "RescaleIntercept", 0) or 0)
-            for d in self.slices
-        ])
+    def intensities(self, keep_pixels: bool = True) -> np.ndarray:
+        """Rescaled (Hounsfield for CT) values in RAS+, each slice with its own slope and intercept.
+        ``keep_pixels=False`` drops each slice's pixel data once read (the headers stay), so the series
+        then holds only the volume this returns."""
+        def rescaled() -> Iterator[np.ndarray]:
+            for dataset in self.slices:
+                slope, intercept = (float(getattr(dataset, keyword, default) or default)
+                                    for keyword, default in (("RescaleSlope", 1), ("RescaleIntercept", 0)))
+                yield pixels(dataset).astype(np.float64) * slope + intercept
+                if not keep_pixels:
+                    del dataset.PixelData
+
+        return self.volume(rescaled(), np.float64)
 
     def slice_at(self, position: np.ndarray) -> int | None:
         """The slice whose ImagePositionPatient is ``position`` (to a tenth of the smallest spacing)."""
@@ -329,7 +340,7 @@ def load_dicom_seg(path: Path, series: DicomSeries) -> tuple[np.ndarray, dict[in
         if index is None:
             raise DataError(file, f"frame {number}", "PlanePositionSequence", f"the frame lies on no slice of {series.folder}")
         planes[index][mask] = np.maximum(planes[index][mask], segment)
-    return series.volume(planes), names
+    return series.volume(planes, np.int32), names
 
 
 def check_window(text: str) -> str:
@@ -378,6 +389,11 @@ def display_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
         return plane[::-1, ::-1].T
     plane = volume[index, :, :]  # (y, z)
     return plane[::-1, ::-1].T
+
+
+def undo_display(shown: np.ndarray) -> np.ndarray:
+    """The plane of a volume slice that ``display_slice`` shows as ``shown`` (any axis): a view."""
+    return shown.T[::-1, ::-1]
 
 
 def choose_slices(labels: np.ndarray, axis: str, rule: SliceRule, names: dict[int, str], file: str = "") -> list[int]:
