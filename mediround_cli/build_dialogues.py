@@ -62,8 +62,7 @@ def parse_split(text: str) -> tuple[int, int, int]:
 @click.command(name="build-dialogues", epilog="""\b
 Examples:
   mediround build-dialogues data/sam-med2d-demo built/                 # kind detected from the layout
-  mediround build-dialogues Dataset003_Liver built/ --slices every --step 4 --workers 4
-  mediround build-dialogues Dataset003_Liver built/ --slices 40:80 --window -600,1500
+  mediround build-dialogues Dataset003_Liver built/ --slices 40:80 --step 4 --window -600,1500 --workers 4
   mediround build-dialogues --merge built-1/ built-2/ built/           # join --shard outputs""")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--from", "kind", type=click.Choice(KINDS), help="Source kind (default: detected from the layout).")

@@ -247,9 +247,10 @@ def check_questions(questions: Sequence[Round]) -> None:
 
 
 def run_scan(scan: Scan, questions: Sequence[Round], segmenter: Segmenter, out: str | Path,
-             options: ScanOptions = ScanOptions()) -> ScanResult:
+             options: ScanOptions = ScanOptions(), progress: Callable[[int, int], None] | None = None) -> ScanResult:
     """Run ``questions`` (a multi-round dialogue; ``Round.ref`` is the round a question refers to) on the
-    selected axial slices of ``scan`` with ``segmenter``, and write the outputs into ``out``."""
+    selected axial slices of ``scan`` with ``segmenter``, and write the outputs into ``out``;
+    ``progress(done, total)`` hears of each slice done."""
     check_questions(questions)
     try:
         window = resolve_window(check_window(options.window), scan.modality)
@@ -262,8 +263,10 @@ def run_scan(scan: Scan, questions: Sequence[Round], segmenter: Segmenter, out: 
         return grey_to_rgb(apply_window(display_slice(scan.intensities, "axial", index), low, width))
 
     masks = RoundMasks(scan.intensities.shape, len(questions))
-    for index, round_masks in segmenter(indices, image):
+    for done, (index, round_masks) in enumerate(segmenter(indices, image), start=1):
         masks.put(index, round_masks)
+        if progress is not None:
+            progress(done, len(indices))
     if options.slices[0] == "largest":
         masks.keep_largest()
     rounds = [
@@ -277,7 +280,13 @@ def run_scan(scan: Scan, questions: Sequence[Round], segmenter: Segmenter, out: 
     return result
 
 
-def volumes_extra_ready(file: str) -> None:
-    """Fail early, before a model loads, when the ``volumes`` extra is missing."""
-    optional_module("nibabel", file)
-    optional_module("pydicom", file)
+def is_scan(path: str | Path) -> bool:
+    """Whether ``chat`` reads ``path`` as a scan: a folder (a DICOM series) or a NIfTI file name."""
+    path = Path(path)
+    return path.is_dir() or path.name.endswith(NIFTI_ENDINGS)
+
+
+def volumes_extra_ready(path: str | Path) -> None:
+    """Fail early, before a model loads, when the ``volumes`` extra a scan needs is missing."""
+    for name in ("nibabel", "pydicom", "highdicom") if Path(path).is_dir() else ("nibabel",):
+        optional_module(name, str(path))
