@@ -39,6 +39,7 @@ from mediround.data.build.volumes import (
     check_window,
     display_slice,
     optional_module,
+    ras_affine,
     read_dicom_series,
     read_nifti,
     resolve_window,
@@ -86,8 +87,7 @@ class Scan:
     @property
     def affine(self) -> np.ndarray:
         """Voxel-to-RAS affine of ``intensities`` (the RAS+ grid)."""
-        orientations = optional_module("nibabel.orientations", self.file)
-        return self.native_affine @ orientations.inv_ornt_aff(self.orientation, self.native_shape)
+        return ras_affine(self.native_affine, self.native_shape, self.file)
 
     @property
     def voxel_ml(self) -> float:

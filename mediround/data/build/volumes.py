@@ -90,9 +90,15 @@ class Volume:
 
 def canonical(image, file: str) -> np.ndarray:
     """The voxel array of a nibabel image reoriented to RAS+."""
+    return canonical_grid(image, file)[0]
+
+
+def canonical_grid(image, file: str) -> tuple[np.ndarray, np.ndarray]:
+    """The voxel array of a nibabel image reoriented to RAS+, and that array's voxel-to-RAS affine."""
     nibabel = optional_module("nibabel", file)
     try:
-        return np.asanyarray(nibabel.as_closest_canonical(image).dataobj)
+        reoriented = nibabel.as_closest_canonical(image)
+        return np.asanyarray(reoriented.dataobj), np.asarray(reoriented.affine)
     except (ValueError, OSError, EOFError) as error:
         raise DataError(file, None, None, f"unreadable volume: {error}") from None
 
@@ -118,6 +124,13 @@ def read_nifti(path: Path):
 def load_nifti(path: Path) -> np.ndarray:
     """A 3-D NIfTI file's voxels in RAS+ (``read_nifti`` says which files are refused)."""
     return canonical(read_nifti(path), str(path))
+
+
+def ras_affine(affine: np.ndarray, shape: tuple[int, ...], file: str) -> np.ndarray:
+    """The voxel-to-RAS affine of a grid (``affine``, ``shape``) once reoriented to RAS+ as
+    ``canonical`` reorients its voxels."""
+    orientations = optional_module("nibabel.orientations", file)
+    return affine @ orientations.inv_ornt_aff(orientations.io_orientation(affine), shape[:3])
 
 
 @dataclass
@@ -291,11 +304,35 @@ def _frame_group(groups, shared, keyword: str):
 def load_dicom_seg(path: Path, series: DicomSeries) -> tuple[np.ndarray, dict[int, str]]:
     """The label volume (RAS+, on ``series``' grid) of a DICOM-SEG object, and segment number -> label.
 
+    Frames are placed as ``read_dicom_seg`` places them. Where segments overlap the higher segment number
+    wins, so a lesion segment drawn inside its organ's stays a label of its own (the organ's mask then
+    has the lesion's hole, as in nnU-Net label maps).
+    """
+    names, frames = read_dicom_seg(path, series)
+    rows, columns = series.slices[0].Rows, series.slices[0].Columns
+    planes = [np.zeros((rows, columns), np.int32) for _ in series.slices]  # nibabel refuses int64 data
+    for segment, index, mask in frames:
+        planes[index][mask] = np.maximum(planes[index][mask], segment)
+    return series.volume(planes, np.int32), names
+
+
+def segment_volume(series: DicomSeries, frames: list[tuple[int, int, np.ndarray]], segment: int) -> np.ndarray:
+    """One segment's whole mask (RAS+ bool, on ``series``' grid) from ``read_dicom_seg``'s frames."""
+    first = series.slices[0]
+    planes = [np.zeros((first.Rows, first.Columns), np.uint8) for _ in series.slices]
+    for number, index, mask in frames:
+        if number == segment:
+            planes[index] |= mask.astype(np.uint8)
+    return series.volume(planes, np.uint8) > 0
+
+
+def read_dicom_seg(path: Path, series: DicomSeries) -> tuple[dict[int, str], list[tuple[int, int, np.ndarray]]]:
+    """A DICOM-SEG object's segment number -> label, and its frames as (segment number, slice index of
+    ``series``, (rows, columns) bool mask).
+
     Each frame belongs to the segment its SegmentIdentificationSequence names and lies on the slice at
     its PlanePositionSequence position, or, without one, on the slice its DerivationImageSequence names.
     BINARY frames are foreground where 1, FRACTIONAL ones where at least half MaximumFractionalValue.
-    Where segments overlap the higher segment number wins, so a lesion segment drawn inside its organ's
-    stays a label of its own (the organ's mask then has the lesion's hole, as in nnU-Net label maps).
     """
     pydicom = optional_module("pydicom", str(path))
     file = str(path)
@@ -323,7 +360,7 @@ def load_dicom_seg(path: Path, series: DicomSeries) -> tuple[np.ndarray, dict[in
         raise DataError(file, None, "PerFrameFunctionalGroupsSequence", f"{len(per_frame)} items for {len(foreground)} frames")
     shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
     uids = {str(d.SOPInstanceUID): index for index, d in enumerate(series.slices) if "SOPInstanceUID" in d}
-    planes = [np.zeros((rows, columns), np.int32) for _ in series.slices]  # nibabel refuses int64 data
+    placed = []
     for number, (groups, mask) in enumerate(zip(per_frame, foreground), start=1):
         identification = _frame_group(groups, shared, "SegmentIdentificationSequence")
         segment = None if identification is None else int(identification.ReferencedSegmentNumber)
@@ -339,8 +376,8 @@ def load_dicom_seg(path: Path, series: DicomSeries) -> tuple[np.ndarray, dict[in
             raise DataError(file, f"frame {number}", "PlanePositionSequence", "missing, and no DerivationImageSequence either")
         if index is None:
             raise DataError(file, f"frame {number}", "PlanePositionSequence", f"the frame lies on no slice of {series.folder}")
-        planes[index][mask] = np.maximum(planes[index][mask], segment)
-    return series.volume(planes, np.int32), names
+        placed.append((segment, index, mask))
+    return names, placed
 
 
 def check_window(text: str) -> str:
