@@ -304,7 +304,7 @@ def _chat_volume(path: Path, model_path: Path | None, beta: str | None, out: Pat
     rounds = jcm_rounds or model.config.heads.jcm_rounds
     out = out or Path(f"chat-{scan.case}")
     settings = {"beta": threshold, "jcm_rounds": rounds, "batch_size": batch_size,
-                "checkpoint": (model_path or default_checkpoint()).name}
+                "checkpoint": str(model_path or default_checkpoint())}
     options = ScanOptions(slices=slices, window=window, per_round=per_round, model=settings)
     started = time.perf_counter()
     with progress_bar("slices") as progress:

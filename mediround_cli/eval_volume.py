@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from click.core import ParameterSource
+from rich.markup import escape
 from rich.table import Table
 
 from mediround.reports.volume_scoring import parse_round_labels, score_volume
@@ -51,5 +52,5 @@ def evaluate_volume(context: click.Context, per_round: bool) -> None:
                 slices.add_row(str(score.round), str(item.slice), f"{item.truth:,}", f"{item.predicted:,}", _dice(item.dice))
         console.print(slices)
     for note in evaluation.notes:
-        err_console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True, markup=True)
+        err_console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     console.print(f"scores: {evaluation.out}", soft_wrap=True)

@@ -47,9 +47,9 @@ def write_outputs(result: ScanResult, masks: RoundMasks, out: Path, options: Sca
     out.mkdir(parents=True, exist_ok=True)
     if scan.kind == "nifti":
         files: dict = {"labels": f"{scan.case}_labels.nii.gz"}
-        labels = masks.label_volume()
+        labels, shown = masks.label_volume()
         for summary in result.rounds:
-            summary.voxels_in_label_volume = int(np.count_nonzero(labels == summary.round))
+            summary.voxels_in_label_volume = shown[summary.round - 1]
         write_nifti(out / files["labels"], scan.to_native(labels), scan, len(result.rounds))
         del labels
         if options.per_round:
@@ -145,6 +145,7 @@ def write_dicom_seg(path: Path, result: ScanResult, masks: RoundMasks) -> None:
         sop_instance_uid=highdicom.UID(), instance_number=1, manufacturer="MediRound",
         manufacturer_model_name="MediRound", software_versions=__version__, device_serial_number="none",
         series_description="MediRound multi-round segmentation", content_label="MEDIROUND",
+        omit_empty_frames=bool(frames.any()),  # with no mask anywhere every frame stays (and no warning)
         content_description=f"{len(result.rounds)} rounds of one dialogue on every selected axial slice")
     with atomic_path(path) as tmp:
         seg.save_as(tmp)

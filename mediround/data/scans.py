@@ -11,9 +11,10 @@ tests), gathers each slice's round masks back on the scan's grid and writes the 
 Memory: the scan's intensities (as read: the file's type, float64 for DICOM and scaled NIfTI), one bit
 volume holding every round's masks (a bit per round: uint8 up to 8 rounds), per-slice counts, and what
 the segmenter holds for the slices in flight; a slice's image is made when the segmenter asks for it.
-A ``percentile`` window reads the whole volume once for its percentiles (a transient copy, as
-``numpy.percentile`` makes), before the bit volume exists. Writing the outputs adds one output volume at
-a time (the label volume, a round's mask, or the DICOM-SEG's frames).
+A ``percentile`` window reads the whole volume once for its percentiles (one transient copy in the
+volume's own type), before the bit volume exists. Writing the outputs adds one uint8 volume at a time
+(the label volume, a round's mask; the DICOM-SEG's frames: one bool volume per round), each made slice
+by slice. benchmarks/volume_memory.py measures it.
 
 Patient data: the case id (file names, sidecar, messages) is the user's ``case_id``, else the NIfTI
 file's name, else ``series-`` and 12 hex digits of the SHA-256 of the DICOM SeriesInstanceUID; no header
@@ -39,7 +40,6 @@ from mediround.data.build.volumes import (
     check_window,
     display_slice,
     optional_module,
-    ras_affine,
     read_dicom_series,
     read_nifti,
     resolve_window,
@@ -83,11 +83,6 @@ class Scan:
     def orientation(self) -> np.ndarray:
         """nibabel's orientation of the native grid (what ``as_closest_canonical`` undoes)."""
         return optional_module("nibabel.orientations", self.file).io_orientation(self.native_affine)
-
-    @property
-    def affine(self) -> np.ndarray:
-        """Voxel-to-RAS affine of ``intensities`` (the RAS+ grid)."""
-        return ras_affine(self.native_affine, self.native_shape, self.file)
 
     @property
     def voxel_ml(self) -> float:
@@ -191,15 +186,25 @@ class RoundMasks:
             self.areas[others, number] = 0
 
     def round_mask(self, number: int) -> np.ndarray:
-        """Round ``number``'s (1-based) mask as a bool volume."""
-        return (self.bits & self.bits.dtype.type(1 << (number - 1))) != 0
+        """Round ``number``'s (1-based) mask as a uint8 0/1 volume (made slice by slice: no other
+        volume-sized temporary)."""
+        bit = self.bits.dtype.type(1 << (number - 1))
+        mask = np.empty(self.bits.shape, np.uint8)
+        for index in range(self.bits.shape[AXIAL]):
+            mask[:, :, index] = (self.bits[:, :, index] & bit) != 0
+        return mask
 
-    def label_volume(self) -> np.ndarray:
-        """uint8 label volume: round r's voxels hold r; where rounds overlap, the later round's label."""
+    def label_volume(self) -> tuple[np.ndarray, list[int]]:
+        """uint8 label volume: round r's voxels hold r; where rounds overlap, the later round's label
+        (made slice by slice); and how many voxels hold each round's label (index r - 1)."""
         labels = np.zeros(self.bits.shape, np.uint8)
-        for number in range(1, self.rounds + 1):
-            labels[self.round_mask(number)] = number
-        return labels
+        counts = np.zeros(self.rounds + 1, np.int64)
+        for index in range(self.bits.shape[AXIAL]):
+            plane, bits = labels[:, :, index], self.bits[:, :, index]
+            for number in range(1, self.rounds + 1):
+                plane[(bits & self.bits.dtype.type(1 << (number - 1))) != 0] = number
+            counts += np.bincount(plane.ravel(), minlength=self.rounds + 1)
+        return labels, [int(count) for count in counts[1:]]
 
 
 @dataclass

@@ -102,7 +102,9 @@ def test_round_masks_hold_overlapping_rounds_in_one_bit_volume() -> None:
     shown = np.zeros((3, 4), bool)  # an axial slice is shown (y, x) flipped
     shown[0, 0] = True
     masks.put(1, [shown] * 9)
-    assert masks.round_mask(9)[3, 2, 1] and masks.round_mask(9).sum() == 1 and masks.label_volume()[3, 2, 1] == 9
+    labels, counts = masks.label_volume()
+    assert masks.round_mask(9)[3, 2, 1] and masks.round_mask(9).sum() == 1 and labels[3, 2, 1] == 9
+    assert counts == [0] * 8 + [1]
     with pytest.raises(ValueError, match="for a slice shown as"):
         masks.put(0, [shown.T] * 9)
 

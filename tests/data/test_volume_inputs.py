@@ -20,7 +20,9 @@ from mediround.data.build.volumes import (
     parse_slices,
     read_dicom_series,
     read_nifti,
+    volume_percentile_window,
 )
+from mediround.data.images import WINDOW_PERCENTILES, window
 from mediround.errors import DataError
 from mediround_cli.common import SKIPPED_EXIT_CODE
 from mediround_cli.main import cli
@@ -51,6 +53,20 @@ def test_window_values_named_or_numeric_map_alike_and_bad_ones_are_refused(tmp_p
             check_window(bad)
     result = run("build-dialogues", write_nnunet(tmp_path / "src", cases=1), tmp_path / "out", "--window", "40,0")
     assert result.exit_code == 2 and "Invalid value for '--window'" in result.output and "positive width" in result.output
+
+
+def test_volume_percentiles_equal_numpy_percentile_on_a_float64_copy() -> None:
+    rng = np.random.default_rng(1)
+    volumes = [rng.integers(-1024, 3000, (7, 9, 5)).astype(np.int16), rng.normal(0, 300, (40, 3, 2)),
+               rng.gamma(2.0, 50.0, (13, 11, 3)).astype(np.float32), rng.integers(0, 4095, (1, 1, 3)).astype(np.uint16),
+               np.full((4, 4, 4), 7, np.int16)]
+    for values in volumes:
+        low, high = np.percentile(values.astype(np.float64), WINDOW_PERCENTILES)
+        assert volume_percentile_window(values) == (low, max(high - low, 0.0))
+        assert np.array_equal(map_intensities(values, "percentile"), window(values))
+    with_nan = rng.normal(0, 1, (5, 5, 5))
+    with_nan[2, 2, 2] = np.nan
+    assert all(np.isnan(volume_percentile_window(with_nan)))
 
 
 def test_slice_ranges_join_every_and_a_range_outside_the_volume_skips_its_case(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel
 import numpy as np
 import pydicom
+import pytest
 from click.testing import CliRunner
 from volume_files import PATIENT, oblique_affine, write_dicom_series
 
@@ -46,6 +47,7 @@ def nnunet_case(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_chat_volume_masks_equal_infer_on_the_built_png_slices(tmp_path: Path) -> None:
     source = nnunet_case(tmp_path / "Dataset001_Toy")
     options = BuildOptions(min_rounds=1, max_rounds=1, split=(0, 0, 100),
