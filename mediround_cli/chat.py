@@ -159,7 +159,7 @@ def _volume_summary(result, asked_window: str, seconds: float, out: Path, jcm: s
     for column in columns:
         table.add_column(column, justify="left" if column == "question" else "right")
     for r in result.rounds:
-        row = [str(r.round), "" if r.refers_to is None else str(r.refers_to), r.question, f"{r.voxels:,}",
+        row = [str(r.round), "" if r.refers_to is None else str(r.refers_to), escape(r.question), f"{r.voxels:,}",
                f"{r.ml:.2f}", _slices_cell(r.slices_with_mask)]
         if r.voxels_in_label_volume is not None:
             row.append(f"{r.voxels_in_label_volume:,}")
@@ -169,7 +169,7 @@ def _volume_summary(result, asked_window: str, seconds: float, out: Path, jcm: s
     files = ", ".join(str(out / name) for kind, name in result.files.items() if kind != "rounds")
     if "rounds" in result.files:
         files += f", {len(result.files['rounds'])} per-round files"
-    table.caption = (f"{len(result.slices)} axial slice(s) in {seconds:.1f} s; window {window}; {jcm}. Wrote {files}")
+    table.caption = escape(f"{len(result.slices)} axial slice(s) in {seconds:.1f} s; window {window}; {jcm}. Wrote {files}")
     return table
 
 
