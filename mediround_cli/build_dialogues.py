@@ -11,7 +11,7 @@ from rich.table import Table
 from mediround.data.build import KINDS, BuildOptions, BuildSummary, SliceOptions, SliceRule, build, merge
 from mediround.data.build.dialogues import SIDE_MODES
 from mediround.data.build.shards import DEFAULT_SPLIT
-from mediround.data.build.volumes import AXES, INTENSITY_MAPS, SLICE_RULES
+from mediround.data.build.volumes import AXES
 from mediround_cli.common import (
     add_count_rows,
     console,
@@ -20,6 +20,7 @@ from mediround_cli.common import (
     exit_skipped,
     handle_errors,
 )
+from mediround_cli.volume_options import slices_option, window_option
 
 
 def summary_table(summary: BuildSummary) -> Table:
@@ -61,7 +62,7 @@ def parse_split(text: str) -> tuple[int, int, int]:
 @click.command(name="build-dialogues", epilog="""\b
 Examples:
   mediround build-dialogues data/sam-med2d-demo built/                 # kind detected from the layout
-  mediround build-dialogues Dataset003_Liver built/ --slices every --step 4 --workers 4
+  mediround build-dialogues Dataset003_Liver built/ --slices 40:80 --step 4 --window -600,1500 --workers 4
   mediround build-dialogues --merge built-1/ built-2/ built/           # join --shard outputs""")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--from", "kind", type=click.Choice(KINDS), help="Source kind (default: detected from the layout).")
@@ -73,22 +74,21 @@ Examples:
 @click.option("--sides", type=click.Choice(SIDE_MODES), default="radiological", show_default=True,
               help="radiological: CT/MRI side words are the patient's (left = image right); image: as seen.")
 @click.option("--axis", type=click.Choice(list(AXES)), default="axial", show_default=True, help="Volumes: slice axis.")
-@click.option("--slices", "slice_rule", type=click.Choice(SLICE_RULES), default="every", show_default=True,
-              help="Volumes: every --step-th slice with --min-labels labels, or each label's largest slice.")
+@slices_option("Volumes: every --step-th slice with --min-labels labels, each label's largest slice, or every "
+               "--step-th slice with --min-labels labels among slices A to B-1 along --axis (0-based).")
 @click.option("--step", type=click.IntRange(min=1), default=1, show_default=True, help="Volumes: keep every k-th slice.")
 @click.option("--min-labels", type=click.IntRange(min=1), default=2, show_default=True,
               help="Volumes: labels a kept slice must show.")
 @click.option("--label", help="Volumes, with --slices largest: only this label's largest slice.")
-@click.option("--window", "intensities", type=click.Choice(["auto", *INTENSITY_MAPS]), default="auto", show_default=True,
-              help="Volumes: CT window preset or percentile scaling (auto: abdomen for CT, percentile otherwise).")
+@window_option
 @click.option("--split", "split", default="/".join(map(str, DEFAULT_SPLIT)), show_default=True,
               help="train/val/test percentages of the cases (a case's split depends only on its id and these).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
 @click.option("--shard", default="1/1", show_default=True, help="Build only shard i of N (cases split deterministically).")
 @handle_errors
 def build_dialogues(paths: tuple[str, ...], kind: str | None, merging: bool, seed: int, rounds: str,
-                    output_format: str, sides: str, axis: str, slice_rule: str, step: int, min_labels: int,
-                    label: str | None, intensities: str, split: str, workers: int, shard: str) -> None:
+                    output_format: str, sides: str, axis: str, slices: tuple, step: int, min_labels: int,
+                    label: str | None, window: str, split: str, workers: int, shard: str) -> None:
     """Build multi-round dialogues from labelled data: SRC OUT, or --merge OUT_1 ... OUT_N OUT."""
     if merging:
         if len(paths) < 2:
@@ -102,7 +102,7 @@ def build_dialogues(paths: tuple[str, ...], kind: str | None, merging: bool, see
             raise click.BadParameter(f"need 1 <= MIN <= MAX, got {rounds}", param_hint="--rounds")
         options = BuildOptions(
             seed=seed, min_rounds=min_rounds, max_rounds=max_rounds, sides=sides, format=output_format,
-            slices=SliceOptions(axis, SliceRule(slice_rule, step, min_labels, label), intensities),
+            slices=SliceOptions(axis, SliceRule(slices[0], step, min_labels, label, slices[1]), window),
             split=parse_split(split),
         )
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -16,6 +16,7 @@ from mediround.errors import DataError
 from mediround.reports.scoring import EvalConfig, Evaluation, evaluate_predictions, scoring_inputs
 from mediround_cli.common import console, err_console, exit_skipped, handle_errors
 from mediround_cli.eval_model import ModelOptions, evaluate_with_model, model_options
+from mediround_cli.eval_volume import evaluate_volume
 from mediround_cli.gate_options import GateOptions, finish_gate, gate_options
 from mediround_cli.output import print_report, progress_bar, write_folder_report
 
@@ -61,6 +62,9 @@ Examples:
               help="Score against DATA even when its SHA-256 differs from the data the predictions were made from.")
 @click.option("--overwrite", is_flag=True, help="Replace an --out file that holds the metrics of other data.")
 @click.option("--report", is_flag=True, help="Write PREDICTIONS/report.html (scores, each dialogue's rounds and overlay).")
+@click.option("--round-labels", metavar="R=L[+L],...|FILE.json",
+              help="Score a `chat VOLUME` output (--predictions) against the label volume DATA: each round R against "
+                   "label value(s) L, e.g. 1=6,2=6+7; Dice per round in 3-D and per axial slice.")
 @model_options
 @handle_errors
 @gate_options
@@ -77,6 +81,7 @@ def eval_command(
     force: bool,
     overwrite: bool,
     report: bool,
+    round_labels: str | None,
     model_path: Path | None,
     gate: GateOptions,
     **model_settings: Any,
@@ -86,6 +91,9 @@ def eval_command(
     Without DATA, scores the predictions folder of `mediround infer` against the data its run manifest
     names. Exit codes: 0 done; 1 the --baseline gate failed; 2 bad input (e.g. data whose SHA-256 differs
     from the predictions' run manifest); 3 some dialogue was skipped."""
+    if round_labels is not None:
+        evaluate_volume(click.get_current_context(), per_round)
+        return
     if model_path is not None and predictions_dir is not None:
         raise click.UsageError("--predictions and --model exclude each other")
     if data is None and model_path is not None:

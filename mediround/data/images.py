@@ -96,14 +96,29 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
     return size
 
 
+def percentile_window(values: np.ndarray) -> tuple[float, float]:
+    """(low, width) between the 0.5th and 99.5th percentiles of ``values``; width 0 for a constant array."""
+    low, high = np.percentile(values.astype(np.float64, copy=False), WINDOW_PERCENTILES)
+    return float(low), float(max(high - low, 0.0))
+
+
+def apply_window(values: np.ndarray, low: float, width: float) -> np.ndarray:
+    """uint8 values, 0 at ``low`` and below, 255 at ``low + width`` and above, linear between (rounded);
+    all 0 when ``width`` is not positive. Element-wise: any part of an array maps as the whole does."""
+    if width <= 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = np.clip((values.astype(np.float64) - low) / width, 0.0, 1.0) * 255.0
+    return np.rint(scaled).astype(np.uint8)
+
+
 def window(values: np.ndarray) -> np.ndarray:
     """Map a high-depth greyscale array to uint8 between its 0.5th and 99.5th percentiles."""
-    values = values.astype(np.float64)
-    low, high = np.percentile(values, WINDOW_PERCENTILES)
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0
-    return np.rint(scaled).astype(np.uint8)
+    return apply_window(values, *percentile_window(values))
+
+
+def grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    """An (H, W) uint8 greyscale image as the (H, W, 3) RGB array every image becomes."""
+    return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2), dtype=np.uint8)
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -121,7 +136,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
                 image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
             )
     if grey is not None:
-        rgb = np.repeat(grey[..., None], 3, axis=2)
+        return grey_to_rgb(grey)
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 

@@ -15,8 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from volume_files import LABELS, dicom_file, write_dicom_series, write_nnunet
 
 from mediround.data.build import BuildOptions, SliceOptions, SliceRule, build
 from mediround.data.build.dialogues import SHAPE_LINKS, Planner, direction_links, image_rng
@@ -48,7 +47,6 @@ from mediround_cli.main import cli
 DATA = Path("/work/shared/data")
 SAM_MED2D = DATA / "sam-med2d-demo"
 BIOMEDPARSE = DATA / "biomedparse-demo"
-LABELS = {"background": 0, "liver": 1, "left kidney": 2, "right kidney": 3}
 
 
 def box(top: int, left: int, bottom: int, right: int, size: int = 64) -> np.ndarray:
@@ -64,26 +62,6 @@ def run(*args: str):
 def all_rounds(out: Path) -> list:
     files = [out / f"{split}.jsonl" for split in ("train", "val", "test")]
     return [d for file in files if file.exists() for d in load_dialogues(file).dialogues]
-
-
-def write_nnunet(root: Path, cases: int = 2) -> Path:
-    """nnU-Net raw layout: CT volumes in HU (identity RAS affine) with liver and two kidneys; the left
-    kidney sits at low x voxel indices, i.e. towards the patient's left in RAS+."""
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    meta = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": cases, "file_ending": ".nii.gz"}
-    (root / "dataset.json").write_text(json.dumps(meta))
-    rng = np.random.default_rng(0)
-    for case in range(cases):
-        labels = np.zeros((48, 40, 6), np.uint8)
-        labels[30:44, 8:30, :] = 1  # liver: patient's right (high x)
-        labels[4:14, 24:34, 1:5] = 2  # left kidney: patient's left (low x)
-        labels[34:44, 30:38, 1:5] = 3  # right kidney
-        hu = rng.normal(-50, 20, labels.shape) + 100 * (labels > 0)
-        affine = np.eye(4)
-        nibabel.save(nibabel.Nifti1Image(hu.astype(np.float32), affine), root / "imagesTr" / f"case_{case:03d}_0000.nii.gz")
-        nibabel.save(nibabel.Nifti1Image(labels, affine), root / "labelsTr" / f"case_{case:03d}.nii.gz")
-    return root
 
 
 def test_relations_follow_known_geometry() -> None:
@@ -202,35 +180,6 @@ def test_largest_slice_rule_and_percentile_scaling(tmp_path: Path) -> None:
     summary = build(source, tmp_path / "out", options=options)
     assert summary.images == 1
     assert map_intensities(np.array([-1000.0, 40.0, 240.0, 3000.0]), "abdomen").tolist() == [0, 128, 255, 255]
-
-
-def dicom_file(sop_class: str) -> pydicom.Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    return ds
-
-
-def write_dicom_series(folder: Path, planes: list[np.ndarray], slope: float, intercept: float) -> None:
-    """Axial CT slices 5 mm apart, written in reverse order with scrambled InstanceNumbers."""
-    folder.mkdir(parents=True)
-    series = generate_uid()
-    for order, (z, plane) in enumerate(reversed(list(enumerate(planes)))):
-        ds = dicom_file("1.2.840.10008.5.1.4.1.1.2")
-        ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", series, (order * 7) % 5 + 1
-        ds.ImagePositionPatient = [0.0, 0.0, 5.0 * z]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [1.0, 1.0]
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        ds.Rows, ds.Columns = plane.shape
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.PixelData = plane.astype(np.uint16).tobytes()
-        ds.save_as(folder / f"{order:03d}.dcm", enforce_file_format=True)
 
 
 def test_dicom_series_hounsfield_units_slice_order_and_orientation(tmp_path: Path) -> None:

@@ -24,8 +24,8 @@ import numpy as np
 
 from mediround.data.build.relations import Structure, display_name
 from mediround.data.build.volumes import (
-    INTENSITY_MAPS,
     SliceRule,
+    check_window,
     choose_slices,
     display_slice,
     find_dicom_seg,
@@ -34,6 +34,7 @@ from mediround.data.build.volumes import (
     map_intensities,
     optional_module,
     read_dicom_series,
+    resolve_window,
 )
 from mediround.data.formats.samed2d import class_from_mask_name, image_masks, modality_from_name
 from mediround.data.images import image_size, load_mask
@@ -60,8 +61,8 @@ class Case:
 
 @dataclass(frozen=True)
 class SliceOptions:
-    """How volumes become images: axis, slice rule, intensity mapping ("auto": abdomen window for CT,
-    percentile scaling otherwise)."""
+    """How volumes become images: axis, slice rule, intensity mapping (a ``--window`` value: "auto" is the
+    abdomen window for CT, percentile scaling otherwise; see ``volumes.check_window``)."""
 
     axis: str = "axial"
     rule: SliceRule = field(default_factory=SliceRule)
@@ -205,11 +206,31 @@ def modality_from_channel(name: str) -> str:
     return "MRI" if any(word in name.upper() for word in MR_WORDS) else name
 
 
+def channel_modality(meta: dict, channel: str = "0") -> str:
+    """The modality of one channel of an nnU-Net ``dataset.json`` (CT when it names no channels)."""
+    channels = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
+    return modality_from_channel(str(channels.get(channel, next(iter(channels.values())))))
+
+
+def nifti_modality(path: Path) -> str | None:
+    """The modality of a NIfTI image file as ``build-dialogues`` reads it when the file is an nnU-Net
+    image (``<case>_<channel>.nii.gz`` in a folder beside ``dataset.json``); None for any other file."""
+    stem = next((path.name[: -len(ending)] for ending in NIFTI_ENDINGS if path.name.endswith(ending)), path.name)
+    match = re.fullmatch(r".+_(\d{4})", stem)
+    meta_path = path.parent.parent / "dataset.json"
+    if match is None or not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return channel_modality(meta, str(int(match.group(1)))) if isinstance(meta, dict) else None
+
+
 def _nnunet_cases(source: Path) -> list[Case]:
     optional_module("nibabel", str(source))  # a missing extra stops the build, it is not a bad case
     _, meta = read_labels(source / "dataset.json")
-    channels = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
-    modality = modality_from_channel(str(channels.get("0", next(iter(channels.values())))))
+    modality = channel_modality(meta)
     ending = meta.get("file_ending", ".nii.gz")
     cases = []
     for label in sorted((source / "labelsTr").glob(f"*{ending}")):
@@ -307,14 +328,15 @@ def _slices(case: Case, source: Path, options: SliceOptions) -> list[LabelledIma
             labels, names = load_dicom_seg(Path(label_path), series)
     if labels.shape != intensities.shape:
         raise DataError(label_path, item, "labels", f"label volume is {labels.shape} but the image volume is {intensities.shape}")
-    mapping = options.intensities
-    if mapping == "auto":
-        mapping = "abdomen" if modality == "CT" else "percentile"
-    if mapping not in INTENSITY_MAPS:
-        raise DataError(image_path, None, None, f"unknown intensity mapping '{mapping}' ({', '.join(INTENSITY_MAPS)})")
+    try:
+        mapping = resolve_window(check_window(options.intensities), modality)
+    except ValueError as error:
+        raise DataError(image_path, item, "window", str(error)) from None
     display = map_intensities(intensities, mapping)
     images = []
-    for index in choose_slices(labels, options.axis, options.rule, names):
+    with reading(item, "slices"):
+        chosen = choose_slices(labels, options.axis, options.rule, names, image_path)
+    for index in chosen:
         plane = display_slice(labels, options.axis, index)
         masks = [(names[value], plane == value) for value in sorted(names)]
         images.append(
