@@ -65,6 +65,7 @@ SegState = Literal["at_seg", "before_seg"]
 JcmRefine = Literal["residual", "direct"]
 JcmRounds = Literal["all", "referred"]
 ReferenceTokens = Literal["crop+box", "crop", "box"]
+BoxMax = Literal["exclusive", "inclusive"]
 
 
 def _cls_plus_grid(tokens: int) -> bool:
@@ -164,6 +165,10 @@ class HeadsConfig:
     """0: a reference's crop and box cover every pixel of the referenced mask (the paper's). f in (0, 1):
     the mask's 8-connected parts holding less than f of its foreground are left out first, so that stray
     pixels of a predicted mask do not stretch the box (docs/model.md). Not a deviation in any 7B recipe."""
+    box_max: Annotated[BoxMax, BEHAVIOUR] = "exclusive"
+    """The reference box's right and bottom edges: ``exclusive`` (one past the mask's last column and row,
+    the whole image is ``[0, 0, 1, 1]``), or ``inclusive`` (the last column and row themselves, as the
+    authors' ``get_bounding_box_from_mask`` computes it; the 7B preset)."""
 
 
 @typed_config
@@ -295,11 +300,12 @@ def tiny_config() -> MediRoundConfig:
 def llava_med_7b_config(mllm_path: str, sam_checkpoint: str | None, sam_variant: str = "vit_b") -> MediRoundConfig:
     """The paper's model: a converted LLaVA-Med v1.5 Mistral-7B folder and a MedSAM/SAM ViT-B .pth, with
     the conventions of the authors' released code: h_c from the state before [SEG], a direct refine MLP,
-    JCM on referred rounds only, and no system prompt (their Mistral-instruct template has none)."""
+    JCM on referred rounds only, no system prompt (their Mistral-instruct template has none) and reference
+    boxes whose right and bottom edges are the mask's last column and row (docs/parity.md)."""
     return MediRoundConfig(
         mllm=MLLMConfig(source=str(mllm_path), system_prompt=""),
         segmenter=SegmenterConfig(variant=sam_variant, checkpoint=sam_checkpoint, image_size=1024),
-        heads=HeadsConfig(seg_state="before_seg", jcm_refine="direct", jcm_rounds="referred"),
+        heads=HeadsConfig(seg_state="before_seg", jcm_refine="direct", jcm_rounds="referred", box_max="inclusive"),
         precision="bf16",
         gradient_checkpointing=True,
     )

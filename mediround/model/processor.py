@@ -233,6 +233,7 @@ class DialogueProcessor:
         self.crop_size = config.mllm.crop_size or vision.image_size
         self.entity_index = {name: index for index, name in enumerate(config.heads.entity_names)}
         self.reference_min_fragment = config.heads.reference_min_fragment
+        self.box_max = config.heads.box_max
         self.layout = ChatLayout(
             tokenizer,
             image_tokens=(vision.image_size // vision.patch_size) ** 2,
@@ -255,8 +256,9 @@ class DialogueProcessor:
 
     def reference(self, image: np.ndarray, mask: np.ndarray | None) -> Reference:
         """The crop and box a referring round gets from ``mask`` (references.py), with this model's
-        stray-fragment rule; the same for ground-truth masks in training and predicted ones in a chain."""
-        return reference_from_mask(image, mask, self.reference_min_fragment)
+        stray-fragment rule and box edges; the same for ground-truth masks in training and predicted ones in
+        a chain."""
+        return reference_from_mask(image, mask, self.reference_min_fragment, self.box_max)
 
     def reference_inputs(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
         """The crops' CLIP pixels (n, 3, s, s) and the boxes (n, 4) of ``references``, in order."""
