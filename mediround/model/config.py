@@ -65,6 +65,7 @@ SegState = Literal["at_seg", "before_seg"]
 JcmRefine = Literal["residual", "direct"]
 JcmRounds = Literal["all", "referred"]
 ReferenceTokens = Literal["crop+box", "crop", "box"]
+ChatTemplate = Literal["spaced", "llava-mistral"]
 BoxMax = Literal["exclusive", "inclusive"]
 
 
@@ -116,6 +117,11 @@ class MLLMConfig:
     crop_size: Annotated[int | None, BEHAVIOUR] = None
     system_prompt: Annotated[str, BEHAVIOUR] = (
         "You are a medical imaging assistant that segments what the user asks for.")
+    chat_template: Annotated[ChatTemplate, BEHAVIOUR] = "spaced"
+    """How a dialogue is laid out in tokens (``processor.ChatLayout``): ``spaced`` (each text piece tokenized
+    on its own with a leading space, ``\\n`` after the image), or ``llava-mistral``, the authors' LLaVA
+    Mistral-instruct text ``[INST] <image>\\n {q} [/INST] {a} </s>`` tokenized as their code tokenizes it
+    (the 7B preset; docs/parity.md)."""
     seed: Annotated[int, BEHAVIOUR] = 0
 
 
@@ -300,10 +306,10 @@ def tiny_config() -> MediRoundConfig:
 def llava_med_7b_config(mllm_path: str, sam_checkpoint: str | None, sam_variant: str = "vit_b") -> MediRoundConfig:
     """The paper's model: a converted LLaVA-Med v1.5 Mistral-7B folder and a MedSAM/SAM ViT-B .pth, with
     the conventions of the authors' released code: h_c from the state before [SEG], a direct refine MLP,
-    JCM on referred rounds only, no system prompt (their Mistral-instruct template has none) and reference
+    JCM on referred rounds only, their Mistral-instruct template (which has no system prompt) and reference
     boxes whose right and bottom edges are the mask's last column and row (docs/parity.md)."""
     return MediRoundConfig(
-        mllm=MLLMConfig(source=str(mllm_path), system_prompt=""),
+        mllm=MLLMConfig(source=str(mllm_path), system_prompt="", chat_template="llava-mistral"),
         segmenter=SegmenterConfig(variant=sam_variant, checkpoint=sam_checkpoint, image_size=1024),
         heads=HeadsConfig(seg_state="before_seg", jcm_refine="direct", jcm_rounds="referred", box_max="inclusive"),
         precision="bf16",

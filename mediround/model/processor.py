@@ -2,12 +2,19 @@
 its model): the chat template and token layout in one place (``ChatLayout``), image and reference-crop
 pixels, and padded training batches (``DialogueProcessor.collate`` -> ``DialogueBatch``).
 
-Layout of a dialogue (each text piece tokenized on its own, ids concatenated, so training and
-incremental inference see the same tokens)::
+Layout of a dialogue with ``mllm.chat_template: spaced`` (each text piece tokenized on its own, ids
+concatenated, so training and incremental inference see the same tokens)::
 
     <s> {system prompt} [INST] <image> x N \\n                        <- prefix (DialogueSession prefill)
     {crop x k}{box} {query 1} [/INST]  {answer 1 with one [SEG]} </s>   <- round 1 (no reference)
      [INST] {crop x k}{box} {query r} [/INST]  {answer r} </s>         <- round r (crop/box if it refers)
+
+and with ``llava-mistral`` (the authors' text; each run of text between added tokens tokenized in one
+call, as their code tokenizes it)::
+
+    <s>[INST] <image> x N                                               <- prefix
+    \\n {query 1} [/INST] {answer 1} </s>                                <- round 1
+    [INST] {crop x k}{box} {query r} [/INST] {answer r} </s>            <- round r
 
 Only answer tokens (including [SEG] and </s>) carry a cross-entropy label. Every position also has a
 kind (text, image, crop, box) so features are scattered by layout, never by matching token ids.
@@ -73,8 +80,9 @@ class ChatLayout:
     """Token ids of the prefix, user turns and answers for one tokenizer and one image-token count."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_tokens: int, crop_tokens: int, system_prompt: str,
-                 reference_tokens: str = "crop+box"):
+                 reference_tokens: str = "crop+box", template: str = "spaced"):
         self.tokenizer = tokenizer
+        self.template = template
         self.image_tokens = image_tokens
         # A referring round's crop and box tokens; heads.reference_tokens may drop one (an ablation).
         self.crop_tokens = crop_tokens if "crop" in reference_tokens else 0
@@ -94,6 +102,9 @@ class ChatLayout:
         piece = Piece()
         if self.bos_id is not None:
             piece.add([self.bos_id])
+        if self.template == "llava-mistral":
+            # Their prompt up to <image>, tokenized as their code tokenizes the chunk before it.
+            return piece.add(self.text(f"{self.system_prompt}[INST] ")).add([self.image_id] * self.image_tokens, IMAGE)
         piece.add(self.text(self.system_prompt)).add(self.user_open_ids)
         return piece.add([self.image_id] * self.image_tokens, IMAGE).add(self.text("\n"))
 
@@ -119,6 +130,13 @@ class ChatLayout:
             )
             ids = ids[:MAX_QUERY_TOKENS]
         return ids
+
+    def query_text(self, query: str) -> str:
+        """The query, or its first ``MAX_QUERY_TOKENS`` tokens as text (``query`` warns), for a layout that
+        tokenizes the query with the text around it."""
+        if len(self.text(f" {query.strip()}")) <= MAX_QUERY_TOKENS:
+            return query.strip()
+        return self.tokenizer.decode(self.query(query)).strip()
 
     def answer(self, answer: str) -> Piece:
         """The answer tokens (labelled) ending with </s>; holds exactly one [SEG]."""
@@ -147,12 +165,40 @@ class ChatLayout:
         [SEG] sits among them (None without an answer: it will be generated). The one place that lays out a
         round, for the training forward and inference alike; raises ``ValueError`` for an answer without
         exactly one [SEG]."""
+        if self.template == "llava-mistral":
+            return self.llava_mistral_round(round_index, query, refers, answer)
         piece = self.user(round_index, query, refers)
         if answer is None:
             return piece, None
         answer_piece = self.answer(answer)
         seg_at = len(piece.ids) + answer_piece.ids.index(self.seg_id)
         return piece.extend(answer_piece), seg_at
+
+    def llava_mistral_round(self, round_index: int, query: str, refers: bool,
+                            answer: str | None) -> tuple[Piece, int | None]:
+        """A round in the authors' layout, ``[INST] <image>\\n {q} [/INST] {a} </s>`` (the first round after
+        ``prefix``; later ones ``[INST] {crop}{box} {q} [/INST] {a} </s>``), tokenized as their code does:
+        each run of text between added tokens in one call (a SentencePiece tokenizer starts each with a
+        space of its own). The user turn is that text up to ``[/INST]``; its tokens start the run that goes
+        on into the answer, so generation continues the ids training saw."""
+        piece = Piece()
+        if round_index > 0:
+            piece.add(self.text("[INST] "))
+        if refers:
+            piece.add([self.crop_id] * self.crop_tokens, CROP).add([self.box_id] * self.box_tokens, BOX)
+        lead = "\n " if round_index == 0 else (" " if refers else "")
+        user_text = f"{lead}{self.query_text(query)} [/INST]"
+        user_ids = self.text(user_text)
+        if answer is None:
+            return piece.add(user_ids), None
+        before, after = answer_with_seg(answer.strip()).split(SEG_TOKEN)
+        run = self.text(f"{user_text} {before}")
+        if run[: len(user_ids)] != user_ids:
+            raise ValueError(f"the answer's first tokens merge with the query's: {answer!r}")
+        piece.add(user_ids)
+        seg_at = len(piece.ids) + len(run) - len(user_ids)
+        piece.add(run[len(user_ids):] + [self.seg_id] + self.text(f"{after} ") + [self.eos_id], labelled=True)
+        return piece, seg_at
 
 
 @dataclass
@@ -240,6 +286,7 @@ class DialogueProcessor:
             crop_tokens=config.mllm.crop_tokens,
             system_prompt=config.mllm.system_prompt,
             reference_tokens=config.heads.reference_tokens,
+            template=config.mllm.chat_template,
         )
 
     def frame(self, image: np.ndarray) -> ImageFrame:

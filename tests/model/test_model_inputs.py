@@ -32,6 +32,30 @@ def test_layout_places_image_reference_and_answer_tokens(layout):
     assert incremental == piece.ids
 
 
+def test_llava_mistral_template_is_the_authors_text_with_kinds_and_labels():
+    """``mllm.chat_template: llava-mistral`` (the 7B preset): ``[INST] <image>\\n {q} [/INST] {a} </s>``."""
+    layout = ChatLayout(train_tiny_tokenizer(500), image_tokens=4, crop_tokens=1, system_prompt="",
+                        template="llava-mistral")
+    rounds = [Round("Find the liver.", "It is [SEG]."), Round("Segment the one below.", "[SEG].", ref=1),
+              Round("And the kidney?", "Here [SEG]")]
+    piece, seg_positions = layout.dialogue(Dialogue(id="m", image="x.png", rounds=rounds))
+    text = layout.tokenizer.decode(piece.ids, clean_up_tokenization_spaces=False)
+    assert text == ("<s>[INST] <image><image><image><image>\n Find the liver. [/INST] It is [SEG]. </s>"
+                    "[INST] [REF_CROP][REF_BOX] Segment the one below. [/INST] [SEG]. </s>"
+                    "[INST] And the kidney? [/INST] Here [SEG] </s>")
+    kinds = np.array(piece.kinds)
+    assert (kinds == IMAGE).sum() == 4 and (kinds == CROP).sum() == 1 and (kinds == BOX).sum() == 1
+    assert [piece.ids[p] for p in seg_positions] == [layout.seg_id] * 3
+    labelled = [piece.ids[i] for i, flag in enumerate(piece.labelled) if flag]
+    assert layout.tokenizer.decode(labelled, clean_up_tokenization_spaces=False) == (
+        " It is [SEG]. </s> [SEG]. </s> Here [SEG] </s>")
+    # Generation continues the user turn's ids: they start the teacher-forced round's.
+    for index, round_ in enumerate(rounds):
+        user = layout.round(index, round_.query, round_.ref is not None, None)[0]
+        forced = layout.round(index, round_.query, round_.ref is not None, round_.answer)[0]
+        assert forced.ids[: len(user.ids)] == user.ids and not any(forced.labelled[: len(user.ids)])
+
+
 def test_answer_gets_exactly_one_seg(layout):
     assert answer_with_seg("It is the liver.") == f"It is the liver. {SEG_TOKEN}"
     rounds = [Round("q", "[SEG] and [SEG]")]
