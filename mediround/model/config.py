@@ -66,6 +66,7 @@ JcmRefine = Literal["residual", "direct"]
 JcmRounds = Literal["all", "referred"]
 ReferenceTokens = Literal["crop+box", "crop", "box"]
 ChatTemplate = Literal["spaced", "llava-mistral"]
+ClipView = Literal["squash", "clip-processor"]
 BoxMax = Literal["exclusive", "inclusive"]
 
 
@@ -122,6 +123,10 @@ class MLLMConfig:
     on its own with a leading space, ``\\n`` after the image), or ``llava-mistral``, the authors' LLaVA
     Mistral-instruct text ``[INST] <image>\\n {q} [/INST] {a} </s>`` tokenized as their code tokenizes it
     (the 7B preset; docs/parity.md)."""
+    clip_view: Annotated[ClipView, BEHAVIOUR] = "squash"
+    """How the image and the reference crops become CLIP's square input: ``squash`` (resized to the square,
+    torch bicubic on the float image), or ``clip-processor``, as the authors' ``CLIPImageProcessor`` (the
+    shortest side resized with PIL's bicubic filter, the centre cropped; the 7B preset)."""
     seed: Annotated[int, BEHAVIOUR] = 0
 
 
@@ -306,10 +311,12 @@ def tiny_config() -> MediRoundConfig:
 def llava_med_7b_config(mllm_path: str, sam_checkpoint: str | None, sam_variant: str = "vit_b") -> MediRoundConfig:
     """The paper's model: a converted LLaVA-Med v1.5 Mistral-7B folder and a MedSAM/SAM ViT-B .pth, with
     the conventions of the authors' released code: h_c from the state before [SEG], a direct refine MLP,
-    JCM on referred rounds only, their Mistral-instruct template (which has no system prompt) and reference
-    boxes whose right and bottom edges are the mask's last column and row (docs/parity.md)."""
+    JCM on referred rounds only, their Mistral-instruct template (which has no system prompt), their CLIP
+    view of the image (shortest side, centre crop) and reference boxes whose right and bottom edges are the
+    mask's last column and row (docs/parity.md)."""
     return MediRoundConfig(
-        mllm=MLLMConfig(source=str(mllm_path), system_prompt="", chat_template="llava-mistral"),
+        mllm=MLLMConfig(source=str(mllm_path), system_prompt="", chat_template="llava-mistral",
+                       clip_view="clip-processor"),
         segmenter=SegmenterConfig(variant=sam_variant, checkpoint=sam_checkpoint, image_size=1024),
         heads=HeadsConfig(seg_state="before_seg", jcm_refine="direct", jcm_rounds="referred", box_max="inclusive"),
         precision="bf16",

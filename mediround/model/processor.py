@@ -34,7 +34,7 @@ from mediround.data.images import load_image, load_mask
 from mediround.errors import DataError, InputWarning
 from mediround.model.config import MediRoundConfig
 from mediround.model.frame import ImageFrame
-from mediround.model.mllm import clip_normalise
+from mediround.model.mllm import clip_normalise, clip_processor_view
 from mediround.model.references import Reference, reference_from_mask
 from mediround.model.tokenizer import BOX_TOKEN, CROP_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
@@ -280,6 +280,7 @@ class DialogueProcessor:
         self.entity_index = {name: index for index, name in enumerate(config.heads.entity_names)}
         self.reference_min_fragment = config.heads.reference_min_fragment
         self.box_max = config.heads.box_max
+        self.clip_view = config.mllm.clip_view
         self.layout = ChatLayout(
             tokenizer,
             image_tokens=(vision.image_size // vision.patch_size) ** 2,
@@ -299,7 +300,13 @@ class DialogueProcessor:
 
     def clip_pixels(self, image: np.ndarray) -> torch.Tensor:
         """CLIP's (1, 3, s, s) input of an (H, W, 3) uint8 image (the image tokens)."""
-        return clip_normalise(_to_tensor(image), self.clip_size)
+        return self.clip_input(image, self.clip_size)
+
+    def clip_input(self, image: np.ndarray, size: int) -> torch.Tensor:
+        """(1, 3, size, size) CLIP input of an (H, W, 3) uint8 image or crop, in this model's ``clip_view``."""
+        if self.clip_view == "clip-processor":
+            return clip_processor_view(image, size)
+        return clip_normalise(_to_tensor(image), size)
 
     def reference(self, image: np.ndarray, mask: np.ndarray | None) -> Reference:
         """The crop and box a referring round gets from ``mask`` (references.py), with this model's
@@ -311,7 +318,7 @@ class DialogueProcessor:
         """The crops' CLIP pixels (n, 3, s, s) and the boxes (n, 4) of ``references``, in order."""
         if not references:
             return torch.zeros(0, 3, self.crop_size, self.crop_size), torch.zeros(0, 4)
-        crops = torch.cat([clip_normalise(_to_tensor(r.crop), self.crop_size) for r in references])
+        crops = torch.cat([self.clip_input(r.crop, self.crop_size) for r in references])
         return crops, torch.from_numpy(np.stack([r.box for r in references]))
 
     def collate(self, samples: list[DialogueSample]) -> DialogueBatch:

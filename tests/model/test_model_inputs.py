@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mediround.data.dialogue import Dialogue, Round
@@ -75,3 +76,21 @@ def test_load_sample_reads_image_and_masks(tmp_path):
     Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(tmp_path / "m1.png")
     with pytest.raises(DataError, match="differs from image size"):
         load_sample(Dialogue(id="c", image="img.png", rounds=rounds, root=tmp_path))
+
+
+@pytest.mark.parametrize("shape", [(37, 53, 3), (61, 29, 3), (40, 40, 3)])
+def test_clip_processor_view_is_what_clip_image_processor_makes(shape):
+    """``mllm.clip_view: clip-processor`` (the 7B preset): shortest side, centre crop, as transformers' PIL
+    ``CLIPImageProcessor`` does for the authors' code; ``squash`` keeps the whole image instead."""
+    from transformers import CLIPImageProcessorPil
+
+    from mediround.model.mllm import clip_normalise, clip_processor_view
+
+    image = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24})
+    expected = processor(image, return_tensors="pt")["pixel_values"]
+    view = clip_processor_view(image, 24)
+    assert view.shape == (1, 3, 24, 24)
+    assert (view - expected).abs().max() <= 1e-5
+    squashed = clip_normalise(torch.from_numpy(image).permute(2, 0, 1)[None].float(), 24)
+    assert shape[0] == shape[1] or (squashed - expected).abs().max() > 0.1
