@@ -67,6 +67,7 @@ JcmRounds = Literal["all", "referred"]
 ReferenceTokens = Literal["crop+box", "crop", "box"]
 ChatTemplate = Literal["spaced", "llava-mistral"]
 ClipView = Literal["squash", "clip-processor"]
+SamResize = Literal["torch", "pil"]
 BoxMax = Literal["exclusive", "inclusive"]
 
 
@@ -139,6 +140,10 @@ class SegmenterConfig:
     checkpoint: Annotated[str | None, RUNTIME] = None
     image_size: int = 1024
     normalisation: Annotated[SamNormalisation, BEHAVIOUR] = "sam"
+    resize: Annotated[SamResize, BEHAVIOUR] = "torch"
+    """How the image is resized to SAM's frame (``frame.ImageFrame.pixels``): ``torch`` (bilinear,
+    antialiased, on the float image) or ``pil`` (PIL's bilinear filter on the uint8 image, as the authors'
+    segment-anything ``ResizeLongestSide``; the 7B preset)."""
     tiny_patch_size: int = 8
     tiny_width: int = 64
     tiny_depth: int = 2
@@ -312,12 +317,12 @@ def llava_med_7b_config(mllm_path: str, sam_checkpoint: str | None, sam_variant:
     """The paper's model: a converted LLaVA-Med v1.5 Mistral-7B folder and a MedSAM/SAM ViT-B .pth, with
     the conventions of the authors' released code: h_c from the state before [SEG], a direct refine MLP,
     JCM on referred rounds only, their Mistral-instruct template (which has no system prompt), their CLIP
-    view of the image (shortest side, centre crop) and reference boxes whose right and bottom edges are the
-    mask's last column and row (docs/parity.md)."""
+    view of the image (shortest side, centre crop), SAM's input resized by PIL as theirs, and reference boxes
+    whose right and bottom edges are the mask's last column and row (docs/parity.md)."""
     return MediRoundConfig(
         mllm=MLLMConfig(source=str(mllm_path), system_prompt="", chat_template="llava-mistral",
                        clip_view="clip-processor"),
-        segmenter=SegmenterConfig(variant=sam_variant, checkpoint=sam_checkpoint, image_size=1024),
+        segmenter=SegmenterConfig(variant=sam_variant, checkpoint=sam_checkpoint, image_size=1024, resize="pil"),
         heads=HeadsConfig(seg_state="before_seg", jcm_refine="direct", jcm_rounds="referred", box_max="inclusive"),
         precision="bf16",
         gradient_checkpointing=True,

@@ -296,7 +296,7 @@ class DialogueProcessor:
 
     def sam_pixels(self, image: np.ndarray) -> torch.Tensor:
         """SAM's (1, 3, size, size) input of an (H, W, 3) uint8 image."""
-        return self.frame(image).pixels(image, self.segmenter.normalisation)
+        return self.frame(image).pixels(image, self.segmenter.normalisation, self.segmenter.resize)
 
     def clip_pixels(self, image: np.ndarray) -> torch.Tensor:
         """CLIP's (1, 3, s, s) input of an (H, W, 3) uint8 image (the image tokens)."""
@@ -337,7 +337,7 @@ class DialogueProcessor:
                     references.append(self.reference(sample.image, sample.reference_mask(index)))
             frame = self.frame(sample.image)
             frames.append(frame)
-            sam_pixels.append(frame.pixels(sample.image, self.segmenter.normalisation))
+            sam_pixels.append(frame.pixels(sample.image, self.segmenter.normalisation, self.segmenter.resize))
             clip_pixels.append(self.clip_pixels(sample.image))
             present = torch.tensor([m is not None for m in sample.masks])
             masks = torch.zeros(len(dialogue.rounds), *frame.resized)

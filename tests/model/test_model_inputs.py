@@ -94,3 +94,19 @@ def test_clip_processor_view_is_what_clip_image_processor_makes(shape):
     assert (view - expected).abs().max() <= 1e-5
     squashed = clip_normalise(torch.from_numpy(image).permute(2, 0, 1)[None].float(), 24)
     assert shape[0] == shape[1] or (squashed - expected).abs().max() > 0.1
+
+
+def test_sam_pixels_resized_by_pil_are_segment_anythings_input():
+    """``segmenter.resize: pil`` (the 7B preset): PIL's bilinear resize of the uint8 image to the longest
+    side, as segment-anything's ``ResizeLongestSide.apply_image``, then mean/std and bottom-right padding."""
+    from mediround.model.frame import SAM_MEAN, SAM_STD, ImageFrame
+
+    image = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    frame = ImageFrame.of(image, 64)
+    assert frame.resized == (45, 64)  # int(37 * 64 / 53 + 0.5)
+    resized = np.asarray(Image.fromarray(image).resize((64, 45), Image.BILINEAR), dtype=np.float32)
+    expected = np.zeros((3, 64, 64), dtype=np.float32)
+    expected[:, :45] = ((resized - SAM_MEAN) / SAM_STD).transpose(2, 0, 1)
+    pixels = frame.pixels(image, "sam", resize="pil")
+    np.testing.assert_allclose(pixels[0].numpy(), expected, atol=1e-5)
+    assert (frame.pixels(image, "sam") - pixels).abs().max() > 1e-3  # the torch resize differs from it
