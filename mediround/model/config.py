@@ -65,6 +65,7 @@ SegState = Literal["at_seg", "before_seg"]
 JcmRefine = Literal["residual", "direct"]
 JcmRounds = Literal["all", "referred"]
 ReferenceTokens = Literal["crop+box", "crop", "box"]
+JudgeIou = Literal["resized", "original"]
 ChatTemplate = Literal["spaced", "llava-mistral"]
 ClipView = Literal["squash", "clip-processor"]
 SamResize = Literal["torch", "pil"]
@@ -181,6 +182,11 @@ class HeadsConfig:
     """0: a reference's crop and box cover every pixel of the referenced mask (the paper's). f in (0, 1):
     the mask's 8-connected parts holding less than f of its foreground are left out first, so that stray
     pixels of a predicted mask do not stretch the box (docs/model.md). Not a deviation in any 7B recipe."""
+    judge_iou: Annotated[JudgeIou, RUNTIME] = "resized"
+    """The IoU stage 2 teaches the judge (``training.jcm_data``): ``resized``, of the raw mask in SAM's
+    resized frame (1 when both masks are empty, as ``mediround.metrics``), or ``original``, at the original
+    image size as intersection / (union + 1e-6), 0 when both are empty (the authors' ``compute_iou``; the
+    7B preset). A training target, like a loss weight: no weight depends on it."""
     box_max: Annotated[BoxMax, BEHAVIOUR] = "exclusive"
     """The reference box's right and bottom edges: ``exclusive`` (one past the mask's last column and row,
     the whole image is ``[0, 0, 1, 1]``), or ``inclusive`` (the last column and row themselves, as the
@@ -317,13 +323,15 @@ def llava_med_7b_config(mllm_path: str, sam_checkpoint: str | None, sam_variant:
     """The paper's model: a converted LLaVA-Med v1.5 Mistral-7B folder and a MedSAM/SAM ViT-B .pth, with
     the conventions of the authors' released code: h_c from the state before [SEG], a direct refine MLP,
     JCM on referred rounds only, their Mistral-instruct template (which has no system prompt), their CLIP
-    view of the image (shortest side, centre crop), SAM's input resized by PIL as theirs, and reference boxes
-    whose right and bottom edges are the mask's last column and row (docs/parity.md)."""
+    view of the image (shortest side, centre crop), SAM's input resized by PIL as theirs, reference boxes
+    whose right and bottom edges are the mask's last column and row, and their judge target (IoU at the
+    original size, union + 1e-6; docs/parity.md)."""
     return MediRoundConfig(
         mllm=MLLMConfig(source=str(mllm_path), system_prompt="", chat_template="llava-mistral",
                        clip_view="clip-processor"),
         segmenter=SegmenterConfig(variant=sam_variant, checkpoint=sam_checkpoint, image_size=1024, resize="pil"),
-        heads=HeadsConfig(seg_state="before_seg", jcm_refine="direct", jcm_rounds="referred", box_max="inclusive"),
+        heads=HeadsConfig(seg_state="before_seg", jcm_refine="direct", jcm_rounds="referred", box_max="inclusive",
+                          judge_iou="original"),
         precision="bf16",
         gradient_checkpointing=True,
     )
