@@ -186,8 +186,9 @@ def write_weights(work: Path, seed: int = SEED) -> str:
 
 
 def write_tokenizer(llava_dir: Path) -> None:
-    """A SentencePiece BPE model both sides load (their slow ``LlamaTokenizer``; ours through the fast
-    conversion saved as tokenizer.json, which is what transformers 5 reads)."""
+    """A SentencePiece BPE model with Mistral's normaliser that both sides load (their slow
+    ``LlamaTokenizer``; ours through the fast conversion saved as tokenizer.json, which is what
+    transformers 5 reads)."""
     import sentencepiece as spm
     from transformers import LlamaTokenizerFast
 
@@ -195,8 +196,11 @@ def write_tokenizer(llava_dir: Path) -> None:
     corpus += ["[INST] Segment the liver, the kidney, the lung, the heart and the rib. [/INST] It is here."] * 4
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_prefix=str(llava_dir / "tokenizer"), model_type="bpe",
-        vocab_size=VOCAB, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=False, num_threads=1,
-        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+        vocab_size=VOCAB, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2,
+        # Mistral's (LLaVA-Med's) normaliser: spaces kept as written, "\n" as a byte piece. SentencePiece's
+        # default (NFKC, extra spaces removed) would drop spaces and newlines the fast conversion keeps.
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False)
     (llava_dir / "tokenizer.vocab").unlink(missing_ok=True)
     (llava_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",

@@ -65,6 +65,11 @@ SegState = Literal["at_seg", "before_seg"]
 JcmRefine = Literal["residual", "direct"]
 JcmRounds = Literal["all", "referred"]
 ReferenceTokens = Literal["crop+box", "crop", "box"]
+JudgeIou = Literal["resized", "original"]
+ChatTemplate = Literal["spaced", "llava-mistral"]
+ClipView = Literal["squash", "clip-processor"]
+SamResize = Literal["torch", "pil"]
+BoxMax = Literal["exclusive", "inclusive"]
 
 
 def _cls_plus_grid(tokens: int) -> bool:
@@ -115,6 +120,15 @@ class MLLMConfig:
     crop_size: Annotated[int | None, BEHAVIOUR] = None
     system_prompt: Annotated[str, BEHAVIOUR] = (
         "You are a medical imaging assistant that segments what the user asks for.")
+    chat_template: Annotated[ChatTemplate, BEHAVIOUR] = "spaced"
+    """How a dialogue is laid out in tokens (``processor.ChatLayout``): ``spaced`` (each text piece tokenized
+    on its own with a leading space, ``\\n`` after the image), or ``llava-mistral``, the authors' LLaVA
+    Mistral-instruct text ``[INST] <image>\\n {q} [/INST] {a} </s>`` tokenized as their code tokenizes it
+    (the 7B preset; docs/parity.md)."""
+    clip_view: Annotated[ClipView, BEHAVIOUR] = "squash"
+    """How the image and the reference crops become CLIP's square input: ``squash`` (resized to the square,
+    torch bicubic on the float image), or ``clip-processor``, as the authors' ``CLIPImageProcessor`` (the
+    shortest side resized with PIL's bicubic filter, the centre cropped; the 7B preset)."""
     seed: Annotated[int, BEHAVIOUR] = 0
 
 
@@ -127,6 +141,10 @@ class SegmenterConfig:
     checkpoint: Annotated[str | None, RUNTIME] = None
     image_size: int = 1024
     normalisation: Annotated[SamNormalisation, BEHAVIOUR] = "sam"
+    resize: Annotated[SamResize, BEHAVIOUR] = "torch"
+    """How the image is resized to SAM's frame (``frame.ImageFrame.pixels``): ``torch`` (bilinear,
+    antialiased, on the float image) or ``pil`` (PIL's bilinear filter on the uint8 image, as the authors'
+    segment-anything ``ResizeLongestSide``; the 7B preset)."""
     tiny_patch_size: int = 8
     tiny_width: int = 64
     tiny_depth: int = 2
@@ -164,6 +182,15 @@ class HeadsConfig:
     """0: a reference's crop and box cover every pixel of the referenced mask (the paper's). f in (0, 1):
     the mask's 8-connected parts holding less than f of its foreground are left out first, so that stray
     pixels of a predicted mask do not stretch the box (docs/model.md). Not a deviation in any 7B recipe."""
+    judge_iou: Annotated[JudgeIou, RUNTIME] = "resized"
+    """The IoU stage 2 teaches the judge (``training.jcm_data``): ``resized``, of the raw mask in SAM's
+    resized frame (1 when both masks are empty, as ``mediround.metrics``), or ``original``, at the original
+    image size as intersection / (union + 1e-6), 0 when both are empty (the authors' ``compute_iou``; the
+    7B preset). A training target, like a loss weight: no weight depends on it."""
+    box_max: Annotated[BoxMax, BEHAVIOUR] = "exclusive"
+    """The reference box's right and bottom edges: ``exclusive`` (one past the mask's last column and row,
+    the whole image is ``[0, 0, 1, 1]``), or ``inclusive`` (the last column and row themselves, as the
+    authors' ``get_bounding_box_from_mask`` computes it; the 7B preset)."""
 
 
 @typed_config
@@ -295,11 +322,16 @@ def tiny_config() -> MediRoundConfig:
 def llava_med_7b_config(mllm_path: str, sam_checkpoint: str | None, sam_variant: str = "vit_b") -> MediRoundConfig:
     """The paper's model: a converted LLaVA-Med v1.5 Mistral-7B folder and a MedSAM/SAM ViT-B .pth, with
     the conventions of the authors' released code: h_c from the state before [SEG], a direct refine MLP,
-    JCM on referred rounds only, and no system prompt (their Mistral-instruct template has none)."""
+    JCM on referred rounds only, their Mistral-instruct template (which has no system prompt), their CLIP
+    view of the image (shortest side, centre crop), SAM's input resized by PIL as theirs, reference boxes
+    whose right and bottom edges are the mask's last column and row, and their judge target (IoU at the
+    original size, union + 1e-6; docs/parity.md)."""
     return MediRoundConfig(
-        mllm=MLLMConfig(source=str(mllm_path), system_prompt=""),
-        segmenter=SegmenterConfig(variant=sam_variant, checkpoint=sam_checkpoint, image_size=1024),
-        heads=HeadsConfig(seg_state="before_seg", jcm_refine="direct", jcm_rounds="referred"),
+        mllm=MLLMConfig(source=str(mllm_path), system_prompt="", chat_template="llava-mistral",
+                       clip_view="clip-processor"),
+        segmenter=SegmenterConfig(variant=sam_variant, checkpoint=sam_checkpoint, image_size=1024, resize="pil"),
+        heads=HeadsConfig(seg_state="before_seg", jcm_refine="direct", jcm_rounds="referred", box_max="inclusive",
+                          judge_iou="original"),
         precision="bf16",
         gradient_checkpointing=True,
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
@@ -47,17 +48,23 @@ class ImageFrame:
         scale = self.size / max(height, width)
         return int(height * scale + 0.5), int(width * scale + 0.5)
 
-    def pixels(self, image: np.ndarray, normalisation: str) -> torch.Tensor:
-        """(H, W, 3) uint8 -> SAM's (1, 3, size, size) input: resized (bilinear, antialiased), normalised,
-        padded bottom-right. ``sam``: ImageNet mean/std on 0-255 (authors, LISA); ``medsam``: min-max to [0, 1]."""
-        tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
-        tensor = F.interpolate(tensor, size=self.resized, mode="bilinear", align_corners=False, antialias=True)
+    def pixels(self, image: np.ndarray, normalisation: str, resize: str = "torch") -> torch.Tensor:
+        """(H, W, 3) uint8 -> SAM's (1, 3, size, size) input: resized, normalised, padded bottom-right.
+        ``resize``: ``torch`` (bilinear, antialiased, on the float image) or ``pil`` (PIL's bilinear filter on
+        the uint8 image, as segment-anything's ``ResizeLongestSide.apply_image``). ``sam``: ImageNet mean/std
+        on 0-255 (authors, LISA); ``medsam``: min-max to [0, 1]."""
+        height, width = self.resized
+        if resize == "pil":
+            resized = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((width, height), Image.BILINEAR)
+            tensor = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1)[None]
+        else:
+            tensor = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
+            tensor = F.interpolate(tensor, size=self.resized, mode="bilinear", align_corners=False, antialias=True)
         if normalisation == "sam":
             tensor = (tensor - torch.tensor(SAM_MEAN).view(1, 3, 1, 1)) / torch.tensor(SAM_STD).view(1, 3, 1, 1)
         else:
             low, high = tensor.min(), tensor.max()
             tensor = (tensor - low) / (high - low).clamp(min=1e-8)
-        height, width = self.resized
         return F.pad(tensor, (0, self.size - width, 0, self.size - height))
 
     def resized_masks(self, masks: Sequence[np.ndarray]) -> torch.Tensor:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -141,6 +143,22 @@ class CropEncoder(nn.Module):
             patches = hidden[:, 1:].transpose(1, 2).reshape(hidden.shape[0], -1, side, side)
             parts.append(F.adaptive_avg_pool2d(patches, self.grid).flatten(2).transpose(1, 2))
         return llava.model.multi_modal_projector(torch.cat(parts, dim=1))
+
+
+def clip_processor_view(image: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, size, size) as transformers' ``CLIPImageProcessor`` makes it: the shortest
+    side resized to ``size`` by PIL's bicubic filter on the uint8 image (the longer one to the truncated
+    proportion), the centre cropped to a square, CLIP mean/std. Keeps the aspect ratio that ``clip_normalise``
+    squashes."""
+    height, width = image.shape[:2]
+    longer = int(size * max(height, width) / min(height, width))
+    new_width, new_height = (size, longer) if width <= height else (longer, size)
+    resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.BICUBIC))
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    view = torch.from_numpy(resized[top : top + size, left : left + size].astype(np.float32)).permute(2, 0, 1)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (view[None] / 255.0 - mean) / std
 
 
 def clip_normalise(images: torch.Tensor, size: int) -> torch.Tensor:

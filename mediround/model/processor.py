@@ -2,12 +2,19 @@
 its model): the chat template and token layout in one place (``ChatLayout``), image and reference-crop
 pixels, and padded training batches (``DialogueProcessor.collate`` -> ``DialogueBatch``).
 
-Layout of a dialogue (each text piece tokenized on its own, ids concatenated, so training and
-incremental inference see the same tokens)::
+Layout of a dialogue with ``mllm.chat_template: spaced`` (each text piece tokenized on its own, ids
+concatenated, so training and incremental inference see the same tokens)::
 
     <s> {system prompt} [INST] <image> x N \\n                        <- prefix (DialogueSession prefill)
     {crop x k}{box} {query 1} [/INST]  {answer 1 with one [SEG]} </s>   <- round 1 (no reference)
      [INST] {crop x k}{box} {query r} [/INST]  {answer r} </s>         <- round r (crop/box if it refers)
+
+and with ``llava-mistral`` (the authors' text; each run of text between added tokens tokenized in one
+call, as their code tokenizes it)::
+
+    <s>[INST] <image> x N                                               <- prefix
+    \\n {query 1} [/INST] {answer 1} </s>                                <- round 1
+    [INST] {crop x k}{box} {query r} [/INST] {answer r} </s>            <- round r
 
 Only answer tokens (including [SEG] and </s>) carry a cross-entropy label. Every position also has a
 kind (text, image, crop, box) so features are scattered by layout, never by matching token ids.
@@ -27,7 +34,7 @@ from mediround.data.images import load_image, load_mask
 from mediround.errors import DataError, InputWarning
 from mediround.model.config import MediRoundConfig
 from mediround.model.frame import ImageFrame
-from mediround.model.mllm import clip_normalise
+from mediround.model.mllm import clip_normalise, clip_processor_view
 from mediround.model.references import Reference, reference_from_mask
 from mediround.model.tokenizer import BOX_TOKEN, CROP_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
@@ -73,8 +80,9 @@ class ChatLayout:
     """Token ids of the prefix, user turns and answers for one tokenizer and one image-token count."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_tokens: int, crop_tokens: int, system_prompt: str,
-                 reference_tokens: str = "crop+box"):
+                 reference_tokens: str = "crop+box", template: str = "spaced"):
         self.tokenizer = tokenizer
+        self.template = template
         self.image_tokens = image_tokens
         # A referring round's crop and box tokens; heads.reference_tokens may drop one (an ablation).
         self.crop_tokens = crop_tokens if "crop" in reference_tokens else 0
@@ -94,6 +102,9 @@ class ChatLayout:
         piece = Piece()
         if self.bos_id is not None:
             piece.add([self.bos_id])
+        if self.template == "llava-mistral":
+            # Their prompt up to <image>, tokenized as their code tokenizes the chunk before it.
+            return piece.add(self.text(f"{self.system_prompt}[INST] ")).add([self.image_id] * self.image_tokens, IMAGE)
         piece.add(self.text(self.system_prompt)).add(self.user_open_ids)
         return piece.add([self.image_id] * self.image_tokens, IMAGE).add(self.text("\n"))
 
@@ -119,6 +130,13 @@ class ChatLayout:
             )
             ids = ids[:MAX_QUERY_TOKENS]
         return ids
+
+    def query_text(self, query: str) -> str:
+        """The query, or its first ``MAX_QUERY_TOKENS`` tokens as text (``query`` warns), for a layout that
+        tokenizes the query with the text around it."""
+        if len(self.text(f" {query.strip()}")) <= MAX_QUERY_TOKENS:
+            return query.strip()
+        return self.tokenizer.decode(self.query(query)).strip()
 
     def answer(self, answer: str) -> Piece:
         """The answer tokens (labelled) ending with </s>; holds exactly one [SEG]."""
@@ -147,12 +165,40 @@ class ChatLayout:
         [SEG] sits among them (None without an answer: it will be generated). The one place that lays out a
         round, for the training forward and inference alike; raises ``ValueError`` for an answer without
         exactly one [SEG]."""
+        if self.template == "llava-mistral":
+            return self.llava_mistral_round(round_index, query, refers, answer)
         piece = self.user(round_index, query, refers)
         if answer is None:
             return piece, None
         answer_piece = self.answer(answer)
         seg_at = len(piece.ids) + answer_piece.ids.index(self.seg_id)
         return piece.extend(answer_piece), seg_at
+
+    def llava_mistral_round(self, round_index: int, query: str, refers: bool,
+                            answer: str | None) -> tuple[Piece, int | None]:
+        """A round in the authors' layout, ``[INST] <image>\\n {q} [/INST] {a} </s>`` (the first round after
+        ``prefix``; later ones ``[INST] {crop}{box} {q} [/INST] {a} </s>``), tokenized as their code does:
+        each run of text between added tokens in one call (a SentencePiece tokenizer starts each with a
+        space of its own). The user turn is that text up to ``[/INST]``; its tokens start the run that goes
+        on into the answer, so generation continues the ids training saw."""
+        piece = Piece()
+        if round_index > 0:
+            piece.add(self.text("[INST] "))
+        if refers:
+            piece.add([self.crop_id] * self.crop_tokens, CROP).add([self.box_id] * self.box_tokens, BOX)
+        lead = "\n " if round_index == 0 else (" " if refers else "")
+        user_text = f"{lead}{self.query_text(query)} [/INST]"
+        user_ids = self.text(user_text)
+        if answer is None:
+            return piece.add(user_ids), None
+        before, after = answer_with_seg(answer.strip()).split(SEG_TOKEN)
+        run = self.text(f"{user_text} {before}")
+        if run[: len(user_ids)] != user_ids:
+            raise ValueError(f"the answer's first tokens merge with the query's: {answer!r}")
+        piece.add(user_ids)
+        seg_at = len(piece.ids) + len(run) - len(user_ids)
+        piece.add(run[len(user_ids):] + [self.seg_id] + self.text(f"{after} ") + [self.eos_id], labelled=True)
+        return piece, seg_at
 
 
 @dataclass
@@ -233,12 +279,15 @@ class DialogueProcessor:
         self.crop_size = config.mllm.crop_size or vision.image_size
         self.entity_index = {name: index for index, name in enumerate(config.heads.entity_names)}
         self.reference_min_fragment = config.heads.reference_min_fragment
+        self.box_max = config.heads.box_max
+        self.clip_view = config.mllm.clip_view
         self.layout = ChatLayout(
             tokenizer,
             image_tokens=(vision.image_size // vision.patch_size) ** 2,
             crop_tokens=config.mllm.crop_tokens,
             system_prompt=config.mllm.system_prompt,
             reference_tokens=config.heads.reference_tokens,
+            template=config.mllm.chat_template,
         )
 
     def frame(self, image: np.ndarray) -> ImageFrame:
@@ -247,22 +296,29 @@ class DialogueProcessor:
 
     def sam_pixels(self, image: np.ndarray) -> torch.Tensor:
         """SAM's (1, 3, size, size) input of an (H, W, 3) uint8 image."""
-        return self.frame(image).pixels(image, self.segmenter.normalisation)
+        return self.frame(image).pixels(image, self.segmenter.normalisation, self.segmenter.resize)
 
     def clip_pixels(self, image: np.ndarray) -> torch.Tensor:
         """CLIP's (1, 3, s, s) input of an (H, W, 3) uint8 image (the image tokens)."""
-        return clip_normalise(_to_tensor(image), self.clip_size)
+        return self.clip_input(image, self.clip_size)
+
+    def clip_input(self, image: np.ndarray, size: int) -> torch.Tensor:
+        """(1, 3, size, size) CLIP input of an (H, W, 3) uint8 image or crop, in this model's ``clip_view``."""
+        if self.clip_view == "clip-processor":
+            return clip_processor_view(image, size)
+        return clip_normalise(_to_tensor(image), size)
 
     def reference(self, image: np.ndarray, mask: np.ndarray | None) -> Reference:
         """The crop and box a referring round gets from ``mask`` (references.py), with this model's
-        stray-fragment rule; the same for ground-truth masks in training and predicted ones in a chain."""
-        return reference_from_mask(image, mask, self.reference_min_fragment)
+        stray-fragment rule and box edges; the same for ground-truth masks in training and predicted ones in
+        a chain."""
+        return reference_from_mask(image, mask, self.reference_min_fragment, self.box_max)
 
     def reference_inputs(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
         """The crops' CLIP pixels (n, 3, s, s) and the boxes (n, 4) of ``references``, in order."""
         if not references:
             return torch.zeros(0, 3, self.crop_size, self.crop_size), torch.zeros(0, 4)
-        crops = torch.cat([clip_normalise(_to_tensor(r.crop), self.crop_size) for r in references])
+        crops = torch.cat([self.clip_input(r.crop, self.crop_size) for r in references])
         return crops, torch.from_numpy(np.stack([r.box for r in references]))
 
     def collate(self, samples: list[DialogueSample]) -> DialogueBatch:
@@ -281,7 +337,7 @@ class DialogueProcessor:
                     references.append(self.reference(sample.image, sample.reference_mask(index)))
             frame = self.frame(sample.image)
             frames.append(frame)
-            sam_pixels.append(frame.pixels(sample.image, self.segmenter.normalisation))
+            sam_pixels.append(frame.pixels(sample.image, self.segmenter.normalisation, self.segmenter.resize))
             clip_pixels.append(self.clip_pixels(sample.image))
             present = torch.tensor([m is not None for m in sample.masks])
             masks = torch.zeros(len(dialogue.rounds), *frame.resized)

@@ -56,10 +56,12 @@ def without_small_fragments(mask: np.ndarray, min_fragment: float) -> np.ndarray
     return cleaned
 
 
-def reference_from_mask(image: np.ndarray, mask: np.ndarray | None, min_fragment: float = 0.0) -> Reference:
+def reference_from_mask(image: np.ndarray, mask: np.ndarray | None, min_fragment: float = 0.0,
+                        box_max: str = "exclusive") -> Reference:
     """Mask the image with ``mask``, crop to its bounding box and zero-pad to a square (bottom/right).
 
-    The box uses exclusive right/bottom edges, so the whole image is ``[0, 0, 1, 1]``. With
+    The box's right/bottom edges are exclusive (the whole image is ``[0, 0, 1, 1]``) or, with
+    ``box_max="inclusive"``, the mask's last column and row (``heads.box_max``). With
     ``min_fragment > 0`` the mask's parts below that share of its foreground are dropped first. A missing
     mask or one with <= 9 pixels (after dropping) means the whole image.
     """
@@ -81,7 +83,8 @@ def reference_from_mask(image: np.ndarray, mask: np.ndarray | None, min_fragment
     side = max(region.shape[0], region.shape[1])
     crop = np.zeros((side, side, 3), dtype=np.uint8)
     crop[: region.shape[0], : region.shape[1]] = region
-    box = np.array([left / width, top / height, right / width, bottom / height], dtype=np.float32)
+    past = 0 if box_max == "exclusive" else 1
+    box = np.array([left / width, top / height, (right - past) / width, (bottom - past) / height], dtype=np.float32)
     return Reference(crop=crop, box=box, whole_image=whole)
 
 

@@ -61,6 +61,18 @@ def raw_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(counts(mask_from_logits(logits), targets.cpu().numpy())["iou"]).float()
 
 
+def original_iou(logits: torch.Tensor, frame: ImageFrame, masks: Sequence[np.ndarray]) -> torch.Tensor:
+    """The authors' judge target (``heads.judge_iou: original``): IoU of (logits > 0), brought back to the
+    original size, with the original-size ground truth ``masks``, as intersection / (union + 1e-6), so 0
+    when both are empty."""
+    if not masks:
+        return torch.zeros(0)
+    predicted = torch.from_numpy(mask_from_logits(frame.to_original(logits)))
+    truth = torch.from_numpy(np.stack([np.asarray(mask, dtype=bool) for mask in masks]))
+    intersection = (predicted & truth).sum(dim=(1, 2)).float()
+    return intersection / ((predicted | truth).sum(dim=(1, 2)).float() + 1e-6)
+
+
 def rollout_features(model: MediRound, sample: DialogueSample, context: ImageContext) -> torch.Tensor:
     """The [SEG] features of every round when the dialogue is chained with JCM off: each reference is the
     model's own mask of the referred round (Algorithm 1). (rounds, 256)."""
@@ -88,7 +100,11 @@ def collect_features(model: Any, samples: Sequence[Any], sources: Sequence[str],
                 features = features[valid].detach()
                 logits = decode_at_supervision_size(model, entry, features)
                 entry.features[source] = features
-                entry.iou[source] = raw_iou(logits, targets).to(features.device)
+                if model.config.heads.judge_iou == "original":
+                    iou = original_iou(logits, context.frame, [sample.masks[i] for i in valid])
+                else:
+                    iou = raw_iou(logits, targets)
+                entry.iou[source] = iou.to(features.device)
             entries.append(entry)
     return entries
 

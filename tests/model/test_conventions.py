@@ -86,6 +86,11 @@ def test_7b_preset_turns_the_authors_conventions_on_and_tiny_keeps_todays():
     big = preset("llava-med-7b", mllm_path="weights/llava", sam_checkpoint=None)
     assert (big.heads.seg_state, big.heads.jcm_refine, big.heads.jcm_rounds) == ("before_seg", "direct", "referred")
     assert big.mllm.system_prompt == ""
+    assert (big.heads.box_max, preset("tiny").heads.box_max) == ("inclusive", "exclusive")
+    assert (big.mllm.chat_template, preset("tiny").mllm.chat_template) == ("llava-mistral", "spaced")
+    assert (big.mllm.clip_view, preset("tiny").mllm.clip_view) == ("clip-processor", "squash")
+    assert (big.segmenter.resize, preset("tiny").segmenter.resize) == ("pil", "torch")
+    assert (big.heads.judge_iou, preset("tiny").heads.judge_iou) == ("original", "resized")
     tiny = preset("tiny")
     assert (tiny.heads.seg_state, tiny.heads.jcm_refine, tiny.heads.jcm_rounds) == ("at_seg", "residual", "all")
     # The paper's reference rule in both presets: only the tiny recipes turn the stray-fragment rule on.
@@ -94,9 +99,13 @@ def test_7b_preset_turns_the_authors_conventions_on_and_tiny_keeps_todays():
 
 def test_a_config_without_the_keys_loads_with_todays_behaviour():
     data = preset("tiny").to_dict()
-    for key in ("seg_state", "jcm_refine", "jcm_rounds", "reference_min_fragment"):
+    for key in ("seg_state", "jcm_refine", "jcm_rounds", "reference_min_fragment", "box_max", "judge_iou"):
         del data["heads"][key]
+    del data["mllm"]["chat_template"], data["mllm"]["clip_view"], data["segmenter"]["resize"]
     config = MediRoundConfig.from_dict(data)
+    assert config.segmenter.resize == "torch" and config.heads.judge_iou == "resized"
+    assert config.heads.box_max == "exclusive" and config.mllm.chat_template == "spaced"
+    assert config.mllm.clip_view == "squash"
     assert (config.heads.seg_state, config.heads.jcm_refine, config.heads.jcm_rounds) == ("at_seg", "residual", "all")
     assert config.heads.reference_min_fragment == 0.0
 

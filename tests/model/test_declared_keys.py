@@ -137,9 +137,9 @@ def test_every_key_that_changes_a_parameter_count_is_declared_so(stand_ins):
                                            f"{key} changes a parameter count but is declared not to")
 
 
-def test_fine_tune_keys_are_where_weights_lie_loss_weights_and_how_compute_runs():
+def test_fine_tune_keys_are_where_weights_lie_loss_weights_and_targets_and_how_compute_runs():
     assert set(FINE_TUNE_KEYS) == {"mllm.source", "segmenter.checkpoint", "lora.dropout", "precision",
-                                   "gradient_checkpointing", *(f"loss.{f.name}" for f in
+                                   "gradient_checkpointing", "heads.judge_iou", *(f"loss.{f.name}" for f in
                                                                dataclasses.fields(MediRoundConfig().loss))}
 
 

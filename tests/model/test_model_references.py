@@ -17,6 +17,17 @@ def test_crop_is_masked_cropped_and_padded_to_square():
     assert not reference.whole_image
 
 
+def test_inclusive_box_ends_at_the_masks_last_column_and_row_with_the_same_crop():
+    """``heads.box_max: inclusive`` (the authors' ``get_bounding_box_from_mask``, the 7B preset)."""
+    image = np.full((10, 20, 3), 200, dtype=np.uint8)
+    mask = np.zeros((10, 20), dtype=bool)
+    mask[2:6, 4:12] = True
+    inclusive = reference_from_mask(image, mask, box_max="inclusive")
+    np.testing.assert_allclose(inclusive.box, [4 / 20, 2 / 10, 11 / 20, 5 / 10])
+    np.testing.assert_array_equal(inclusive.crop, reference_from_mask(image, mask).crop)
+    np.testing.assert_allclose(reference_from_mask(image, None, box_max="inclusive").box, [0, 0, 19 / 20, 9 / 10])
+
+
 def test_tiny_or_missing_mask_means_whole_image():
     image = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
     nine = np.zeros((6, 8), dtype=bool)

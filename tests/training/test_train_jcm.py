@@ -222,3 +222,34 @@ def test_shipped_recipes_parse(synth_data, frozen_model):
     assert paper["train"]["lr"] == 3.0e-4 and paper["train"]["batch_size"] == 15
     with pytest.raises(RecipeError, match="key 'model': missing"):
         load_jcm_recipe(SHIPPED_RECIPES / "jcm-7b-4gpu.yaml")
+
+
+def test_original_iou_is_the_authors_judge_target():
+    """``heads.judge_iou: original`` (the 7B preset): intersection / (union + 1e-6) at the original size,
+    so two empty masks score 0 (``resized`` scores them 1)."""
+    import numpy as np
+
+    from mediround.model.frame import ImageFrame
+    from mediround.training.jcm_data import original_iou
+
+    frame = ImageFrame((4, 8), 8)  # the resized frame is the original one: no resampling in between
+    truth = np.zeros((2, 4, 8), dtype=bool)
+    truth[0, :2, :4] = True  # 8 pixels
+    logits = torch.full((2, 4, 8), -1.0)
+    logits[0, :2, :2] = 1.0  # 4 of them predicted
+    iou = original_iou(logits, frame, list(truth))
+    torch.testing.assert_close(iou, torch.tensor([4 / (8 + 1e-6), 0.0]))
+
+
+def test_collect_features_teaches_the_original_size_iou_when_the_config_says_so(frozen_model, synth_data):
+    from mediround.training.jcm_data import decode_at_supervision_size, original_iou, raw_iou
+
+    model = load_checkpoint(frozen_model).eval()
+    sample = load_sample(load_dialogues(synth_data / "train.jsonl").dialogues[0])
+    masks = [mask for mask in sample.masks if mask is not None]
+    resized = collect_features(model, [sample], [TEACHER_FORCED])[0]
+    model.config.heads.judge_iou = "original"
+    entry = collect_features(model, [sample], [TEACHER_FORCED])[0]
+    logits = decode_at_supervision_size(model, entry, entry.features[TEACHER_FORCED])
+    torch.testing.assert_close(entry.iou[TEACHER_FORCED], original_iou(logits, entry.frame, masks))
+    torch.testing.assert_close(resized.iou[TEACHER_FORCED], raw_iou(logits, entry.targets))
