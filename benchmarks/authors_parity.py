@@ -45,6 +45,7 @@ ENV_PINS = (
     "opencv-python-headless",  # their opencv_python pin needs a display library this machine lacks
     "safetensors",
     "protobuf",  # transformers' conversion of the SentencePiece model to tokenizer.json
+    "pillow",  # the torchvision stand-in and their data path; nothing else in the pins brings it
 )
 SEED = 27
 VOCAB = 400
@@ -539,7 +540,7 @@ def ensure_env(env: Path) -> Path:
     python = env / "bin" / "python"
     if not python.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    check = subprocess.run([str(python), "-c", ("import transformers, peft, sentencepiece, cv2, torch; "
+    check = subprocess.run([str(python), "-c", ("import transformers, peft, sentencepiece, cv2, torch, PIL; "
                             "assert transformers.__version__ == '4.40.2' and peft.__version__ == '0.4.0'")],
                            capture_output=True, check=False)
     if check.returncode != 0:
