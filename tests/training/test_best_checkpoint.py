@@ -24,7 +24,7 @@ from mediround.model import build_model, load_sample, preset
 from mediround.model.checkpoint import load_checkpoint
 from mediround.model.losses import LOSS_KEYS
 from mediround.training.checkpointing import BEST, BEST_RECORD, read_best
-from mediround.training.engine import MicroBatch
+from mediround.training.engine import MicroBatch, TrainingEngine
 from mediround.training.logging import read_events
 from mediround.training.recipe import load_jcm_recipe, load_recipe
 from mediround.training.stage1 import TeacherForcing, _loss_counts, run_training
@@ -32,7 +32,8 @@ from mediround.training.stage2 import run_jcm_training
 
 STEPS = 3
 SECTIONS = {
-    "train": {"max_steps": STEPS},
+    # A small learning rate keeps the random masks from collapsing to empty, so the validations differ.
+    "train": {"max_steps": STEPS, "lr": 1.0e-5},
     "validation": {"every": 1, "at_start": True, "batch_size": 2},
     "checkpoint": {"every": 1, "keep_last": STEPS, "keep_best": "giou"},
 }
@@ -176,3 +177,30 @@ def test_loss_averaging_weighs_micro_batches_by_their_counts_or_equally(synth_da
         for name in got:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
     assert any(not torch.allclose(weighted[name], mean[name], rtol=1e-3, atol=1e-6) for name in weighted)
+
+
+def test_only_a_strictly_higher_finite_score_replaces_the_best(tmp_path, write_recipe, synth_data):
+    """The selection over a score sequence that rises, falls, ties and turns NaN (real runs this short
+    only fall): each replacement writes the folder through the objective, with its record."""
+    recipe = load_recipe(write_recipe(data={"val": str(synth_data / "val.jsonl")}, checkpoint={"keep_best": "giou"}))
+    written = []
+
+    class Scores:
+        def best_score(self, event, metric, best_of):
+            return event
+
+        def save_best(self, folder, write_extra):
+            folder.mkdir()
+            write_extra(folder)
+            written.append(folder)
+
+    engine = TrainingEngine.__new__(TrainingEngine)
+    engine.recipe, engine.objective, engine.checkpoints = recipe, Scores(), tmp_path / "checkpoints"
+    engine.best, engine.val_count, emitted = None, 2, []
+    engine.emit = emitted.append
+    for step, score in enumerate([0.3, 0.5, 0.4, 0.5, float("nan"), 0.6], start=1):
+        engine._keep_if_best(score, step)
+    assert [(e.step, e.value) for e in emitted] == [(1, 0.3), (2, 0.5), (6, 0.6)]
+    assert len(written) == 3
+    assert read_best(tmp_path / "checkpoints") == engine.best
+    assert engine.best["step"] == 6 and engine.best["value"] == 0.6
