@@ -543,7 +543,8 @@ class TrainingEngine:
         if event is not None:
             result.validations.append(event)
             self.emit(event)
-        if self.recipe.checkpoint.keep_best is not None and step > 0:
+        settings = self.recipe.checkpoint
+        if settings.keep_best is not None and 0 < step <= (settings.best_until_step or step):
             if self.is_main and event is not None:
                 self._keep_if_best(event, step)
             self.accelerator.wait_for_everyone()
@@ -561,6 +562,7 @@ class TrainingEngine:
         count = self.val_count
         record = {
             "step": step, "metric": settings.keep_best, "best_of": settings.best_of, "rounds": "all",
+            "best_until_step": settings.best_until_step,
             "value": value, "validation_dialogues": count if validation.max_dialogues is None
             else min(count, validation.max_dialogues), "recipe_hash": self.recipe.hash,
         }

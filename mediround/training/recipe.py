@@ -149,12 +149,15 @@ class CheckpointSection:
     checkpoint of the validation that scored highest so far on that metric, over all rounds of the
     validation dialogues, on the ``best_of`` track: ``chained`` (each round's reference is the model's own
     earlier mask; in stage 2 with JCM at ``jcm.beta``, the authors' choice in both stages) or, in stage 1,
-    ``teacher_forced``. The step-0 validation (``validation.at_start``) is not a candidate. Needs ``data.val``."""
+    ``teacher_forced``. The step-0 validation (``validation.at_start``) is not a candidate, nor any after
+    ``best_until_step`` (null: none is excluded): the authors' ``ckpt_model`` is the best of their first 9
+    validations, the 10th and later are kept apart (ours: ``<output>/model``). Needs ``data.val``."""
 
     every: NonNegative = 500
     keep_last: Count = 3
     keep_best: BestMetric | None = None
     best_of: BestOf = "chained"
+    best_until_step: Count | None = None
 
 
 @typed_config

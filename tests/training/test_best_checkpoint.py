@@ -25,6 +25,7 @@ from mediround.model.checkpoint import load_checkpoint
 from mediround.model.losses import LOSS_KEYS
 from mediround.training.checkpointing import BEST, BEST_RECORD, read_best
 from mediround.training.engine import MicroBatch, TrainingEngine
+from mediround.training.events import BestKept
 from mediround.training.logging import read_events
 from mediround.training.recipe import load_jcm_recipe, load_recipe
 from mediround.training.stage1 import TeacherForcing, _loss_counts, run_training
@@ -179,13 +180,20 @@ def test_loss_averaging_weighs_micro_batches_by_their_counts_or_equally(synth_da
     assert any(not torch.allclose(weighted[name], mean[name], rtol=1e-3, atol=1e-6) for name in weighted)
 
 
-def test_only_a_strictly_higher_finite_score_replaces_the_best(tmp_path, write_recipe, synth_data):
-    """The selection over a score sequence that rises, falls, ties and turns NaN (real runs this short
-    only fall): each replacement writes the folder through the objective, with its record."""
-    recipe = load_recipe(write_recipe(data={"val": str(synth_data / "val.jsonl")}, checkpoint={"keep_best": "giou"}))
+def test_only_a_strictly_higher_finite_score_up_to_best_until_step_replaces_the_best(tmp_path, write_recipe,
+                                                                                     synth_data):
+    """The selection over a score sequence that rises, falls, ties, turns NaN and rises past
+    ``best_until_step`` (real runs this short only fall): each replacement writes the folder through the
+    objective, with its record."""
+    recipe = load_recipe(write_recipe(data={"val": str(synth_data / "val.jsonl")},
+                                      checkpoint={"keep_best": "giou", "best_until_step": 6}))
+    scores = dict(enumerate([0.3, 0.5, 0.4, 0.5, float("nan"), 0.6, 0.9], start=1))
     written = []
 
     class Scores:
+        def validate(self, engine, step):
+            return scores[step]
+
         def best_score(self, event, metric, best_of):
             return event
 
@@ -196,11 +204,12 @@ def test_only_a_strictly_higher_finite_score_replaces_the_best(tmp_path, write_r
 
     engine = TrainingEngine.__new__(TrainingEngine)
     engine.recipe, engine.objective, engine.checkpoints = recipe, Scores(), tmp_path / "checkpoints"
-    engine.best, engine.val_count, emitted = None, 2, []
+    engine.accelerator = types.SimpleNamespace(wait_for_everyone=lambda: None)
+    engine.is_main, engine.best, engine.val_count, emitted = True, None, 2, []
     engine.emit = emitted.append
-    for step, score in enumerate([0.3, 0.5, 0.4, 0.5, float("nan"), 0.6], start=1):
-        engine._keep_if_best(score, step)
-    assert [(e.step, e.value) for e in emitted] == [(1, 0.3), (2, 0.5), (6, 0.6)]
-    assert len(written) == 3
+    for step in scores:
+        engine._validate(types.SimpleNamespace(validations=[]), step)
+    kept = [(e.step, e.value) for e in emitted if isinstance(e, BestKept)]
+    assert kept == [(1, 0.3), (2, 0.5), (6, 0.6)] and len(written) == 3
     assert read_best(tmp_path / "checkpoints") == engine.best
-    assert engine.best["step"] == 6 and engine.best["value"] == 0.6
+    assert (engine.best["step"], engine.best["value"], engine.best["best_until_step"]) == (6, 0.6, 6)
