@@ -27,7 +27,7 @@ from mediround.training.checkpointing import BEST, BEST_RECORD, read_best
 from mediround.training.engine import MicroBatch, TrainingEngine
 from mediround.training.events import BestKept
 from mediround.training.logging import read_events
-from mediround.training.recipe import load_jcm_recipe, load_recipe
+from mediround.training.recipe import SHIPPED_RECIPES, load_jcm_recipe, load_recipe
 from mediround.training.stage1 import TeacherForcing, _loss_counts, run_training
 from mediround.training.stage2 import run_jcm_training
 
@@ -213,3 +213,22 @@ def test_only_a_strictly_higher_finite_score_up_to_best_until_step_replaces_the_
     assert kept == [(1, 0.3), (2, 0.5), (6, 0.6)] and len(written) == 3
     assert read_best(tmp_path / "checkpoints") == engine.best
     assert (engine.best["step"], engine.best["value"], engine.best["best_until_step"]) == (6, 0.6, 6)
+
+
+def test_7b_recipes_validate_the_whole_split_ten_times_and_keep_the_best_of_the_first_nine(tmp_path, synth_data):
+    """The authors' cadence (their --epochs default 10, best of epochs 1-9 as ckpt_model) and averaging."""
+    (tmp_path / "manifest.json").write_text("{}", encoding="utf-8")
+    data = [f"data.train={synth_data / 'train.jsonl'}", f"data.val={synth_data / 'val.jsonl'}", "data.root=null"]
+    recipes = [load_recipe(SHIPPED_RECIPES / name, require_data=False)
+               for name in ("mediround-7b-4gpu.yaml", "mediround-7b-24gb.yaml")]
+    recipes.append(load_jcm_recipe(SHIPPED_RECIPES / "jcm-7b-4gpu.yaml", [f"model={tmp_path}", *data]))
+    for recipe in recipes:
+        validation, checkpoint = recipe.validation, recipe.checkpoint
+        assert validation.every * 10 == recipe.train.max_steps and not validation.at_start
+        assert validation.max_dialogues is None
+        assert (checkpoint.keep_best, checkpoint.best_of) == ("giou", "chained")
+        assert checkpoint.best_until_step == 9 * validation.every
+        assert recipe.train.loss_averaging == "micro-batch-mean"
+    for name in ("tiny-cpu.yaml", "default-tiny.yaml"):
+        tiny = load_recipe(SHIPPED_RECIPES / name, require_data=False)
+        assert tiny.checkpoint.keep_best is None and tiny.train.loss_averaging == "weighted"
