@@ -1,12 +1,14 @@
 """The training engine both stages run on: process setup, the step loop with gradient accumulation,
-non-finite steps, checkpoints, resuming, the stop file and signals, validation and events.
+non-finite steps, checkpoints (and the best validation's, ``checkpoint.keep_best``), resuming, the stop
+file and signals, validation and events.
 
 A stage is an ``Objective``: what model it trains, which micro-batches it reads, the loss of a step's
 micro-batches, how it validates and what model it writes at the end (``stage1``, ``stage2``). Each
 optimizer step reads one global batch: ``grad_accum`` micro-batches of ``batch_size`` dialogues on each of
 the ``world_size`` processes (``mediround.training.data``); the objective scales each micro-batch's loss by
 its share of the global batch, so the weights after a step do not depend on how the batch was split over
-processes or accumulation steps.
+processes or accumulation steps (``train.loss_averaging: weighted``; ``micro-batch-mean`` averages the
+micro-batch means instead, as the authors' DeepSpeed run does).
 """
 
 from __future__ import annotations
@@ -558,13 +560,12 @@ class TrainingEngine:
             return
         if self.best is not None and not value > self.best["value"]:
             return
-        validation = self.recipe.validation
-        count = self.val_count
+        limit = self.recipe.validation.max_dialogues
         record = {
             "step": step, "metric": settings.keep_best, "best_of": settings.best_of, "rounds": "all",
-            "best_until_step": settings.best_until_step,
-            "value": value, "validation_dialogues": count if validation.max_dialogues is None
-            else min(count, validation.max_dialogues), "recipe_hash": self.recipe.hash,
+            "best_until_step": settings.best_until_step, "value": value,
+            "validation_dialogues": self.val_count if limit is None else min(self.val_count, limit),
+            "recipe_hash": self.recipe.hash,
         }
         folder = checkpointing.write_best(self.checkpoints, self.objective.save_best, record)
         self.best = record
