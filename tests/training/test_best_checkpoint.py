@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from accelerate import Accelerator
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mediround.data.formats import load_dialogues
@@ -30,6 +31,7 @@ from mediround.training.logging import read_events
 from mediround.training.recipe import SHIPPED_RECIPES, load_jcm_recipe, load_recipe
 from mediround.training.stage1 import TeacherForcing, _loss_counts, run_training
 from mediround.training.stage2 import run_jcm_training
+from mediround_cli.main import cli
 
 STEPS = 3
 SECTIONS = {
@@ -232,3 +234,14 @@ def test_7b_recipes_validate_the_whole_split_ten_times_and_keep_the_best_of_the_
     for name in ("tiny-cpu.yaml", "default-tiny.yaml"):
         tiny = load_recipe(SHIPPED_RECIPES / name, require_data=False)
         assert tiny.checkpoint.keep_best is None and tiny.train.loss_averaging == "weighted"
+
+
+def test_train_prints_each_new_best_and_the_best_checkpoint_in_its_summary(write_recipe, synth_data):
+    path = write_recipe(data={"val": str(synth_data / "val.jsonl")}, train={"max_steps": 1},
+                        validation={"every": 1, "batch_size": 2}, checkpoint={"keep_best": "dice"})
+    result = CliRunner().invoke(cli, ["train", str(path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    record = read_best(Path(load_recipe(path).output) / "checkpoints")
+    assert f"best dice (chained) {record['value']:.4f} at step 1" in result.output
+    summary_rows = [line for line in result.output.splitlines() if line.startswith("│")]
+    assert any("best dice (chained)" in row and f"{record['value']:.4f} at step 1" in row for row in summary_rows)
