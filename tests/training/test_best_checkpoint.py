@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import shutil
 import types
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,7 +25,7 @@ from mediround.errors import RecipeError
 from mediround.model import build_model, load_sample, preset
 from mediround.model.checkpoint import load_checkpoint
 from mediround.model.losses import LOSS_KEYS
-from mediround.training.checkpointing import BEST, BEST_RECORD, read_best
+from mediround.training.checkpointing import BEST, BEST_RECORD, read_best, remove_temporary
 from mediround.training.engine import MicroBatch, TrainingEngine
 from mediround.training.events import BestKept
 from mediround.training.logging import read_events
@@ -245,3 +246,22 @@ def test_train_prints_each_new_best_and_the_best_checkpoint_in_its_summary(write
     assert f"best dice (chained) {record['value']:.4f} at step 1" in result.output
     summary_rows = [line for line in result.output.splitlines() if line.startswith("│")]
     assert any("best dice (chained)" in row and f"{record['value']:.4f} at step 1" in row for row in summary_rows)
+
+
+def test_a_best_retired_by_a_swap_cut_off_by_a_kill_is_put_back_on_the_next_start(stage1, tmp_path):
+    """``publish`` renames the old best to ``.best.old`` before the new one takes the name: a kill between
+    the two renames leaves no ``best``; the next start (``remove_temporary``) restores the old one and
+    drops the half-written new one."""
+    _, output = stage1
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(output / "checkpoints" / BEST, checkpoints / f".{BEST}.old")
+    shutil.copytree(output / "checkpoints" / BEST, checkpoints / f".{BEST}.tmp" / BEST)
+    remove_temporary(checkpoints)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [BEST]
+    assert read_best(checkpoints) == read_best(output / "checkpoints")
+    load_checkpoint(checkpoints / BEST)
+    # With the new best in place, a leftover retired one is deleted, not restored over it.
+    shutil.copytree(output / "checkpoints" / BEST, checkpoints / f".{BEST}.old")
+    (checkpoints / BEST / "marker").write_text("new", encoding="utf-8")
+    remove_temporary(checkpoints)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [BEST] and (checkpoints / BEST / "marker").exists()
