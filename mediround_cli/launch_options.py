@@ -32,8 +32,10 @@ from mediround.launch import (
     plan_launch,
     relaunch,
 )
+from mediround.training.checkpointing import BEST, read_best
 from mediround.training.engine import TrainingResult
 from mediround.training.events import (
+    BestKept,
     CheckpointSaved,
     Event,
     JCMValidated,
@@ -221,6 +223,9 @@ class TrainingDisplay:
             case Validated() | JCMValidated():
                 for line in self.view.validation_lines(event):
                     self.progress.console.print(line)
+            case BestKept():
+                self.progress.console.print(f"[dim]best {event.metric} ({event.best_of}) {event.value:.4f} at step "
+                                            f"{event.step}: {event.path}[/dim]")
             case CheckpointSaved():
                 self.progress.console.print(f"[dim]checkpoint {event.path}[/dim]")
                 if self.task is not None:
@@ -246,6 +251,10 @@ def print_summary(view: StageView, result: TrainingResult) -> None:
     table.add_row("checkpoint", str(result.checkpoint))
     if result.model is not None:
         table.add_row(view.model_row, str(result.model))
+    best = read_best(result.output / "checkpoints")
+    if best is not None:
+        table.add_row(f"best {best['metric']} ({best['best_of']})",
+                      f"{best['value']:.4f} at step {best['step']}: {result.output / 'checkpoints' / BEST}")
     table.add_row("output", str(result.output))
     console.print(table)
     if result.stopped == "interrupted":

@@ -18,12 +18,13 @@ from mediround_cli.launch_options import LaunchOptions, StageView, launch_option
 @click.command(epilog="""\b
 Examples:
   mediround train-jcm jcm-tiny-cpu --model runs/tiny-cpu/model --cpu
-  mediround train-jcm jcm-7b-4gpu --model runs/mediround-7b-4gpu/model --gpus 4 --deepspeed recipes/zero2.json
+  mediround train-jcm jcm-7b-4gpu --model runs/mediround-7b-4gpu/checkpoints/best --gpus 4 --deepspeed recipes/zero2.json
   mediround train-jcm my-jcm.yaml --model runs/x/model --rollout train.max_steps=200""")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--model", "model_path", default=None,
-              help="The frozen MediRound checkpoint folder (from `mediround train`); overrides the recipe's.")
+              help="The frozen MediRound checkpoint folder (from `mediround train`: OUTPUT/model, or "
+                   "OUTPUT/checkpoints/best with checkpoint.keep_best); overrides the recipe's.")
 @click.option("--rollout", is_flag=True,
               help="Train on [SEG] features of chains of the model's own masks (jcm.rollout=true).")
 @launch_options()

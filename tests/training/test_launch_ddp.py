@@ -95,3 +95,19 @@ def test_two_machines_train_like_two_processes_on_one(write_recipe, two_processe
     output = Path(load_recipe(recipe).output)
     check_two_processes(output)
     assert_same_weights(final_weights(output), final_weights(two_processes))
+
+
+def test_micro_batch_means_weigh_the_same_over_processes_as_over_accumulation(write_recipe):
+    """``train.loss_averaging: micro-batch-mean`` (the authors' DeepSpeed averaging): DDP's gradient average
+    over 2 processes and the 1/2 of each of 2 accumulation steps weigh the same two micro-batch means, so
+    both runs end with the same weights (the micro-batches are the same slices of the same shuffle)."""
+    sections = {**COMMON, "train": {**COMMON["train"], "loss_averaging": "micro-batch-mean"}}
+    two = write_recipe("two-mean", **sections)
+    completed = subprocess.run(
+        [sys.executable, "-m", "mediround_cli.main", "train", str(two), "--cpu", "--num-processes", "2"],
+        check=False, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    accumulated = load_recipe(write_recipe("accumulated-mean", **sections), ["train.grad_accum=2"])
+    assert run_training(accumulated, cpu=True, expected_processes=1).step == STEPS
+    assert_same_weights(final_weights(Path(load_recipe(two).output)), final_weights(Path(accumulated.output)))
