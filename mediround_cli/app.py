@@ -35,7 +35,7 @@ def app(model_path: Path | None, host: str, port: int, beta: str | None, jcm_rou
     the masks and the overlays). Needs the optional extra: pip install "mediround[app]".
     """
     # gradio and the model stack are imported here, so that `mediround --help` stays fast.
-    from mediround.app.server import is_loopback, require_gradio, serve
+    from mediround.app.server import app_folder, is_loopback, require_gradio, serve
     from mediround.default_model import default_checkpoint, default_model_notice
 
     require_gradio()
@@ -44,5 +44,7 @@ def app(model_path: Path | None, host: str, port: int, beta: str | None, jcm_rou
                           f"can reach {host}:{port} can upload images and run the model", soft_wrap=True)
     model, threshold = load_chat_model(model_path, beta)
     notice = default_model_notice(default_checkpoint()) if model_path is None else None
-    err_console.print(f"serving on http://{host}:{port} (Ctrl-C to stop)", soft_wrap=True)
-    serve(model, host, port, threshold, jcm_rounds, None if model_path is None else str(model_path), notice)
+    folder = app_folder()
+    err_console.print(f"serving on http://{host}:{port} (Ctrl-C to stop); uploads and sessions kept in {folder} "
+                      "until then", soft_wrap=True)
+    serve(model, folder, host, port, threshold, jcm_rounds, None if model_path is None else str(model_path), notice)

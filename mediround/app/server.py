@@ -43,11 +43,16 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK or host.startswith("127.")
 
 
-def serve(model: Any, host: str, port: int, beta: float | None, jcm_rounds: str | None = None,
+def app_folder() -> Path:
+    """A new private temporary folder for one server's uploads and sessions (``serve`` removes it)."""
+    return Path(tempfile.mkdtemp(prefix="mediround-app-"))
+
+
+def serve(model: Any, folder: Path, host: str, port: int, beta: float | None, jcm_rounds: str | None = None,
           model_name: str | None = None, notice: str | None = None) -> None:
-    """Serve the page until interrupted (Ctrl-C); the folder of uploads and sessions is removed then."""
+    """Serve the page until interrupted (Ctrl-C), keeping uploads and sessions in ``folder``
+    (``app_folder``), which is removed then."""
     require_gradio()
-    folder = Path(tempfile.mkdtemp(prefix="mediround-app-"))
     os.environ.update(OFFLINE_ENVIRONMENT)
     os.environ["GRADIO_TEMP_DIR"] = str(folder / "uploads")
     from mediround.app.page import CSS, build_page  # gradio, imported once the environment says offline
