@@ -69,9 +69,7 @@ def build_page(model: Any, folder: str | Path, beta: float | None, jcm_rounds: s
                            value=volume.index if volume else 0)
         window = gr.update(visible=volume is not None, value=volume.window if volume else "auto")
         history = [(view.overlay, view.caption) for view in views]
-        # The highlighted thumbnail is the next question's reference (none once a question used it).
-        strip = gr.update(value=history, selected_index=None if session.selected is None else session.selected - 1)
-        return (session, shown, strip, table, status, reference,
+        return (session, shown, history, table, status, reference,
                 gr.update(value=archive, interactive=archive is not None), slider, window)
 
     def guarded(action: Callable[..., str | None]) -> Callable[..., tuple]:
