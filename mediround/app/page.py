@@ -69,7 +69,11 @@ def build_page(model: Any, folder: str | Path, beta: float | None, jcm_rounds: s
                            value=volume.index if volume else 0)
         window = gr.update(visible=volume is not None, value=volume.window if volume else "auto")
         history = [(view.overlay, view.caption) for view in views]
-        return (session, shown, history, table, status, reference,
+        where = session.source or "no image yet"
+        if session.volume is not None:
+            where += f", axial slice {session.volume.index}"
+        label = f"{where}: round {views[-1].round.number}" if views else where
+        return (session, gr.update(value=shown, label=label), history, table, status, reference,
                 gr.update(value=archive, interactive=archive is not None), slider, window)
 
     def guarded(action: Callable[..., str | None]) -> Callable[..., tuple]:
@@ -161,7 +165,7 @@ def build_page(model: Any, folder: str | Path, beta: float | None, jcm_rounds: s
                         gr.Markdown("This checkpoint has no trained JCM weights: JCM stays off.")
                 download = gr.DownloadButton("Download session (.zip)", interactive=False, elem_id="download")
             with gr.Column(scale=3):
-                view = gr.Image(label="Last round", type="numpy", interactive=False, elem_id="view")
+                view = gr.Image(label="no image yet", type="numpy", interactive=False, height=520, elem_id="view")
                 status = gr.Markdown(elem_id="status")
         history = gr.Gallery(label="History (click a round to refer to it)", columns=6, height=260, fit_columns=False,
                              object_fit="contain", format="png",
@@ -169,8 +173,11 @@ def build_page(model: Any, folder: str | Path, beta: float | None, jcm_rounds: s
         table = gr.Markdown(elem_id="rounds")
 
         outputs = [state, view, history, table, status, reference, download, slice_slider, window_box]
-        files.upload(guarded(upload), [state, files], outputs)
-        slice_slider.release(guarded(slice_), [state, slice_slider], outputs)
+        # The upload box empties once read (the view's label names the file): each upload is a new image,
+        # never added to the files of the one before.
+        files.upload(guarded(upload), [state, files], outputs).then(lambda: None, None, files)
+        # Dragging or arrow keys: the slice of the last position once the one before is shown.
+        slice_slider.input(guarded(slice_), [state, slice_slider], outputs, trigger_mode="always_last")
         window_box.input(guarded(window), [state, window_box], outputs)
         for event in (ask_button.click, question.submit):
             event(guarded(ask), [state, question], outputs).then(lambda: "", None, question)

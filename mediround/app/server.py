@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +52,16 @@ def app_folder() -> Path:
 
 def serve(model: Any, folder: Path, host: str, port: int, beta: float | None, jcm_rounds: str | None = None,
           model_name: str | None = None, notice: str | None = None) -> None:
-    """Serve the page until interrupted (Ctrl-C), keeping uploads and sessions in ``folder``
+    """Serve the page until interrupted (Ctrl-C or SIGTERM), keeping uploads and sessions in ``folder``
     (``app_folder``), which is removed then."""
     require_gradio()
     os.environ.update(OFFLINE_ENVIRONMENT)
     os.environ["GRADIO_TEMP_DIR"] = str(folder / "uploads")
     from mediround.app.page import CSS, build_page  # gradio, imported once the environment says offline
 
+    if threading.current_thread() is threading.main_thread():
+        # A service manager's stop (SIGTERM) ends the server as Ctrl-C does, so the folder is removed too.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         page = build_page(model, folder / "sessions", beta, jcm_rounds, model_name, notice)
         page.queue(default_concurrency_limit=1).launch(

@@ -81,7 +81,8 @@ def wait_for(condition, what: str, timeout: float = WAIT):
 
 @pytest.fixture
 def app_url(tmp_path):
-    """``mediround app`` as a user starts it, on 127.0.0.1 and a free port; stopped with Ctrl-C (SIGINT)."""
+    """``mediround app`` as a user starts it, on 127.0.0.1 and a free port; stopped with Ctrl-C (SIGINT)
+    unless the test stopped it."""
     port = free_port()
     log = tmp_path / "server.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -206,7 +207,7 @@ def test_two_rounds_in_a_real_browser_replay_through_infer(app_url, shared_data,
     for number, line in enumerate(lines, start=1):
         assert np.array_equal(load_mask(replayed / line["mask"]), load_mask(folder / "rounds" / f"round-{number}.png"))
 
-    server.send_signal(signal.SIGINT)  # Ctrl-C: the server stops and removes its uploads and sessions
+    server.send_signal(signal.SIGTERM)  # as Ctrl-C: the server stops and removes its uploads and sessions
     server.wait(timeout=30)
     [kept] = [line.split("kept in ")[1].split()[0] for line in log.read_text().splitlines() if "kept in " in line]
     assert "mediround-app-" in kept and not Path(kept).exists()
