@@ -53,10 +53,7 @@ def build_page(model: Any, folder: str | Path, beta: float | None, jcm_rounds: s
         session = session or new_session()
         views = session.views()
         shape = session.image.shape[:2] if session.image is not None else (1, 1)
-        if views:
-            shown = views[-1].overlay
-        else:
-            shown = session.image
+        shown = views[-1].overlay if views else session.image
         lines = [view.line(shape) for view in views]
         table = "\n".join(f"- {line}" for line in lines) if lines else "No rounds yet."
         if session.selected is not None:
@@ -70,8 +67,8 @@ def build_page(model: Any, folder: str | Path, beta: float | None, jcm_rounds: s
         window = gr.update(visible=volume is not None, value=volume.window if volume else "auto")
         history = [(view.overlay, view.caption) for view in views]
         where = session.source or "no image yet"
-        if session.volume is not None:
-            where += f", axial slice {session.volume.index}"
+        if volume is not None:
+            where += f", axial slice {volume.index}"
         label = f"{where}: round {views[-1].round.number}" if views else where
         return (session, gr.update(value=shown, label=label), history, table, status, reference,
                 gr.update(value=archive, interactive=archive is not None), slider, window)
@@ -109,11 +106,12 @@ def build_page(model: Any, folder: str | Path, beta: float | None, jcm_rounds: s
 
     def ask(session: AppSession, line: str) -> str:
         answered = session.ask(line)
-        judged = [f"round {r.number} judged now: {view.jcm}" for r in session.chat.judged_by(answered.number)
-                  for view in session.views() if view.round is r]
+        views = session.views()
+        judged = [f"round {r.number} judged now: {views[r.number - 1].jcm}"
+                  for r in session.chat.judged_by(answered.number)]
         encoded = (f" (image encoded once, {1000 * session.chat.encode_seconds:.0f} ms)"
                    if answered.number == 1 else "")
-        return "; ".join([*judged, session.views()[-1].line(session.image.shape[:2]) + encoded])
+        return "; ".join([*judged, views[-1].line(session.image.shape[:2]) + encoded])
 
     def select(session: AppSession, index: int) -> str:
         selected = session.select(index + 1)
