@@ -15,10 +15,10 @@ from rich.table import Table
 
 from mediround.data.dialogue import Round
 from mediround.data.scans import ScanOptions, check_questions, is_scan, read_scan, volumes_extra_ready
-from mediround.default_model import default_checkpoint, default_model_notice
+from mediround.default_model import default_checkpoint
 from mediround.inference import DEFAULT_BATCH_SIZE, DEFAULT_BETA
 from mediround_cli.common import SKIPPED_EXIT_CODE, console, err_console, handle_errors
-from mediround_cli.output import jcm_rounds_option, parse_beta, progress_bar
+from mediround_cli.output import jcm_rounds_option, load_chat_model, progress_bar
 from mediround_cli.volume_options import slices_option, window_option
 
 COMMANDS_HELP = """\b
@@ -220,7 +220,7 @@ def chat(image: Path, model_path: Path | None, beta: str | None, out: Path | Non
     # The model pulls in torch: imported here so that `mediround chat --help` stays fast.
     from mediround.inference.chat import ChatSession, QuestionError, parse_question
 
-    model, threshold = _load(model_path, beta)
+    model, threshold = load_chat_model(model_path, beta)
     out = out or Path(f"chat-{image.stem}")
     session = ChatSession(model, image, threshold, out, jcm_rounds)
     jcm = _jcm_words(threshold, session.jcm_rounds)
@@ -265,19 +265,6 @@ def chat(image: Path, model_path: Path | None, beta: str | None, out: Path | Non
         sys.exit(SKIPPED_EXIT_CODE)
 
 
-def _load(model_path: Path | None, beta: str | None):
-    """The checkpoint (the shipped one by default) in eval mode, and its JCM threshold (None: off)."""
-    from mediround.inference.checkpoint_policy import checked_betas, model_folder
-    from mediround.model.checkpoint import load_checkpoint
-
-    if model_path is None:
-        model_path = default_checkpoint()
-        _say(err_console, default_model_notice(model_path))
-    model = load_checkpoint(model_folder(model_path)).eval()
-    [threshold] = checked_betas(() if beta is None else (parse_beta(beta),), model.config, str(model_path))
-    return model, threshold
-
-
 def _jcm_words(threshold: float | None, jcm_rounds: str) -> str:
     if threshold is None:
         return "JCM off"
@@ -300,7 +287,7 @@ def _chat_volume(path: Path, model_path: Path | None, beta: str | None, out: Pat
     scan = read_scan(path, case_id)
     if per_round and scan.kind == "dicom":
         raise click.UsageError("--per-round is for NIfTI volumes: the DICOM-SEG holds each round's whole mask as its segment")
-    model, threshold = _load(model_path, beta)
+    model, threshold = load_chat_model(model_path, beta)
     rounds = jcm_rounds or model.config.heads.jcm_rounds
     out = out or Path(f"chat-{scan.case}")
     settings = {"beta": threshold, "jcm_rounds": rounds, "batch_size": batch_size,

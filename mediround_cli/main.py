@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-jcm": ("mediround_cli.train_jcm:train_jcm", "Train the JCM judge and refine MLPs on a frozen MediRound."),
     "infer": ("mediround_cli.infer:infer", "Predict masks round by round, chaining the model's own masks."),
     "chat": ("mediround_cli.chat:chat", "Ask questions about one image round by round; masks, overlays, latency."),
+    "app": ("mediround_cli.app:app", "Serve a local web page for chat's round-by-round session (extra: app)."),
     "eval": ("mediround_cli.eval:eval_command", "Score predictions per round (Dice/gIoU/cIoU) and gate regressions."),
     "export": ("mediround_cli.export:export", "Export a checkpoint as a standalone folder with LoRA merged."),
     "convert-llava": ("mediround_cli.convert_llava:convert_llava", "Convert an original-layout LLaVA/LLaVA-Med checkpoint to HF."),

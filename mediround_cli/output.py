@@ -58,6 +58,21 @@ def parse_beta(text: str) -> float | None:
     return value
 
 
+def load_chat_model(model_path: Path | None, beta: str | None) -> tuple[Any, float | None]:
+    """``chat``'s and ``app``'s model: the checkpoint (the shipped one by default, saying so on stderr) in
+    eval mode, and its JCM threshold (None: off)."""
+    from mediround.default_model import default_checkpoint, default_model_notice
+    from mediround.inference.checkpoint_policy import checked_betas, model_folder
+    from mediround.model.checkpoint import load_checkpoint
+
+    if model_path is None:
+        model_path = default_checkpoint()
+        err_console.print(default_model_notice(model_path), soft_wrap=not err_console.is_terminal)
+    model = load_checkpoint(model_folder(model_path)).eval()
+    [threshold] = checked_betas(() if beta is None else (parse_beta(beta),), model.config, str(model_path))
+    return model, threshold
+
+
 def parse_betas(text: str | None) -> tuple[float | None, ...]:
     """``"0.2,0.4,off"`` -> ``(0.2, 0.4, None)``; empty means the checkpoint's default."""
     if text is None:

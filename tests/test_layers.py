@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mediround.launch",),
     ("mediround.inference",),
     ("mediround.training",),
-    ("mediround.doctor", "mediround.demo"),
+    ("mediround.doctor", "mediround.demo", "mediround.app"),
     ("mediround_cli",),
 ]
 # Packages that must stay importable without torch (validate, convert, scoring, tables).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,3 +108,24 @@ def test_the_installed_wheel_lists_shows_and_resolves_its_recipes(wheel, tmp_pat
     assert report["resolved"] == str(installed / "mediround" / "recipes" / "tiny-cpu.yaml")
     assert report["listed"] == sorted(p.stem for p in source_files(RECIPES))
     assert report["shown"] == (RECIPES / "mediround-7b-4gpu.yaml").read_text(encoding="utf-8")
+
+
+CORE = {"torch", "transformers", "peft", "segment-anything", "accelerate", "click", "rich", "pyarrow", "numpy",
+        "pillow", "safetensors", "pyyaml", "pydantic", "tokenizers", "scipy"}
+"""What ``pip install mediround`` pulls in: a new core dependency is a decision, made here too."""
+
+
+@pytest.mark.slow
+def test_the_app_and_its_browser_test_are_extras_and_the_core_install_does_not_grow(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        [metadata] = [name for name in archive.namelist() if name.endswith(".dist-info/METADATA")]
+        lines = archive.read(metadata).decode("utf-8").splitlines()
+    requires = [line.removeprefix("Requires-Dist: ") for line in lines if line.startswith("Requires-Dist: ")]
+
+    def name(requirement: str) -> str:
+        return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
+
+    core = {name(r) for r in requires if "extra ==" not in r}
+    assert core == CORE
+    extras = {name(r): r.split("extra ==")[1].strip().strip("'\"") for r in requires if "extra ==" in r}
+    assert extras["gradio"] == "app" and extras["selenium"] == "app-test"

@@ -1,6 +1,6 @@
-"""Start-up: listing the commands, the recipes commands and reading or validating recipes import no part of
-the model stack (torch, transformers, peft, accelerate, segment-anything). Asserted on the imports of a
-fresh interpreter, not on time; benchmarks/startup.py measures the wall time."""
+"""Start-up: listing the commands, the recipes commands, ``app --help`` and reading or validating recipes
+import no part of the model stack (torch, transformers, peft, accelerate, segment-anything) nor gradio.
+Asserted on the imports of a fresh interpreter, not on time; benchmarks/startup.py measures the wall time."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import subprocess
 import sys
 import textwrap
 
-HEAVY = ("torch", "transformers", "peft", "accelerate", "segment_anything")
+HEAVY = ("torch", "transformers", "peft", "accelerate", "segment_anything", "gradio")
+"""The model stack, and gradio (``mediround app``'s optional extra, a few seconds of imports itself)."""
 
 # Runs the code paths in a fresh interpreter, then prints which heavy packages it imported. Each CLI call
 # runs as the console script would (click's standalone mode, SystemExit caught), so a command module
@@ -22,7 +23,7 @@ LIGHT_PATHS = textwrap.dedent("""
 
     outputs = {}
     for args in (["--help"], ["--version"], ["recipes"], ["recipes", "--help"],
-                 ["recipes", "show", "mediround-7b-4gpu"]):
+                 ["recipes", "show", "mediround-7b-4gpu"], ["app", "--help"]):
         try:
             cli.main(args, prog_name="mediround")
         except SystemExit as stop:

@@ -149,6 +149,15 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     return values > 0
 
 
+def save_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an RGB uint8 image (H, W, 3) as a PNG, atomically (``load_image`` reads it back unchanged)."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DataError(str(path), None, None, f"an image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
 def save_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
     """Write a 2-D boolean mask as an 8-bit PNG with values 0/255, atomically."""
     mask = np.asarray(mask)

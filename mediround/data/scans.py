@@ -145,6 +145,22 @@ class ScanOptions:
     model: dict = field(default_factory=dict)
 
 
+def scan_window(scan: Scan, window: str) -> tuple[str, tuple[float, float]]:
+    """The ``--window`` value ``window`` resolved for ``scan`` (what ``auto`` stands for) and its (low,
+    width) on the scan's intensities; ``DataError`` for a value that is no window."""
+    try:
+        resolved = resolve_window(check_window(window), scan.modality)
+    except ValueError as error:
+        raise DataError("--window", None, None, str(error)) from None
+    return resolved, window_bounds(scan.intensities, resolved)
+
+
+def slice_image(scan: Scan, index: int, bounds: tuple[float, float]) -> np.ndarray:
+    """Axial slice ``index`` as the RGB uint8 image a model sees: shown as ``build-dialogues`` shows it
+    and windowed to ``bounds`` (``scan_window``)."""
+    return grey_to_rgb(apply_window(display_slice(scan.intensities, "axial", index), *bounds))
+
+
 def selected_slices(scan: Scan, slices: tuple[str, tuple[int | None, int | None] | None]) -> range:
     """The axial slices a run segments: all of them for ``every`` and ``largest`` (which keeps, after the
     run, each round's largest slice), slices A..B-1 for ``A:B``."""
@@ -257,15 +273,11 @@ def run_scan(scan: Scan, questions: Sequence[Round], segmenter: Segmenter, out: 
     selected axial slices of ``scan`` with ``segmenter``, and write the outputs into ``out``;
     ``progress(done, total)`` hears of each slice done."""
     check_questions(questions)
-    try:
-        window = resolve_window(check_window(options.window), scan.modality)
-    except ValueError as error:
-        raise DataError("--window", None, None, str(error)) from None
+    window, bounds = scan_window(scan, options.window)
     indices = selected_slices(scan, options.slices)
-    low, width = window_bounds(scan.intensities, window)
 
     def image(index: int) -> np.ndarray:
-        return grey_to_rgb(apply_window(display_slice(scan.intensities, "axial", index), low, width))
+        return slice_image(scan, index, bounds)
 
     masks = RoundMasks(scan.intensities.shape, len(questions))
     for done, (index, round_masks) in enumerate(segmenter(indices, image), start=1):

@@ -37,6 +37,12 @@ def _tint(pixels: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> np.ndarra
     return tinted
 
 
+def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``image`` (RGB uint8) with ``mask`` tinted in the predicted colour, at the image's own size."""
+    tinted = _tint(image.astype(np.float32), np.asarray(mask, bool), PREDICTED_COLOUR)
+    return np.clip(tinted, 0, 255).astype(np.uint8)
+
+
 def _tile(image: np.ndarray, predicted: np.ndarray | None, truth: np.ndarray | None) -> Image.Image:
     pixels = image.astype(np.float32)
     if truth is not None:
