@@ -11,8 +11,10 @@ set of random weights written here in the authors' layout (``write_weights``: ev
 one seed, in sorted key order, so a run without their code can rebuild them and check ``checksum``):
 a tiny CLIP (48 px, patch 2: the 24 x 24 = 576 image tokens their code hard-codes), a full ViT-B SAM, a
 two-layer Mistral and a SentencePiece tokenizer. Ours reads them through ``mediround convert-llava`` and
-our SAM loader with the 7B preset's switches (``parity_config``). Each quantity prints one line and the
-run ends with ``parity: N of M quantities within tolerance`` (docs/parity.md).
+our SAM loader with the 7B preset's switches (``parity_config``). Stage 2 (JCM) is compared on the same
+batch: their stage-2 forward (``authors_jcm``) against our stage-2 data path and objective with the 7B
+JCM recipe's settings (``compare_jcm``). Each quantity prints one line and the run ends with
+``parity: N of M quantities within tolerance`` (docs/parity.md).
 """
 
 from __future__ import annotations
@@ -310,6 +312,7 @@ def authors_side(work: Path) -> None:
     batch = collate_fn([(*dataset[i], False) for i in range(len(dataset))], tokenizer=tokenizer,
                        conv_type="mistral_instruct", use_mm_start_end=False)
     batch["encode_bboxes_list"] = [b.float() for b in batch["encode_bboxes_list"]]  # float64 out of their dataset
+    authors_jcm(work, model, batch)  # before stage 1's hooks and step: the same stage-1 weights, its own captures
     captured: dict[str, list] = {"projected": [], "low_res": []}
     inner = model.base_model.model
     inner.model.text_hidden_fcs[0].register_forward_hook(
@@ -345,6 +348,76 @@ def authors_side(work: Path) -> None:
                    for row, mask in zip(input_ids.tolist(), batch["attention_masks"].tolist())],
         "forward_backward_seconds": round(forward_seconds, 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}, indent=1))
+
+
+JCM_CAPTURED = ("scores", "iou_targets", "refined_features", "refined_logits")
+"""What ``authors_jcm`` reads out of their stage-2 forward, in ``authors_jcm.safetensors``."""
+
+
+def authors_jcm(work: Path, model, batch: dict) -> None:
+    """Their stage 2 (train_ds.py ``--stage 2``) on the stage-1 model just built: the judge and refine MLPs
+    (their ``MaskQualityMLP``, ``RefineMLP``) attached with the shared weights, every other weight frozen,
+    ``config.stage = 2``, one training-mode forward and backward of the batch; the model is put back as it
+    was (stage 1, no MLPs, its trainable flags, no gradients). Saves the judge scores, the IoU targets
+    (their ``compute_iou``, wrapped to read them), the refined features and the refined masks' logits at
+    the original size (their ``postprocess_masks``, wrapped: the first half of each dialogue's masks are
+    the refined ones), the losses and two gradients to ``authors_jcm.safetensors``."""
+    import model.mediround as their_module
+    import torch
+    from model.bbox_head.init_bbox_decoder import MaskQualityMLP, RefineMLP
+    from safetensors.torch import load_file, save_file
+
+    inner = model.base_model.model
+    sam = inner.model.visual_model
+    inner.model.mask_quality_MLP, inner.model.refine_MLP = MaskQualityMLP(), RefineMLP()
+    mlps = {k: v for k, v in load_file(str(work / "heads.safetensors")).items() if "MLP" in k}
+    _, unexpected = model.load_state_dict(mlps, strict=False)
+    assert not unexpected, unexpected
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad = "MLP" in name  # train_ds.py's stage-2 freezing
+    inner.config.stage = 2
+    captured: dict[str, list] = {name: [] for name in JCM_CAPTURED}
+    hooks = [inner.model.mask_quality_MLP.register_forward_hook(
+                 lambda module, args, out: captured["scores"].append(out.detach())),
+             inner.model.refine_MLP.register_forward_hook(
+                 lambda module, args, out: captured["refined_features"].append(out.detach()))]
+    compute_iou, postprocess = their_module.compute_iou, sam.postprocess_masks
+
+    def reading_iou(*args, **kwargs):
+        iou = compute_iou(*args, **kwargs)
+        captured["iou_targets"].append(iou.detach())
+        return iou
+
+    def reading_masks(*args, **kwargs):
+        masks = postprocess(*args, **kwargs)
+        captured["refined_logits"].append(masks[: masks.shape[0] // 2, 0].detach())
+        return masks
+
+    their_module.compute_iou, sam.postprocess_masks = reading_iou, reading_masks
+    try:
+        model.train()  # as their train(): the LoRA dropout of this run is 0, so train() and eval() agree
+        out = model(**{k: v for k, v in batch.items() if k not in (
+            "image_paths", "conversation_list", "questions_list", "sampled_classes_list")})
+        out["loss"].backward()
+    finally:
+        their_module.compute_iou = compute_iou
+        del sam.postprocess_masks
+        for hook in hooks:
+            hook.remove()
+    params = dict(model.named_parameters())
+    tensors = {name: torch.cat(values) for name, values in captured.items()}
+    tensors.update({"judge_loss": out["ce_loss"], "refine_bce_loss": out["mask_bce_loss"],
+                    "refine_dice_loss": out["mask_dice_loss"], "loss": out["loss"]})
+    for mlp in ("mask_quality_MLP", "refine_MLP"):
+        tensors[f"grad.{mlp}.fc3.weight"] = params[f"base_model.model.model.{mlp}.fc3.weight"].grad
+    save_file({k: v.detach().float().reshape(v.shape or (1,)).contiguous() for k, v in tensors.items()},
+              str(work / "authors_jcm.safetensors"))
+    del inner.model.mask_quality_MLP, inner.model.refine_MLP
+    inner.config.stage = 1
+    for name, p in model.named_parameters():
+        p.requires_grad = trainable[name]
+    model.zero_grad(set_to_none=True)
 
 
 # ------------------------------------------------------------------------------------------- our side
@@ -534,6 +607,71 @@ def compare(work: Path, model, authors: dict, info: dict, report: Report) -> Non
                   authors["grad.base_model.model.model.bbox_encoder.weight"], 1e-7, 1e-3)
 
 
+JCM_RECIPE = REPO / "recipes" / "jcm-7b-4gpu.yaml"
+
+
+def load_jcm_weights(work: Path, model) -> None:
+    """The shared judge and refine MLP weights (their ``mask_quality_MLP``/``refine_MLP`` fc1-fc3) into
+    our ``model.jcm`` (Linear layers 0, 2 and 4 of ``judge_mlp``/``refine_mlp``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    ours = dict(model.jcm.named_parameters())
+    with torch.no_grad():
+        for key, value in load_file(str(work / "heads.safetensors")).items():
+            if "MLP" not in key:
+                continue
+            mlp, fc, kind = key.split(".")[-3:]
+            target = f"{'judge_mlp' if mlp == 'mask_quality_MLP' else 'refine_mlp'}.{2 * (int(fc[2:]) - 1)}.{kind}"
+            ours[target].copy_(value)
+
+
+def compare_jcm(work: Path, model, authors: dict, report: Report) -> None:
+    """Stage 2 (issue #27 item 5) on the same batch: our stage-2 data path (``jcm_data.collect_features``
+    with the 7B JCM recipe's ``feature_mode``) and objective (``stage2.JCMObjective`` with its weights)
+    against the authors' stage-2 forward and backward (``authors_jcm``)."""
+    import torch
+    import yaml
+
+    from mediround.data.formats import load_dialogues
+    from mediround.model.processor import load_sample
+    from mediround.training.jcm_data import TEACHER_FORCED, collect_features
+    from mediround.training.recipe import JCMSection
+    from mediround.training.stage2 import JCMObjective
+    from mediround.typed import load_typed
+
+    settings = load_typed(JCMSection, yaml.safe_load(JCM_RECIPE.read_text(encoding="utf-8"))["jcm"], str(JCM_RECIPE))
+    load_jcm_weights(work, model)
+    jcm = model.jcm.requires_grad_(True)
+    samples = [load_sample(d) for d in load_dialogues(work / "data.json", root=DATA_ROOT).dialogues]
+    entries = collect_features(model, samples, [TEACHER_FORCED], train_mode=settings.feature_mode == "train")
+    features = torch.cat([entry.features[TEACHER_FORCED] for entry in entries])
+    with torch.no_grad():
+        refined_logits = torch.cat([entry.frame.original_logits(model.decode_low_res(
+            entry.embedding, jcm.refine(entry.features[TEACHER_FORCED]))) for entry in entries])
+        report.tensor("5a judge scores", jcm.judge(features), authors["scores"], 1e-5, 1e-4)
+        report.tensor("5b judge targets (IoU of the raw masks)",
+                      torch.cat([entry.iou[TEACHER_FORCED] for entry in entries]), authors["iou_targets"], 1e-6)
+        report.tensor("5c refined features", jcm.refine(features), authors["refined_features"], 1e-5, 1e-4)
+        report.tensor("5d refined mask logits (original size)", refined_logits, authors["refined_logits"], 1e-5, 1e-4)
+    sums = JCMObjective(jcm, model)([(e.features[TEACHER_FORCED], e.iou[TEACHER_FORCED], e) for e in entries])
+    weights = (settings.judge_weight, settings.refine_bce_weight, settings.refine_dice_weight)
+    judge, bce, dice = (value * weight / features.shape[0] for value, weight in zip(sums, weights))
+    (judge + bce + dice).backward()
+    # Their judge BCE runs in bfloat16 (scores, targets and the loss; 8 significant bits): 1e-2 relative.
+    bf16 = 1e-2 * float(authors["judge_loss"].abs().max())
+    report.tensor("5e judge loss (x2)", judge, authors["judge_loss"], 1e-6, 1e-2)
+    report.tensor("5f refine BCE loss (x2)", bce, authors["refine_bce_loss"], 1e-6, 1e-5)
+    report.tensor("5g refine Dice loss (x0.5)", dice, authors["refine_dice_loss"], 1e-6, 1e-5)
+    report.tensor("5h stage-2 total loss", judge + bce + dice, authors["loss"], 1e-6 + bf16, 1e-5)
+    report.tensor("5i gradient of the refine MLP's last layer", jcm.refine_mlp[4].weight.grad,
+                  authors["grad.refine_MLP.fc3.weight"], 1e-7, 1e-3)
+    report.tensor("5j gradient of the judge's last layer", jcm.judge_mlp[4].weight.grad,
+                  authors["grad.mask_quality_MLP.fc3.weight"], 1e-7, 1e-2)
+    jcm.requires_grad_(False)
+    jcm.zero_grad(set_to_none=True)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def ensure_env(env: Path) -> Path:
     """The reference environment's python, created with ``ENV_PINS`` when missing."""
@@ -565,10 +703,15 @@ def run(work: Path, env: Path, fixture: Path | None) -> int:
     info = json.loads((work / "authors.json").read_text())
     report = Report()
     compare(work, model, authors, info, report)
-    print(report.summary())
+    jcm_report = Report()
+    compare_jcm(work, model, load_file(str(work / "authors_jcm.safetensors")), jcm_report)
+    whole = Report()
+    whole.results = {**report.results, **jcm_report.results}
+    print(whole.summary())
     print(f"(authors' side {authors_seconds:.0f} s, whole run {time.perf_counter() - started:.0f} s)")
     if fixture is not None:
         write_fixture(work, fixture, authors, info, checksum, report)
+        write_jcm_fixture(work, fixture, jcm_report)
     return 0
 
 
@@ -616,6 +759,15 @@ def write_fixture(work: Path, fixture: Path, authors: dict, info: dict, checksum
         shutil.copyfile(work / "llava" / name, fixture / name)
     (fixture / "authors.json").write_text(json.dumps({**info, "weights_sha256": checksum, "seed": SEED,
                                                       "results": report.results}, indent=1) + "\n")
+
+
+def write_jcm_fixture(work: Path, fixture: Path, report: Report) -> None:
+    """The authors' stage-2 outputs (``authors_jcm``) and the JCM rows of this run, apart from the
+    stage-1 fixture."""
+    import shutil
+
+    shutil.copyfile(work / "authors_jcm.safetensors", fixture / "authors_jcm.safetensors")
+    (fixture / "authors_jcm.json").write_text(json.dumps({"results": report.results}, indent=1) + "\n")
 
 
 def main() -> int:

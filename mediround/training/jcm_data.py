@@ -8,7 +8,8 @@ cache; each step only runs the MLPs and the mask decoder.
 Two sources of features:
 
 - ``teacher-forced``: the stage-1 forward, every reference crop/box built from the ground-truth mask
-  (what the paper trains JCM on);
+  (what the paper trains JCM on), in ``eval()`` mode, or in ``train()`` mode (``jcm.feature_mode: train``,
+  LoRA dropout on, as the authors' stage 2; then features differ on every call and are not cached);
 - ``rollout``: Algorithm 1 with JCM off (``mediround.inference.chain``), every reference built from the
   model's own predicted mask of the referred round: the features JCM meets at inference.
 """
@@ -16,7 +17,7 @@ Two sources of features:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,16 +82,31 @@ def rollout_features(model: MediRound, sample: DialogueSample, context: ImageCon
     return torch.stack([prediction.seg_feature for prediction in predictions])
 
 
+@contextlib.contextmanager
+def module_mode(model: torch.nn.Module, train: bool) -> Iterator[None]:
+    """``model`` in ``train()`` (dropout on) or ``eval()`` mode inside the block, its mode restored after."""
+    was = model.training
+    model.train(train)
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 @torch.no_grad()
 def collect_features(model: Any, samples: Sequence[Any], sources: Sequence[str],
-                     autocast: Callable[[], Any] | None = None) -> list[DialogueFeatures]:
+                     autocast: Callable[[], Any] | None = None, train_mode: bool = False) -> list[DialogueFeatures]:
     """Frozen-model features of ``samples`` from each of ``sources``; the teacher-forced ones come from
-    one batched stage-1 forward."""
+    one batched stage-1 forward, in ``train()`` mode when ``train_mode`` (the authors' stage 2: LoRA dropout
+    on, so the features and the judge targets decoded from them are a random draw), else ``eval()``."""
     autocast = autocast or contextlib.nullcontext
     entries = []
     with autocast():
         contexts = [encode_image(model, sample.image) for sample in samples]
-        forced = model(model.processor.collate(list(samples))).seg_features if TEACHER_FORCED in sources else None
+        forced = None
+        if TEACHER_FORCED in sources:
+            with module_mode(model, train_mode):
+                forced = model(model.processor.collate(list(samples))).seg_features
         for index, (sample, context) in enumerate(zip(samples, contexts)):
             valid = [i for i, mask in enumerate(sample.masks) if mask is not None]
             targets = context.frame.resized_masks([sample.masks[i] for i in valid])
@@ -111,14 +127,16 @@ def collect_features(model: Any, samples: Sequence[Any], sources: Sequence[str],
 
 class FeatureCache:
     """Features per dialogue index, computed on first use; ``keep=False`` computes them for every use
-    (for data sets whose image embeddings do not fit in memory)."""
+    (for data sets whose image embeddings do not fit in memory, and for ``train_mode`` features, a fresh
+    draw of dropout each time)."""
 
     def __init__(self, model: Any, load: Callable[[int], Any], keep: bool = True,
-                 autocast: Callable[[], Any] | None = None):
+                 autocast: Callable[[], Any] | None = None, train_mode: bool = False):
         self.model = model
         self.load = load
         self.keep = keep
         self.autocast = autocast
+        self.train_mode = train_mode
         self.entries: dict[int, DialogueFeatures] = {}
 
     def get(self, indices: Sequence[int], sources: Sequence[str]) -> list[DialogueFeatures]:
@@ -131,7 +149,8 @@ class FeatureCache:
         fresh: dict[tuple[int, str], DialogueFeatures] = {}
         for source, wanted in missing.items():
             unique = list(dict.fromkeys(wanted))
-            computed = collect_features(self.model, [self.load(i) for i in unique], [source], self.autocast)
+            computed = collect_features(self.model, [self.load(i) for i in unique], [source], self.autocast,
+                                        self.train_mode)
             for index, entry in zip(unique, computed):
                 fresh[(index, source)] = entry
                 if self.keep:

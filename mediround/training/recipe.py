@@ -46,6 +46,7 @@ BestOf = Literal["chained", "teacher_forced"]
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 """The experiment trackers ``log.report_to`` accepts, each with the package (and extra) it needs."""
 Tracker = Literal[tuple(TRACKERS)]
+FeatureMode = Literal["eval", "train"]
 RUN_FILE = "run.json"
 RESUMABLE_KEYS = ("output", "train.max_steps", "log", "checkpoint")
 """What may change between a run and its ``--resume``, so is not part of the run's identity: the output
@@ -182,6 +183,19 @@ class JCMSection:
     rollout_fraction: Unit = 1.0
     cache_features: bool = True
     beta: Unit = DEFAULT_BETA
+    feature_mode: FeatureMode = "eval"
+    """The mode of the frozen model's teacher-forced forward that gives the judge its inputs and IoU targets
+    (``training.jcm_data``): ``eval`` (no dropout: a dialogue's features are the same every time, so they
+    can be cached), or ``train``, as the authors' stage 2 runs its frozen model (``model.train()``): LoRA
+    dropout (the checkpoint's ``lora.dropout``) is on, so every batch draws other features and targets
+    (the 7B recipe). Rollout features come from the inference chain and stay ``eval``."""
+
+    @model_validator(mode="after")
+    def _train_mode_draws_afresh(self) -> JCMSection:
+        if self.feature_mode == "train" and self.cache_features:
+            refuse("feature_mode", "'train' draws dropout afresh for every batch; set jcm.cache_features "
+                   "false (a cache would keep one draw per dialogue)")
+        return self
 
 
 @typed_config

@@ -11,7 +11,9 @@ each a sum over masks divided by the number of masks of the global batch (as sta
 does not depend on how the batch is split over processes), or with ``train.loss_averaging:
 micro-batch-mean`` by each micro-batch's own masks, the micro-batch means then averaged (the authors'
 way). Features come from ``jcm_data`` (computed once per dialogue and cached) and are teacher-forced
-or, with ``jcm.rollout``, produced by chaining the model's own masks. The result is a new MediRound
+or, with ``jcm.rollout``, produced by chaining the model's own masks; with ``jcm.feature_mode: train`` the
+teacher-forced ones come from the frozen model in ``train()`` mode (LoRA dropout on), as the authors'
+stage 2 computes them. The result is a new MediRound
 checkpoint (``<output>/model``) whose config says JCM is trained.
 """
 
@@ -139,7 +141,7 @@ class JudgeAndRefine(Objective):
                       position: StreamPosition) -> Iterator[MicroBatch]:
         dialogues = start.train_dialogues
         cache = FeatureCache(self.model, lambda i: load_sample(dialogues[i]), self.recipe.jcm.cache_features,
-                             engine.accelerator.autocast)
+                             engine.accelerator.autocast, train_mode=self.recipe.jcm.feature_mode == "train")
         stream = engine.stream(len(dialogues), position)
         train, jcm = self.recipe.train, self.recipe.jcm
 

@@ -10,12 +10,14 @@ without the reference environment. After a deliberate change, rerun the script w
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,24 +31,69 @@ def _harness():
     return module
 
 
-@pytest.mark.slow
-def test_our_side_reproduces_the_recorded_parity(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def our_side(tmp_path_factory):
+    """The harness, the recorded run, the weights folder and our model, built once for the module."""
     harness = _harness()
+    work = tmp_path_factory.mktemp("parity")
     recorded = json.loads((FIXTURE / "authors.json").read_text())
     assert harness.SEED == recorded["seed"]
-    checksum = harness.write_weights(tmp_path, recorded["seed"])
+    checksum = harness.write_weights(work, recorded["seed"])
     assert checksum == recorded["weights_sha256"], "the weight generator changed: rerun the script with --write-fixture"
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(FIXTURE / name, tmp_path / "llava" / name)
-    harness.convert(tmp_path)
-    model = harness.our_model(tmp_path)
-    report = harness.Report()
-    harness.compare(tmp_path, model, load_file(str(FIXTURE / "authors.safetensors")), recorded, report)
-    assert set(report.results) == set(recorded["results"])
-    changed = {
-        name: (result, recorded["results"][name])
-        for name, result in report.results.items()
-        if result["ok"] != recorded["results"][name]["ok"]
-        or (not result["ok"] and result["detail"] != recorded["results"][name]["detail"])
+        shutil.copyfile(FIXTURE / name, work / "llava" / name)
+    harness.convert(work)
+    model = harness.our_model(work)
+    _encode_each_image_once(model.sam.image_encoder)
+    return harness, recorded, work, model
+
+
+def _encode_each_image_once(encoder: torch.nn.Module) -> None:
+    """SAM's frozen ViT-B encoder computed once per distinct image: both parity dialogues share one slice,
+    and the tests encode it six times (the stage-1 batch of two; stage 2's ``encode_image`` and its
+    teacher-forced forward, two each), most of their run time. The encoder is frozen and deterministic, so
+    a repeated image gets the output its first encoding gave."""
+    encode = encoder.forward
+    outputs: dict[str, torch.Tensor] = {}
+
+    def each_once(pixels: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for row in pixels:
+            key = hashlib.sha256(row.detach().cpu().numpy().tobytes()).hexdigest()
+            if key not in outputs:
+                outputs[key] = encode(row[None])
+            rows.append(outputs[key])
+        return torch.cat(rows)
+
+    encoder.forward = each_once
+
+
+def _changed(results: dict, recorded: dict) -> dict:
+    """Rows whose verdict changed, or that still differ but by another amount."""
+    assert set(results) == set(recorded)
+    return {
+        name: (result, recorded[name])
+        for name, result in results.items()
+        if result["ok"] != recorded[name]["ok"] or (not result["ok"] and result["detail"] != recorded[name]["detail"])
     }
+
+
+@pytest.mark.slow
+def test_our_side_reproduces_the_recorded_parity(our_side):
+    harness, recorded, work, model = our_side
+    report = harness.Report()
+    harness.compare(work, model, load_file(str(FIXTURE / "authors.safetensors")), recorded, report)
+    changed = _changed(report.results, recorded["results"])
     assert not changed, f"compared computations changed since the fixture was written: {changed}"
+
+
+@pytest.mark.slow
+def test_our_stage_2_reproduces_the_recorded_jcm_parity(our_side):
+    """Item 5: judge scores and targets, refined features and masks, stage-2 losses and gradients."""
+    harness, _, work, model = our_side
+    recorded = json.loads((FIXTURE / "authors_jcm.json").read_text())
+    report = harness.Report()
+    harness.compare_jcm(work, model, load_file(str(FIXTURE / "authors_jcm.safetensors")), report)
+    assert len(report.results) == 10
+    changed = _changed(report.results, recorded["results"])
+    assert not changed, f"compared stage-2 computations changed since the fixture was written: {changed}"

@@ -25,12 +25,16 @@ from mediround.training.events import Event, StepLogged
 from mediround.training.jcm_data import (
     ROLLOUT,
     TEACHER_FORCED,
+    FeatureCache,
     collect_features,
+    decode_at_supervision_size,
+    raw_iou,
     rollout_sources,
 )
 from mediround.training.logging import read_events
-from mediround.training.recipe import SHIPPED_RECIPES, load_jcm_recipe
+from mediround.training.recipe import SHIPPED_RECIPES, JCMSection, load_jcm_recipe
 from mediround.training.stage2 import jcm_losses, run_jcm_training
+from mediround.typed import load_typed
 from mediround_cli.main import cli
 
 STEPS = 4
@@ -183,6 +187,7 @@ def test_rollout_cli_run_mixes_sources(jcm_recipe):
         (["train.betas=[0.9, 1.5]"], "key 'train.betas': each beta must be in [0, 1), got [0.9, 1.5]"),
         (["train.clip_grad_norm=0"], "key 'train.clip_grad_norm': must be positive (or null for no clipping)"),
         (["train.weight_decay=-1"], "key 'train.weight_decay': must not be negative, got -1.0"),
+        (["jcm.feature_mode=train"], "key 'jcm.feature_mode': 'train' draws dropout afresh for every batch"),
     ],
 )
 def test_bad_recipe_is_one_line_before_launch(jcm_recipe, arguments, expected):
@@ -220,6 +225,8 @@ def test_shipped_recipes_parse(synth_data, frozen_model):
     assert (tiny.jcm.judge_weight, tiny.jcm.refine_bce_weight, tiny.jcm.refine_dice_weight) == (2.0, 2.0, 0.5)
     paper = yaml.safe_load((SHIPPED_RECIPES / "jcm-7b-4gpu.yaml").read_text(encoding="utf-8"))
     assert paper["train"]["lr"] == 3.0e-4 and paper["train"]["batch_size"] == 15
+    assert tiny.jcm.feature_mode == "eval"
+    assert load_typed(JCMSection, paper["jcm"], "jcm-7b-4gpu.yaml").feature_mode == "train"  # the authors' stage 2
     with pytest.raises(RecipeError, match="key 'model': missing"):
         load_jcm_recipe(SHIPPED_RECIPES / "jcm-7b-4gpu.yaml")
 
@@ -253,3 +260,42 @@ def test_collect_features_teaches_the_original_size_iou_when_the_config_says_so(
     logits = decode_at_supervision_size(model, entry, entry.features[TEACHER_FORCED])
     torch.testing.assert_close(entry.iou[TEACHER_FORCED], original_iou(logits, entry.frame, masks))
     torch.testing.assert_close(resized.iou[TEACHER_FORCED], raw_iou(logits, entry.targets))
+
+
+def test_train_mode_features_draw_lora_dropout_and_eval_mode_features_do_not(frozen_model, synth_data):
+    """``jcm.feature_mode: train`` (the authors' stage 2 runs its frozen model in ``train()``): LoRA dropout
+    is on in the forward that gives the judge its inputs, so two collections of the same dialogue differ
+    from each other and from the eval-mode features, and each IoU target is that of its own draw's raw mask.
+    Eval mode gives the same features every time; with dropout 0 (the parity harness) both modes agree."""
+    model = load_checkpoint(frozen_model).eval()
+    assert model.config.lora.dropout == 0.05
+    with torch.no_grad():  # a fresh adapter's B is zero, which would hide dropout on the adapter's input
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(3))
+    sample = load_sample(load_dialogues(synth_data / "train.jsonl").dialogues[0])
+
+    def collect(train_mode: bool):
+        return collect_features(model, [sample], [TEACHER_FORCED], train_mode=train_mode)[0]
+
+    eval_a, eval_b, train_a, train_b = collect(False), collect(False), collect(True), collect(True)
+    assert not model.training  # the mode is restored after the forward
+    assert torch.equal(eval_a.features[TEACHER_FORCED], eval_b.features[TEACHER_FORCED])
+    assert torch.equal(eval_a.iou[TEACHER_FORCED], eval_b.iou[TEACHER_FORCED])
+    for drawn in (train_a, train_b):
+        shift = (drawn.features[TEACHER_FORCED] - eval_a.features[TEACHER_FORCED]).abs().max()
+        assert shift > 1e-4, shift
+        logits = decode_at_supervision_size(model, drawn, drawn.features[TEACHER_FORCED])
+        torch.testing.assert_close(drawn.iou[TEACHER_FORCED], raw_iou(logits, drawn.targets))
+    assert not torch.allclose(train_a.features[TEACHER_FORCED], train_b.features[TEACHER_FORCED])
+
+    # Stage 2's cache draws afresh when it keeps nothing (the combination the recipe allows).
+    cache = FeatureCache(model, lambda index: sample, keep=False, train_mode=True)
+    first, second = (cache.get([0], [TEACHER_FORCED])[0].features[TEACHER_FORCED] for _ in range(2))
+    assert not torch.allclose(first, second)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    torch.testing.assert_close(collect(True).features[TEACHER_FORCED], eval_a.features[TEACHER_FORCED],
+                               rtol=0, atol=0)
