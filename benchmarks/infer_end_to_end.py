@@ -2,7 +2,7 @@
 in dialogues per second, start-up cancelled, beside the model-only ratio measured in the same run.
 
 Run: ``python benchmarks/infer_end_to_end.py [--dialogues 128] [--small 32] [--rounds 5] [--repeats 3]
-[--batch-size 64] [--model DIR] [--source DIR ...]``.
+[--batch-size 64] [--threads N] [--model DIR] [--source DIR ...]``.
 
 Data: synthetic dialogues (``mediround.data.synth.generate``, test split, 128 x 128 images). The generator
 gives 2 to 8 rounds a dialogue, so the dialogues with at least ``--rounds`` rounds are kept and cut to their
@@ -18,6 +18,11 @@ each repeat runs every (source, batch size, set) once, in an order rotated by on
 median of the repeats' rates is printed. Model-only: ``chain_batched`` in this process over the big set's
 images decoded beforehand, at the same two batch sizes (one run each per repeat, median of the repeats'
 rates). The ratio of each is batch ``--batch-size`` over batch 1.
+
+``--threads N`` sets ``OMP_NUM_THREADS`` of the runs and torch's threads here (default: torch's own choice,
+what a user gets). On a machine whose cores other jobs keep busy, torch's default of one thread per core
+makes small operations wait for descheduled threads (there, one-dialogue rounds ran 20x slower with 2
+threads than with 1); measure with ``--threads 1`` then.
 
 With two sources (e.g. an older commit unpacked by ``git archive REF | tar -x -C /tmp/before``) the
 end-to-end rows of both come from the same repeats, side by side. The machine's cores are shared: the
@@ -68,11 +73,15 @@ def write_sets(folder: Path, big: int, small: int, rounds: int, seed: int) -> tu
     return folder / "big.jsonl", folder / "small.jsonl", chosen
 
 
+# OMP_NUM_THREADS of the runs, when --threads is given.
+THREADS: dict[str, str] = {}
+
+
 def run_cli(source: Path, data: Path, model: Path, out: Path, batch_size: int, folder: Path) -> float:
     """Seconds of one ``mediround infer`` run, from ``folder`` (``python -c`` puts the working folder before
     PYTHONPATH, so it must hold no checkout)."""
     paths = [str(source), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONWARNINGS": "ignore", **THREADS}
     command = [sys.executable, "-c", ENTRY, "infer", str(data), "--model", str(model), "--out", str(out),
                "--batch-size", str(batch_size), "--overwrite"]
     start = time.perf_counter()
@@ -105,10 +114,14 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="checkpoint folder [default: the shipped tiny model]")
     parser.add_argument("--source", type=Path, action="append",
                         help="a checkout whose CLI runs (repeatable; default: this repository)")
+    parser.add_argument("--threads", type=int, help="torch threads of every run [default: torch's choice]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not 0 < args.small < args.dialogues:
         parser.error("--small must be between 0 and --dialogues")
+    if args.threads is not None:
+        THREADS["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     sources = [path.resolve() for path in args.source or [REPO]]
     model_path = model_folder(args.model or default_checkpoint())
     sizes = (args.batch_size, 1)
