@@ -1,5 +1,6 @@
 """A run's dialogues to outcomes: each dialogue's inputs read and checked (its image, and for teacher
-forcing its referred rounds' ground truth), then chained one at a time or in batches."""
+forcing its referred rounds' ground truth) on a background thread ahead of the model, then chained one at a
+time or in batches."""
 
 from __future__ import annotations
 
