@@ -15,4 +15,5 @@ class InferenceEvents:
         """The data is loaded; ``plan.todo`` lists the dialogues still to predict."""
 
     def progressed(self, finished: int) -> None:
-        """``finished`` dialogues of ``plan.todo`` are done so far (predicted or skipped)."""
+        """``finished`` dialogues of ``plan.todo`` are done so far (predicted or skipped); called from a
+        background thread (the one writing the outputs, or the one watching re-launched workers)."""

@@ -1,5 +1,6 @@
 """A run's dialogues to outcomes: each dialogue's inputs read and checked (its image, and for teacher
-forcing its referred rounds' ground truth), then chained one at a time or in batches."""
+forcing its referred rounds' ground truth) on a background thread ahead of the model, then chained one at a
+time or in batches."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from mediround.data.images import load_image, load_mask
 from mediround.errors import DataError
 from mediround.inference.chain import (
     ChainOutcome,
-    RoundPrediction,
-    Track,
     chain_batched,
     chain_dialogue,
     check_dialogue,
 )
+from mediround.inference.overlap import ReadAhead
 from mediround.inference.settings import InferenceConfig
 
 
@@ -59,30 +59,25 @@ def prepare_dialogue(dialogue: Dialogue, config: InferenceConfig) -> tuple[np.nd
     return image, truth
 
 
-def predict_dialogue(
-    model: Any, dialogue: Dialogue, config: InferenceConfig
-) -> tuple[dict[Track, list[RoundPrediction]], np.ndarray]:
-    """Prepare ``dialogue`` and chain its rounds for every track of ``config``."""
-    image, truth = prepare_dialogue(dialogue, config)
-    results = chain_dialogue(
-        model, dialogue, image, config.tracks,
-        generate=config.generate, use_cache=config.use_cache, reference_truth=truth, jcm_rounds=config.jcm_rounds,
-    )
-    return results, image
-
-
 def predict_dialogues(model: Any, dialogues: Sequence[Dialogue], config: InferenceConfig) -> Iterator[ChainOutcome]:
     """Every dialogue's outcome: ``config.batch_size`` at a time in finishing order, or one by one in order
-    (batch size 1, or ``use_cache=False``). A dialogue that fails is an outcome with its ``DataError``."""
-    if config.batch_size > 1 and config.use_cache:
-        yield from chain_batched(model, dialogues, lambda dialogue: prepare_dialogue(dialogue, config), config.tracks,
-                                 batch_size=config.batch_size, generate=config.generate,
-                                 jcm_rounds=config.jcm_rounds, file=config.data)
-        return
-    for dialogue in dialogues:
-        try:
-            results, image = predict_dialogue(model, dialogue, config)
-        except DataError as error:
-            yield ChainOutcome(dialogue, None, None, error)
-        else:
-            yield ChainOutcome(dialogue, results, image)
+    (batch size 1, or ``use_cache=False``). A dialogue that fails is an outcome with its ``DataError``.
+
+    The inputs are prepared (``prepare_dialogue``) on a background thread up to a batch ahead of the model
+    (``overlap.ReadAhead``), so decoding the next dialogues' images overlaps the model's steps.
+    """
+    with ReadAhead(dialogues, lambda dialogue: prepare_dialogue(dialogue, config), depth=config.batch_size) as ahead:
+        if config.batch_size > 1 and config.use_cache:
+            yield from chain_batched(model, dialogues, ahead.take, config.tracks, batch_size=config.batch_size,
+                                     generate=config.generate, jcm_rounds=config.jcm_rounds, file=config.data)
+            return
+        for dialogue in dialogues:
+            try:
+                image, truth = ahead.take(dialogue)
+                results = chain_dialogue(model, dialogue, image, config.tracks, generate=config.generate,
+                                         use_cache=config.use_cache, reference_truth=truth,
+                                         jcm_rounds=config.jcm_rounds)
+            except DataError as error:
+                yield ChainOutcome(dialogue, None, None, error)
+            else:
+                yield ChainOutcome(dialogue, results, image)

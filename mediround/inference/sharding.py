@@ -2,6 +2,8 @@
 of the plan into its own part folder ``DIR/.parts/rank-<k>/`` and marks its shard complete.
 
 Lines are appended and fsynced one by one and masks written atomically, so a kill leaves whole files;
+they are written in finishing order on a background thread while the model goes on
+(``overlap.WriteBehind``), and a failed write stops the run with its own error, as before;
 ``progress.jsonl`` has one line per finished dialogue (what a parent process polls for progress).
 """
 
@@ -9,12 +11,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import closing
 from typing import Any
 
 from mediround.atomic import append_jsonl_line, write_json
 from mediround.data.predictions import PredictionWriter
 from mediround.error_log import ERRORS_FILE
+from mediround.inference.chain import ChainOutcome
 from mediround.inference.outputs import error_record, part_folder, part_root, parts_root, write_overlays
+from mediround.inference.overlap import WriteBehind
 from mediround.inference.plan import Plan
 from mediround.inference.prediction import predict_dialogues
 from mediround.inference.settings import InferenceConfig
@@ -43,7 +48,8 @@ def run_shard(
     try:
         with open(part / ERRORS_FILE, "a", encoding="utf-8") as errors, \
                 open(part / PROGRESS_FILE, "a", encoding="utf-8") as progress:
-            for outcome in predict_dialogues(model, dialogues, config):
+
+            def write(outcome: ChainOutcome) -> None:
                 dialogue, error = outcome.dialogue, outcome.error
                 if error is not None:
                     append_jsonl_line(errors, error_record(error.file, error.item, dialogue.id, error.field, error.reason))
@@ -57,6 +63,11 @@ def run_shard(
                 append_jsonl_line(progress, {"id": dialogue.id})
                 if on_done is not None:
                     on_done()
+
+            with closing(predict_dialogues(model, dialogues, config)) as outcomes, \
+                    WriteBehind(write, depth=config.batch_size) as behind:
+                for outcome in outcomes:
+                    behind.put(outcome)
     finally:
         for writer in writers.values():
             writer.close()
