@@ -351,7 +351,8 @@ class TrainingEngine:
             raise DataError(recipe.data.train, None, None, "no usable training dialogue")
         resume_from = checkpointing.latest_checkpoint(self.checkpoints) if resume else None
         state = checkpointing.read_trainer_state(resume_from) if resume_from else None
-        # Read by every process before rank 0 rewrites it: the rewrite carries the earlier hashes forward.
+        # Every process reads run.json; one that reads it after rank 0's rewrite below accepts the same
+        # hashes, since the rewrite carries the earlier ones forward.
         recorded = read_recorded_run(recipe) if resume else None
         earlier_hashes = recorded.earlier_hashes if recorded is not None else ()
         if state is not None:
