@@ -208,6 +208,9 @@ class TrainingDisplay:
                     f"sampled dialogues{self.view.start_detail(event)}"
                     + (f", resumed from {event.resumed_from}" if event.resumed_from else "")
                 )
+                if event.new_keys:
+                    console.print(f"this run was started by an earlier release; new keys at their defaults: "
+                                  f"{', '.join(event.new_keys)}", soft_wrap=True, highlight=False)
                 for problem in event.data_problems:
                     console.print(f"[yellow]skipped:[/yellow] {problem}", soft_wrap=True)
                 self.total_steps = event.total_steps

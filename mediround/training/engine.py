@@ -21,7 +21,7 @@ import shutil
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from mediround.training.events import (
     WeightsLoaded,
 )
 from mediround.training.logging import TrainingLog
-from mediround.training.recipe import RUN_FILE, RunRecipe, run_record
+from mediround.training.recipe import RUN_FILE, RecordedRun, RunRecipe, read_recorded_run, run_record
 
 MODEL_FOLDER = "model"
 TRACKER_PROJECT = "mediround"
@@ -91,6 +91,7 @@ class RunStart:
     problems: list
     resume_from: Path | None
     state: dict | None
+    recorded: RecordedRun | None
 
 
 @dataclass
@@ -350,23 +351,28 @@ class TrainingEngine:
             raise DataError(recipe.data.train, None, None, "no usable training dialogue")
         resume_from = checkpointing.latest_checkpoint(self.checkpoints) if resume else None
         state = checkpointing.read_trainer_state(resume_from) if resume_from else None
+        # Every process reads run.json; one that reads it after rank 0's rewrite below accepts the same
+        # hashes, since the rewrite carries the earlier ones forward.
+        recorded = read_recorded_run(recipe) if resume else None
+        earlier_hashes = recorded.earlier_hashes if recorded is not None else ()
         if state is not None:
             check_resumable(state, recipe, self.world_size, resume_from,
-                            total_steps(recipe, len(train_dialogues), self.world_size))
+                            total_steps(recipe, len(train_dialogues), self.world_size), earlier_hashes)
         if self.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             checkpointing.remove_temporary(self.checkpoints)
             if state is None:
                 checkpointing.remove_best(self.checkpoints)
-            # Rewritten on resume too: it records the run as it now goes on (a raised train.max_steps).
-            write_json(self.output / RUN_FILE, run_record(recipe))
+            # Rewritten on resume too: it records the run as it now goes on (a raised train.max_steps, the
+            # keys a newer release added), and keeps the hashes its older checkpoints carry.
+            write_json(self.output / RUN_FILE, run_record(recipe, earlier_hashes))
         self.accelerator.wait_for_everyone()
         self.best = self._restored_best() if state is not None and self.is_main else None
         self.log = TrainingLog(self.output, state["step"] if state else None) if self.is_main else None
         if self.report_to:
             self.accelerator.init_trackers(TRACKER_PROJECT, config=flat_scalars(recipe.to_dict()),
                                            init_kwargs={"wandb": {"name": self.output.name, "dir": str(self.output)}})
-        return RunStart(train_dialogues, val_dialogues, train_problems + val_problems, resume_from, state)
+        return RunStart(train_dialogues, val_dialogues, train_problems + val_problems, resume_from, state, recorded)
 
     def _restored_best(self) -> dict | None:
         """On resume: the record of the best checkpoint so far, when it was chosen by this recipe's metric
@@ -442,6 +448,7 @@ class TrainingEngine:
         self.emit(self.objective.run_started(
             step=step, total_steps=steps, world_size=self.world_size, global_batch=recipe.global_batch(self.world_size),
             recipe_hash=recipe.hash, resumed_from=str(start.resume_from) if start.resume_from else None,
+            new_keys=list(start.recorded.new_keys) if start.recorded is not None else [],
             train_dialogues=len(start.train_dialogues), val_dialogues=len(start.val_dialogues),
             data_problems=[p.one_line() for p in start.problems[:20]],
         ))
@@ -616,13 +623,15 @@ def load_training_dialogues(path: str, recipe: RunRecipe) -> tuple[list, list]:
     return loaded.dialogues, loaded.problems
 
 
-def check_resumable(state: dict, recipe: RunRecipe, world_size: int, folder: Path, steps: int) -> None:
+def check_resumable(state: dict, recipe: RunRecipe, world_size: int, folder: Path, steps: int,
+                    earlier_hashes: Sequence[str] = ()) -> None:
     """Refuse (``CheckpointError``) a checkpoint written by another recipe or another number of processes,
-    or one past the run's ``steps``."""
+    or one past the run's ``steps``. ``earlier_hashes`` are this run's hashes under earlier releases
+    (``recipe.RecordedRun``): a checkpoint written before an upgrade that added keys carries one of them."""
     if state.get("step", 0) > steps:
         raise CheckpointError(f"{folder}: is at step {state.get('step')}, past this run's {steps} steps "
                               "(train.max_steps may be raised on --resume, not lowered below the checkpoint)")
-    if state.get("recipe_hash") != recipe.hash:
+    if state.get("recipe_hash") != recipe.hash and state.get("recipe_hash") not in earlier_hashes:
         raise CheckpointError(f"{folder}: written by recipe {state.get('recipe_hash')}, not this one ({recipe.hash})")
     if state.get("world_size") != world_size:
         raise CheckpointError(

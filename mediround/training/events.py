@@ -52,7 +52,8 @@ class WeightsLoaded(Event):
 
 @dataclass
 class RunStarted(Event):
-    """The run is set up: its size, where it resumes from, and the dialogues skipped for bad data."""
+    """The run is set up: its size, where it resumes from, the dialogues skipped for bad data, and the keys
+    it took at their defaults when an earlier release started it."""
 
     kind: ClassVar[str] = "start"
     step: int
@@ -64,6 +65,8 @@ class RunStarted(Event):
     train_dialogues: int
     val_dialogues: int
     data_problems: list[str]
+    new_keys: list[str] = dataclasses.field(default_factory=list)
+    """The keys a newer release added that this run, recorded by an earlier release, takes at their defaults."""
 
 
 @dataclass

@@ -238,8 +238,15 @@ class RunRecipe:
     @property
     def hash(self) -> str:
         """Identity of the run. A different hash is a different run."""
-        text = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return identity_hash(self.identity())
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every key's default, as ``to_dict`` lays the recipe out, taken from the typed sections themselves
+        (the model config's too): what a key recorded before it existed is taken to have been."""
+        return {item.name: plain_data(item.default_factory() if item.default is dataclasses.MISSING
+                                      else item.default)
+                for item in dataclasses.fields(cls) if item.init}
 
     def global_batch(self, world_size: int) -> int:
         """Dialogues per optimizer step over all processes."""
@@ -510,7 +517,7 @@ def check_output(recipe: RunRecipe, resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that holds another run, before anything is launched.
 
     A folder with a ``run.json`` of a different recipe hash is another run: refused unless ``overwrite``
-    (which empties it). The same recipe without ``resume`` is refused too when it already has
+    (which empties it), except a run recorded by an earlier release (``recorded_run``). The same recipe without ``resume`` is refused too when it already has
     checkpoints, so that a finished run is never silently restarted.
     """
     output = Path(recipe.output)
@@ -531,9 +538,8 @@ def check_output(recipe: RunRecipe, resume: bool, overwrite: bool) -> None:
         previous_hash = previous["recipe_hash"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise RecipeError(f"{run_file}: unreadable run file; pass --overwrite to start over") from None
-    if previous_hash != recipe.hash:
-        changed = first_difference(without_resumable_keys(previous.get("recipe", {})),
-                                   without_resumable_keys(recipe.to_dict()))
+    if recorded_run(recipe, previous) is None:
+        changed = _first_new_difference(recipe, previous)
         detail = f" (first difference: '{changed}')" if changed else ""
         raise RecipeError(
             f"{recipe.source}: key 'output': folder {output} holds another run (recipe {previous_hash}, "
@@ -554,9 +560,93 @@ def recorded_init_from(recipe: Recipe) -> str | None:
         return None
 
 
-def run_record(recipe: RunRecipe) -> dict:
-    """What ``run.json`` holds: the hash that identifies the run and the resolved recipe."""
-    return {"recipe_hash": recipe.hash, "recipe": recipe.to_dict(), "source": recipe.source}
+def run_record(recipe: RunRecipe, earlier_hashes: typing.Sequence[str] = ()) -> dict:
+    """What ``run.json`` holds: the hash that identifies the run, the resolved recipe, and the hashes that
+    earlier releases gave this same run (``RecordedRun.earlier_hashes``: its older checkpoints carry them)."""
+    return {"recipe_hash": recipe.hash, "recipe": recipe.to_dict(), "source": recipe.source,
+            "earlier_hashes": list(earlier_hashes)}
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """A ``run.json`` that records ``recipe``'s run. ``earlier_hashes``: the hashes the run had under earlier
+    releases (so the checkpoints they wrote are this run's); ``new_keys``: the keys the record lacks, which
+    the run now takes at their defaults (empty when the record is this release's)."""
+
+    earlier_hashes: tuple[str, ...]
+    new_keys: tuple[str, ...]
+
+
+def recorded_run(recipe: RunRecipe, record: dict) -> RecordedRun | None:
+    """``record`` (a ``run.json``'s data) as a record of ``recipe``'s run; None when it records another run.
+
+    A release that adds a recipe or model-config key changes every run's hash, though the key's default is
+    the behaviour before it existed (the CHANGELOG's convention). So a record whose hash differs is still
+    this run when every key it lacks is at its default here (``RunRecipe.defaults``) and ``recipe``'s
+    identity without those keys hashes to the recorded hash: every other key, the init_from and model
+    manifests included, is then as recorded. A key recorded with another value, or recorded but gone from
+    this release, makes another run."""
+    earlier = tuple(record.get("earlier_hashes") or ())
+    if record.get("recipe_hash") == recipe.hash:
+        return RecordedRun(earlier, ())
+    recorded = record.get("recipe")
+    if not isinstance(recorded, dict):
+        return None
+    new_keys, differs = _keys_new_since(without_resumable_keys(recorded), without_resumable_keys(recipe.to_dict()),
+                                        recipe.defaults())
+    if differs is not None or not new_keys:
+        return None
+    if identity_hash(without_keys(recipe.identity(), new_keys)) != record.get("recipe_hash"):
+        return None
+    return RecordedRun((*earlier, record["recipe_hash"]), tuple(new_keys))
+
+
+def read_recorded_run(recipe: RunRecipe) -> RecordedRun | None:
+    """The record of ``recipe``'s run in its output folder (``recorded_run``); None when there is none, it
+    cannot be read, or it records another run."""
+    try:
+        record = json.loads((Path(recipe.output) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return recorded_run(recipe, record) if isinstance(record, dict) else None
+
+
+def _keys_new_since(recorded: dict, current: dict, defaults: Any, prefix: str = "") -> tuple[list[str], str | None]:
+    """The dotted keys of ``current`` absent from ``recorded`` and equal to their default, and the first key
+    (sorted) that differs otherwise (None when none does)."""
+    new_keys = []
+    for key in sorted(set(recorded) | set(current)):
+        dotted = f"{prefix}{key}"
+        default = defaults.get(key, dataclasses.MISSING) if isinstance(defaults, dict) else dataclasses.MISSING
+        if key not in recorded:
+            if current[key] != default:
+                return new_keys, dotted
+            new_keys.append(dotted)
+        elif key not in current:
+            return new_keys, dotted
+        elif isinstance(recorded[key], dict) and isinstance(current[key], dict):
+            found, differs = _keys_new_since(recorded[key], current[key], default, f"{dotted}.")
+            new_keys += found
+            if differs is not None:
+                return new_keys, differs
+        elif recorded[key] != current[key]:
+            return new_keys, dotted
+    return new_keys, None
+
+
+def _first_new_difference(recipe: RunRecipe, record: dict) -> str | None:
+    """The key that makes ``record`` another run, for the refusal's message."""
+    recorded = record.get("recipe")
+    if not isinstance(recorded, dict):
+        return None
+    return _keys_new_since(without_resumable_keys(recorded), without_resumable_keys(recipe.to_dict()),
+                           recipe.defaults())[1]
+
+
+def identity_hash(identity: dict) -> str:
+    """The hash of a run's identity (``RunRecipe.identity``)."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _model_data(preset_name: str, overrides: dict, source: str) -> dict:

@@ -16,10 +16,14 @@ from mediround.launch import LaunchPlan, accelerate_command, check_world_size, p
 from mediround.training.recipe import (
     RUN_FILE,
     SHIPPED_RECIPES,
+    RecordedRun,
     check_output,
+    identity_hash,
     load_recipe,
+    recorded_run,
     resolve_recipe,
     run_record,
+    without_keys,
 )
 from mediround_cli.main import cli
 
@@ -167,3 +171,22 @@ def test_without_a_terminal_each_logged_step_is_one_plain_line_and_the_sample_co
     # Logged: step 1, every log.every (2), and the last step.
     assert [line.split()[2] for line in steps] == ["1/3", "2/3", "3/3"]
     assert all(" loss " in line and " lr " in line for line in steps)
+
+
+def test_a_record_without_keys_added_since_is_this_run_when_they_are_at_their_defaults(write_recipe):
+    """The defaults come from the typed sections and the model config: a model key and a whole section
+    absent from the record are this run's at their defaults, and another run's at any other value."""
+    path = write_recipe()
+    recipe = load_recipe(path)
+    absent = ["model.heads.box_fourier_features", "augment"]
+    earlier = run_record(recipe)
+    earlier["recipe"] = without_keys(earlier["recipe"], absent)
+    earlier["recipe_hash"] = identity_hash(without_keys(recipe.identity(), absent))
+    earlier["earlier_hashes"] = ["0123456789abcdef"]
+    assert recorded_run(recipe, earlier) == RecordedRun(("0123456789abcdef", earlier["recipe_hash"]),
+                                                        ("augment", "model.heads.box_fourier_features"))
+    assert recorded_run(recipe, run_record(recipe, ["0123456789abcdef"])) == RecordedRun(("0123456789abcdef",), ())
+    assert recorded_run(load_recipe(path, ["model.heads.box_fourier_features=8"]), earlier) is None
+    assert recorded_run(load_recipe(path, ["augment.reference_swap=0.5"]), earlier) is None
+    # The hash must be the identity's without those keys: a record of other starting weights is another run.
+    assert recorded_run(recipe, {**earlier, "recipe_hash": "fedcba9876543210"}) is None

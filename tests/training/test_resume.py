@@ -3,6 +3,8 @@ uninterrupted run, and no half-written checkpoint ever carries a final name."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -10,15 +12,27 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from mediround.atomic import write_json
+from mediround.doctor.files import check_output as doctor_output_rows
+from mediround.errors import CheckpointError, RecipeError
 from mediround.model.checkpoint import load_checkpoint
-from mediround.training.checkpointing import CHECKPOINT_PATTERN
+from mediround.training.checkpointing import CHECKPOINT_PATTERN, TRAINER_STATE
+from mediround.training.engine import check_resumable
 from mediround.training.events import Event, StepLogged
 from mediround.training.logging import read_events
-from mediround.training.recipe import load_recipe
+from mediround.training.recipe import (
+    RESUMABLE_KEYS,
+    RUN_FILE,
+    check_output,
+    load_recipe,
+    run_record,
+    without_keys,
+)
 from mediround.training.stage1 import run_training
 from mediround_cli.main import cli
 
@@ -120,3 +134,100 @@ def test_non_finite_loss_stops_or_skips_and_never_reaches_a_checkpoint(write_rec
     assert all(torch.isfinite(weight).all() for weight in weights.values())
     skips = [e for e in read_events(Path(skipping.output) / "train_log.jsonl") if e["event"] == "skip"]
     assert [e["step"] for e in skips] == [2, 3]
+
+
+def record_as_earlier_release(recipe, record: dict, absent: list[str], extra: dict | None = None) -> str:
+    """Rewrite ``recipe``'s run.json (from ``record``) and its checkpoints' trainer states as a release
+    without the keys ``absent`` wrote them (``extra``: recorded keys, dotted, that this release changed or
+    lacks); returns the recorded hash."""
+    earlier = json.loads(json.dumps(record))
+    earlier["recipe"] = without_keys(earlier["recipe"], absent)
+    for dotted, value in (extra or {}).items():
+        *sections, name = dotted.split(".")
+        node = earlier["recipe"]
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    earlier.pop("earlier_hashes")
+    # The hash of the run's identity as the earlier release computed it: its recipe without the resumable
+    # keys, as sorted compact JSON, the first 16 hex digits of its sha256.
+    text = json.dumps(without_keys(earlier["recipe"], RESUMABLE_KEYS), sort_keys=True, separators=(",", ":"))
+    earlier["recipe_hash"] = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    output = Path(recipe.output)
+    write_json(output / RUN_FILE, earlier)
+    for folder in final_checkpoints(output / "checkpoints").values():
+        state = json.loads((folder / TRAINER_STATE).read_text())
+        write_json(folder / TRAINER_STATE, {**state, "recipe_hash": earlier["recipe_hash"]})
+    return earlier["recipe_hash"]
+
+
+def test_a_run_of_an_earlier_release_resumes_when_the_new_keys_are_at_their_defaults(write_recipe):
+    path = write_recipe("upgraded", train={"max_steps": 2}, checkpoint={"every": 2})
+    recipe = load_recipe(path)
+    assert run_training(recipe, cpu=True).step == 2
+    output = Path(recipe.output)
+    record = json.loads((output / RUN_FILE).read_text())
+    old_hash = record_as_earlier_release(recipe, record, ["train.loss_averaging"])
+    assert old_hash != recipe.hash
+
+    # The doctor still sees this run (with checkpoints), not another one.
+    [folder_row, _disk] = doctor_output_rows(recipe, None)
+    assert "already holds checkpoints of this recipe" in folder_row.detail
+
+    # First resume: the run is at its end, so no checkpoint is written and the step-2 one keeps the old hash.
+    first = CliRunner().invoke(cli, ["train", str(path), "--cpu", "--resume"])
+    assert first.exit_code == 0, first.output
+    assert ("this run was started by an earlier release; new keys at their defaults: train.loss_averaging"
+            in first.output)
+    rewritten = json.loads((output / RUN_FILE).read_text())
+    assert rewritten["recipe_hash"] == recipe.hash and rewritten["earlier_hashes"] == [old_hash]
+    assert rewritten["recipe"]["train"]["loss_averaging"] == "weighted"
+    assert json.loads((output / "checkpoints" / "step-00000002" / TRAINER_STATE).read_text())["recipe_hash"] == old_hash
+
+    # Second resume before any new checkpoint: the old checkpoint is accepted through run.json's earlier hashes.
+    second = CliRunner().invoke(cli, ["train", str(path), "--cpu", "--resume", "train.max_steps=3"])
+    assert second.exit_code == 0, second.output
+    assert "earlier release" not in second.output
+    assert "resumed from" in second.output and "step-00000002" in second.output
+    assert sorted(final_checkpoints(output / "checkpoints")) == [2, 3]
+    assert json.loads((output / "checkpoints" / "step-00000003" / TRAINER_STATE).read_text())["recipe_hash"] == recipe.hash
+    assert json.loads((output / RUN_FILE).read_text())["earlier_hashes"] == [old_hash]
+    steps = [e["step"] for e in read_events(output / "train_log.jsonl") if e["event"] == "step"]
+    assert steps == [1, 2, 3]
+
+
+def test_an_earlier_record_is_refused_when_a_new_key_is_not_at_its_default_or_a_key_differs(write_recipe):
+    recipe = load_recipe(write_recipe("changed", train={"loss_averaging": "micro-batch-mean"}))
+    output = Path(recipe.output)
+    output.mkdir()
+    checkpoint = output / "checkpoints" / "step-00000001"
+    checkpoint.mkdir(parents=True)
+    write_json(checkpoint / TRAINER_STATE, {"step": 1, "world_size": 1, "recipe_hash": "0" * 16})
+
+    # The record lacks loss_averaging, which this recipe sets to another value than the default.
+    old_hash = record_as_earlier_release(recipe, run_record(recipe), ["train.loss_averaging"])
+    with pytest.raises(RecipeError, match=r"holds another run .*first difference: 'train.loss_averaging'"):
+        check_output(recipe, resume=True, overwrite=False)
+    result = CliRunner().invoke(cli, ["train", str(recipe.source), "--cpu", "--resume"])
+    assert result.exit_code != 0 and "first difference: 'train.loss_averaging'" in result.output
+    with pytest.raises(CheckpointError, match=f"written by recipe {old_hash}, not this one"):
+        check_resumable({"step": 1, "world_size": 1, "recipe_hash": old_hash}, recipe, 1, checkpoint, 3)
+    [folder_row, _disk] = doctor_output_rows(recipe, None)
+    assert "holds another run" in folder_row.detail and "train.loss_averaging" in folder_row.detail
+
+    # The default here, but the record also holds another value of a key both releases have.
+    default = load_recipe(write_recipe("changed"))
+    record_as_earlier_release(default, run_record(default), ["train.loss_averaging"], {"train.lr": 5.0e-4})
+    with pytest.raises(RecipeError, match=r"first difference: 'train.lr'"):
+        check_output(default, resume=True, overwrite=False)
+
+    # A key recorded by the earlier release that this one no longer has.
+    record_as_earlier_release(default, run_record(default), ["train.loss_averaging"], {"train.retired": 1})
+    with pytest.raises(RecipeError, match=r"first difference: 'train.retired'"):
+        check_output(default, resume=True, overwrite=False)
+
+    # Every key as recorded, the new one at its default: accepted (only the checkpoint rule remains).
+    record_as_earlier_release(default, run_record(default), ["train.loss_averaging"])
+    with pytest.raises(RecipeError, match="already holds checkpoints of this recipe"):
+        check_output(default, resume=False, overwrite=False)
+    check_output(default, resume=True, overwrite=False)
