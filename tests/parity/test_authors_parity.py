@@ -29,9 +29,13 @@ def _harness():
     return module
 
 
-@pytest.mark.slow
-def test_our_side_reproduces_the_recorded_parity(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def our_side(tmp_path_factory):
+    """The harness, our model built from the regenerated weights after ``compare`` (its forward and backward
+    ran: the gradients are on the model), that comparison's report and the recorded results. A test that
+    changes the model (``compare_step`` steps it) runs last in this module."""
     harness = _harness()
+    tmp_path = tmp_path_factory.mktemp("parity")
     recorded = json.loads((FIXTURE / "authors.json").read_text())
     assert harness.SEED == recorded["seed"]
     checksum = harness.write_weights(tmp_path, recorded["seed"])
@@ -42,11 +46,36 @@ def test_our_side_reproduces_the_recorded_parity(tmp_path, capsys):
     model = harness.our_model(tmp_path)
     report = harness.Report()
     harness.compare(tmp_path, model, load_file(str(FIXTURE / "authors.safetensors")), recorded, report)
-    assert set(report.results) == set(recorded["results"])
-    changed = {
-        name: (result, recorded["results"][name])
-        for name, result in report.results.items()
-        if result["ok"] != recorded["results"][name]["ok"]
-        or (not result["ok"] and result["detail"] != recorded["results"][name]["detail"])
+    return harness, tmp_path, model, report, recorded
+
+
+def _changed(results: dict, recorded: dict) -> dict:
+    return {
+        name: (result, recorded[name])
+        for name, result in results.items()
+        if result["ok"] != recorded[name]["ok"] or (not result["ok"] and result["detail"] != recorded[name]["detail"])
     }
+
+
+@pytest.mark.slow
+def test_our_side_reproduces_the_recorded_parity(our_side):
+    _, _, _, report, recorded = our_side
+    assert set(report.results) == set(recorded["results"])
+    changed = _changed(report.results, recorded["results"])
+    assert not changed, f"compared computations changed since the fixture was written: {changed}"
+
+
+@pytest.mark.slow
+def test_our_evaluation_and_optimizer_step_reproduce_the_recorded_parity(our_side):
+    """Items 3-4 against ``fixture/authors_eval.*``: the chained evaluation (mask logits, references, Dice /
+    gIoU / cIoU) and every trainable tensor after one AdamW step (mask-decoder tensors every
+    ``MASK_DECODER_STRIDE``-th element, as recorded for them)."""
+    harness, work, model, _, parity = our_side
+    recorded = json.loads((FIXTURE / f"{harness.EVAL_FILE}.json").read_text())
+    authors = load_file(str(FIXTURE / f"{harness.EVAL_FILE}.safetensors"))
+    report = harness.Report()
+    harness.compare_evaluation(work, model, authors, recorded, report)
+    harness.compare_step(model, authors, recorded, parity["added_token_ids"], report, harness.MASK_DECODER_STRIDE)
+    assert set(report.results) == set(recorded["results"])
+    changed = _changed(report.results, recorded["results"])
     assert not changed, f"compared computations changed since the fixture was written: {changed}"
