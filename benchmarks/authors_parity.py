@@ -640,23 +640,26 @@ def chained_evaluation(model, work: Path) -> list[dict]:
     """Our evaluation path on the parity dialogues: ``DialogueChain`` (Algorithm 1, JCM off, the dialogue's own
     answers, references from the model's own masks with the referred rounds' ground truth beside them, as
     ``mediround eval`` chains) over a cached ``DialogueSession``; per dialogue the rounds' original-size mask
-    logits, the references they were fed (CLIP pixels of the crops, boxes) and the predicted masks."""
+    logits, the references they were fed (CLIP pixels of the crops, boxes) and the predicted masks. An image
+    is encoded once (``encode_image``) for the dialogues over it, as ``chain_dialogue(context=...)`` allows."""
     import numpy as np
     import torch
 
     from mediround.data.formats import load_dialogues
     from mediround.inference.chain import DialogueChain, Track
-    from mediround.model import DialogueSession
+    from mediround.model import DialogueSession, encode_image
     from mediround.model.processor import load_sample
 
-    outputs = []
+    outputs, contexts = [], {}
     model.eval()
     with torch.no_grad():
         for dialogue in load_dialogues(work / "data.json", root=DATA_ROOT).dialogues:
             sample = load_sample(dialogue)
             truth = {r.ref: sample.masks[r.ref - 1] for r in dialogue.rounds if r.ref is not None}
             track = Track()
-            chain = DialogueChain(model, dialogue, [track], DialogueSession.for_image(model, sample.image),
+            if dialogue.image_path not in contexts:
+                contexts[dialogue.image_path] = encode_image(model, sample.image)
+            chain = DialogueChain(model, dialogue, [track], DialogueSession(model, contexts[dialogue.image_path]),
                                   reference_truth=truth)
             logits, references = [], []
             while not chain.finished:
