@@ -3,6 +3,7 @@
 
     python benchmarks/authors_parity.py                    # build/reuse ../parity-env, run, compare
     python benchmarks/authors_parity.py --write-fixture    # also refresh tests/parity/fixture from their run
+    python benchmarks/authors_parity.py --ours-only        # our side again, against their outputs in --work
 
 The authors' code (``../shared/reference/mediround-authors``) is imported from that path, never copied,
 in an environment of its own (``ENV_PINS``) by this same file run as ``--authors-side WORKDIR``; the
@@ -11,10 +12,13 @@ set of random weights written here in the authors' layout (``write_weights``: ev
 one seed, in sorted key order, so a run without their code can rebuild them and check ``checksum``):
 a tiny CLIP (48 px, patch 2: the 24 x 24 = 576 image tokens their code hard-codes), a full ViT-B SAM, a
 two-layer Mistral and a SentencePiece tokenizer. Ours reads them through ``mediround convert-llava`` and
-our SAM loader with the 7B preset's switches (``parity_config``). Stage 2 (JCM) is compared on the same
-batch: their stage-2 forward (``authors_jcm``) against our stage-2 data path and objective with the 7B
-JCM recipe's settings (``compare_jcm``). Each quantity prints one line and the run ends with
-``parity: N of M quantities within tolerance`` (docs/parity.md).
+our SAM loader with the 7B preset's switches (``parity_config``). Beside the training forward and backward
+(``compare``), both sides run the evaluation protocol (their ``validate_multi_turn_med_seg``, our
+``DialogueChain``; ``compare_evaluation``) and one AdamW step (``compare_step``), and stage 2 (JCM) on the
+same batch: their stage-2 forward (``authors_jcm``, run first on their side, before any step) against our
+stage-2 data path and objective with the 7B JCM recipe's settings (``compare_jcm``, run first on ours too).
+Each quantity prints one line and the run ends with ``parity: N of M quantities within tolerance``
+(docs/parity.md).
 """
 
 from __future__ import annotations
@@ -348,6 +352,103 @@ def authors_side(work: Path) -> None:
                    for row, mask in zip(input_ids.tolist(), batch["attention_masks"].tolist())],
         "forward_backward_seconds": round(forward_seconds, 1),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}, indent=1))
+    authors_evaluation_and_step(work, model, tokenizer)
+
+
+# ------------------------------------------------- authors' side: evaluation protocol, optimizer step
+EVAL_FILE = "authors_eval"
+"""``authors_eval.safetensors`` / ``.json``: their chained evaluation and their weights after one AdamW step
+(issue #27 items 3-4), apart from ``authors.*`` so that each part is refreshed on its own."""
+MASK_DECODER_STRIDE = 16
+"""The fixture keeps every 16th element of each mask-decoder tensor after the step (4 M elements in all)."""
+
+
+def their_step_groups(name: str) -> str | None:
+    """The group of a trainable tensor of theirs (peft names) in the optimizer-step comparison."""
+    for key, group in (("lora_", "lora"), ("text_hidden_fcs", "seg_projection"), ("bbox_encoder", "box_encoder"),
+                       ("embed_tokens", "embed_tokens"), ("lm_head", "lm_head"), ("mask_decoder", "mask_decoder")):
+        if key in name:
+            return group
+    return None
+
+
+def authors_evaluation_and_step(work: Path, model, tokenizer) -> None:
+    """Their stage-1 validation (``validate_multi_turn_med_seg``, predicted references, no teacher forcing)
+    on the same dialogues and weights, recording each round's original-size mask logits, the chained
+    crops and boxes and the metrics it logs; then one AdamW step with their DeepSpeed settings on the
+    gradients of the training forward. Saved as ``authors_eval.*``."""
+    import functools
+
+    import torch
+    import torch.distributed as dist
+    import train_ds
+    from safetensors.torch import save_file
+    from utils.dataset import collate_fn
+    from utils.multi_turn_med_seg import ValDataset_Multi_Turn_Med_Seg
+
+    args = train_ds.parse_args([
+        "--model_name_or_path", str(work / "llava"), "--vision_tower", str(work / "clip"),
+        "--dataset_dir", str(DATA_ROOT), "--vision_pretrained", str(work / "sam_vit_b.pth"), "--stage", "1",
+        "--precision", "fp32", "--train_json", str(work / "data.json"), "--eval_json", str(work / "data.json")])
+    if not dist.is_initialized():  # their AverageMeter.all_reduce needs a process group: gloo, one process
+        dist.init_process_group("gloo", init_method=f"file://{work / 'process-group'}", rank=0, world_size=1)
+    dataset = ValDataset_Multi_Turn_Med_Seg(args.eval_json, args.dataset_dir, tokenizer, args.vision_tower,
+                                            args.image_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=functools.partial(
+        collate_fn, tokenizer=tokenizer, conv_type="mistral_instruct", use_mm_start_end=False, local_rank=0))
+
+    class Recording:
+        """``model_engine`` for their validation: the model, its boxes cast to float32 (their dataset gives
+        float64 and casts only for bf16), and a record of each call's masks and reference inputs."""
+
+        def __init__(self):
+            self.calls = []
+
+        def eval(self):
+            model.eval()
+
+        def __call__(self, **batch):
+            batch = {**batch, "encode_bboxes_list": [b.float() for b in batch["encode_bboxes_list"]]}
+            out = model(**batch)
+            self.calls.append({"logits": out["pred_masks"][0].detach().clone(),
+                               "crops": batch["cropped_images_encode"][0].detach().clone(),
+                               "boxes": batch["encode_bboxes_list"][0].detach().clone()})
+            return out
+
+    class Scalars:
+        def __init__(self):
+            self.values = {}
+
+        def add_scalar(self, name, value, step):
+            self.values[name] = float(value)
+
+    engine, writer = Recording(), Scalars()
+    started = time.perf_counter()
+    train_ds.validate_multi_turn_med_seg(loader, engine, 0, writer, args)
+    eval_seconds = time.perf_counter() - started
+    tensors, start = {}, 0
+    for dialogue, rounds in enumerate(DIALOGUES):
+        calls = engine.calls[start:start + len(rounds)]
+        start += len(rounds)
+        tensors[f"eval.logits.{dialogue}"] = torch.stack([call["logits"][r] for r, call in enumerate(calls)])
+        tensors[f"eval.crops.{dialogue}"] = calls[-1]["crops"]  # every reference chained by the last round
+        tensors[f"eval.boxes.{dialogue}"] = calls[-1]["boxes"]
+
+    # One optimizer step: DeepSpeed's AdamW (eps 1e-8) with their ds_config (weight decay 0, betas from their
+    # arguments, gradient clipping 1.0) at a fixed learning rate, their peak args.lr: their WarmupDecayLR
+    # starts from warmup_min_lr 0, so their own first step changes nothing.
+    trainable = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8, weight_decay=0.0)
+    optimizer.step()
+    for name, param in model.named_parameters():
+        if param.requires_grad and their_step_groups(name):
+            tensors[f"after.{name}"] = param.detach()
+    save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(work / f"{EVAL_FILE}.safetensors"))
+    (work / f"{EVAL_FILE}.json").write_text(json.dumps({
+        "metrics": writer.values, "evaluation_seconds": round(eval_seconds, 1),
+        "step": {"lr": args.lr, "betas": [args.beta1, args.beta2], "eps": 1e-8, "weight_decay": 0.0,
+                 "clip_grad_norm": 1.0}}, indent=1))
 
 
 JCM_CAPTURED = ("scores", "iou_targets", "refined_features", "refined_logits")
@@ -490,8 +591,9 @@ def canonical(ids: list[int], names: dict[int, str], image_run: int = 1) -> list
 class Report:
     """One line per quantity; the closing count."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.results: dict[str, dict] = {}
+        self.quiet = quiet
 
     def tensor(self, name: str, ours, theirs, atol: float, rtol: float = 0.0) -> None:
         ours, theirs = ours.detach().float().reshape(-1), theirs.detach().float().reshape(-1)
@@ -507,7 +609,8 @@ class Report:
 
     def add(self, name: str, ok: bool, detail: str, tol: float) -> None:
         self.results[name] = {"ok": bool(ok), "detail": detail, "tol": tol}
-        print(f"{name:<42} {'equal within ' + format(tol, '.3g') if ok else 'differs by ' + detail}", flush=True)
+        if not self.quiet:
+                print(f"{name:<48} {'equal within ' + format(tol, '.3g') if ok else 'differs by ' + detail}", flush=True)
 
     def summary(self) -> str:
         good = sum(r["ok"] for r in self.results.values())
@@ -670,6 +773,157 @@ def compare_jcm(work: Path, model, authors: dict, report: Report) -> None:
                   authors["grad.mask_quality_MLP.fc3.weight"], 1e-7, 1e-2)
     jcm.requires_grad_(False)
     jcm.zero_grad(set_to_none=True)
+def chained_evaluation(model, work: Path) -> list[dict]:
+    """Our evaluation path on the parity dialogues: ``DialogueChain`` (Algorithm 1, JCM off, the dialogue's own
+    answers, references from the model's own masks with the referred rounds' ground truth beside them, as
+    ``mediround eval`` chains) over a cached ``DialogueSession``; per dialogue the rounds' original-size mask
+    logits, the references they were fed (CLIP pixels of the crops, boxes) and the predicted masks. An image
+    is encoded once (``encode_image``) for the dialogues over it, as ``chain_dialogue(context=...)`` allows."""
+    import numpy as np
+    import torch
+
+    from mediround.data.formats import load_dialogues
+    from mediround.inference.chain import DialogueChain, Track
+    from mediround.model import DialogueSession, encode_image
+    from mediround.model.processor import load_sample
+
+    outputs, contexts = [], {}
+    model.eval()
+    with torch.no_grad():
+        for dialogue in load_dialogues(work / "data.json", root=DATA_ROOT).dialogues:
+            sample = load_sample(dialogue)
+            truth = {r.ref: sample.masks[r.ref - 1] for r in dialogue.rounds if r.ref is not None}
+            track = Track()
+            if dialogue.image_path not in contexts:
+                contexts[dialogue.image_path] = encode_image(model, sample.image)
+            chain = DialogueChain(model, dialogue, [track], DialogueSession(model, contexts[dialogue.image_path]),
+                                  reference_truth=truth)
+            logits, references = [], []
+            while not chain.finished:
+                steps = chain.next_steps()
+                results = [step.session.step(step.query, step.answer, step.reference, step.refers) for step in steps]
+                references += [model.processor.reference(sample.image, step.reference) for step in steps if step.refers]
+                logits.append(results[0].mask_logits[0])
+                chain.record(results)
+            crops, boxes = model.processor.reference_inputs(references)
+            masks = [prediction.mask for prediction in chain.results[track]]
+            outputs.append({"logits": torch.stack(logits), "crops": crops, "boxes": boxes, "masks": masks,
+                            "truth": [np.asarray(m, dtype=bool) for m in sample.masks]})
+    return outputs
+
+
+def our_metrics(outputs: list[dict]) -> dict[str, float]:
+    """gIoU, cIoU and Dice per round and over all rounds by ``mediround.metrics`` (what ``mediround eval``
+    scores with), named as their validation logs them (``val/giou_round_0``, ``val/giou_all``, ...)."""
+    from mediround.metrics import aggregate, group_scores, pair_counts
+
+    rows = []
+    for output in outputs:
+        for number, (mask, truth) in enumerate(zip(output["masks"], output["truth"]), start=1):
+            counted = pair_counts(mask, truth)
+            rows.append({"round": number, "intersection": counted.intersection, "union": counted.union,
+                         "iou": counted.iou, "dice": counted.dice})
+    scores = {f"round_{number - 1}": value for number, value in sorted(group_scores(rows, "round").items())}
+    scores["all"] = aggregate(rows)
+    return {f"val/{metric}_{name}": getattr(value, metric) for name, value in scores.items()
+            for metric in ("giou", "ciou", "dice")}
+
+
+def compare_evaluation(work: Path, model, authors: dict, info: dict, report: Report) -> None:
+    """Item 4: each round's mask logits with references chained from predictions, those references, and
+    the metrics, ours (``chained_evaluation``, ``our_metrics``) against their validation's."""
+    import torch
+
+    outputs = chained_evaluation(model, work)
+    report.tensor("4a chained mask logits per round (original size)",
+                  torch.cat([o["logits"].flatten() for o in outputs]),
+                  torch.cat([authors[f"eval.logits.{d}"].flatten() for d in range(len(outputs))]), 1e-5, 1e-4)
+    report.tensor("4b chained reference crops (CLIP pixels)", torch.cat([o["crops"] for o in outputs]),
+                  torch.cat([authors[f"eval.crops.{d}"] for d in range(len(outputs))]), 1e-5)
+    report.tensor("4c chained reference boxes", torch.cat([o["boxes"] for o in outputs]),
+                  torch.cat([authors[f"eval.boxes.{d}"] for d in range(len(outputs))]), 1e-6)
+    ours, theirs = our_metrics(outputs), info["metrics"]
+    for number, metric, label in (("4d", "giou", "gIoU"), ("4e", "ciou", "cIoU"), ("4f", "dice", "Dice")):
+        names = sorted(name for name in theirs if name.startswith(f"val/{metric}_"))
+        report.tensor(f"{number} {label} per round and overall",
+                      torch.tensor([ours.get(name, float("nan")) for name in names]),
+                      torch.tensor([theirs[name] for name in names]), 1e-6)
+
+
+OUR_STEP_GROUPS = (("lora_", "lora"), ("seg_projection", "seg_projection"), ("box_encoder", "box_encoder"),
+                   ("embed_tokens", "embed_tokens"), ("lm_head", "lm_head"), ("sam.mask_decoder", "mask_decoder"))
+STEP_LABELS = {"lora": "3h LoRA A/B", "seg_projection": "3i [SEG] projection", "box_encoder": "3j box encoder",
+               "embed_tokens": "3k token embeddings", "lm_head": "3l lm_head", "mask_decoder": "3m mask decoder"}
+
+
+def their_name(ours: str) -> str:
+    """The authors' (peft) name of one of our trainable tensors."""
+    import re
+
+    prefix = "base_model.model.model."
+    lora = re.search(r"layers\.(\d+)\.self_attn\.(q_proj|v_proj)\.lora_(A|B)", ours)
+    if lora:
+        return f"{prefix}layers.{lora[1]}.self_attn.{lora[2]}.lora_{lora[3]}.default.weight"
+    if ours.startswith("seg_projection."):
+        return prefix + "text_hidden_fcs.0." + ours.split(".", 1)[1]
+    if ours.startswith("box_encoder.linear."):
+        return prefix + "bbox_encoder." + ours.rsplit(".", 1)[1]
+    if ours.startswith("sam.mask_decoder."):
+        return prefix + "visual_model.mask_decoder." + ours.split("sam.mask_decoder.", 1)[1]
+    return prefix + "embed_tokens.weight" if "embed_tokens" in ours else "base_model.model.lm_head.weight"
+
+
+def step_pairs(model, authors: dict, their_ids: dict[str, int], stride: int = 1) -> dict[str, tuple]:
+    """Per group, our tensors after the step and theirs, flattened and concatenated in our order: vocabulary
+    rows matched by role (base rows by id, the added tokens by what they are; our ``<image>`` row has no
+    counterpart; ``their_ids``: their added tokens' ids, from ``authors.json``), mask-decoder tensors every
+    ``stride``-th element (the fixture keeps those)."""
+    import torch
+
+    tokenizer = model.tokenizer
+    ours_rows = list(range(VOCAB)) + tokenizer.convert_tokens_to_ids(list(ADDED.values()))
+    theirs_rows = list(range(VOCAB)) + [their_ids[token] for token in ADDED]
+    pairs: dict[str, tuple[list, list]] = {}
+    for name, param in model.named_parameters():
+        group = next((g for key, g in OUR_STEP_GROUPS if key in name), None)
+        if group is None or not param.requires_grad:
+            continue
+        key = "after." + their_name(name)
+        if key not in authors:
+            key = f"{key}.stride{stride}"
+        ours, theirs = param.detach().float(), authors[key].float()
+        if group in ("embed_tokens", "lm_head"):
+            ours, theirs = ours[ours_rows], theirs[theirs_rows]
+        elif group == "mask_decoder":
+            ours = ours.flatten()[::stride]
+            theirs = theirs.flatten() if key.endswith(f".stride{stride}") else theirs.flatten()[::stride]
+        pairs.setdefault(group, ([], []))
+        pairs[group][0].append(ours.flatten())
+        pairs[group][1].append(theirs.flatten())
+    return {group: (torch.cat(a), torch.cat(b)) for group, (a, b) in pairs.items()}
+
+
+def compare_step(model, authors: dict, info: dict, their_ids: dict[str, int], report: Report,
+                 stride: int = 1) -> None:
+    """Item 3: every trainable tensor after one AdamW step on the gradients of ``compare``'s backward, ours
+    with our training defaults (``TrainSection``: the paper's AdamW, clipping) at their learning rate
+    (``info``: ``authors_eval.json``)."""
+    import torch
+
+    from mediround.training.recipe import TrainSection
+
+    settings = TrainSection()
+    step = info["step"]
+    assert (settings.lr, list(settings.betas), settings.eps, settings.weight_decay, settings.clip_grad_norm) == (
+        step["lr"], step["betas"], step["eps"], step["weight_decay"], step["clip_grad_norm"]), \
+        f"our optimizer defaults differ from the authors' step settings {step}"
+    trainable = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(trainable, settings.clip_grad_norm)
+    torch.optim.AdamW(trainable, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                      weight_decay=settings.weight_decay).step()
+    pairs = step_pairs(model, authors, their_ids, stride)
+    for group, label in STEP_LABELS.items():
+        report.tensor(f"{label} after one AdamW step", *pairs[group], 1e-7, 1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -686,7 +940,7 @@ def ensure_env(env: Path) -> Path:
     return python
 
 
-def run(work: Path, env: Path, fixture: Path | None) -> int:
+def run(work: Path, env: Path, fixture: Path | None, ours_only: bool = False) -> int:
     from safetensors.torch import load_file
 
     started = time.perf_counter()
@@ -694,23 +948,31 @@ def run(work: Path, env: Path, fixture: Path | None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     checksum = write_weights(work)
     authors_started = time.perf_counter()
-    subprocess.run([str(python), str(Path(__file__).resolve()), "--authors-side", str(work)], check=True,
-                   env={**os.environ, "PYTHONPATH": ""})
+    if not ours_only:
+        subprocess.run([str(python), str(Path(__file__).resolve()), "--authors-side", str(work)], check=True,
+                       env={**os.environ, "PYTHONPATH": ""})
     authors_seconds = time.perf_counter() - authors_started
     convert(work)
     model = our_model(work)
     authors = load_file(str(work / "authors.safetensors"))
     info = json.loads((work / "authors.json").read_text())
-    report = Report()
-    compare(work, model, authors, info, report)
-    jcm_report = Report()
+    report, jcm_report = Report(), Report()
+    # Stage 2 first, on the initial weights as their side runs it; its backward also reaches the mask
+    # decoder, whose stage-1 gradients ``compare`` and ``compare_step`` then check: cleared in between.
     compare_jcm(work, model, load_file(str(work / "authors_jcm.safetensors")), jcm_report)
+    model.zero_grad(set_to_none=True)
+    compare(work, model, authors, info, report)
+    authors_eval = load_file(str(work / f"{EVAL_FILE}.safetensors"))
+    eval_info = json.loads((work / f"{EVAL_FILE}.json").read_text())
+    compare_evaluation(work, model, authors_eval, eval_info, report)
+    compare_step(model, authors_eval, eval_info, info["added_token_ids"], report)
     whole = Report()
-    whole.results = {**report.results, **jcm_report.results}
+    whole.results = {**jcm_report.results, **report.results}
     print(whole.summary())
     print(f"(authors' side {authors_seconds:.0f} s, whole run {time.perf_counter() - started:.0f} s)")
     if fixture is not None:
         write_fixture(work, fixture, authors, info, checksum, report)
+        write_eval_fixture(fixture, authors_eval, eval_info, info["added_token_ids"], model, report)
         write_jcm_fixture(work, fixture, jcm_report)
     return 0
 
@@ -758,7 +1020,36 @@ def write_fixture(work: Path, fixture: Path, authors: dict, info: dict, checksum
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(work / "llava" / name, fixture / name)
     (fixture / "authors.json").write_text(json.dumps({**info, "weights_sha256": checksum, "seed": SEED,
-                                                      "results": report.results}, indent=1) + "\n")
+                                                      "results": {name: result for name, result in report.results.items()
+                                                                  if not name.startswith(EVAL_QUANTITIES)}},
+                                                     indent=1) + "\n")
+
+
+EVAL_QUANTITIES = ("4", "3h", "3i", "3j", "3k", "3l", "3m")
+"""The quantities of ``compare_evaluation`` and ``compare_step`` (their results live in ``authors_eval.json``)."""
+
+
+def write_eval_fixture(fixture: Path, authors_eval: dict, eval_info: dict, their_ids: dict[str, int], model,
+                       report: Report) -> None:
+    """``authors_eval.*`` for the CI test: the chained logits, references and metrics, and the weights after
+    the step (mask-decoder tensors every ``MASK_DECODER_STRIDE``-th element, with the results of comparing
+    those elements, which the test reproduces)."""
+    from safetensors.torch import save_file
+
+    kept = {}
+    for key, value in authors_eval.items():
+        if key.startswith("after.") and "mask_decoder" in key:
+            kept[f"{key}.stride{MASK_DECODER_STRIDE}"] = value.flatten()[::MASK_DECODER_STRIDE].contiguous()
+        else:
+            kept[key] = value
+    save_file(kept, str(fixture / f"{EVAL_FILE}.safetensors"))
+    results = {name: result for name, result in report.results.items() if name.startswith(EVAL_QUANTITIES)}
+    strided = Report(quiet=True)
+    for group, (ours, theirs) in step_pairs(model, kept, their_ids, MASK_DECODER_STRIDE).items():
+        if group == "mask_decoder":
+            strided.tensor(f"{STEP_LABELS[group]} after one AdamW step", ours, theirs, 1e-7, 1e-5)
+    results.update(strided.results)
+    (fixture / f"{EVAL_FILE}.json").write_text(json.dumps({**eval_info, "results": results}, indent=1) + "\n")
 
 
 def write_jcm_fixture(work: Path, fixture: Path, report: Report) -> None:
@@ -775,12 +1066,14 @@ def main() -> int:
     parser.add_argument("--env", type=Path, default=DEFAULT_ENV, help="the reference environment (created if missing)")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="weights and outputs of both sides")
     parser.add_argument("--write-fixture", action="store_true", help=f"refresh {FIXTURE.relative_to(REPO)}")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="reuse the authors' outputs already in --work (after a change on our side only)")
     parser.add_argument("--authors-side", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.authors_side is not None:
         authors_side(args.authors_side)
         return 0
-    return run(args.work, args.env, FIXTURE if args.write_fixture else None)
+    return run(args.work, args.env, FIXTURE if args.write_fixture else None, args.ours_only)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from mediround.model import DialogueSession, ImageContext, MediRound, RoundResul
 from mediround.model.frame import mask_from_logits
 from mediround.model.jcm import apply_jcm
 from mediround.model.processor import answer_with_seg
+from mediround.model.references import PredictedMask
 from mediround.model.session import BatchSession, encode_images
 from mediround.reports.rows import REFERENCES
 
@@ -115,10 +116,11 @@ class _ReplaySession:
     def __init__(self, model: MediRound, image: np.ndarray):
         self.model = model
         self.image = image
-        self.history: list[tuple[str, str, np.ndarray | None, bool]] = []
+        self.history: list[tuple[str, str, np.ndarray | PredictedMask | None, bool]] = []
         self.latest: DialogueSession | None = None
 
-    def step(self, query: str, answer: str | None, reference: np.ndarray | None, refers: bool) -> RoundResult:
+    def step(self, query: str, answer: str | None, reference: np.ndarray | PredictedMask | None,
+             refers: bool) -> RoundResult:
         session = DialogueSession.for_image(self.model, self.image)
         for past_query, past_answer, past_reference, past_refers in self.history:
             session.step(past_query, past_answer, past_reference, refers=past_refers)
@@ -162,7 +164,7 @@ class SessionStep:
     session: Any
     query: str
     answer: str | None
-    reference: np.ndarray | None
+    reference: np.ndarray | PredictedMask | None
     refers: bool
 
 
@@ -285,14 +287,18 @@ def _reference(
     ref: int | None,
     results: Mapping[Track, list[RoundPrediction]],
     reference_truth: Mapping[int, np.ndarray] | None,
-) -> np.ndarray | None:
+) -> np.ndarray | PredictedMask | None:
+    """The mask a round referring to ``ref`` is cut from: the ground truth (teacher forcing), or the track's
+    own prediction with the ground truth beside it when known (``heads.predicted_reference`` decides how
+    a prediction is cut, and whether the ground truth is its fallback)."""
     if ref is None:
         return None
     if track.teacher_forcing:
         if reference_truth is None or ref not in reference_truth:
             raise ValueError(f"teacher forcing needs the ground-truth mask of round {ref}")
         return reference_truth[ref]
-    return results[track][ref - 1].mask
+    truth = None if reference_truth is None else reference_truth.get(ref)
+    return PredictedMask(results[track][ref - 1].mask, truth)
 
 
 def _record_round(

@@ -70,6 +70,8 @@ ChatTemplate = Literal["spaced", "llava-mistral"]
 ClipView = Literal["squash", "clip-processor"]
 SamResize = Literal["torch", "pil"]
 BoxMax = Literal["exclusive", "inclusive"]
+MaskLossFrame = Literal["resized", "original"]
+PredictedReference = Literal["mask", "masked-image"]
 
 
 def _cls_plus_grid(tokens: int) -> bool:
@@ -191,6 +193,24 @@ class HeadsConfig:
     """The reference box's right and bottom edges: ``exclusive`` (one past the mask's last column and row,
     the whole image is ``[0, 0, 1, 1]``), or ``inclusive`` (the last column and row themselves, as the
     authors' ``get_bounding_box_from_mask`` computes it; the 7B preset)."""
+    mask_loss_frame: Annotated[MaskLossFrame, RUNTIME] = "resized"
+    """Where the mask losses (BCE, Dice; stage 1 and stage 2's refined masks) compare the logits with the
+    ground truth (``frame.ImageFrame.supervised_logits``): ``resized``, in SAM's resized frame with the
+    ground truth resized (nearest-exact), or ``original``, at the original image size with the logits
+    brought back as at inference (bilinear), as the authors' ``postprocess_masks`` (the 7B preset). A
+    training target, like a loss weight: no weight depends on it."""
+    dice_smoothing: Annotated[float, RUNTIME, Field(gt=0)] = 1.0
+    """The soft Dice loss's smoothing term s, in pixels: 1 - (2 I + s) / (P + G + s) (``losses.dice_loss``;
+    stage 1 and stage 2's refined masks). 1, or 0.001 as the authors' ``dice_loss`` (sums scaled by 1/1000,
+    eps 1e-6; the 7B preset): at the original size of a small slice, s = 1 moves the loss by about
+    (1 - Dice) / (P + G), 2e-5 on the parity image (docs/parity.md 3d)."""
+    predicted_reference: Annotated[PredictedReference, BEHAVIOUR] = "mask"
+    """How a chained round's crop and box are cut from the model's own mask of the referred round
+    (``references.reference_from_prediction``): ``mask``, as from a ground-truth mask (<= 9 mask pixels:
+    the whole image), or ``masked-image``, as the authors' validation: the masked image's non-black pixels
+    decide (<= 9 in channel 0: the whole image) and bound the crop, and the ground-truth reference stays
+    when the image has none (the 7B preset). References from ground-truth masks are cut by the mask either
+    way, as the authors' training and teacher forcing cut them."""
 
 
 @typed_config
@@ -325,13 +345,16 @@ def llava_med_7b_config(mllm_path: str, sam_checkpoint: str | None, sam_variant:
     JCM on referred rounds only, their Mistral-instruct template (which has no system prompt), their CLIP
     view of the image (shortest side, centre crop), SAM's input resized by PIL as theirs, reference boxes
     whose right and bottom edges are the mask's last column and row, and their judge target (IoU at the
-    original size, union + 1e-6; docs/parity.md)."""
+    original size, union + 1e-6), mask losses at the original size with their Dice smoothing, and
+    references of chained rounds cut
+    from the masked image (docs/parity.md)."""
     return MediRoundConfig(
         mllm=MLLMConfig(source=str(mllm_path), system_prompt="", chat_template="llava-mistral",
                        clip_view="clip-processor"),
         segmenter=SegmenterConfig(variant=sam_variant, checkpoint=sam_checkpoint, image_size=1024, resize="pil"),
         heads=HeadsConfig(seg_state="before_seg", jcm_refine="direct", jcm_rounds="referred", box_max="inclusive",
-                          judge_iou="original"),
+                          judge_iou="original", mask_loss_frame="original", dice_smoothing=1e-3,
+                          predicted_reference="masked-image"),
         precision="bf16",
         gradient_checkpointing=True,
     )

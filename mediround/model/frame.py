@@ -4,8 +4,10 @@
 Three sizes belong to an image: the ``original`` (H, W); the ``resized`` (h, w), the image scaled so its
 longest side is SAM's input size; and the padded square (size, size) that SAM's image encoder reads,
 the resized image in its top-left corner. Training supervises masks in the resized frame (ground truth
-resized with nearest-exact, the model's logits cropped out of the padded square); inference returns
-logits at the original size (the resized-frame logits resized once more, bilinear).
+resized with nearest-exact, the model's logits cropped out of the padded square) or, with
+``heads.mask_loss_frame: original``, at the original size (the logits brought back as at inference, the
+ground truth as it is); inference returns logits at the original size (the resized-frame logits resized
+once more, bilinear).
 """
 
 from __future__ import annotations
@@ -73,6 +75,24 @@ class ImageFrame:
             return torch.zeros(0, *self.resized, dtype=torch.bool)
         stacked = torch.from_numpy(np.stack([np.asarray(mask, dtype=np.float32) for mask in masks]))[:, None]
         return F.interpolate(stacked, size=self.resized, mode="nearest-exact")[:, 0] > 0.5
+
+    def supervision_size(self, where: str) -> tuple[int, int]:
+        """The (rows, cols) of masks supervised ``where`` (``heads.mask_loss_frame``: resized or original)."""
+        return self.original if where == "original" else self.resized
+
+    def supervised_masks(self, masks: Sequence[np.ndarray], where: str) -> torch.Tensor:
+        """(H, W) ground-truth masks -> (n, rows, cols) bool where they are supervised: resized
+        (``resized_masks``) or as they are."""
+        if where != "original":
+            return self.resized_masks(masks)
+        if not masks:
+            return torch.zeros(0, *self.original, dtype=torch.bool)
+        return torch.from_numpy(np.stack([np.asarray(mask, dtype=bool) for mask in masks]))
+
+    def supervised_logits(self, low_res: torch.Tensor, where: str) -> torch.Tensor:
+        """SAM's low-res logits (n, 1, g, g) -> (n, rows, cols) float logits where masks are supervised:
+        ``resized_logits``, or ``original_logits`` (as segment-anything's ``postprocess_masks``)."""
+        return self.original_logits(low_res) if where == "original" else self.resized_logits(low_res)
 
     def resized_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """SAM's low-res logits (n, 1, g, g) -> (n, h, w) float logits in the resized frame: upsampled to the

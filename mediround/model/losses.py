@@ -12,12 +12,13 @@ from mediround.model.config import LossWeights
 from mediround.model.processor import IGNORE
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """1 - soft Dice on sigmoid probabilities, per mask, averaged over masks. (n, h, w) each."""
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice on sigmoid probabilities, (2 I + s) / (P + G + s) with ``smoothing`` s
+    (``heads.dice_smoothing``), per mask, averaged over masks. (n, h, w) each."""
     probs = torch.sigmoid(logits).flatten(1)
     targets = targets.flatten(1)
     intersection = (probs * targets).sum(-1)
-    return (1 - (2 * intersection + 1.0) / (probs.sum(-1) + targets.sum(-1) + 1.0)).mean()
+    return (1 - (2 * intersection + smoothing) / (probs.sum(-1) + targets.sum(-1) + smoothing)).mean()
 
 
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -30,11 +31,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
 
 
-def mask_losses(logits: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_losses(logits: list[torch.Tensor], targets: list[torch.Tensor],
+                dice_smoothing: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE and Dice of each (h, w) mask against its target, each averaged over the masks (at least one)."""
     pairs = list(zip(logits, targets))
     bce = torch.stack([bce_loss(lg[None], tg[None]) for lg, tg in pairs]).mean()
-    dice = torch.stack([dice_loss(lg[None], tg[None]) for lg, tg in pairs]).mean()
+    dice = torch.stack([dice_loss(lg[None], tg[None], dice_smoothing) for lg, tg in pairs]).mean()
     return bce, dice
 
 

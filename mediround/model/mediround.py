@@ -34,8 +34,9 @@ from mediround.model.segmenter import decode_masks
 @dataclass
 class MediRoundOutput:
     """``loss`` (weighted sum), ``losses`` (ce, bce, dice, entity), per-dialogue ``seg_features`` (n_rounds, 256)
-    and ``mask_logits`` (n_rounds, h, w) at the supervision size: the image resized so its longest side is
-    the SAM input size (SAM's low-res logits upsampled, padding cropped)."""
+    and ``mask_logits`` (n_rounds, h, w) at the supervision size (``heads.mask_loss_frame``): the image
+    resized so its longest side is the SAM input size (SAM's low-res logits upsampled, padding cropped), or
+    the original image size."""
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor]
@@ -157,6 +158,15 @@ class MediRound(nn.Module):
         """[SEG] hidden states -> [SEG] features (the SAM prompt), (..., seg_dim)."""
         return self.seg_projection(hidden.to(self.seg_projection[0].weight.dtype))
 
+    def answer_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language model's next-token logits of hidden states (..., hidden), the image placeholder's
+        column at -inf. ``<image>`` only marks where the image features go: it is never a target and never
+        generated, so it takes no share of the softmax (the authors' LLaVA has no such row: its image id
+        -200 lies outside the vocabulary, and ``convert-llava`` adds one to ours; docs/parity.md 3b)."""
+        logits = self.llava.lm_head(hidden)
+        placeholder = torch.tensor([self.processor.layout.image_id], device=logits.device)
+        return logits.index_fill(-1, placeholder, float("-inf"))
+
     def decode_low_res(self, embedding: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """One image's SAM embedding and (n, seg_dim) features -> SAM's low-res logits (n, 1, 4g, 4g)."""
         return decode_masks(self.sam, embedding, features.to(next(self.sam.mask_decoder.parameters()).dtype))
@@ -176,7 +186,7 @@ class MediRound(nn.Module):
         selected = next_labels != IGNORE
         ce = zero
         if weights.ce and bool(selected.any()):
-            ce = cross_entropy(self.llava.lm_head(hidden[:, :-1][selected]), next_labels[selected])
+            ce = cross_entropy(self.answer_logits(hidden[:, :-1][selected]), next_labels[selected])
 
         seg_features, mask_logits, all_logits, all_targets = [], [], [], []
         seg_states, entity_labels = [], []
@@ -185,13 +195,14 @@ class MediRound(nn.Module):
             entity_labels.append(batch.entity_labels[row])
             features = self.project(seg_states[-1])
             low_res = self.decode_low_res(embeddings[row : row + 1], features)
-            logits = batch.frames[row].resized_logits(low_res)
+            logits = batch.frames[row].supervised_logits(low_res, self.config.heads.mask_loss_frame)
             seg_features.append(features)
             mask_logits.append(logits)
             valid = batch.target_valid[row]
             all_logits.extend(logits[valid])
             all_targets.extend(batch.target_masks[row][valid])
-        bce, dice = mask_losses(all_logits, all_targets) if all_logits else (zero, zero)
+        smoothing = self.config.heads.dice_smoothing
+        bce, dice = mask_losses(all_logits, all_targets, smoothing) if all_logits else (zero, zero)
         entity = zero
         labels = torch.cat(entity_labels) if entity_labels else None
         if weights.entity and self.entity_head is not None and labels is not None and bool((labels != IGNORE).any()):

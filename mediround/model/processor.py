@@ -35,7 +35,12 @@ from mediround.errors import DataError, InputWarning
 from mediround.model.config import MediRoundConfig
 from mediround.model.frame import ImageFrame
 from mediround.model.mllm import clip_normalise, clip_processor_view
-from mediround.model.references import Reference, reference_from_mask
+from mediround.model.references import (
+    PredictedMask,
+    Reference,
+    reference_from_mask,
+    reference_from_prediction,
+)
 from mediround.model.tokenizer import BOX_TOKEN, CROP_TOKEN, IMAGE_TOKEN, SEG_TOKEN
 
 TEXT, IMAGE, CROP, BOX = 0, 1, 2, 3
@@ -280,6 +285,8 @@ class DialogueProcessor:
         self.entity_index = {name: index for index, name in enumerate(config.heads.entity_names)}
         self.reference_min_fragment = config.heads.reference_min_fragment
         self.box_max = config.heads.box_max
+        self.mask_loss_frame = config.heads.mask_loss_frame
+        self.predicted_reference = config.heads.predicted_reference
         self.clip_view = config.mllm.clip_view
         self.layout = ChatLayout(
             tokenizer,
@@ -308,10 +315,13 @@ class DialogueProcessor:
             return clip_processor_view(image, size)
         return clip_normalise(_to_tensor(image), size)
 
-    def reference(self, image: np.ndarray, mask: np.ndarray | None) -> Reference:
+    def reference(self, image: np.ndarray, mask: np.ndarray | PredictedMask | None) -> Reference:
         """The crop and box a referring round gets from ``mask`` (references.py), with this model's
-        stray-fragment rule and box edges; the same for ground-truth masks in training and predicted ones in
-        a chain."""
+        stray-fragment rule and box edges: a ground-truth mask (training, teacher forcing) is cut by the
+        mask; a ``PredictedMask`` (a chain) by this model's ``heads.predicted_reference`` rule."""
+        if isinstance(mask, PredictedMask):
+            return reference_from_prediction(image, mask, self.predicted_reference, self.reference_min_fragment,
+                                             self.box_max)
         return reference_from_mask(image, mask, self.reference_min_fragment, self.box_max)
 
     def reference_inputs(self, references: list[Reference]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,8 +350,9 @@ class DialogueProcessor:
             sam_pixels.append(frame.pixels(sample.image, self.segmenter.normalisation, self.segmenter.resize))
             clip_pixels.append(self.clip_pixels(sample.image))
             present = torch.tensor([m is not None for m in sample.masks])
-            masks = torch.zeros(len(dialogue.rounds), *frame.resized)
-            masks[present] = frame.resized_masks([m for m in sample.masks if m is not None]).float()
+            masks = torch.zeros(len(dialogue.rounds), *frame.supervision_size(self.mask_loss_frame))
+            masks[present] = frame.supervised_masks([m for m in sample.masks if m is not None],
+                                                    self.mask_loss_frame).float()
             targets.append(masks)
             valid.append(present)
             entity_labels.append(torch.tensor([self.entity_index.get(r.entity, IGNORE) for r in dialogue.rounds]))

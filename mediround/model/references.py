@@ -9,6 +9,10 @@ configuration): the connected parts of a reference mask that hold less than that
 are left out of the crop and the box. A predicted mask often carries a few stray pixels far from the
 structure; its bounding box then spans both and the box token points at another place
 (docs/model.md).
+
+And the rule for a chained round's reference cut from the model's own mask (``heads.predicted_reference``,
+``reference_from_prediction``): by the mask, as above, or as the authors' validation cuts it, by the
+masked image's non-black pixels, falling back to the ground-truth reference when there are none.
 """
 
 from __future__ import annotations
@@ -24,6 +28,19 @@ MIN_REFERENCE_PIXELS = 9
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 FOURIER_SCALE = 3.0
 """Standard deviation of the random frequencies (per unit of the [-1, 1] box coordinates)."""
+
+
+@dataclass(frozen=True)
+class PredictedMask:
+    """A referred round's mask as the model predicted it (H, W), and that round's ground-truth mask when the
+    caller has it (the reference the authors' validation keeps when the predicted one cannot be cut)."""
+
+    mask: np.ndarray
+    truth: np.ndarray | None = None
+
+
+class NoImagePixels(ValueError):
+    """The masked image has no non-black pixel to cut a crop from (``reference_from_masked_image``)."""
 
 
 @dataclass
@@ -83,9 +100,59 @@ def reference_from_mask(image: np.ndarray, mask: np.ndarray | None, min_fragment
     side = max(region.shape[0], region.shape[1])
     crop = np.zeros((side, side, 3), dtype=np.uint8)
     crop[: region.shape[0], : region.shape[1]] = region
+    return Reference(crop=crop, box=_box(top, bottom, left, right, height, width, box_max), whole_image=whole)
+
+
+def _box(top: int, bottom: int, left: int, right: int, height: int, width: int, box_max: str) -> np.ndarray:
+    """The normalised box of rows [top, bottom) and columns [left, right) (``heads.box_max`` edges)."""
     past = 0 if box_max == "exclusive" else 1
-    box = np.array([left / width, top / height, (right - past) / width, (bottom - past) / height], dtype=np.float32)
+    return np.array([left / width, top / height, (right - past) / width, (bottom - past) / height], dtype=np.float32)
+
+
+def reference_from_masked_image(image: np.ndarray, mask: np.ndarray, box_max: str = "exclusive") -> Reference:
+    """The authors' validation's reference from a predicted mask: the image masked with ``mask``; when at most
+    9 of its pixels are non-black in channel 0, the whole image instead. The crop is the masked image cut to
+    the box of its non-black pixels (any channel) and zero-padded to a square (bottom/right); the box token
+    bounds the mask itself (the whole image in the fallback). Raises ``NoImagePixels`` when no pixel of the
+    (masked) image is non-black, where their ``get_bbox`` fails.
+    """
+    height, width = image.shape[:2]
+    keep = np.asarray(mask, dtype=bool)
+    if keep.shape != (height, width):
+        raise ValueError(f"reference mask shape {keep.shape} differs from image shape {(height, width)}")
+    masked = np.where(keep[..., None], image, 0).astype(np.uint8)
+    whole = int(np.count_nonzero(masked[..., 0])) <= MIN_REFERENCE_PIXELS
+    if whole:
+        keep = np.ones((height, width), dtype=bool)
+        masked = np.asarray(image, dtype=np.uint8)
+    lit = masked.any(axis=-1)
+    rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
+    if rows.size == 0:
+        raise NoImagePixels("the masked image has no non-black pixel")
+    region = masked[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    side = max(region.shape[0], region.shape[1])
+    crop = np.zeros((side, side, 3), dtype=np.uint8)
+    crop[: region.shape[0], : region.shape[1]] = region
+    box_rows, box_cols = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
+    box = _box(box_rows[0], box_rows[-1] + 1, box_cols[0], box_cols[-1] + 1, height, width, box_max)
     return Reference(crop=crop, box=box, whole_image=whole)
+
+
+def reference_from_prediction(image: np.ndarray, predicted: PredictedMask, rule: str, min_fragment: float = 0.0,
+                              box_max: str = "exclusive") -> Reference:
+    """A chained round's reference from the model's mask of the referred round (``heads.predicted_reference``):
+    ``mask`` cuts it as ``reference_from_mask``; ``masked-image`` as ``reference_from_masked_image`` (after
+    the stray-fragment rule), and where that finds no non-black pixel, from the ground truth
+    (``predicted.truth``, cut by its mask as in training) when given, else the whole image."""
+    if rule == "mask":
+        return reference_from_mask(image, predicted.mask, min_fragment, box_max)
+    mask = np.asarray(predicted.mask, dtype=bool)
+    if min_fragment > 0:
+        mask = without_small_fragments(mask, min_fragment)
+    try:
+        return reference_from_masked_image(image, mask, box_max)
+    except NoImagePixels:
+        return reference_from_mask(image, predicted.truth, min_fragment, box_max)
 
 
 class BoxEncoder(nn.Module):

@@ -37,7 +37,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from mediround.model.frame import ImageFrame
 from mediround.model.mediround import MediRound
 from mediround.model.processor import TEXT, Piece
-from mediround.model.references import Reference
+from mediround.model.references import PredictedMask, Reference
 from mediround.model.segmenter import decode_masks_per_image
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -281,12 +281,13 @@ class BatchSession:
             layer.values = layer.values[selected, :, start:end]
         self.mask = mask[:, start:end]
 
-    def prepare(self, row: BatchRow, query: str, answer: str | None, reference_mask: np.ndarray | None,
-                refers: bool, max_new_tokens: int | None = None) -> PreparedRound:
+    def prepare(self, row: BatchRow, query: str, answer: str | None,
+                reference_mask: np.ndarray | PredictedMask | None, refers: bool,
+                max_new_tokens: int | None = None) -> PreparedRound:
         """One row's round as token ids and a reference (``answer=None``: the answer is generated greedily,
         up to ``max_new_tokens``, default the session's); raises ``ValueError`` for an answer without
         exactly one [SEG] or a reference mask of the wrong size. A referring round with a missing or tiny
-        mask uses the whole image (references.py)."""
+        mask uses the whole image; a ``PredictedMask`` is cut by ``heads.predicted_reference`` (references.py)."""
         processor = self.model.processor
         reference = processor.reference(row.context.image, reference_mask) if refers else None
         piece, seg_at = processor.layout.round(row.rounds, query, refers, answer)
@@ -347,7 +348,7 @@ class BatchSession:
             asking = [index for index, answer in answers.items() if answer.needs_logits]
             logits = {}
             if asking:
-                rows_logits = model.llava.lm_head(torch.stack([last_hidden[index] for index in asking]))
+                rows_logits = model.answer_logits(torch.stack([last_hidden[index] for index in asking]))
                 logits = dict(zip(asking, rows_logits))
             tokens = {index: answer.next_token(logits.get(index)) for index, answer in answers.items()}
             tokens = {index: token for index, token in tokens.items() if token is not None}
@@ -436,7 +437,7 @@ class DialogueSession:
         had that round."""
         self.batch.undo(self.row)
 
-    def step(self, query: str, answer: str | None, reference_mask: np.ndarray | None = None,
+    def step(self, query: str, answer: str | None, reference_mask: np.ndarray | PredictedMask | None = None,
              refers: bool | None = None, max_new_tokens: int | None = None) -> RoundResult:
         """Append one round; return its projected [SEG] feature and that feature's mask.
 

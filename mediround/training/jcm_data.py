@@ -38,7 +38,7 @@ SOURCES = (TEACHER_FORCED, ROLLOUT)
 @dataclass
 class DialogueFeatures:
     """One dialogue's frozen-model outputs: SAM embedding (1, 256, g, g), its image's frame, ground-truth
-    masks in the resized (supervision) frame (n, h, w) bool, and per source the [SEG] features (n, 256) and
+    masks where they are supervised (``heads.mask_loss_frame``) (n, h, w) bool, and per source the [SEG] features (n, 256) and
     the IoU of their raw masks with the ground truth (n,). Only rounds with a ground-truth mask are kept
     (n of them)."""
 
@@ -50,11 +50,13 @@ class DialogueFeatures:
 
 
 def decode_at_supervision_size(model: Any, entry: DialogueFeatures, features: torch.Tensor) -> torch.Tensor:
-    """(n, 256) features -> (n, h, w) float logits in the entry's resized frame through the frozen decoder.
+    """(n, 256) features -> (n, h, w) float logits where masks are supervised (``heads.mask_loss_frame``:
+    the entry's resized frame or the original size) through the frozen decoder.
 
     Gradients flow to ``features`` (the refine MLP's output), never into the decoder's frozen weights.
     """
-    return entry.frame.resized_logits(model.decode_low_res(entry.embedding, features))
+    return entry.frame.supervised_logits(model.decode_low_res(entry.embedding, features),
+                                         model.config.heads.mask_loss_frame)
 
 
 def raw_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -109,7 +111,8 @@ def collect_features(model: Any, samples: Sequence[Any], sources: Sequence[str],
                 forced = model(model.processor.collate(list(samples))).seg_features
         for index, (sample, context) in enumerate(zip(samples, contexts)):
             valid = [i for i, mask in enumerate(sample.masks) if mask is not None]
-            targets = context.frame.resized_masks([sample.masks[i] for i in valid])
+            targets = context.frame.supervised_masks([sample.masks[i] for i in valid],
+                                                     model.config.heads.mask_loss_frame)
             entry = DialogueFeatures(context.sam_embedding, context.frame, targets.to(context.sam_embedding.device))
             for source in sources:
                 features = forced[index] if source == TEACHER_FORCED else rollout_features(model, sample, context)

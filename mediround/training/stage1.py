@@ -208,9 +208,12 @@ def _loss_counts(batch: Any) -> list[float]:
 
 
 def _chained_masks(model: Any, sample: Any) -> list[np.ndarray]:
-    """Masks of every round chained from the model's own earlier masks (Algorithm 1, JCM off)."""
+    """Masks of every round chained from the model's own earlier masks (Algorithm 1, JCM off); the referred
+    rounds' ground truth goes along for ``heads.predicted_reference: masked-image``'s fallback."""
     track = Track(beta=None, teacher_forcing=False)
-    predictions = chain_dialogue(model, sample.dialogue, sample.image, [track])[track]
+    truth = {round_.ref: sample.masks[round_.ref - 1] for round_ in sample.dialogue.rounds
+             if round_.ref is not None and sample.masks[round_.ref - 1] is not None}
+    predictions = chain_dialogue(model, sample.dialogue, sample.image, [track], reference_truth=truth)[track]
     return [prediction.mask for prediction in predictions]
 
 

@@ -100,7 +100,7 @@ class JCMObjective(nn.Module):
             targets = entry.targets.to(refined.dtype)
             count = features.shape[0]
             refine_bce = refine_bce + bce_loss(refined, targets) * count
-            refine_dice = refine_dice + dice_loss(refined, targets) * count
+            refine_dice = refine_dice + dice_loss(refined, targets, model.config.heads.dice_smoothing) * count
         return torch.stack([judge, refine_bce, refine_dice])
 
 

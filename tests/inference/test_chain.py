@@ -14,6 +14,7 @@ from mediround.inference.chain import Track, chain_dialogue, check_dialogue
 from mediround.model import DialogueSession
 from mediround.model import session as session_module
 from mediround.model.processor import DialogueProcessor
+from mediround.model.references import PredictedMask
 
 
 @pytest.fixture
@@ -23,14 +24,18 @@ def dialogue(tmp_path):
     return dialogue, load_image(dialogue.image_path)
 
 
-def _spy_references(monkeypatch) -> list:
-    """Record every (reference mask, crop, box) the model builds in ``step``."""
+def _spy_references(monkeypatch, given: list | None = None) -> list:
+    """Record every (reference mask, crop, box) the model builds in ``step`` (and in ``given`` what the chain
+    passed: a ground-truth mask or a ``PredictedMask``)."""
     seen = []
     original = DialogueProcessor.reference
 
     def spy(processor, image, mask):
         reference = original(processor, image, mask)
-        seen.append((None if mask is None else np.array(mask), reference.crop.copy(), reference.box.copy()))
+        if given is not None:
+            given.append(mask)
+        plain = mask.mask if isinstance(mask, PredictedMask) else mask
+        seen.append((None if plain is None else np.array(plain), reference.crop.copy(), reference.box.copy()))
         return reference
 
     monkeypatch.setattr(DialogueProcessor, "reference", spy)
@@ -95,6 +100,23 @@ def test_teacher_forcing_feeds_the_ground_truth_reference(model, dialogue, monke
     np.testing.assert_array_equal(seen[0][0], truth[1])
     np.testing.assert_array_equal(seen[1][0], truth[2])
     np.testing.assert_allclose(seen[0][2], _box_of(truth[1]))
+
+
+def test_predicted_references_carry_the_ground_truth_for_the_authors_fallback(model, dialogue, monkeypatch):
+    """A predicted track hands the session its own mask as a ``PredictedMask`` with the referred round's ground
+    truth beside it (``heads.predicted_reference: masked-image`` falls back to it); teacher forcing hands the
+    ground truth itself, which is cut by its mask whatever the rule."""
+    dialogue, image = dialogue
+    truth = {1: load_mask(dialogue.mask_path(1)), 2: load_mask(dialogue.mask_path(2))}
+    given: list = []
+    _spy_references(monkeypatch, given)
+    predicted = chain_dialogue(model, dialogue, image, [Track(None)], reference_truth=truth)[Track(None)]
+    assert [type(mask) for mask in given] == [PredictedMask, PredictedMask]
+    np.testing.assert_array_equal(given[0].mask, predicted[0].mask)
+    np.testing.assert_array_equal(given[1].truth, truth[2])
+    given.clear()
+    chain_dialogue(model, dialogue, image, [Track(None, teacher_forcing=True)], reference_truth=truth)
+    assert not any(isinstance(mask, PredictedMask) for mask in given)
 
 
 def _manual_round_one(model, dialogue, image):

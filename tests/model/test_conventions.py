@@ -91,6 +91,9 @@ def test_7b_preset_turns_the_authors_conventions_on_and_tiny_keeps_todays():
     assert (big.mllm.clip_view, preset("tiny").mllm.clip_view) == ("clip-processor", "squash")
     assert (big.segmenter.resize, preset("tiny").segmenter.resize) == ("pil", "torch")
     assert (big.heads.judge_iou, preset("tiny").heads.judge_iou) == ("original", "resized")
+    assert (big.heads.mask_loss_frame, preset("tiny").heads.mask_loss_frame) == ("original", "resized")
+    assert (big.heads.dice_smoothing, preset("tiny").heads.dice_smoothing) == (1e-3, 1.0)
+    assert (big.heads.predicted_reference, preset("tiny").heads.predicted_reference) == ("masked-image", "mask")
     tiny = preset("tiny")
     assert (tiny.heads.seg_state, tiny.heads.jcm_refine, tiny.heads.jcm_rounds) == ("at_seg", "residual", "all")
     # The paper's reference rule in both presets: only the tiny recipes turn the stray-fragment rule on.
@@ -99,12 +102,15 @@ def test_7b_preset_turns_the_authors_conventions_on_and_tiny_keeps_todays():
 
 def test_a_config_without_the_keys_loads_with_todays_behaviour():
     data = preset("tiny").to_dict()
-    for key in ("seg_state", "jcm_refine", "jcm_rounds", "reference_min_fragment", "box_max", "judge_iou"):
+    for key in ("seg_state", "jcm_refine", "jcm_rounds", "reference_min_fragment", "box_max", "judge_iou",
+                "mask_loss_frame", "dice_smoothing", "predicted_reference"):
         del data["heads"][key]
     del data["mllm"]["chat_template"], data["mllm"]["clip_view"], data["segmenter"]["resize"]
     config = MediRoundConfig.from_dict(data)
     assert config.segmenter.resize == "torch" and config.heads.judge_iou == "resized"
     assert config.heads.box_max == "exclusive" and config.mllm.chat_template == "spaced"
+    assert (config.heads.mask_loss_frame, config.heads.predicted_reference) == ("resized", "mask")
+    assert config.heads.dice_smoothing == 1.0
     assert config.mllm.clip_view == "squash"
     assert (config.heads.seg_state, config.heads.jcm_refine, config.heads.jcm_rounds) == ("at_seg", "residual", "all")
     assert config.heads.reference_min_fragment == 0.0

@@ -139,8 +139,9 @@ def test_every_key_that_changes_a_parameter_count_is_declared_so(stand_ins):
 
 def test_fine_tune_keys_are_where_weights_lie_loss_weights_and_targets_and_how_compute_runs():
     assert set(FINE_TUNE_KEYS) == {"mllm.source", "segmenter.checkpoint", "lora.dropout", "precision",
-                                   "gradient_checkpointing", "heads.judge_iou", *(f"loss.{f.name}" for f in
-                                                               dataclasses.fields(MediRoundConfig().loss))}
+                                   "gradient_checkpointing", "heads.judge_iou", "heads.mask_loss_frame",
+                                   "heads.dice_smoothing",
+                                   *(f"loss.{f.name}" for f in dataclasses.fields(MediRoundConfig().loss))}
 
 
 def test_every_trainability_switch_but_the_language_models_names_a_part_of_the_model():

@@ -97,3 +97,63 @@ def test_bf16_with_gradient_checkpointing_trains_and_matches_fp32_closely():
         outputs[precision] = {k: float(v) for k, v in output.losses.items()}
     for name in ("ce", "bce", "dice"):
         assert abs(outputs["bf16"][name] - outputs["fp32"][name]) < 0.05 * max(1.0, outputs["fp32"][name])
+
+
+def test_mask_losses_at_the_original_size_compare_original_logits_with_the_ground_truth_as_it_is():
+    """``heads.mask_loss_frame: original`` (the 7B preset, the authors' ``postprocess_masks``): the targets
+    are the ground-truth masks at the image's size, the logits are what inference returns there, and the
+    losses are BCE and Dice of those; ``resized`` keeps both in SAM's resized frame."""
+    from mediround.model.losses import mask_losses
+
+    torch.set_num_threads(2)
+    model = tiny_model()
+    wide = sample(1, seed=8)
+    wide.image = np.random.default_rng(3).integers(0, 255, (64, 200, 3), dtype=np.uint8)
+    wide.masks = [np.zeros((64, 200), dtype=bool)]
+    wide.masks[0][10:40, 30:120] = True
+    resized = model(model.processor.collate([wide]))
+    model.config.heads.mask_loss_frame = "original"
+    model.processor.mask_loss_frame = "original"
+    batch = model.processor.collate([wide])
+    assert batch.target_masks[0].shape == (1, 64, 200)
+    assert torch.equal(batch.target_masks[0][0].bool(), torch.from_numpy(wide.masks[0]))
+    original = model(batch)
+    frame = batch.frames[0]
+    assert original.mask_logits[0].shape == (1, 64, 200)
+    torch.testing.assert_close(original.mask_logits[0], frame.to_original(resized.mask_logits[0]))
+    bce, dice = mask_losses(list(original.mask_logits[0]), list(batch.target_masks[0]))
+    torch.testing.assert_close((original.losses["bce"], original.losses["dice"]), (bce, dice))
+    assert abs(float(original.losses["bce"]) - float(resized.losses["bce"])) > 1e-6
+
+
+def test_the_image_placeholder_is_never_a_target_nor_generated():
+    """``<image>`` marks where image features go: its logit is -inf in the loss and in greedy decoding, so the
+    answer CE is a softmax over the other tokens (the authors' LLaVA has no such row)."""
+    torch.set_num_threads(2)
+    model = tiny_model()
+    image_id = model.processor.layout.image_id
+    hidden = torch.randn(5, model.llava.config.text_config.hidden_size)
+    with torch.no_grad():
+        logits = model.answer_logits(hidden)
+        raw = model.llava.lm_head(hidden)
+    assert torch.isneginf(logits[:, image_id]).all()
+    others = [i for i in range(raw.shape[-1]) if i != image_id]
+    torch.testing.assert_close(logits[:, others], raw[:, others])
+    labels = torch.tensor(others[:5])
+    kept = torch.nn.functional.cross_entropy(raw[:, others], torch.tensor([others.index(int(i)) for i in labels]))
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(logits, labels), kept)
+
+
+def test_dice_smoothing_is_the_term_added_to_both_sides_of_the_soft_dice():
+    """``heads.dice_smoothing``: 1 - (2 I + s) / (P + G + s); the authors' scaled form, sums / 1000 with eps 1e-6,
+    is s = 0.001 (the 7B preset)."""
+    from mediround.model.losses import dice_loss
+
+    logits = torch.randn(2, 6, 7, generator=torch.Generator().manual_seed(1))
+    targets = (torch.rand(2, 6, 7, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    probs = torch.sigmoid(logits).flatten(1)
+    flat = targets.flatten(1)
+    scaled = 1 - (2 * (probs / 1000 * flat).sum(-1) + 1e-6) / ((probs / 1000).sum(-1) + (flat / 1000).sum(-1) + 1e-6)
+    torch.testing.assert_close(dice_loss(logits, targets, 1e-3), scaled.mean())
+    default = 1 - (2 * (probs * flat).sum(-1) + 1) / (probs.sum(-1) + flat.sum(-1) + 1)
+    torch.testing.assert_close(dice_loss(logits, targets), default.mean())

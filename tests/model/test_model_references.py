@@ -93,3 +93,79 @@ def test_min_fragment_keeps_large_parts_and_the_largest_one():
     scattered[::8, ::8] = True  # 25 single pixels
     assert not reference_from_mask(image, scattered).whole_image
     assert reference_from_mask(image, scattered, min_fragment=0.1).whole_image
+
+
+def _ct_like(height: int = 12, width: int = 16) -> np.ndarray:
+    """A slice with a black border: pixels lit (value 120) only in rows 3-8, columns 4-11."""
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    image[3:9, 4:12] = 120
+    return image
+
+
+def test_masked_image_rule_cuts_the_crop_to_the_lit_pixels_and_the_box_to_the_mask():
+    """``heads.predicted_reference: masked-image`` (the authors' validation): a predicted mask reaching into the
+    black border gets a crop cut to the masked image's non-black pixels, while the box token bounds the mask."""
+    from mediround.model.references import PredictedMask, reference_from_prediction
+
+    image = _ct_like()
+    mask = np.zeros((12, 16), dtype=bool)
+    mask[1:6, 2:8] = True  # rows 1-5, columns 2-7; lit where it meets rows 3-5, columns 4-7
+    reference = reference_from_prediction(image, PredictedMask(mask), "masked-image", box_max="inclusive")
+    assert reference.crop.shape == (4, 4, 3) and not reference.whole_image
+    assert (reference.crop[:3] == 120).all() and reference.crop[3:].max() == 0  # 3 lit rows, padded
+    np.testing.assert_allclose(reference.box, [2 / 16, 1 / 12, 7 / 16, 5 / 12])
+    by_mask = reference_from_prediction(image, PredictedMask(mask), "mask", box_max="inclusive")
+    assert by_mask.crop.shape == (6, 6, 3)  # the mask rule crops the mask's own box
+    np.testing.assert_array_equal(by_mask.box, reference.box)
+
+
+def test_masked_image_rule_counts_lit_pixels_of_channel_0_for_the_whole_image_fallback():
+    """More than 9 mask pixels but at most 9 of them lit in channel 0: the whole image, whose crop is cut to
+    the image's own non-black pixels (any channel) and whose box is the whole image."""
+    from mediround.model.references import reference_from_masked_image
+
+    image = _ct_like()
+    image[0, 15] = (0, 90, 0)  # lit in channel 1 only: bounds the crop, not counted by the 9-pixel rule
+    mask = np.zeros((12, 16), dtype=bool)
+    mask[0:3, 0:16] = True  # 48 mask pixels, one lit (in channel 1)
+    mask[3, 4:13] = True  # 9 more, 8 of them lit in channel 0 (column 12 is black)
+    mask[4, 4] = True  # the 9th lit in channel 0
+    reference = reference_from_masked_image(image, mask, box_max="inclusive")
+    assert reference.whole_image
+    np.testing.assert_allclose(reference.box, [0, 0, 15 / 16, 11 / 12])
+    assert reference.crop.shape == (12, 12, 3)  # rows 0-8, columns 4-15
+    np.testing.assert_array_equal(reference.crop[:9], image[0:9, 4:16])
+    mask[4, 5] = True  # a 10th lit pixel: the mask decides
+    assert not reference_from_masked_image(image, mask).whole_image
+
+
+def test_masked_image_rule_keeps_the_ground_truth_reference_when_nothing_is_lit():
+    """Where the authors' ``get_bbox`` fails (a black image), the referred round's ground-truth reference stays
+    (cut by its mask, as in training); without the ground truth, the whole image."""
+    from mediround.model.references import PredictedMask, reference_from_prediction
+
+    black = np.zeros((12, 16, 3), dtype=np.uint8)
+    predicted = np.zeros((12, 16), dtype=bool)
+    predicted[2:8, 2:8] = True
+    truth = np.zeros((12, 16), dtype=bool)
+    truth[5:7, 9:15] = True
+    kept = reference_from_prediction(black, PredictedMask(predicted, truth), "masked-image")
+    expected = reference_from_mask(black, truth)
+    np.testing.assert_array_equal(kept.box, expected.box)
+    assert kept.crop.shape == expected.crop.shape == (6, 6, 3)
+    whole = reference_from_prediction(black, PredictedMask(predicted), "masked-image")
+    assert whole.whole_image and whole.crop.shape == (16, 16, 3)
+
+
+def test_the_processor_cuts_predicted_masks_by_the_rule_and_ground_truth_by_the_mask():
+    from mediround.model import build_model, preset
+    from mediround.model.references import PredictedMask
+
+    config = preset("tiny")
+    config.heads.predicted_reference = "masked-image"
+    processor = build_model(config, device="meta").processor
+    image = _ct_like()
+    mask = np.zeros((12, 16), dtype=bool)
+    mask[1:6, 2:8] = True
+    assert processor.reference(image, PredictedMask(mask)).crop.shape == (4, 4, 3)
+    assert processor.reference(image, mask).crop.shape == (6, 6, 3)

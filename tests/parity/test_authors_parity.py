@@ -33,7 +33,10 @@ def _harness():
 
 @pytest.fixture(scope="module")
 def our_side(tmp_path_factory):
-    """The harness, the recorded run, the weights folder and our model, built once for the module."""
+    """The harness, the weights folder, our model built from the regenerated weights, and the recorded
+    runs. Our stage 2 (``compare_jcm``) runs first, on the initial weights as in the harness, then
+    ``compare`` (its forward and backward leave the stage-1 gradients on the model); a test that changes
+    the model (``compare_step`` steps it) runs last in this module."""
     harness = _harness()
     work = tmp_path_factory.mktemp("parity")
     recorded = json.loads((FIXTURE / "authors.json").read_text())
@@ -45,14 +48,18 @@ def our_side(tmp_path_factory):
     harness.convert(work)
     model = harness.our_model(work)
     _encode_each_image_once(model.sam.image_encoder)
-    return harness, recorded, work, model
+    jcm_report, report = harness.Report(), harness.Report()
+    harness.compare_jcm(work, model, load_file(str(FIXTURE / "authors_jcm.safetensors")), jcm_report)
+    model.zero_grad(set_to_none=True)
+    harness.compare(work, model, load_file(str(FIXTURE / "authors.safetensors")), recorded, report)
+    return harness, work, model, report, jcm_report, recorded
 
 
 def _encode_each_image_once(encoder: torch.nn.Module) -> None:
     """SAM's frozen ViT-B encoder computed once per distinct image: both parity dialogues share one slice,
-    and the tests encode it six times (the stage-1 batch of two; stage 2's ``encode_image`` and its
-    teacher-forced forward, two each), most of their run time. The encoder is frozen and deterministic, so
-    a repeated image gets the output its first encoding gave."""
+    and the tests encode it many times (the stage-1 batch of two; stage 2's ``encode_image`` and its
+    teacher-forced forward; the chained evaluation), most of their run time. The encoder is frozen and
+    deterministic, so a repeated image gets the output its first encoding gave."""
     encode = encoder.forward
     outputs: dict[str, torch.Tensor] = {}
 
@@ -80,9 +87,7 @@ def _changed(results: dict, recorded: dict) -> dict:
 
 @pytest.mark.slow
 def test_our_side_reproduces_the_recorded_parity(our_side):
-    harness, recorded, work, model = our_side
-    report = harness.Report()
-    harness.compare(work, model, load_file(str(FIXTURE / "authors.safetensors")), recorded, report)
+    _, _, _, report, _, recorded = our_side
     changed = _changed(report.results, recorded["results"])
     assert not changed, f"compared computations changed since the fixture was written: {changed}"
 
@@ -90,10 +95,23 @@ def test_our_side_reproduces_the_recorded_parity(our_side):
 @pytest.mark.slow
 def test_our_stage_2_reproduces_the_recorded_jcm_parity(our_side):
     """Item 5: judge scores and targets, refined features and masks, stage-2 losses and gradients."""
-    harness, _, work, model = our_side
+    _, _, _, _, jcm_report, _ = our_side
     recorded = json.loads((FIXTURE / "authors_jcm.json").read_text())
-    report = harness.Report()
-    harness.compare_jcm(work, model, load_file(str(FIXTURE / "authors_jcm.safetensors")), report)
-    assert len(report.results) == 10
-    changed = _changed(report.results, recorded["results"])
+    assert len(jcm_report.results) == 10
+    changed = _changed(jcm_report.results, recorded["results"])
     assert not changed, f"compared stage-2 computations changed since the fixture was written: {changed}"
+
+
+@pytest.mark.slow
+def test_our_evaluation_and_optimizer_step_reproduce_the_recorded_parity(our_side):
+    """Items 3-4 against ``fixture/authors_eval.*``: the chained evaluation (mask logits, references, Dice /
+    gIoU / cIoU) and every trainable tensor after one AdamW step (mask-decoder tensors every
+    ``MASK_DECODER_STRIDE``-th element, as recorded for them). Last in the module: the step changes the model."""
+    harness, work, model, _, _, parity = our_side
+    recorded = json.loads((FIXTURE / f"{harness.EVAL_FILE}.json").read_text())
+    authors = load_file(str(FIXTURE / f"{harness.EVAL_FILE}.safetensors"))
+    report = harness.Report()
+    harness.compare_evaluation(work, model, authors, recorded, report)
+    harness.compare_step(model, authors, recorded, parity["added_token_ids"], report, harness.MASK_DECODER_STRIDE)
+    changed = _changed(report.results, recorded["results"])
+    assert not changed, f"compared computations changed since the fixture was written: {changed}"
