@@ -2,7 +2,9 @@
 without the weights' config, from the ``llava-med-7b`` preset's known sizes.
 
 Counts come from the real module tree (nothing allocated) or from the known sizes; the activation term
-is a standard transformer estimate. It is a planning number for ``doctor`` and the docs, not a measurement.
+is a standard transformer estimate, and the frozen SAM image encoder's attention scores (which the first
+version left out: docs/model.md, "What the memory estimate covers") are counted from SAM's layout. It is a
+planning number for ``doctor`` and the docs, checked against CPU runs by benchmarks/paper_path_rehearsal.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 1024**3
 # The sequence length assumed where no training dialogue can be measured (and the docs' table).
 DEFAULT_SEQUENCE_LENGTH = 1024
+SAM_SCORE_COPIES = 3
+"""segment_anything's global-attention blocks hold their (heads, tokens, tokens) fp32 scores three times at
+once, under no_grad too: q @ k^T, and the two sums of ``add_decomposed_rel_pos``. For ViT-B at 1,024 px that
+is 3 x 12 x 4,096^2 x 4 B = 2.25 GiB per image; measured 2.45 GiB above the baseline for one image."""
 
 
 @dataclass
@@ -32,13 +38,17 @@ class MemoryEstimate:
     optimiser: int
     activations: int
     logits: int
+    image_encoder: int
+    """SAM's attention scores while it encodes the micro-batch's images, before the language model runs:
+    the peak is the larger of this and the language model's activations and logits."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimiser + self.activations + self.logits
+        return (self.weights + self.gradients + self.optimiser
+                + max(self.image_encoder, self.activations + self.logits))
 
     def as_gib(self) -> dict[str, float]:
-        names = ("weights", "gradients", "optimiser", "activations", "logits", "total")
+        names = ("weights", "gradients", "optimiser", "activations", "logits", "image_encoder", "total")
         return {name: round(getattr(self, name) / GIB, 2) for name in names}
 
 
@@ -53,11 +63,15 @@ class ModelSizes:
     hidden_size: int
     num_layers: int
     vocab_size: int
+    sam_heads: int
+    sam_tokens: int
+    """Heads and tokens (the image-embedding grid, squared) of SAM's global-attention blocks."""
 
 
 def model_sizes(model: torch.nn.Module) -> ModelSizes:
     """The sizes of a built MediRound (on meta or not)."""
     text = model.llava.config.text_config
+    encoder = model.sam.image_encoder
     return ModelSizes(
         parameters=sum(p.numel() for p in model.parameters()),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -66,6 +80,8 @@ def model_sizes(model: torch.nn.Module) -> ModelSizes:
         hidden_size=text.hidden_size,
         num_layers=text.num_hidden_layers,
         vocab_size=text.vocab_size,
+        sam_heads=encoder.blocks[0].attn.num_heads,
+        sam_tokens=encoder.pos_embed.shape[1] * encoder.pos_embed.shape[2],
     )
 
 
@@ -109,6 +125,8 @@ def known_sizes(preset_name: str, config: MediRoundConfig) -> ModelSizes | None:
         hidden_size=4_096,
         num_layers=32,
         vocab_size=32_003,
+        sam_heads=12,
+        sam_tokens=(1_024 // 16) ** 2,
     )
 
 
@@ -135,7 +153,9 @@ def estimate_from_sizes(
     gradients, SAM and heads in fp32; AdamW's two fp32 moments (8 bytes per trainable parameter); so 16 bytes
     per trainable parameter whatever the precision. Activations of the language model (with gradient
     checkpointing: one hidden state per layer plus one layer's working set, else ~34 values per hidden
-    unit per layer) and the fp32 logits of the answer positions (bounded by the sequence length).
+    unit per layer) and the fp32 logits of the answer positions (bounded by the sequence length); or, if
+    larger, the frozen SAM image encoder's global-attention scores while it encodes the micro-batch's
+    images (``SAM_SCORE_COPIES`` fp32 copies per image: the model encodes the whole micro-batch at once).
     ZeRO partitioning is applied by ``mediround.doctor.memory.shard_for_zero``.
     """
     width = BYTES[config.precision]
@@ -154,4 +174,5 @@ def estimate_from_sizes(
         optimiser=sizes.trainable * 8,
         activations=activations,
         logits=tokens * sizes.vocab_size * 4,
+        image_encoder=batch_size * SAM_SCORE_COPIES * sizes.sam_heads * sizes.sam_tokens**2 * 4,
     )
