@@ -34,6 +34,7 @@ from mediround.launch import (
 )
 from mediround.training.engine import TrainingResult
 from mediround.training.events import (
+    BestKept,
     CheckpointSaved,
     Event,
     JCMValidated,
@@ -221,6 +222,9 @@ class TrainingDisplay:
             case Validated() | JCMValidated():
                 for line in self.view.validation_lines(event):
                     self.progress.console.print(line)
+            case BestKept():
+                self.progress.console.print(f"[dim]best {event.metric} ({event.best_of}) {event.value:.4f} at step "
+                                            f"{event.step}: {event.path}[/dim]")
             case CheckpointSaved():
                 self.progress.console.print(f"[dim]checkpoint {event.path}[/dim]")
                 if self.task is not None:

@@ -141,9 +141,11 @@ def check_memory(
     setup = Setup(recipe.model.gradient_checkpointing, recipe.train.batch_size, recipe.train.grad_accum, stage)
     whole = estimate_from_sizes(recipe.model, sizes, setup.batch_size, length)
     # A checkpoint holds the trainable weights (model/ and trainable.safetensors) and the optimiser state;
-    # one more is being written while keep_last are kept.
+    # one more is being written while keep_last are kept. A best checkpoint (keep_best) is a model/ folder,
+    # two while one replaces the other.
     per_checkpoint = whole.optimiser + 2 * whole.gradients
-    checkpoint_bytes = per_checkpoint * (recipe.checkpoint.keep_last + 1)
+    best_bytes = 2 * whole.gradients if recipe.checkpoint.keep_best is not None else 0
+    checkpoint_bytes = per_checkpoint * (recipe.checkpoint.keep_last + 1) + best_bytes
     peak = shard_for_zero(whole, stage, world).total
     context = f"{world} process(es), {setup.describe()}, {recipe.model.precision} weights, {how}"
     if gpu_memory_gib is not None:

@@ -10,6 +10,12 @@ renamed when complete, so a final name always holds a whole checkpoint::
     scheduler.json              the LR scheduler state_dict
     rng-rank<R>.json/.safetensors  python, numpy and torch (and CUDA) RNG states of each process
     trainer_state.json          step, data position, world size, recipe hash (written last)
+
+With ``checkpoint.keep_best``, ``checkpoints/best`` holds the MediRound checkpoint (the format of a
+step's ``model/``, loadable wherever a ``--model`` folder is) of the best validation so far, with
+``best.json`` inside (step, metric, track, rounds, value; covered by its manifest). It is written under
+``.best.tmp`` and swapped in by renames; a run killed between the two renames finds the previous best
+under ``.best.old`` and puts it back on its next start.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,8 @@ from mediround.errors import CheckpointError
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE = "trainable.safetensors"
+BEST = "best"
+BEST_RECORD = "best.json"
 
 
 def checkpoint_name(step: int) -> str:
@@ -60,7 +69,11 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def remove_temporary(checkpoints: Path) -> None:
-    """Delete half-written checkpoints left by a killed run."""
+    """Delete half-written checkpoints left by a killed run; a best checkpoint retired by a swap that was
+    cut off before its replacement got the name (``publish``) is put back first."""
+    retired_best = checkpoints / f".{BEST}.old"
+    if retired_best.is_dir() and not (checkpoints / BEST).exists():
+        os.replace(retired_best, checkpoints / BEST)
     if checkpoints.is_dir():
         for entry in checkpoints.iterdir():
             if entry.name.startswith(".") and entry.name.endswith((".tmp", ".old")):
@@ -68,18 +81,50 @@ def remove_temporary(checkpoints: Path) -> None:
 
 
 def publish(temporary: Path, final: Path) -> None:
-    """Make a finished temporary folder visible under its final name (fsync, then one rename)."""
+    """Make a finished temporary folder visible under its final name (fsync, then one rename). A folder
+    already there is renamed to ``.NAME.old`` first and deleted only once the new one has the name."""
     for path in temporary.rglob("*"):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+    retired = final.with_name(f".{final.name}.old")
     if final.exists():
-        retired = final.with_name(f".{final.name}.old")
         shutil.rmtree(retired, ignore_errors=True)
         os.replace(final, retired)
-        shutil.rmtree(retired, ignore_errors=True)
     os.replace(temporary, final)
     _fsync_folder(final.parent)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def read_best(checkpoints: Path) -> dict | None:
+    """The ``best.json`` of ``checkpoints/best`` (None when there is no best checkpoint)."""
+    path = checkpoints / BEST / BEST_RECORD
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: cannot read: {error}") from None
+
+
+def write_best(checkpoints: Path, save_model: Callable[[Path, Callable[[Path], None]], Any], record: dict) -> Path:
+    """Replace ``checkpoints/best`` by the checkpoint ``save_model(folder, write_extra)`` writes, with
+    ``record`` as its ``best.json``: written under ``.best.tmp``, then published."""
+    staging = checkpoints / f".{BEST}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    written = staging / BEST
+    save_model(written, lambda folder: write_json(folder / BEST_RECORD, record))
+    final = checkpoints / BEST
+    publish(written, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def remove_best(checkpoints: Path) -> None:
+    """Delete the best checkpoint of an earlier attempt (a run that starts from step 0 keeps its own)."""
+    for name in (BEST, f".{BEST}.old"):
+        shutil.rmtree(checkpoints / name, ignore_errors=True)
 
 
 def prune(checkpoints: Path, keep_last: int) -> None:

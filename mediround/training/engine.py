@@ -37,6 +37,7 @@ from mediround.model.build import keep_trainable_fp32
 from mediround.training import checkpointing
 from mediround.training.data import ShardedStream, StreamPosition
 from mediround.training.events import (
+    BestKept,
     CheckpointSaved,
     Event,
     EventHandler,
@@ -138,6 +139,16 @@ class Objective(ABC):
     def save_model(self, folder: Path) -> None:
         """Write the trained MediRound checkpoint (main process only)."""
 
+    @abstractmethod
+    def best_score(self, event: Event, metric: str, best_of: str) -> float | None:
+        """The value of ``metric`` over all rounds of the ``best_of`` track of a validation event (None when
+        that track was not scored)."""
+
+    @abstractmethod
+    def save_best(self, folder: Path, write_extra: Callable[[Path], None]) -> None:
+        """Write the model as it is now, as the MediRound checkpoint ``save_model`` would write at the end,
+        without changing what training goes on with; ``write_extra`` adds the record (main process only)."""
+
     def write_checkpoint_extra(self, folder: Path) -> None:
         """Add files to a checkpoint folder being written (main process only)."""
 
@@ -155,6 +166,19 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], 
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
+
+
+def micro_batch_scales(counts: list[float], global_counts: list[float], world_size: int, micro_batches: int,
+                       averaging: str) -> list[float]:
+    """What each loss component of one micro-batch (a mean over that micro-batch's ``counts`` of tokens or
+    masks) is multiplied by before its backward, given that gradients are then averaged over the
+    ``world_size`` processes (``train.loss_averaging``): ``weighted``, its share of the ``global_counts`` of
+    the step's global batch (times ``world_size``, which the average undoes); ``micro-batch-mean``,
+    1 / ``micro_batches`` (this process's accumulation steps), so each micro-batch's mean counts the same,
+    as DeepSpeed divides the loss by the accumulation steps and averages gradients over processes."""
+    if averaging == "micro-batch-mean":
+        return [1.0 / micro_batches] * len(counts)
+    return [count * world_size / max(1.0, float(total)) for count, total in zip(counts, global_counts)]
 
 
 def total_steps(recipe: RunRecipe, num_dialogues: int, world_size: int) -> int:
@@ -330,14 +354,28 @@ class TrainingEngine:
         if self.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             checkpointing.remove_temporary(self.checkpoints)
+            if state is None:
+                checkpointing.remove_best(self.checkpoints)
             # Rewritten on resume too: it records the run as it now goes on (a raised train.max_steps).
             write_json(self.output / RUN_FILE, run_record(recipe))
         self.accelerator.wait_for_everyone()
+        self.best = self._restored_best() if state is not None and self.is_main else None
         self.log = TrainingLog(self.output, state["step"] if state else None) if self.is_main else None
         if self.report_to:
             self.accelerator.init_trackers(TRACKER_PROJECT, config=flat_scalars(recipe.to_dict()),
                                            init_kwargs={"wandb": {"name": self.output.name, "dir": str(self.output)}})
         return RunStart(train_dialogues, val_dialogues, train_problems + val_problems, resume_from, state)
+
+    def _restored_best(self) -> dict | None:
+        """On resume: the record of the best checkpoint so far, when it was chosen by this recipe's metric
+        and track (so that a resumed run replaces it only with a better one); None otherwise."""
+        if self.recipe.checkpoint.keep_best is None:
+            return None
+        record = checkpointing.read_best(self.checkpoints)
+        wanted = {"metric": self.recipe.checkpoint.keep_best, "best_of": self.recipe.checkpoint.best_of}
+        if record is None or any(record.get(key) != value for key, value in wanted.items()):
+            return None
+        return record
 
     def stream(self, count: int, position: StreamPosition) -> ShardedStream:
         """This process's share of ``count`` training dialogues, from ``position`` on."""
@@ -397,6 +435,7 @@ class TrainingEngine:
         step, position = self._restore(start)
         batches = self.objective.micro_batches(self, start, position)
         self.has_validation = bool(start.val_dialogues)
+        self.val_count = len(start.val_dialogues)
         result = TrainingResult(self.output, step, steps, self.world_size, data_problems=len(start.problems))
         self.emit(self.objective.run_started(
             step=step, total_steps=steps, world_size=self.world_size, global_batch=recipe.global_batch(self.world_size),
@@ -504,6 +543,32 @@ class TrainingEngine:
         if event is not None:
             result.validations.append(event)
             self.emit(event)
+        settings = self.recipe.checkpoint
+        if settings.keep_best is not None and 0 < step <= (settings.best_until_step or step):
+            if self.is_main and event is not None:
+                self._keep_if_best(event, step)
+            self.accelerator.wait_for_everyone()
+
+    def _keep_if_best(self, event: Event, step: int) -> None:
+        """Replace the best checkpoint when this validation beats it (strictly, as the authors compare;
+        a NaN never does)."""
+        settings = self.recipe.checkpoint
+        value = self.objective.best_score(event, settings.keep_best, settings.best_of)
+        if value is None or not math.isfinite(value):
+            return
+        if self.best is not None and not value > self.best["value"]:
+            return
+        validation = self.recipe.validation
+        count = self.val_count
+        record = {
+            "step": step, "metric": settings.keep_best, "best_of": settings.best_of, "rounds": "all",
+            "best_until_step": settings.best_until_step,
+            "value": value, "validation_dialogues": count if validation.max_dialogues is None
+            else min(count, validation.max_dialogues), "recipe_hash": self.recipe.hash,
+        }
+        folder = checkpointing.write_best(self.checkpoints, self.objective.save_best, record)
+        self.best = record
+        self.emit(BestKept(step, settings.keep_best, settings.best_of, value, str(folder)))
 
     def _save(self, step: int, position: StreamPosition) -> Path:
         """Write a checkpoint under a hidden name, then rename it; every process takes part. The objective

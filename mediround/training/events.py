@@ -175,6 +175,19 @@ class CheckpointSaved(Event):
 
 
 @dataclass
+class BestKept(Event):
+    """A validation scored higher than every earlier one on ``checkpoint.keep_best``'s ``metric`` (over all
+    rounds of the ``best_of`` track): its model is now the best checkpoint at ``path``."""
+
+    kind: ClassVar[str] = "best"
+    step: int
+    metric: str
+    best_of: str
+    value: float
+    path: str
+
+
+@dataclass
 class RunEnded(Event):
     """The run finished or was interrupted; ``model`` is the new MediRound checkpoint when it finished."""
 

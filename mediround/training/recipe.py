@@ -40,6 +40,9 @@ from mediround.model.weight_sources import WEIGHTS_PAGE
 from mediround.typed import check, load_typed, refuse, typed_config
 
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+LossAveraging = Literal["weighted", "micro-batch-mean"]
+BestMetric = Literal["giou", "ciou", "dice"]
+BestOf = Literal["chained", "teacher_forced"]
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 """The experiment trackers ``log.report_to`` accepts, each with the package (and extra) it needs."""
 Tracker = Literal[tuple(TRACKERS)]
@@ -82,7 +85,13 @@ class DataSection:
 @dataclass
 class TrainSection:
     """Optimisation. Defaults are the paper's: AdamW 3e-4, betas (0.9, 0.95), no weight decay,
-    100 warm-up steps then linear decay to 0, gradient clipping 1.0."""
+    100 warm-up steps then linear decay to 0, gradient clipping 1.0.
+
+    ``loss_averaging`` says how a step's micro-batches (``grad_accum`` x processes) make one loss:
+    ``weighted`` (default) weighs each micro-batch's token-mean CE and mask-mean BCE/Dice by its share of the
+    global batch's tokens and masks, so the step is the loss of the global batch as one batch whatever its
+    split; ``micro-batch-mean`` averages the micro-batch means, each micro-batch counting the same, as the
+    authors' DeepSpeed run does (their loss divided by the accumulation steps, gradients averaged over GPUs)."""
 
     seed: int = 0
     batch_size: Count = 15
@@ -99,6 +108,7 @@ class TrainSection:
         | None = 1.0
     mixed_precision: MixedPrecision = "auto"
     skip_nonfinite: bool = False
+    loss_averaging: LossAveraging = "weighted"
     find_unused_parameters: bool = False
     num_workers: NonNegative = 0
     threads: int | None = None
@@ -133,10 +143,21 @@ class AugmentSection:
 @typed_config
 @dataclass
 class CheckpointSection:
-    """A checkpoint every ``every`` optimizer steps and at the end; the last ``keep_last`` are kept."""
+    """A checkpoint every ``every`` optimizer steps and at the end; the last ``keep_last`` are kept.
+
+    ``keep_best`` (``giou``, ``ciou`` or ``dice``; null: off) also keeps ``checkpoints/best``: the MediRound
+    checkpoint of the validation that scored highest so far on that metric, over all rounds of the
+    validation dialogues, on the ``best_of`` track: ``chained`` (each round's reference is the model's own
+    earlier mask; in stage 2 with JCM at ``jcm.beta``, the authors' choice in both stages) or, in stage 1,
+    ``teacher_forced``. The step-0 validation (``validation.at_start``) is not a candidate, nor any after
+    ``best_until_step`` (null: none is excluded): the authors' ``ckpt_model`` is the best of their first 9
+    validations, the 10th and later are kept apart (ours: ``<output>/model``). Needs ``data.val``."""
 
     every: NonNegative = 500
     keep_last: Count = 3
+    keep_best: BestMetric | None = None
+    best_of: BestOf = "chained"
+    best_until_step: Count | None = None
 
 
 @typed_config
@@ -224,6 +245,12 @@ class RunRecipe:
             refuse("data.train", "missing: name the training dialogue file")
         return self
 
+    @model_validator(mode="after")
+    def _keeps_best_only_with_validation(self) -> RunRecipe:
+        if self.checkpoint.keep_best is not None and not self.data.val:
+            refuse("checkpoint.keep_best", "needs validation dialogues: name data.val (or set keep_best: null)")
+        return self
+
     def machine_problems(self) -> Iterator[Problem]:
         """What the stage's own keys name that this machine lacks (the shared sections': ``check_machine``)."""
         return iter(())
@@ -268,6 +295,12 @@ class Recipe(RunRecipe):
         if self.model.precision != "fp32" and self.train.mixed_precision == "no":
             refuse("train.mixed_precision", f"'no' cannot train a {self.model.precision} model: the trainable "
                    "weights stay fp32, so compute must autocast (use auto or bf16)")
+        return self
+
+    @model_validator(mode="after")
+    def _scores_the_best_of_track(self) -> Recipe:
+        if self.checkpoint.keep_best is not None and self.checkpoint.best_of == "chained" and not self.validation.chained:
+            refuse("checkpoint.best_of", "'chained' needs validation.chained: true (or best_of: teacher_forced)")
         return self
 
     def machine_problems(self) -> Iterator[Problem]:
@@ -318,6 +351,8 @@ class JCMRecipe(RunRecipe):
             refuse("model", "missing: pass --model CKPT (a MediRound checkpoint folder from `mediround train`)")
         if self.output and Path(self.output).resolve() == Path(self.model).resolve():
             refuse("output", "must differ from the model folder (train-jcm writes a new checkpoint)")
+        if self.checkpoint.keep_best is not None and self.checkpoint.best_of != "chained":
+            refuse("checkpoint.best_of", "stage 2 validates chained rounds only (with JCM at jcm.beta): use 'chained'")
         return self
 
     def machine_problems(self) -> Iterator[Problem]:

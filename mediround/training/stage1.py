@@ -2,7 +2,8 @@
 
 The loss of a step is the loss of its global batch as one batch: token-mean cross-entropy over all its
 answer tokens and mask-mean BCE/Dice over all its masks (and the entity loss over its rounds with an entity).
-Each micro-batch's components are rescaled by its share of the global token, mask and entity counts.
+Each micro-batch's components are rescaled by its share of the global token, mask and entity counts; with
+``train.loss_averaging: micro-batch-mean`` each micro-batch's means count the same instead (the authors' way).
 Validation scores the teacher-forced masks of the training forward and, with ``validation.chained``, the
 rounds chained from the model's own masks (``mediround.inference.chain``, what ``mediround eval`` measures).
 """
@@ -10,7 +11,7 @@ rounds chained from the model's own masks (``mediround.inference.chain``, what `
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,13 @@ from mediround.training.engine import (
     RunStart,
     TrainingEngine,
     TrainingResult,
+    micro_batch_scales,
     run_stage,
 )
 from mediround.training.events import (
     CHAINED_TRACK,
     TEACHER_FORCED_TRACK,
+    Event,
     EventHandler,
     TrackScores,
     Validated,
@@ -99,8 +102,8 @@ class TeacherForcing(Objective):
         report = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64)
         nonfinite = False
         for index, batch in enumerate(micro):
-            shares = [count * world_size / max(1.0, float(total))
-                      for count, total in zip(_loss_counts(batch.data), global_counts)]
+            shares = micro_batch_scales(_loss_counts(batch.data), global_counts.tolist(), world_size, len(micro),
+                                        self.recipe.train.loss_averaging)
             with engine.accumulating(last=index == len(micro) - 1):
                 with accelerator.autocast():
                     output = engine.wrapped(batch.data)
@@ -151,6 +154,13 @@ class TeacherForcing(Objective):
             tracks[track] = TrackScores(**{metric: overall[metric] for metric in METRICS},
                                         rounds={r["round"]: r["dice"] for r in table if r["split"] == "round"})
         return Validated(step, tracks, loss=float(np.mean(losses)), masks=len(gathered[TEACHER_FORCED_TRACK]))
+
+    def best_score(self, event: Event, metric: str, best_of: str) -> float | None:
+        scores = event.tracks.get(best_of) if isinstance(event, Validated) else None
+        return None if scores is None else getattr(scores, metric)
+
+    def save_best(self, folder: Path, write_extra: Callable[[Path], None]) -> None:
+        save_checkpoint(self.model, folder, write_extra)
 
     def write_checkpoint_extra(self, folder: Path) -> None:
         """``model/``: a MediRound checkpoint that infer, eval and train-jcm load."""

@@ -8,10 +8,11 @@ ground-truth mask ``G``:
 - refine: ``decode(refine(h))`` through the frozen mask decoder, BCE x2 + Dice x0.5 against ``G``;
 
 each a sum over masks divided by the number of masks of the global batch (as stage 1 does, so the step
-does not depend on how the batch is split over processes). Features come from ``jcm_data`` (computed
-once per dialogue and cached) and are teacher-forced or, with ``jcm.rollout``, produced by chaining the
-model's own masks. The result is a new MediRound checkpoint (``<output>/model``) whose config says JCM is
-trained.
+does not depend on how the batch is split over processes), or with ``train.loss_averaging:
+micro-batch-mean`` by each micro-batch's own masks, the micro-batch means then averaged (the authors'
+way). Features come from ``jcm_data`` (computed once per dialogue and cached) and are teacher-forced
+or, with ``jcm.rollout``, produced by chaining the model's own masks. The result is a new MediRound
+checkpoint (``<output>/model``) whose config says JCM is trained.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from mediround.training.engine import (
     RunStart,
     TrainingEngine,
     TrainingResult,
+    micro_batch_scales,
     run_stage,
 )
-from mediround.training.events import ChainedScores, EventHandler, JCMRunStarted, JCMValidated
+from mediround.training.events import ChainedScores, Event, EventHandler, JCMRunStarted, JCMValidated
 from mediround.training.jcm_data import (
     ROLLOUT,
     TEACHER_FORCED,
@@ -156,13 +158,16 @@ class JudgeAndRefine(Objective):
 
     def accumulate(self, engine: TrainingEngine, micro: list[MicroBatch]) -> tuple[float, dict[str, float], bool]:
         accelerator = engine.accelerator
-        local = torch.tensor(float(sum(f.shape[0] for batch in micro for f, _, _ in batch.data)), dtype=torch.float64)
+        counts = [float(sum(f.shape[0] for f, _, _ in batch.data)) for batch in micro]
+        local = torch.tensor(sum(counts), dtype=torch.float64)
         masks = float(accelerator.reduce(local.to(accelerator.device), "sum"))
-        scale = engine.world_size / max(1.0, masks)
         jcm = self.recipe.jcm
         weights = torch.tensor([jcm.judge_weight, jcm.refine_bce_weight, jcm.refine_dice_weight])
         report = torch.zeros(3, dtype=torch.float64)
         for index, batch in enumerate(micro):
+            # The objective returns sums over masks: the scale of a mean, divided by the micro-batch's masks.
+            scale = micro_batch_scales([counts[index]], [masks], engine.world_size, len(micro),
+                                       self.recipe.train.loss_averaging)[0] / max(1.0, counts[index])
             with engine.accumulating(last=index == len(micro) - 1), accelerator.autocast():
                 sums = engine.wrapped(batch.data)
                 loss = (sums.float() * weights.to(sums.device)).sum() * scale
@@ -186,6 +191,19 @@ class JudgeAndRefine(Objective):
 
     def save_model(self, folder: Path) -> None:
         write_trained_model(self.model, folder)
+
+    def best_score(self, event: Event, metric: str, best_of: str) -> float | None:
+        return getattr(event.jcm, metric) if isinstance(event, JCMValidated) else None
+
+    def save_best(self, folder: Path, write_extra: Callable[[Path], None]) -> None:
+        """The model with the JCM weights as they are now and ``trainable.jcm`` set in its config (as
+        ``write_trained_model`` writes at the end), leaving the JCM being trained in its fp32 and trainable."""
+        config = self.model.config
+        was_trained, config.trainable.jcm = config.trainable.jcm, True
+        try:
+            save_checkpoint(self.model, folder, write_extra)
+        finally:
+            config.trainable.jcm = was_trained
 
 
 def write_trained_model(model: Any, folder: Path) -> Path:
