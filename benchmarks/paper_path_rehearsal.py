@@ -63,13 +63,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 TRAIN_SIZES = ["train.batch_size=1", "train.grad_accum=1", "train.max_steps=2", "train.warmup_steps=1",
                "train.num_workers=0", "validation.every=1", "validation.batch_size=1", "checkpoint.every=1",
-               "checkpoint.keep_best=giou", "log.every=1"]
-"""Two optimizer steps of one dialogue each, a checkpoint and a validation (the whole 1-dialogue split,
-teacher-forced and chained) after each, the best one kept. No data-loader workers: each would be a fork of
+               "log.every=1"]
+"""Two optimizer steps of one dialogue each, a checkpoint and a validation (the recipe's: the whole split,
+here 1 dialogue, teacher-forced and chained) after each; the recipe keeps the best in checkpoints/best. No data-loader workers: each would be a fork of
 the training process, whose shared pages a per-process RSS counts twice."""
 JCM_SIZES = ["train.batch_size=1", "train.grad_accum=1", "train.max_steps=1", "train.warmup_steps=1",
-             "train.num_workers=0", "validation.every=0", "checkpoint.every=1", "log.every=1"]
-"""One stage-2 optimizer step; the JCM evaluation at the end on the validation split."""
+             "train.num_workers=0", "validation.every=1", "checkpoint.every=1", "log.every=1"]
+"""One stage-2 optimizer step and its validation (chained, JCM at beta 0.6), kept as checkpoints/best."""
 
 
 @dataclass
@@ -110,16 +110,16 @@ def sequence(recipe: str) -> list[Step]:
         doctor = Step("doctor", "mediround doctor recipes/mediround-7b-24gb.yaml --gpu-memory 24", extra=TRAIN_SIZES)
         train = "mediround train recipes/mediround-7b-24gb.yaml --gpus 1"
         train_jcm = f"mediround train-jcm recipes/jcm-7b-4gpu.yaml --model {run}/{BEST} --gpus 1 output={jcm}"
-    exported = f"exported/{Path(run).name}"
+    exported = f"exported/{Path(jcm).name}"
     return [
         doctor,
         Step("train (killed)", train, gpu, cpu, TRAIN_SIZES, kill_after=f"{run}/checkpoints/step-00000001",
              estimate_from="doctor"),
         Step("train --resume", train + " --resume", gpu, cpu, TRAIN_SIZES, estimate_from="doctor"),
         Step("train-jcm", train_jcm, gpu, cpu, JCM_SIZES),
-        Step("eval", f"mediround eval {DATA}/val.json --model {jcm}/model --per-round --beta 0.2,0.4,0.6,0.8 --compare-tf",
-             extra=["--predictions-out", f"preds/eval-{Path(run).name}"]),
-        Step("export --merge", f"mediround export {jcm}/model {exported} --merge"),
+        Step("eval", f"mediround eval {DATA}/val.json --model {jcm}/{BEST} --per-round --beta 0.2,0.4,0.6,0.8 "
+             "--compare-tf", extra=["--predictions-out", f"preds/eval-{Path(jcm).name}"]),
+        Step("export --merge", f"mediround export {jcm}/{BEST} {exported} --merge"),
         Step("infer", f"mediround infer {DATA}/val.json --model {exported} --out preds/val --gpus 4", "--gpus 4", cpu,
              ["--overwrite"]) if recipe == "4gpu" else
         Step("infer", f"mediround infer {DATA}/val.json --model {exported} --out preds/val-24gb --gpus 1", "--gpus 1",
@@ -281,11 +281,11 @@ def run_sequence(recipe: str, work: Path, logs: Path, timeout_s: float) -> list[
         print(f"   exit {result['exit']} ({result['killed'] or 'ran to the end'}), {result['wall_s']} s, "
               f"peak RSS {result['peak_rss_gib']} GiB", flush=True)
         results.append(result)
-    name = "mediround-7b-" + recipe
-    ok, detail = pickle_free([work / f"runs/{name}", work / f"runs/jcm-7b-{recipe}", work / f"exported/{name}"])
+    ok, detail = pickle_free([work / f"runs/mediround-7b-{recipe}", work / f"runs/jcm-7b-{recipe}",
+                              work / f"exported/jcm-7b-{recipe}"])
     results.append({"recipe": recipe, "step": "checkpoint files", "passed": ok, "detail": detail})
     infer_out = work / ("preds/val" if recipe == "4gpu" else "preds/val-24gb")
-    ok, detail = same_masks(work / f"preds/eval-{name}/beta-0.6", infer_out)
+    ok, detail = same_masks(work / f"preds/eval-jcm-7b-{recipe}/beta-0.6", infer_out)
     results.append({"recipe": recipe, "step": "exported masks == unexported", "passed": ok, "detail": detail})
     return results
 

@@ -21,10 +21,13 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 1024**3
 # The sequence length assumed where no training dialogue can be measured (and the docs' table).
 DEFAULT_SEQUENCE_LENGTH = 1024
-SAM_SCORE_COPIES = 3
-"""segment_anything's global-attention blocks hold their (heads, tokens, tokens) fp32 scores three times at
-once, under no_grad too: q @ k^T, and the two sums of ``add_decomposed_rel_pos``. For ViT-B at 1,024 px that
-is 3 x 12 x 4,096^2 x 4 B = 2.25 GiB per image; measured 2.45 GiB above the baseline for one image."""
+SAM_SCORE_BYTES = {"fp32": 12, "bf16": 10, "fp16": 10}
+"""Bytes per attention score that segment_anything's global-attention blocks hold at once, under no_grad too
+(the (heads, tokens, tokens) scores; 12 x 4,096^2 per image for ViT-B at 1,024 px). In fp32: three fp32
+copies (q @ k^T and the two sums of ``add_decomposed_rel_pos``), 12 bytes; measured 2.45 GiB above the
+baseline for one image against 2.25 GiB counted. A bf16/fp16 model computes under CUDA autocast, which
+runs softmax in fp32: the bf16 sum, its fp32 cast and the fp32 softmax are alive together, 10 bytes. (CPU
+autocast keeps softmax in bf16: three bf16 copies, 6 bytes; docs/model.md.)"""
 
 
 @dataclass
@@ -155,7 +158,7 @@ def estimate_from_sizes(
     checkpointing: one hidden state per layer plus one layer's working set, else ~34 values per hidden
     unit per layer) and the fp32 logits of the answer positions (bounded by the sequence length); or, if
     larger, the frozen SAM image encoder's global-attention scores while it encodes the micro-batch's
-    images (``SAM_SCORE_COPIES`` fp32 copies per image: the model encodes the whole micro-batch at once).
+    images (``SAM_SCORE_BYTES`` per score: the model encodes the whole micro-batch at once).
     ZeRO partitioning is applied by ``mediround.doctor.memory.shard_for_zero``.
     """
     width = BYTES[config.precision]
@@ -174,5 +177,5 @@ def estimate_from_sizes(
         optimiser=sizes.trainable * 8,
         activations=activations,
         logits=tokens * sizes.vocab_size * 4,
-        image_encoder=batch_size * SAM_SCORE_COPIES * sizes.sam_heads * sizes.sam_tokens**2 * 4,
+        image_encoder=batch_size * sizes.sam_heads * sizes.sam_tokens**2 * SAM_SCORE_BYTES[config.precision],
     )
