@@ -204,7 +204,13 @@ def run_step(step: Step, work: Path, log: Path, timeout_s: float) -> dict:
             elif time.perf_counter() - started > timeout_s:
                 killed = f"stopped after {timeout_s:.0f} s"
             if killed:
-                os.killpg(child.pid, signal.SIGKILL)
+                # Every process of the tree, as a crashed node would lose them: Accelerate's launcher and its
+                # ranks run in process groups of their own.
+                for process in [root, *root.children(recursive=True)]:
+                    try:
+                        process.send_signal(signal.SIGKILL)
+                    except psutil.NoSuchProcess:
+                        continue
                 child.wait()
                 break
             time.sleep(POLL_S)

@@ -5,6 +5,7 @@ changes a docs line only by the CPU launch and appended sizes and output paths. 
 import importlib.util
 import re
 import shlex
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -16,6 +17,7 @@ its predictions, and leave to replace an earlier rehearsal's."""
 def rehearsal():
     spec = importlib.util.spec_from_file_location("paper_path_rehearsal", REPO / "benchmarks" / "paper_path_rehearsal.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the script's dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -23,7 +25,7 @@ def rehearsal():
 def command_lines(markdown: str) -> list[str]:
     """Every ``mediround ...`` line of the markdown's bash blocks, comments and line continuations removed."""
     lines = []
-    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].strip()
             if line.startswith("mediround "):
