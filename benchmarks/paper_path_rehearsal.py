@@ -214,11 +214,26 @@ def run_step(step: Step, work: Path, log: Path, timeout_s: float) -> dict:
                 child.wait()
                 break
             time.sleep(POLL_S)
+    leftovers = stop_leftovers(work)
     per_process = sorted((rss for _, rss in peaks.values()), reverse=True)
     return {"step": step.name, "argv": argv, "exit": child.returncode, "killed": killed,
-            "wall_s": round(time.perf_counter() - started, 1),
+            "wall_s": round(time.perf_counter() - started, 1), "leftover_processes": leftovers,
             "peak_rss_gib": [round(rss / GIB, 2) for rss in per_process if rss > 0.2 * GIB] or
                             [round(per_process[0] / GIB, 2) if per_process else 0.0]}
+
+
+def stop_leftovers(work: Path) -> int:
+    """Kill processes still running in ``work`` after a step ended (ranks a killed launcher left behind),
+    so that the next step starts alone; their number."""
+    found = 0
+    for process in psutil.process_iter(["cwd"]):
+        try:
+            if process.info["cwd"] and Path(process.info["cwd"]) == work and process.pid != os.getpid():
+                process.send_signal(signal.SIGKILL)
+                found += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 def doctor_estimate(log: Path) -> float | None:
