@@ -2,7 +2,9 @@
 without the weights' config, from the ``llava-med-7b`` preset's known sizes.
 
 Counts come from the real module tree (nothing allocated) or from the known sizes; the activation term
-is a standard transformer estimate. It is a planning number for ``doctor`` and the docs, not a measurement.
+is a standard transformer estimate, and the frozen SAM image encoder's attention scores (which the first
+version left out: docs/model.md, "What the memory estimate covers") are counted from SAM's layout. It is a
+planning number for ``doctor`` and the docs, checked against CPU runs by benchmarks/paper_path_rehearsal.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 1024**3
 # The sequence length assumed where no training dialogue can be measured (and the docs' table).
 DEFAULT_SEQUENCE_LENGTH = 1024
+SAM_SCORE_BYTES = {"fp32": 12, "bf16": 10, "fp16": 10}
+"""Bytes per attention score that segment_anything's global-attention blocks hold at once, under no_grad too
+(the (heads, tokens, tokens) scores; 12 x 4,096^2 per image for ViT-B at 1,024 px). In fp32: three fp32
+copies (q @ k^T and the two sums of ``add_decomposed_rel_pos``), 12 bytes; measured 2.45 GiB above the
+baseline for one image against 2.25 GiB counted. A bf16/fp16 model computes under CUDA autocast, which
+runs softmax in fp32: the bf16 sum, its fp32 cast and the fp32 softmax are alive together, 10 bytes. (CPU
+autocast keeps softmax in bf16: three bf16 copies, 6 bytes; docs/model.md.)"""
 
 
 @dataclass
@@ -32,13 +41,17 @@ class MemoryEstimate:
     optimiser: int
     activations: int
     logits: int
+    image_encoder: int
+    """SAM's attention scores while it encodes the micro-batch's images, before the language model runs:
+    the peak is the larger of this and the language model's activations and logits."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimiser + self.activations + self.logits
+        return (self.weights + self.gradients + self.optimiser
+                + max(self.image_encoder, self.activations + self.logits))
 
     def as_gib(self) -> dict[str, float]:
-        names = ("weights", "gradients", "optimiser", "activations", "logits", "total")
+        names = ("weights", "gradients", "optimiser", "activations", "logits", "image_encoder", "total")
         return {name: round(getattr(self, name) / GIB, 2) for name in names}
 
 
@@ -53,11 +66,15 @@ class ModelSizes:
     hidden_size: int
     num_layers: int
     vocab_size: int
+    sam_heads: int
+    sam_tokens: int
+    """Heads and tokens (the image-embedding grid, squared) of SAM's global-attention blocks."""
 
 
 def model_sizes(model: torch.nn.Module) -> ModelSizes:
     """The sizes of a built MediRound (on meta or not)."""
     text = model.llava.config.text_config
+    encoder = model.sam.image_encoder
     return ModelSizes(
         parameters=sum(p.numel() for p in model.parameters()),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -66,6 +83,8 @@ def model_sizes(model: torch.nn.Module) -> ModelSizes:
         hidden_size=text.hidden_size,
         num_layers=text.num_hidden_layers,
         vocab_size=text.vocab_size,
+        sam_heads=encoder.blocks[0].attn.num_heads,
+        sam_tokens=encoder.pos_embed.shape[1] * encoder.pos_embed.shape[2],
     )
 
 
@@ -109,6 +128,8 @@ def known_sizes(preset_name: str, config: MediRoundConfig) -> ModelSizes | None:
         hidden_size=4_096,
         num_layers=32,
         vocab_size=32_003,
+        sam_heads=12,
+        sam_tokens=(1_024 // 16) ** 2,
     )
 
 
@@ -135,7 +156,9 @@ def estimate_from_sizes(
     gradients, SAM and heads in fp32; AdamW's two fp32 moments (8 bytes per trainable parameter); so 16 bytes
     per trainable parameter whatever the precision. Activations of the language model (with gradient
     checkpointing: one hidden state per layer plus one layer's working set, else ~34 values per hidden
-    unit per layer) and the fp32 logits of the answer positions (bounded by the sequence length).
+    unit per layer) and the fp32 logits of the answer positions (bounded by the sequence length); or, if
+    larger, the frozen SAM image encoder's global-attention scores while it encodes the micro-batch's
+    images (``SAM_SCORE_BYTES`` per score: the model encodes the whole micro-batch at once).
     ZeRO partitioning is applied by ``mediround.doctor.memory.shard_for_zero``.
     """
     width = BYTES[config.precision]
@@ -154,4 +177,5 @@ def estimate_from_sizes(
         optimiser=sizes.trainable * 8,
         activations=activations,
         logits=tokens * sizes.vocab_size * 4,
+        image_encoder=batch_size * sizes.sam_heads * sizes.sam_tokens**2 * SAM_SCORE_BYTES[config.precision],
     )

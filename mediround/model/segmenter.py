@@ -142,9 +142,11 @@ def decode_masks(sam: nn.Module, embedding: torch.Tensor, prompts: torch.Tensor)
     dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
         prompts.shape[0], -1, *embedding.shape[-2:]
     )
+    # The positional encoding is computed in fp32; under DeepSpeed's bf16 the decoder's weights are bf16.
+    decoder_dtype = next(sam.mask_decoder.parameters()).dtype
     logits, _ = sam.mask_decoder(
         image_embeddings=embedding,
-        image_pe=sam.prompt_encoder.get_dense_pe(),
+        image_pe=sam.prompt_encoder.get_dense_pe().to(decoder_dtype),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
         multimask_output=False,
@@ -164,5 +166,6 @@ def decode_masks_per_image(sam: nn.Module, embeddings: torch.Tensor, prompts: to
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).unsqueeze(0)
     tokens = torch.cat((output_tokens.expand(count, -1, -1), prompts[:, None, :].to(embeddings.dtype)), dim=1)
     src = embeddings + sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-    hidden, image = two_way_transformer(decoder.transformer, src, sam.prompt_encoder.get_dense_pe(), tokens)
+    positions = sam.prompt_encoder.get_dense_pe().to(output_tokens.dtype)  # fp32; bf16 under DeepSpeed's bf16
+    hidden, image = two_way_transformer(decoder.transformer, src, positions, tokens)
     return upscaled_mask(decoder, image, src.shape[-2:], decoder.output_hypernetworks_mlps[0](hidden[:, 1]))

@@ -191,3 +191,17 @@ def test_zero2_trains_and_validates_like_one_process_resumes_exactly_and_writes_
                                       "--out", str(predictions), "--cpu"])
     assert result.exit_code == 0, result.output
     assert (predictions / "predictions.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_zero2_with_bf16_trains_and_validates(synth_data, tmp_path):
+    """The 7B recipes' setting: DeepSpeed's bf16 holds the model in bf16, while SAM's positional encoding is
+    computed in fp32. The first forward used to fail in the mask decoder (float vs bfloat16, found by
+    benchmarks/paper_path_rehearsal.py); now a step and both validation tracks run."""
+    output = tmp_path / "out-zero2-bf16"
+    launch("train", "tiny-cpu", *tiny_cpu(synth_data, output), "train.mixed_precision=bf16", "train.max_steps=1",
+           "checkpoint.every=1")
+    steps = logged(output, "step")
+    assert len(steps) == 1 and torch.isfinite(torch.tensor(steps[0]["loss"]))
+    assert [v["step"] for v in logged(output, "validation")] == [0, 1]
+    assert {r["track"] for r in validation_rows(output, 1)} == {"teacher_forced", "chained"}
