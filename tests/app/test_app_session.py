@@ -12,6 +12,7 @@ import nibabel
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from volume_files import write_dicom_series
 
 from mediround.app import server
 from mediround.app.session import AppSession, error_line
@@ -161,6 +162,23 @@ def test_a_volume_slice_is_the_one_chat_volume_segments(shipped, tmp_path):
     assert json.loads((tmp_path / "tab" / "session" / "session.json").read_text())["source"] == {
         "file": "ct scan.nii.gz", "image": "ct_scan-axial-002.png", "case": "ct_scan", "axial_slice": 2,
         "window": "-600,1500"}
+
+
+def test_a_dicom_series_upload_is_the_series_chat_volume_reads(shipped, tmp_path):
+    # The browser hands the page a series as its files, in any order and in a temporary folder of its own.
+    planes = [np.full((16, 12), 1000 + 40 * z, np.int16) for z in range(5)]
+    for z, plane in enumerate(planes):
+        plane[4:10, 3:9] = 1400 + 60 * z
+    files = write_dicom_series(tmp_path / "upload", planes, intercept=-1024.0)
+    app = AppSession(shipped, tmp_path / "tab", None)
+    app.open_files(list(reversed(files)))
+    scan = read_scan(tmp_path / "upload")
+    assert app.volume.count == 5 and app.volume.index == 2
+    assert np.array_equal(app.image, slice_image(scan, 2, scan_window(scan, "auto")[1]))
+    assert app.ask("Segment the bright structure.").number == 1
+    app.select_slice(4)
+    assert np.array_equal(app.image, slice_image(scan, 4, scan_window(scan, "auto")[1]))
+    app.close()
 
 
 def test_without_gradio_the_command_says_how_to_install_it(monkeypatch):
